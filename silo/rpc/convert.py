@@ -1,0 +1,128 @@
+"""Conversions between silo.v1 protobuf messages and the shard's internal records."""
+
+from __future__ import annotations
+
+from silo._proto import silo_pb2 as pb
+from silo.shard.get_job import JobView
+from silo.shard.lease import LeasedTask
+from silo.shard.retry import is_last_attempt
+from silo.storage.records import (
+    Attempt,
+    ConcurrencyLimit,
+    FloatingConcurrencyLimit,
+    Limit,
+    RateLimit,
+    RateLimitRetryPolicy,
+    RetryPolicy,
+    RunAttempt,
+)
+
+DEFAULT_TENANT = "-"
+
+
+def payload_bytes(sb: pb.SerializedBytes) -> bytes:
+    return sb.msgpack
+
+
+def serialized(data: bytes) -> pb.SerializedBytes:
+    return pb.SerializedBytes(msgpack=data)
+
+
+def retry_policy_from_pb(msg: pb.RetryPolicy) -> RetryPolicy:
+    return RetryPolicy(msg.retry_count, msg.initial_interval_ms, msg.max_interval_ms,
+                       msg.randomize_interval, msg.backoff_factor)
+
+
+def retry_policy_to_pb(p: RetryPolicy) -> pb.RetryPolicy:
+    return pb.RetryPolicy(retry_count=p.retry_count, initial_interval_ms=p.initial_interval_ms,
+                          max_interval_ms=p.max_interval_ms,
+                          randomize_interval=p.randomize_interval,
+                          backoff_factor=p.backoff_factor)
+
+
+def limits_from_pb(msgs) -> list[Limit]:
+    """Limits in the caller's order; a Limit with no kind set is dropped (as upstream)."""
+    out: list[Limit] = []
+    for m in msgs:
+        kind = m.WhichOneof("limit")
+        if kind == "concurrency":
+            c = m.concurrency
+            out.append(ConcurrencyLimit(c.key, c.max_concurrency))
+        elif kind == "rate_limit":
+            r = m.rate_limit
+            rp = (RateLimitRetryPolicy(r.retry_policy.initial_backoff_ms,
+                                       r.retry_policy.max_backoff_ms,
+                                       r.retry_policy.backoff_multiplier,
+                                       r.retry_policy.max_retries)
+                  if r.HasField("retry_policy") else RateLimitRetryPolicy())
+            out.append(RateLimit(r.name, r.unique_key, r.limit, r.duration_ms, r.hits,
+                                 r.algorithm, r.behavior, rp))
+        elif kind == "floating_concurrency":
+            f = m.floating_concurrency
+            out.append(FloatingConcurrencyLimit(f.key, f.default_max_concurrency,
+                                                f.refresh_interval_ms, dict(f.metadata)))
+    return out
+
+
+def limit_to_pb(limit: Limit) -> pb.Limit:
+    if isinstance(limit, ConcurrencyLimit):
+        return pb.Limit(concurrency=pb.ConcurrencyLimit(
+            key=limit.key, max_concurrency=limit.max_concurrency))
+    if isinstance(limit, RateLimit):
+        rp = limit.retry_policy
+        return pb.Limit(rate_limit=pb.GubernatorRateLimit(
+            name=limit.name, unique_key=limit.unique_key, limit=limit.limit,
+            duration_ms=limit.duration_ms, hits=limit.hits, algorithm=limit.algorithm,
+            behavior=limit.behavior,
+            retry_policy=pb.RateLimitRetryPolicy(
+                initial_backoff_ms=rp.initial_backoff_ms, max_backoff_ms=rp.max_backoff_ms,
+                backoff_multiplier=rp.backoff_multiplier, max_retries=rp.max_retries)))
+    return pb.Limit(floating_concurrency=pb.FloatingConcurrencyLimit(
+        key=limit.key, default_max_concurrency=limit.default_max_concurrency,
+        refresh_interval_ms=limit.refresh_interval_ms, metadata=limit.metadata))
+
+
+def attempt_to_pb(a: Attempt) -> pb.JobAttempt:
+    m = pb.JobAttempt(job_id=a.job_id, attempt_number=a.attempt, task_id=a.task_id,
+                      status=a.status, started_at_ms=a.started_at_ms)
+    if a.finished_at_ms is not None:
+        m.finished_at_ms = a.finished_at_ms
+    if a.result is not None:
+        m.result.msgpack = a.result
+    if a.error_code is not None:
+        m.error_code = a.error_code
+    if a.error_data is not None:
+        m.error_data.msgpack = a.error_data
+    return m
+
+
+def job_to_pb(view: JobView) -> pb.GetJobResponse:
+    info, status = view.info, view.status
+    m = pb.GetJobResponse(
+        id=info.id, priority=info.priority, enqueue_time_ms=info.enqueue_time_ms,
+        payload=serialized(info.payload), limits=[limit_to_pb(x) for x in info.limits],
+        metadata=info.metadata, status=status.kind, status_changed_at_ms=status.changed_at_ms,
+        attempts=[attempt_to_pb(a) for a in view.attempts], task_group=info.task_group)
+    if info.retry_policy is not None:
+        m.retry_policy.CopyFrom(retry_policy_to_pb(info.retry_policy))
+    if status.next_attempt_starts_after_ms is not None:
+        m.next_attempt_starts_after_ms = status.next_attempt_starts_after_ms
+    if view.result is not None:
+        m.result.msgpack = view.result
+    return m
+
+
+def task_to_pb(leased: LeasedTask, shard_id: str, lease_ms: int) -> pb.Task:
+    lease, info = leased
+    t = lease.task
+    assert isinstance(t, RunAttempt)
+    m = pb.Task(
+        id=t.task_id, job_id=t.job_id, attempt_number=t.attempt,
+        relative_attempt_number=t.relative_attempt,
+        is_last_attempt=is_last_attempt(info.retry_policy, t.relative_attempt),
+        metadata=info.metadata, limits=[limit_to_pb(x) for x in info.limits],
+        payload=serialized(info.payload), priority=info.priority, shard=shard_id,
+        task_group=t.task_group, lease_ms=lease_ms)
+    if t.tenant != DEFAULT_TENANT:
+        m.tenant_id = t.tenant
+    return m

@@ -1,0 +1,46 @@
+"""The gRPC server: settings real Silo clients need, health and reflection services."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from silo._proto import silo_pb2, silo_pb2_grpc
+from silo.rpc.service import SiloService
+
+SERVICE_NAME = silo_pb2.DESCRIPTOR.services_by_name["Silo"].full_name
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel arguments: large messages, and tolerance of clients' 5 s idle pings."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Silo clients ping every 5 s even with no call in flight; grpcio's defaults
+        # answer that with GOAWAY too_many_pings after ~20 s.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+    ]
+
+
+def build_server(service: SiloService, max_message_bytes: int) -> grpc.aio.Server:
+    server = grpc.aio.server(options=server_options(max_message_bytes))
+    silo_pb2_grpc.add_SiloServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    server.health_servicer = health_servicer  # type: ignore[attr-defined]
+    return server
+
+
+async def mark_serving(server: grpc.aio.Server) -> None:
+    hs = server.health_servicer  # type: ignore[attr-defined]
+    await hs.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await hs.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -1,0 +1,313 @@
+"""The silo.v1.Silo gRPC service: request validation, routing to a shard, replies.
+
+Each handler resolves the shard (routing errors exactly as Silo's clients expect),
+validates the tenant, converts the request, calls one shard operation and converts
+the result. Every error leaves as the gRPC status chosen in silo.errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import uuid
+
+import grpc
+
+from silo import errors
+from silo._proto import silo_pb2 as pb
+from silo._proto import silo_pb2_grpc as pb_grpc
+from silo.cluster.shardmap import DEFAULT_TENANT, hash_tenant, in_range
+from silo.errors import SiloError
+from silo.rpc import convert
+from silo.runtime.node import Node
+from silo.shard import cancel, delete, enqueue, expedite, get_job, lease, outcome, restart
+from silo.shard.state import Shard
+from silo.storage.db import StorageError
+
+log = logging.getLogger(__name__)
+
+MAX_TENANT_CHARS = 64
+
+
+def rpc(fn):
+    """Turn SiloError/StorageError into gRPC statuses; check the bearer token if set."""
+
+    @functools.wraps(fn)
+    async def handler(self: SiloService, request, context: grpc.aio.ServicerContext):
+        try:
+            if self.auth_token:
+                self.check_auth(context)
+            return await fn(self, request, context)
+        except SiloError as e:
+            if e.trailers:
+                context.set_trailing_metadata(e.trailers)
+            await context.abort(e.code, e.message)
+        except StorageError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"shard storage unavailable: {e}")
+
+    return handler
+
+
+class SiloService(pb_grpc.SiloServicer):
+    def __init__(self, node: Node, *, auth_token: str = "") -> None:
+        self.node = node
+        self.auth_token = auth_token
+
+    # ---- cross-cutting ---------------------------------------------------------
+
+    def check_auth(self, context: grpc.aio.ServicerContext) -> None:
+        for k, v in context.invocation_metadata() or ():
+            if k == "authorization":
+                if isinstance(v, bytes) or not v.isascii():
+                    raise SiloError(grpc.StatusCode.UNAUTHENTICATED,
+                                    "invalid authorization header")
+                if v != f"Bearer {self.auth_token}":
+                    raise SiloError(grpc.StatusCode.UNAUTHENTICATED, "invalid auth token")
+                return
+        raise SiloError(grpc.StatusCode.UNAUTHENTICATED, "missing authorization header")
+
+    def shard(self, shard_id: str) -> Shard:
+        """The open shard with this id, or the routing error a client re-routes on."""
+        s = self.node.shards.get(shard_id)
+        if s is not None:
+            return s
+        try:
+            uuid.UUID(shard_id)
+        except ValueError:
+            raise errors.invalid(f"invalid shard ID: {shard_id}") from None
+        if shard_id in self.node.shard_map.by_id:
+            raise errors.shard_unavailable("shard is opening")
+        raise errors.shard_not_found()
+
+    def tenant(self, shard: Shard, request) -> str:
+        """The job RPCs' tenant rules (behaviour.md §1.1)."""
+        given = request.tenant if request.HasField("tenant") else ""
+        return self._tenant(shard, given, worker=False)
+
+    def worker_tenant(self, shard: Shard, request) -> str:
+        given = request.tenant_id if request.HasField("tenant_id") else ""
+        if not self.node.tenancy:
+            return DEFAULT_TENANT  # ignored entirely when tenancy is off
+        if not given:
+            raise errors.invalid(
+                "tenant_id is required for worker operations when tenancy is enabled")
+        return self._tenant(shard, given, worker=True)
+
+    def _tenant(self, shard: Shard, given: str, *, worker: bool) -> str:
+        if not self.node.tenancy:
+            if given:
+                raise errors.precondition(
+                    "tenant must not be provided when tenancy is disabled on the server")
+            return DEFAULT_TENANT
+        if not given:
+            raise errors.invalid("tenant id required")
+        if len(given) > MAX_TENANT_CHARS:
+            raise errors.invalid("invalid tenant id")
+        if not in_range(hash_tenant(given), shard.range_start, shard.range_end):
+            raise errors.precondition(
+                f"tenant '{given}' is not within shard {shard.id} range "
+                f"[{shard.range_start}, {shard.range_end}); refresh topology and retry")
+        return given
+
+    # ---- cluster ---------------------------------------------------------------
+
+    @rpc
+    async def GetClusterInfo(self, request, context):
+        node = self.node
+        owners = [pb.ShardOwner(shard_id=e.shard_id, grpc_addr=node.advertised_addr,
+                                node_id=node.node_id, range_start=e.range_start,
+                                range_end=e.range_end)
+                  for e in node.shard_map.entries]
+        return pb.GetClusterInfoResponse(
+            num_shards=len(owners), shard_owners=owners, this_node_id=node.node_id,
+            this_grpc_addr=node.advertised_addr,
+            members=[pb.ClusterMember(node_id=node.node_id, grpc_addr=node.advertised_addr)])
+
+    @rpc
+    async def GetNodeInfo(self, request, context):
+        node = self.node
+        return pb.GetNodeInfoResponse(node_id=node.node_id, owned_shards=[
+            pb.OwnedShardInfo(shard_id=s.id, total_jobs=s.total_jobs,
+                              completed_jobs=s.completed_jobs, cleanup_status="CompactionDone",
+                              created_at_ms=s.created_at_ms)
+            for s in node.shards.values()])
+
+    # ---- jobs --------------------------------------------------------------------
+
+    @rpc
+    async def Enqueue(self, request, context):
+        s = self.shard(request.shard)
+        tenant = self.tenant(s, request)
+        job_id = await enqueue.enqueue(
+            s, tenant=tenant, job_id=request.id, priority=request.priority,
+            start_at_ms=request.start_at_ms,
+            retry_policy=(convert.retry_policy_from_pb(request.retry_policy)
+                          if request.HasField("retry_policy") else None),
+            payload=request.payload.msgpack, limits=convert.limits_from_pb(request.limits),
+            metadata=dict(request.metadata), task_group=request.task_group)
+        return pb.EnqueueResponse(id=job_id)
+
+    @rpc
+    async def GetJob(self, request, context):
+        s = self.shard(request.shard)
+        view = await get_job.get_job(s, self.tenant(s, request), request.id,
+                                     request.include_attempts)
+        return convert.job_to_pb(view)
+
+    @rpc
+    async def GetJobResult(self, request, context):
+        s = self.shard(request.shard)
+        r = await get_job.get_job_result(s, self.tenant(s, request), request.id)
+        m = pb.GetJobResultResponse(id=request.id, status=r.status,
+                                    finished_at_ms=r.finished_at_ms)
+        if r.status == pb.JOB_STATUS_SUCCEEDED:
+            m.success_data.msgpack = r.result or b""
+        elif r.status == pb.JOB_STATUS_FAILED:
+            m.failure.error_code = r.error_code
+            m.failure.error_data.msgpack = r.error_data or b""
+        else:
+            m.cancelled.cancelled_at_ms = r.finished_at_ms
+        return m
+
+    @rpc
+    async def DeleteJob(self, request, context):
+        s = self.shard(request.shard)
+        await delete.delete_job(s, self.tenant(s, request), request.id)
+        return pb.DeleteJobResponse()
+
+    @rpc
+    async def CancelJob(self, request, context):
+        s = self.shard(request.shard)
+        await cancel.cancel_job(s, self.tenant(s, request), request.id)
+        return pb.CancelJobResponse()
+
+    @rpc
+    async def RestartJob(self, request, context):
+        s = self.shard(request.shard)
+        await restart.restart_job(s, self.tenant(s, request), request.id)
+        return pb.RestartJobResponse()
+
+    @rpc
+    async def ExpediteJob(self, request, context):
+        s = self.shard(request.shard)
+        await expedite.expedite_job(s, self.tenant(s, request), request.id)
+        return pb.ExpediteJobResponse()
+
+    # ---- workers -------------------------------------------------------------------
+
+    @rpc
+    async def LeaseTask(self, request, context):
+        s = self.shard(request.shard)
+        leased = await lease.lease_task(s, self.tenant(s, request), request.id,
+                                        request.worker_id)
+        return pb.LeaseTaskResponse(task=convert.task_to_pb(leased, s.id, s.config.lease_ms))
+
+    @rpc
+    async def LeaseTasks(self, request, context):
+        if not request.task_group:
+            raise errors.invalid("task_group is required")
+        if request.HasField("shard"):
+            shards = [self.shard(request.shard)]
+        else:
+            shards = list(self.node.shards.values())
+            random.shuffle(shards)
+        out = []
+        remaining = request.max_tasks
+        for s in shards:
+            if remaining <= 0:
+                break
+            got = await lease.lease_tasks(s, request.worker_id, remaining, request.task_group)
+            lease_ms = s.config.lease_ms
+            out.extend(convert.task_to_pb(t, s.id, lease_ms) for t in got)
+            remaining -= len(got)
+        return pb.LeaseTasksResponse(tasks=out)
+
+    @rpc
+    async def Heartbeat(self, request, context):
+        s = self.shard(request.shard)
+        self.worker_tenant(s, request)
+        cancelled_at = await outcome.heartbeat(s, request.worker_id, request.task_id)
+        if cancelled_at is None:
+            return pb.HeartbeatResponse(cancelled=False)
+        return pb.HeartbeatResponse(cancelled=True, cancelled_at_ms=cancelled_at)
+
+    @rpc
+    async def ReportOutcome(self, request, context):
+        s = self.shard(request.shard)
+        self.worker_tenant(s, request)
+        kind = request.WhichOneof("outcome")
+        if kind is None:
+            raise errors.invalid("missing outcome")
+        if kind == "success":
+            o: outcome.Outcome = outcome.Success(request.success.msgpack)
+        elif kind == "failure":
+            o = outcome.Failure(request.failure.code, request.failure.data.msgpack)
+        else:
+            o = outcome.Cancelled()
+        await outcome.report_outcome(s, request.task_id, o)
+        return pb.ReportOutcomeResponse()
+
+    @rpc
+    async def ReportRefreshOutcome(self, request, context):
+        s = self.shard(request.shard)
+        self.worker_tenant(s, request)
+        if request.WhichOneof("outcome") is None:
+            raise errors.invalid("missing outcome")
+        # No refresh task is ever leased until floating limits land (limits issue).
+        raise errors.lease_not_found()
+
+    # ---- admin -------------------------------------------------------------------------
+
+    @rpc
+    async def ResetShards(self, request, context):
+        if not self.node.dev_mode:
+            raise SiloError(grpc.StatusCode.PERMISSION_DENIED,
+                            "ResetShards is only available in dev mode")
+        for s in self.node.shards.values():
+            await s.wipe()
+        return pb.ResetShardsResponse(shards_reset=len(self.node.shards))
+
+    @rpc
+    async def ForceReleaseShard(self, request, context):
+        try:
+            uuid.UUID(request.shard)
+        except ValueError:
+            raise errors.invalid(f"invalid shard ID: {request.shard}") from None
+        return pb.ForceReleaseShardResponse(released=True)  # single node: nothing to release
+
+    @rpc
+    async def FlushShard(self, request, context):
+        s = self.node.shards.get(request.shard)
+        if s is None:
+            self.shard(request.shard)  # invalid id → IA
+            raise SiloError(grpc.StatusCode.NOT_FOUND, f"shard {request.shard} not found on this node")
+        await s.committer.commit()
+        await s.db.flush()
+        return pb.FlushShardResponse(status=f"flushed shard {s.id}")
+
+
+def _unimplemented(name: str, why: str):
+    async def handler(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented yet: {why}")
+
+    handler.__name__ = name
+    return handler
+
+
+_LATER = {
+    "Query": "SQL queries arrive with the query engine",
+    "QueryArrow": "SQL queries arrive with the query engine",
+    "ImportJobs": "job import is a later feature",
+    "DropTenantHolders": "concurrency limits are a later feature",
+    "RequestSplit": "shard splits need a cluster coordinator",
+    "GetSplitStatus": "shard splits need a cluster coordinator",
+    "ConfigureShard": "placement rings need a cluster coordinator",
+    "CompactShard": "storage admin is a later feature",
+    "GetShardStorageInfo": "storage admin is a later feature",
+    "CpuProfile": "use `py-spy` against the server process",
+    "HeapProfile": "heap profiling is a later feature",
+    "DumpTasks": "task dumps are a later feature",
+}
+for _name, _why in _LATER.items():
+    setattr(SiloService, _name, _unimplemented(_name, _why))

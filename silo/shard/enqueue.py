@@ -1,0 +1,113 @@
+"""Enqueue: validate a new job, write it and its first task in one durable batch."""
+
+from __future__ import annotations
+
+import uuid
+
+from silo import errors
+from silo.shard.state import ActiveJob, Shard
+from silo.storage import keys
+from silo.storage.records import (
+    SCHEDULED,
+    ConcurrencyLimit,
+    FloatingConcurrencyLimit,
+    JobInfo,
+    JobStatus,
+    Limit,
+    RetryPolicy,
+    RunAttempt,
+    encode,
+)
+
+MAX_JOB_ID_CHARS = 128
+MAX_TASK_GROUP_CHARS = 64
+MAX_METADATA_ENTRIES = 16
+MAX_METADATA_KEY_CHARS = 64  # keys must be shorter
+MAX_METADATA_VALUE_BYTES = 65535  # values must be shorter
+
+
+def validate_metadata(metadata: dict[str, str]) -> None:
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        raise errors.invalid(f"metadata has too many entries (max {MAX_METADATA_ENTRIES})")
+    for k, v in metadata.items():
+        if len(k) >= MAX_METADATA_KEY_CHARS:
+            raise errors.invalid("metadata key too long (must be < 64 chars)")
+        if len(v.encode()) >= MAX_METADATA_VALUE_BYTES:
+            raise errors.invalid("metadata value too long (must be < u16::MAX bytes)")
+
+
+def validate_job(
+    job_id: str, priority: int, task_group: str, metadata: dict[str, str], limits: list[Limit]
+) -> None:
+    """The checks of behaviour.md §1.2 Enqueue, in its order, plus our own caps."""
+    if priority > 99:
+        raise errors.invalid("priority must be between 0 and 99")
+    validate_metadata(metadata)
+    if not task_group:
+        raise errors.invalid("task_group is required")
+    if len(task_group) > MAX_TASK_GROUP_CHARS:
+        raise errors.invalid("task_group too long (must be <= 64 chars)")
+    if len(job_id) > MAX_JOB_ID_CHARS:
+        raise errors.invalid(f"job id too long (must be <= {MAX_JOB_ID_CHARS} chars)")
+    for limit in limits:
+        if isinstance(limit, ConcurrencyLimit) and limit.max_concurrency <= 0:
+            raise errors.invalid("concurrency limit max_concurrency must be >= 1")
+        if isinstance(limit, FloatingConcurrencyLimit) and limit.default_max_concurrency <= 0:
+            raise errors.invalid("floating limit default_max_concurrency must be >= 1")
+
+
+async def enqueue(
+    shard: Shard,
+    *,
+    tenant: str,
+    job_id: str,
+    priority: int,
+    start_at_ms: int,
+    retry_policy: RetryPolicy | None,
+    payload: bytes,
+    limits: list[Limit],
+    metadata: dict[str, str],
+    task_group: str,
+) -> str:
+    """Store a new job as Scheduled with attempt 1 pending; return its id once durable."""
+    validate_job(job_id, priority, task_group, metadata, limits)
+    if not job_id:
+        job_id = str(uuid.uuid4())
+        _stage(shard, tenant, job_id, priority, start_at_ms, retry_policy, payload, limits,
+               metadata, task_group)
+    else:
+        async with shard.job_lock(tenant, job_id):
+            if (tenant, job_id) in shard.active or (
+                await shard.committer.get(keys.job_info(tenant, job_id)) is not None
+            ):
+                raise errors.job_already_exists(job_id)
+            _stage(shard, tenant, job_id, priority, start_at_ms, retry_policy, payload, limits,
+                   metadata, task_group)
+    await shard.committer.commit()
+    return job_id
+
+
+def _stage(
+    shard: Shard,
+    tenant: str,
+    job_id: str,
+    priority: int,
+    start_at_ms: int,
+    retry_policy: RetryPolicy | None,
+    payload: bytes,
+    limits: list[Limit],
+    metadata: dict[str, str],
+    task_group: str,
+) -> None:
+    now = shard.now()
+    start = start_at_ms if start_at_ms > 0 else now
+    info = JobInfo(job_id, tenant, priority, start, payload, retry_policy, metadata, limits,
+                   task_group)
+    shard.committer.put(keys.job_info(tenant, job_id), encode(info))
+    shard.put_status(tenant, job_id, JobStatus(SCHEDULED, now, start, 1))
+    task = RunAttempt(str(uuid.uuid4()), tenant, job_id, 1, 1, task_group)
+    key = keys.task(task_group, start, priority, job_id, 1, tenant)
+    shard.add_task(key, task)
+    shard.active[(tenant, job_id)] = ActiveJob(SCHEDULED, task_key=key)
+    shard.count_status(tenant, None, SCHEDULED)
+    shard.count_jobs(total=1)

@@ -1,0 +1,148 @@
+"""Ending an attempt: ReportOutcome, and the lease reaper's WORKER_CRASHED failures.
+
+success → Succeeded; cancelled → Cancelled; failure → a retry (new attempt, new task id,
+Scheduled at now + back-off) while the retry policy allows, else Failed. A failure
+reported after a cancel request ends the job Cancelled (our decision on the upstream
+quirk: a cancelled job must not come back through a retry).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import NamedTuple
+
+import msgspec
+
+from silo import errors
+from silo.shard import retry
+from silo.shard.state import ActiveJob, Shard
+from silo.storage import keys
+from silo.storage.records import (
+    ATTEMPT_CANCELLED,
+    ATTEMPT_FAILED,
+    ATTEMPT_SUCCEEDED,
+    CANCELLED,
+    FAILED,
+    RUNNING,
+    SCHEDULED,
+    SUCCEEDED,
+    Attempt,
+    JobStatus,
+    Lease,
+    RunAttempt,
+    job_info_decoder,
+)
+
+WORKER_CRASHED = "WORKER_CRASHED"
+
+
+class Success(NamedTuple):
+    result: bytes
+
+
+class Failure(NamedTuple):
+    code: str
+    data: bytes
+
+
+class Cancelled(NamedTuple):
+    pass
+
+
+Outcome = Success | Failure | Cancelled
+
+_msgpack = msgspec.msgpack.Encoder()
+
+
+async def report_outcome(shard: Shard, task_id: str, outcome: Outcome) -> None:
+    """Apply a worker's outcome for the attempt leased as task_id."""
+    lease = shard.leases.get(task_id)
+    if lease is None or not isinstance(lease.task, RunAttempt):
+        raise errors.lease_not_found()
+    await finish_attempt(shard, lease, outcome)
+    await shard.committer.commit()
+
+
+async def finish_attempt(shard: Shard, lease: Lease, outcome: Outcome) -> None:
+    """Stage the end of a leased attempt. Shared by ReportOutcome and the reaper."""
+    task = lease.task
+    assert isinstance(task, RunAttempt)
+    tenant, job_id = task.tenant, task.job_id
+    policy = None
+    if isinstance(outcome, Failure):
+        raw = await shard.committer.get(keys.job_info(tenant, job_id))
+        if raw is not None:
+            policy = job_info_decoder.decode(raw).retry_policy
+        if shard.leases.get(task.task_id) is not lease:
+            raise errors.lease_not_found()  # reported (or reaped) while we read
+    job = shard.active.get((tenant, job_id))
+    if job is None:  # cannot happen while the lease exists; keep storage consistent anyway
+        job = ActiveJob(RUNNING, task_id=task.task_id)
+    now = shard.now()
+    shard.drop_lease(task.task_id)
+    attempt = Attempt(job_id, task.attempt, task.relative_attempt, task.task_id, 0,
+                      lease.started_at_ms, now)
+    if isinstance(outcome, Failure) and job.cancelled_at_ms is not None:
+        outcome_kind = CANCELLED
+        attempt.status, attempt.error_code, attempt.error_data = (
+            ATTEMPT_FAILED, outcome.code, outcome.data)
+    elif isinstance(outcome, Success):
+        outcome_kind = SUCCEEDED
+        attempt.status, attempt.result = ATTEMPT_SUCCEEDED, outcome.result
+    elif isinstance(outcome, Cancelled):
+        outcome_kind = CANCELLED
+        attempt.status = ATTEMPT_CANCELLED
+    else:
+        attempt.status, attempt.error_code, attempt.error_data = (
+            ATTEMPT_FAILED, outcome.code, outcome.data)
+        outcome_kind = FAILED
+        if retry.should_retry(policy, task.relative_attempt):
+            assert policy is not None
+            next_ms = now + retry.retry_delay_ms(policy, task.relative_attempt, now)
+            shard.put_attempt(tenant, attempt)
+            _schedule_retry(shard, job, task, lease.priority, next_ms, now)
+            return
+    shard.put_attempt(tenant, attempt)
+    shard.put_status(tenant, job_id, JobStatus(outcome_kind, now, last_attempt=task.attempt))
+    shard.active.pop((tenant, job_id), None)
+    shard.count_status(tenant, RUNNING, outcome_kind)
+    shard.count_jobs(completed=1)
+
+
+def _schedule_retry(shard: Shard, job: ActiveJob, task: RunAttempt, priority: int, next_ms: int,
+                    now: int) -> None:
+    nxt = RunAttempt(str(uuid.uuid4()), task.tenant, task.job_id, task.attempt + 1,
+                     task.relative_attempt + 1, task.task_group)
+    key = keys.task(task.task_group, next_ms, priority, task.job_id, nxt.attempt,
+                    task.tenant)
+    shard.add_task(key, nxt)
+    job.kind = SCHEDULED
+    job.task_key = key
+    job.task_id = None
+    shard.active[(task.tenant, task.job_id)] = job
+    shard.put_status(task.tenant, task.job_id,
+                     JobStatus(SCHEDULED, now, next_ms, nxt.attempt, last_attempt=task.attempt))
+    shard.count_status(task.tenant, RUNNING, SCHEDULED)
+
+
+async def heartbeat(shard: Shard, worker_id: str, task_id: str) -> int | None:
+    """Extend a lease to now + lease_ms; return the job's cancellation time, if any."""
+    lease = shard.leases.get(task_id)
+    if lease is None:
+        raise errors.lease_not_found()
+    if lease.worker_id != worker_id:
+        raise errors.lease_owner_mismatch()
+    lease = msgspec.structs.replace(lease, expiry_ms=shard.now() + shard.config.lease_ms)
+    shard.put_lease(lease)
+    await shard.committer.commit()
+    task = lease.task
+    if isinstance(task, RunAttempt):
+        job = shard.active.get((task.tenant, task.job_id))
+        if job is not None:
+            return job.cancelled_at_ms
+    return None
+
+
+def crash_outcome(lease: Lease, now: int) -> Failure:
+    text = f"lease expired at {lease.expiry_ms} (now {now}), worker={lease.worker_id}"
+    return Failure(WORKER_CRASHED, _msgpack.encode(text))

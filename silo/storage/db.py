@@ -1,0 +1,247 @@
+"""One SlateDB database per shard, and the group committer that writes to it.
+
+The committer is the only writer of a shard's database. State-machine operations stage
+their puts/deletes synchronously (so the in-memory state and the staged writes change
+together, with no await in between) and then await the batch's durability. Everything
+staged within `commit_interval` goes to SlateDB as one WriteBatch and one
+`await_durable`, so concurrent RPCs share the WAL flush (group commit) and each RPC
+answers only after its own write is durable.
+
+Reads go through `get`, which sees staged and in-flight writes first: an operation that
+runs after another one staged its writes reads what that one wrote, durable or not yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlparse
+
+from slatedb.uniffi import (
+    DbBuilder,
+    KeyRange,
+    ObjectStore,
+    Settings,
+    WriteBatch,
+)
+
+from silo.storage import ffi
+
+log = logging.getLogger(__name__)
+
+_FULL_RANGE = KeyRange(start=None, start_inclusive=True, end=None, end_inclusive=False)
+
+
+class StorageError(Exception):
+    """A durable write or read failed; the shard can no longer be trusted to serve."""
+
+
+def split_store_url(url: str) -> tuple[str, str]:
+    """Split an object store URL into (store root URL, path inside the store).
+
+    SlateDB resolves a store from its root (`file:///`, `memory:///`, `s3://bucket`) and
+    takes the path inside it separately.
+    """
+    u = urlparse(url)
+    if u.scheme not in ("file", "memory", "s3", "gs", "az", "azure"):
+        raise ValueError(f"unsupported object store URL scheme: {url!r}")
+    root = f"{u.scheme}://{u.netloc}/"
+    return root, u.path.strip("/")
+
+
+async def open_database(
+    store_url: str, name: str, *, flush_interval_ms: int, l0_sst_size_bytes: int
+):
+    """Open (or create) the database `name` under the object store at store_url."""
+    ffi.apply()
+    root, base = split_store_url(store_url)
+    store = ObjectStore.resolve(root)
+    path = f"{base}/{name}" if base else name
+    settings = Settings.default()
+    settings.set("flush_interval", json.dumps(f"{flush_interval_ms}ms"))
+    settings.set("l0_sst_size_bytes", json.dumps(l0_sst_size_bytes))
+    builder = DbBuilder(path, store)
+    builder.with_settings(settings)
+    return await builder.build()
+
+
+async def scan_prefix(db, prefix: bytes, batch: int = 1024) -> list[tuple[bytes, bytes]]:
+    """All (key, value) pairs under prefix, in key order. Not for the hot path."""
+    it = await db.scan_prefix(prefix, _FULL_RANGE)
+    out: list[tuple[bytes, bytes]] = []
+    while True:
+        rows = await it.next_batch(batch)
+        if not rows:
+            return out
+        out.extend((r.key, r.value) for r in rows)
+
+
+class _Batch:
+    __slots__ = ("writes", "future", "ops")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.writes: dict[bytes, bytes | None] = {}
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.ops = 0
+
+
+class GroupCommitter:
+    """Gathers the writes of many operations into one durable SlateDB batch."""
+
+    def __init__(
+        self,
+        db,
+        *,
+        commit_interval_s: float,
+        on_seal: Callable[[dict[bytes, bytes | None]], None] | None = None,
+    ) -> None:
+        self._db = db
+        self._interval = commit_interval_s
+        self._loop = asyncio.get_running_loop()
+        self._staged: _Batch | None = None
+        self._inflight: list[_Batch] = []  # handed to the writer, db.write not returned yet
+        self._queue: asyncio.Queue[_Batch | None] = asyncio.Queue()
+        self._on_seal = on_seal
+        self._writer = asyncio.create_task(self._write_loop(), name="silo-committer")
+        self._durable_waiters: set[asyncio.Task[None]] = set()
+        self._failed: BaseException | None = None
+        self._closed = False
+        self.batches_written = 0
+        self.ops_written = 0
+
+    # ---- staging (synchronous; call from the shard's loop) ----------------
+
+    def _batch(self) -> _Batch:
+        if self._failed is not None:
+            raise StorageError(f"shard storage failed: {self._failed}")
+        if self._closed:
+            raise StorageError("shard is closing")
+        b = self._staged
+        if b is None:
+            b = self._staged = _Batch(self._loop)
+            if self._interval > 0:
+                self._loop.call_later(self._interval, self._hand_off, b)
+            else:
+                self._loop.call_soon(self._hand_off, b)
+        return b
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._batch().writes[key] = value
+
+    def delete(self, key: bytes) -> None:
+        self._batch().writes[key] = None
+
+    def commit(self) -> Awaitable[None]:
+        """The durability of everything staged so far (and of this operation)."""
+        b = self._batch()
+        b.ops += 1
+        return asyncio.shield(b.future)
+
+    def _hand_off(self, b: _Batch) -> None:
+        if self._staged is b:
+            self._staged = None
+            if self._on_seal is not None:
+                # Runs synchronously at the seal, so derived rows (counters) describe
+                # exactly the operations in this batch and the batches before it.
+                self._on_seal(b.writes)
+            self._inflight.append(b)
+            self._queue.put_nowait(b)
+
+    # ---- reads ---------------------------------------------------------------
+
+    def staged_value(self, key: bytes) -> tuple[bool, bytes | None]:
+        """(found, value) among writes not yet applied to the database."""
+        b = self._staged
+        if b is not None and key in b.writes:
+            return True, b.writes[key]
+        for b in reversed(self._inflight):
+            if key in b.writes:
+                return True, b.writes[key]
+        return False, None
+
+    async def get(self, key: bytes) -> bytes | None:
+        found, value = self.staged_value(key)
+        if found:
+            return value
+        try:
+            return await self._db.get(key)
+        except Exception as e:  # noqa: BLE001 - surface storage failures uniformly
+            raise StorageError(f"read failed: {e}") from e
+
+    async def scan_prefix(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """Rows under prefix as the shard sees them (database + unapplied writes)."""
+        # Capture unapplied batches before scanning: one applied during the scan is
+        # merged again, which is harmless; one missed would hide a write.
+        pending = list(self._inflight)
+        if self._staged is not None:
+            pending.append(self._staged)
+        try:
+            rows = dict(await scan_prefix(self._db, prefix))
+        except Exception as e:  # noqa: BLE001
+            raise StorageError(f"scan failed: {e}") from e
+        for b in pending:
+            for k, v in b.writes.items():
+                if k.startswith(prefix):
+                    if v is None:
+                        rows.pop(k, None)
+                    else:
+                        rows[k] = v
+        return sorted(rows.items())
+
+    # ---- writing -------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        while True:
+            b = await self._queue.get()
+            if b is None:
+                return
+            try:
+                wb = WriteBatch()
+                for k, v in b.writes.items():
+                    if v is None:
+                        wb.delete(k)
+                    else:
+                        wb.put(k, v)
+                handle = await self._db.write(wb)
+            except Exception as e:  # noqa: BLE001
+                log.error("shard write failed: %s", e)
+                self._failed = e
+                self._inflight.remove(b)
+                if not b.future.done():
+                    b.future.set_exception(StorageError(f"write failed: {e}"))
+                continue
+            self._inflight.remove(b)
+            self.batches_written += 1
+            self.ops_written += b.ops
+            t = asyncio.create_task(self._await_durable(handle, b))
+            self._durable_waiters.add(t)
+            t.add_done_callback(self._durable_waiters.discard)
+
+    async def _await_durable(self, handle, b: _Batch) -> None:
+        try:
+            await handle.await_durable()
+        except Exception as e:  # noqa: BLE001
+            self._failed = e
+            if not b.future.done():
+                b.future.set_exception(StorageError(f"durability wait failed: {e}"))
+            return
+        if not b.future.done():
+            b.future.set_result(None)
+
+    async def close(self) -> None:
+        """Write and make durable everything staged, then stop the writer."""
+        b = self._staged
+        if b is not None:
+            self._hand_off(b)
+        self._closed = True
+        self._queue.put_nowait(None)
+        await self._writer
+        if self._durable_waiters:
+            await asyncio.gather(*self._durable_waiters, return_exceptions=True)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

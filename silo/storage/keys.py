@@ -1,0 +1,187 @@
+"""The shard's key layout, in one place.
+
+Every record of a shard lives in that shard's SlateDB database under a key made of a
+one-byte prefix (the record kind) and an order-preserving tuple encoding, so that byte
+order equals tuple order and a prefix scan walks one kind (or one tenant's rows of it)
+in the order the state machine needs.
+
+Tuple encoding:
+* strings: UTF-8, each 0x00 byte escaped as 0x00 0xFF, terminated by 0x00. "a" sorts
+  before "ab" and before "a\\x00b", exactly as the strings compare.
+* integers: fixed-width big-endian unsigned (u8 priority, u32 attempt, u64 times).
+
+| prefix | kind | key tuple | value (silo.storage.records) |
+|---|---|---|---|
+| 0x01 | job info | (tenant, job_id) | JobInfo (immutable after enqueue) |
+| 0x02 | job status | (tenant, job_id) | JobStatus |
+| 0x05 | task (ready queue) | (task_group, start_ms u64, priority u8, job_id, attempt u32, tenant) | Task |
+| 0x06 | lease | (task_id) | Lease |
+| 0x07 | attempt | (tenant, job_id, attempt u32) | Attempt (terminal attempts; a running one is the lease) |
+| 0x08 | concurrency request | reserved for the limits issue | |
+| 0x09 | concurrency holder | reserved for the limits issue | |
+| 0x0A | cancellation | (tenant, job_id) | Cancellation |
+| 0x0B | floating limit state | reserved for the limits issue | |
+| 0xF0 | shard counter | (name) | i64 big-endian (absolute value) |
+| 0xF8 | tenant status counter | (tenant, status) | i64 big-endian (absolute value) |
+| 0xFE | shard meta | (name) | bytes |
+
+The task key orders the ready queue exactly as upstream Silo: earliest start first,
+then priority (lower first), then job id and attempt; the tenant only disambiguates
+equal job ids of different tenants and never reorders otherwise-distinct tasks.
+"""
+
+from __future__ import annotations
+
+JOB_INFO = 0x01
+JOB_STATUS = 0x02
+TASK = 0x05
+LEASE = 0x06
+ATTEMPT = 0x07
+CONCURRENCY_REQUEST = 0x08
+CONCURRENCY_HOLDER = 0x09
+CANCELLATION = 0x0A
+FLOATING_LIMIT = 0x0B
+SHARD_COUNTER = 0xF0
+TENANT_STATUS_COUNTER = 0xF8
+SHARD_META = 0xFE
+
+_U64_MAX = (1 << 64) - 1
+
+
+def enc_str(s: str) -> bytes:
+    """Encode a string so byte order equals string order and the end is unambiguous."""
+    b = s.encode()
+    if b"\x00" in b:
+        b = b.replace(b"\x00", b"\x00\xff")
+    return b + b"\x00"
+
+
+def dec_str(buf: bytes, pos: int) -> tuple[str, int]:
+    """Decode a string written by enc_str at pos; return it and the position after it."""
+    out = bytearray()
+    while True:
+        end = buf.index(0, pos)
+        out += buf[pos:end]
+        if end + 1 < len(buf) and buf[end + 1] == 0xFF:
+            out.append(0)
+            pos = end + 2
+            continue
+        return out.decode(), end + 1
+
+
+def enc_u64(n: int) -> bytes:
+    if not 0 <= n <= _U64_MAX:
+        raise ValueError(f"u64 out of range: {n}")
+    return n.to_bytes(8, "big")
+
+
+def enc_u32(n: int) -> bytes:
+    return n.to_bytes(4, "big")
+
+
+def _prefix(kind: int) -> bytes:
+    return bytes((kind,))
+
+
+# ---- job-addressed records -------------------------------------------------
+
+
+def job_info(tenant: str, job_id: str) -> bytes:
+    return b"\x01" + enc_str(tenant) + enc_str(job_id)
+
+
+def job_status(tenant: str, job_id: str) -> bytes:
+    return b"\x02" + enc_str(tenant) + enc_str(job_id)
+
+
+def cancellation(tenant: str, job_id: str) -> bytes:
+    return b"\x0a" + enc_str(tenant) + enc_str(job_id)
+
+
+def attempt(tenant: str, job_id: str, attempt_number: int) -> bytes:
+    return b"\x07" + enc_str(tenant) + enc_str(job_id) + enc_u32(attempt_number)
+
+
+def attempts_prefix(tenant: str, job_id: str) -> bytes:
+    """All attempts of one job, ascending by attempt number."""
+    return b"\x07" + enc_str(tenant) + enc_str(job_id)
+
+
+# ---- ready queue -----------------------------------------------------------
+
+
+def task_group_prefix(task_group: str) -> bytes:
+    return b"\x05" + enc_str(task_group)
+
+
+def task(
+    task_group: str, start_ms: int, priority: int, job_id: str, attempt_number: int, tenant: str
+) -> bytes:
+    return (
+        b"\x05"
+        + enc_str(task_group)
+        + enc_u64(max(0, start_ms))
+        + bytes((priority,))
+        + enc_str(job_id)
+        + enc_u32(attempt_number)
+        + enc_str(tenant)
+    )
+
+
+def task_start_ms(key: bytes, group_prefix_len: int) -> int:
+    """Start time of a task key, given the length of its task-group prefix."""
+    return int.from_bytes(key[group_prefix_len : group_prefix_len + 8], "big")
+
+
+def decode_task(key: bytes) -> tuple[str, int, int, str, int, str]:
+    """(task_group, start_ms, priority, job_id, attempt, tenant) of a task key."""
+    if key[0] != TASK:
+        raise ValueError("not a task key")
+    group, pos = dec_str(key, 1)
+    start = int.from_bytes(key[pos : pos + 8], "big")
+    priority = key[pos + 8]
+    job_id, pos = dec_str(key, pos + 9)
+    attempt_number = int.from_bytes(key[pos : pos + 4], "big")
+    tenant, _ = dec_str(key, pos + 4)
+    return group, start, priority, job_id, attempt_number, tenant
+
+
+# ---- leases, counters, meta ------------------------------------------------
+
+
+def lease(task_id: str) -> bytes:
+    return b"\x06" + enc_str(task_id)
+
+
+def shard_counter(name: str) -> bytes:
+    return b"\xf0" + enc_str(name)
+
+
+def tenant_status_counter(tenant: str, status: str) -> bytes:
+    return b"\xf8" + enc_str(tenant) + enc_str(status)
+
+
+def decode_tenant_status_counter(key: bytes) -> tuple[str, str]:
+    tenant, pos = dec_str(key, 1)
+    status, _ = dec_str(key, pos)
+    return tenant, status
+
+
+def shard_meta(name: str) -> bytes:
+    return b"\xfe" + enc_str(name)
+
+
+def kind_prefix(kind: int) -> bytes:
+    """The prefix holding every record of one kind."""
+    return _prefix(kind)
+
+
+def prefix_end(prefix: bytes) -> bytes | None:
+    """Smallest key greater than every key starting with prefix (None: no bound)."""
+    b = bytearray(prefix)
+    while b and b[-1] == 0xFF:
+        b.pop()
+    if not b:
+        return None
+    b[-1] += 1
+    return bytes(b)
