@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -56,11 +57,27 @@ def lock_data_dir(data_dir: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise SystemExit(
-            f"silo: data dir {data_dir} is in use by another silo server") from None
+        print(f"silo: data dir {data_dir} is in use by another silo server", file=sys.stderr)
+        raise SystemExit(2) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def check_port_free(addr: str) -> None:
+    """Refuse a port another server holds: gRPC binds with SO_REUSEPORT and would share it."""
+    host, port = addr.rsplit(":", 1)
+    if int(port) == 0:
+        return
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, int(port)))
+        except OSError as e:
+            print(f"silo: cannot listen on {addr}: {e.strerror}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 def _host_of(addr: str) -> str:
@@ -70,6 +87,7 @@ def _host_of(addr: str) -> str:
 async def serve(config: Config) -> int:
     data_dir = Path(config.data_dir)
     lock_fd = lock_data_dir(data_dir)
+    check_port_free(config.grpc_addr)
     shard_map, created = load_or_create(data_dir, config.shards)
     if not created and len(shard_map.entries) != config.shards:
         log.warning("data dir has %d shards; ignoring shards=%d (the shard map is kept)",

@@ -1,0 +1,69 @@
+"""Key encodings: byte order must equal tuple order, and keys must round-trip."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from silo.storage import keys
+
+texts = st.text(max_size=20)
+u64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
+u32 = st.integers(min_value=0, max_value=(1 << 32) - 1)
+u8 = st.integers(min_value=0, max_value=99)
+
+
+@given(texts, texts)
+def test_string_order_is_preserved(a, b):
+    ea, eb = keys.enc_str(a), keys.enc_str(b)
+    assert (ea < eb) == (a.encode() < b.encode())
+    assert (ea == eb) == (a == b)
+
+
+@given(texts, texts, texts, texts)
+def test_string_pairs_are_unambiguous(a, b, c, d):
+    """Concatenated encodings compare like the tuples (no prefix confusion)."""
+    assert (keys.enc_str(a) + keys.enc_str(b) < keys.enc_str(c) + keys.enc_str(d)) == (
+        (a.encode(), b.encode()) < (c.encode(), d.encode()))
+
+
+@given(texts)
+def test_string_round_trip(s):
+    assert keys.dec_str(keys.enc_str(s) + b"tail", 0) == (s, len(keys.enc_str(s)))
+
+
+task_tuples = st.tuples(st.sampled_from(["g", "g2"]), u64, u8, texts, u32, texts)
+
+
+@given(task_tuples, task_tuples)
+def test_task_key_orders_by_start_then_priority_then_job(x, y):
+    kx, ky = keys.task(*x), keys.task(*y)
+    def norm(t):
+        g, start, prio, job, att, tenant = t
+        return (g.encode(), start, prio, job.encode(), att, tenant.encode())
+    assert (kx < ky) == (norm(x) < norm(y))
+
+
+@given(task_tuples)
+def test_task_key_round_trip(t):
+    key = keys.task(*t)
+    assert keys.decode_task(key) == t
+    assert keys.task_start_ms(key, len(keys.task_group_prefix(t[0]))) == t[1]
+    assert key.startswith(keys.task_group_prefix(t[0]))
+
+
+def test_earlier_start_beats_higher_priority():
+    early_low = keys.task("g", 1000, 99, "a", 1, "-")
+    late_high = keys.task("g", 1001, 0, "a", 1, "-")
+    assert early_low < late_high
+
+
+@given(texts, texts, u32, u32)
+def test_attempts_sort_by_number_within_a_job(tenant, job, a, b):
+    ka, kb = keys.attempt(tenant, job, a), keys.attempt(tenant, job, b)
+    assert (ka < kb) == (a < b)
+    assert ka.startswith(keys.attempts_prefix(tenant, job))
+
+
+@given(st.binary(max_size=8))
+def test_prefix_end_bounds_every_extension(p):
+    end = keys.prefix_end(b"\x05" + p)
+    assert end is None or (b"\x05" + p + b"\xff" * 4) < end
