@@ -10,5 +10,5 @@ if [ ! -x .venv/bin/pytest ] || [ pyproject.toml -nt .venv/.installed-dev ]; the
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
   touch .venv/.installed-dev
 fi
-.venv/bin/ruff check silo tests bench scripts
+.venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q "$@"
