@@ -6,8 +6,10 @@ order equals tuple order and a prefix scan walks one kind (or one tenant's rows 
 in the order the state machine needs.
 
 Tuple encoding:
-* strings: UTF-8, each 0x00 byte escaped as 0x00 0xFF, terminated by 0x00. "a" sorts
-  before "ab" and before "a\\x00b", exactly as the strings compare.
+* strings: UTF-8, each 0x00 byte escaped as 0x00 0xFF, terminated by 0x00 0x01. "a"
+  sorts before "ab" and before "a\\x00b", exactly as the strings compare, and the
+  two-byte terminator keeps the end unambiguous whatever byte the next field starts
+  with (a bare 0x00 terminator would read a following 0xFF as an escaped NUL).
 * integers: fixed-width big-endian unsigned (u8 priority, u32 attempt, u64 times).
 
 | prefix | kind | key tuple | value (silo.storage.records) |
@@ -53,7 +55,7 @@ def enc_str(s: str) -> bytes:
     b = s.encode()
     if b"\x00" in b:
         b = b.replace(b"\x00", b"\x00\xff")
-    return b + b"\x00"
+    return b + b"\x00\x01"
 
 
 def dec_str(buf: bytes, pos: int) -> tuple[str, int]:
@@ -62,11 +64,14 @@ def dec_str(buf: bytes, pos: int) -> tuple[str, int]:
     while True:
         end = buf.index(0, pos)
         out += buf[pos:end]
-        if end + 1 < len(buf) and buf[end + 1] == 0xFF:
+        marker = buf[end + 1]
+        if marker == 0xFF:
             out.append(0)
             pos = end + 2
             continue
-        return out.decode(), end + 1
+        if marker != 0x01:
+            raise ValueError(f"bad string encoding at byte {end}")
+        return out.decode(), end + 2
 
 
 def enc_u64(n: int) -> bytes:
