@@ -1,0 +1,81 @@
+"""Micro-benchmarks of the slatedb FFI marshalling with ``silo.storage.ffi`` applied.
+
+Run from the repository root (excluded from the default test run):
+
+    python -m pytest bench/micro/test_ffi_bench.py -m microbench -q -p no:cacheprovider
+
+The patches are process-wide and cannot be undone, so only the patched numbers are
+measured here. For the unpatched baseline run the same operations in a fresh
+interpreter without calling ``apply()``. ``test_get_300b_x100`` times 100 sequential
+``await db.get`` calls per round (one event-loop entry per round); divide by 100, or
+read ``extra_info['us_per_get']``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+try:
+    import silo  # noqa: F401
+except ImportError:  # plain `pytest` from elsewhere: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from silo.storage import ffi  # noqa: E402
+
+ffi.apply()
+
+from slatedb.uniffi import DbBuilder, ObjectStore, WriteBatch  # noqa: E402
+
+pytestmark = pytest.mark.microbench
+
+KEY = b"job/0000000000000001"
+GETS_PER_ROUND = 100
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def db(loop, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ffi-bench") / "db").lstrip("/")
+    db = loop.run_until_complete(DbBuilder(path, ObjectStore.resolve("file:///")).build())
+
+    async def seed():
+        wb = WriteBatch()
+        wb.put(KEY, os.urandom(300))
+        h = await db.write(wb)
+        await h.await_durable()
+
+    loop.run_until_complete(seed())
+    yield db
+    loop.run_until_complete(db.shutdown())
+
+
+@pytest.mark.parametrize("size", [300, 3000], ids=["300B", "3kB"])
+def test_writebatch_put(benchmark, size):
+    value = os.urandom(size)
+    wb = WriteBatch()
+    benchmark(wb.put, KEY, value)
+
+
+def test_get_300b_x100(benchmark, loop, db):
+    async def gets():
+        for _ in range(GETS_PER_ROUND):
+            value = await db.get(KEY)
+        return value
+
+    def run():
+        return loop.run_until_complete(gets())
+
+    value = benchmark(run)
+    assert value is not None and len(value) == 300
+    benchmark.extra_info["us_per_get"] = round(benchmark.stats.stats.mean / GETS_PER_ROUND * 1e6, 2)
