@@ -1,0 +1,923 @@
+#!/usr/bin/env python3
+"""Load generator for a Silo server: durable enqueue rate and end-to-end job rate.
+
+    /tmp/venv/bin/python bench/load.py [--target HOST:PORT] [--duration 10] [--procs 2]
+        [--concurrency 64] [--flush-interval-ms 10] [--scenario enqueue|e2e|all]
+        [--json out.json]
+
+Without --target the script starts its own `silo serve` (temp data dir, port 0,
+--shards 8) for each scenario and always stops it again. Load comes from --procs
+client processes (multiprocessing, spawn), each with its own uvloop event loop and
+grpc.aio channel. See bench/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+READY_RE = re.compile(r"silo serving on (\S+):(\d+)")
+DEFAULT_TENANT = "-"
+TASK_GROUP = "bench"
+PRIORITY = 50
+LEASE_BATCH = 16
+EMPTY_POLL_SLEEP_S = 0.005
+ERROR_SLEEP_S = 0.05
+SERVER_READY_TIMEOUT_S = 60.0
+SERVER_STOP_TIMEOUT_S = 15.0
+
+# Targets of the foundation issue (2 cores, one server process, flush 10 ms).
+TARGETS = {
+    "enqueue_per_s": 3000.0,
+    "e2e_jobs_per_s": 1200.0,
+    "server_cpu_us_per_enqueue": 250.0,
+    "server_cpu_us_per_job": 700.0,
+}
+
+# Shared counter slots per client process (read once a second for progress).
+C_ENQ, C_DONE, C_ERR, C_LEASE, C_EMPTY = range(5)
+N_COUNTERS = 5
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------------------
+# /proc helpers (no psutil)
+# ---------------------------------------------------------------------------
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """utime+stime of one process (all its threads), in seconds; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces/parens: split after the last ')'.
+    fields = data[data.rindex(b")") + 2:].split()
+    # fields[0] is field 3 (state); utime, stime are fields 14, 15.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids.extend(int(x) for x in f.read().split())
+        except OSError:
+            pass
+    return kids
+
+
+def tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds of a process and all its live descendants (a forking server counts whole)."""
+    total = proc_cpu_s(pid)
+    if total is None:
+        return None
+    stack = proc_children(pid)
+    seen = {pid}
+    while stack:
+        p = stack.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        c = proc_cpu_s(p)
+        if c is not None:
+            total += c
+            stack.extend(proc_children(p))
+    return total
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine from /proc/stat."""
+    with open("/proc/stat") as f:
+        vals = [int(x) for x in f.readline().split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    total = sum(vals[:8])  # guest time is already included in user/nice
+    return float(total - idle), float(total)
+
+
+def machine_info() -> dict[str, Any]:
+    import grpc
+
+    model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    commit = dirty = None
+    with contextlib.suppress(Exception):
+        repo = Path(__file__).resolve().parents[1]
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "silo"],
+                                    capture_output=True, text=True, timeout=5).stdout.strip())
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "kernel": platform.release(),
+        "silo_commit": commit,
+        "silo_tree_dirty": dirty,  # uncommitted changes under silo/ when the run started
+    }
+
+
+# ---------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------
+
+
+def percentiles_ms(samples_us: list[float]) -> dict[str, float | None]:
+    keys = ("p50", "p90", "p99", "max")
+    if not samples_us:
+        return dict.fromkeys(keys)
+    s = sorted(samples_us)
+    n = len(s)
+
+    def pick(q: float) -> float:
+        # nearest rank
+        i = max(0, min(n - 1, int(q * n + 0.999999) - 1))
+        return round(s[i] / 1000.0, 3)
+
+    return {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99), "max": round(s[-1] / 1000.0, 3)}
+
+
+# ---------------------------------------------------------------------------
+# routing
+# ---------------------------------------------------------------------------
+
+
+def xxh64_hex(tenant: str) -> str:
+    import xxhash
+
+    return f"{xxhash.xxh64_intdigest(tenant.encode('utf-8'), seed=0):016x}"
+
+
+def shard_for(owners: list[tuple[str, str, str]], tenant: str) -> str:
+    """Shard id whose [range_start, range_end) holds XXH64(tenant), as the client computes it."""
+    key = xxh64_hex(tenant)
+    for shard_id, start, end in owners:
+        if (start == "" or start <= key) and (end == "" or key < end):
+            return shard_id
+    raise RuntimeError(f"no shard covers tenant {tenant!r} (hash {key})")
+
+
+def fetch_topology(target: str, timeout: float = 10.0) -> list[tuple[str, str, str]]:
+    import grpc
+
+    from silo._proto import silo_pb2 as pb
+    from silo._proto import silo_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as ch:
+        resp = pb_grpc.SiloStub(ch).GetClusterInfo(pb.GetClusterInfoRequest(), timeout=timeout)
+    owners = [(o.shard_id, o.range_start, o.range_end) for o in resp.shard_owners if o.grpc_addr]
+    owners.sort(key=lambda o: o[1])
+    if not owners:
+        raise RuntimeError("GetClusterInfo returned no owned shard")
+    return owners
+
+
+# ---------------------------------------------------------------------------
+# client process
+# ---------------------------------------------------------------------------
+
+
+class Recorder:
+    """Per-process results: counts, latencies inside the measured window, errors."""
+
+    def __init__(self, counters: Any, slot: int, win_start: float, win_end: float):
+        self.counters = counters
+        self.base = slot * N_COUNTERS
+        self.win_start = win_start
+        self.win_end = win_end
+        self.enq_ok = 0
+        self.enq_ok_win = 0
+        self.enq_lat_us: list[float] = []
+        self.done_ok = 0
+        self.done_ok_win = 0
+        self.stale_done_win = 0  # completed tasks enqueued by someone else (earlier runs)
+        self.e2e_lat_us: list[float] = []
+        self.report_lat_us: list[float] = []
+        self.lease_calls = 0
+        self.lease_calls_win = 0
+        self.lease_empty = 0
+        self.lease_empty_win = 0
+        self.leased_tasks = 0
+        self.leased_tasks_win = 0
+        self.lease_lat_us: list[float] = []
+        self.errors: Counter[str] = Counter()
+        self.error_msgs: Counter[str] = Counter()
+
+    def in_window(self, t: float) -> bool:
+        return self.win_start <= t < self.win_end
+
+    def bump(self, idx: int, n: int = 1) -> None:
+        self.counters[self.base + idx] += n
+
+    def error(self, rpc: str, exc: BaseException) -> None:
+        import grpc
+
+        if isinstance(exc, grpc.aio.AioRpcError):
+            code = exc.code().name
+            msg = exc.details() or ""
+        else:
+            code = "CLIENT_" + type(exc).__name__
+            msg = str(exc)
+        self.errors[f"{rpc}:{code}"] += 1
+        key = f"{rpc}:{code}: {msg[:200]}"
+        if key in self.error_msgs or len(self.error_msgs) < 20:
+            self.error_msgs[key] += 1
+        self.bump(C_ERR)
+
+    def result(self) -> dict[str, Any]:
+        return {k: (dict(v) if isinstance(v, Counter) else v)
+                for k, v in self.__dict__.items() if k not in ("counters", "base")}
+
+
+def client_main(slot: int, cfg: dict[str, Any], counters: Any, go: Any, t0: Any,
+                ready_q: Any, result_q: Any) -> None:
+    """Entry point of one spawned client process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    import uvloop
+
+    try:
+        res = uvloop.run(client_async(slot, cfg, counters, go, t0, ready_q))
+    except BaseException as e:  # report anything, the parent must not hang
+        res = {"fatal": f"{type(e).__name__}: {e}"}
+        with contextlib.suppress(Exception):
+            ready_q.put((slot, res["fatal"]))
+    result_q.put((slot, res))
+
+
+async def client_async(slot: int, cfg: dict[str, Any], counters: Any, go: Any, t0: Any,
+                       ready_q: Any) -> dict[str, Any]:
+    import grpc
+    import msgspec
+
+    from silo._proto import silo_pb2 as pb
+    from silo._proto import silo_pb2_grpc as pb_grpc
+
+    opts = [("grpc.max_send_message_length", 128 << 20),
+            ("grpc.max_receive_message_length", 128 << 20)]
+    channels = [grpc.aio.insecure_channel(cfg["target"], options=opts + [("grpc.use_local_subchannel_pool", 1)])
+                for i in range(cfg["channels"])]
+    stubs = [pb_grpc.SiloStub(ch) for ch in channels]
+    call_timeout = cfg["call_timeout"]
+    try:
+        for ch in channels:
+            await asyncio.wait_for(ch.channel_ready(), timeout=15)
+        await stubs[0].GetClusterInfo(pb.GetClusterInfoRequest(), timeout=call_timeout)
+        ready_q.put((slot, None))
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, go.wait, 120):
+            return {"fatal": "never got the start signal"}
+        start = t0.value
+        win_start = start + cfg["warmup"]
+        win_end = win_start + cfg["duration"]
+        stop_at = win_end
+        rec = Recorder(counters, slot, win_start, win_end)
+
+        encoder = msgspec.msgpack.Encoder()
+        decoder = msgspec.msgpack.Decoder()
+        pad = "x" * 40
+        run_id = cfg["run_id"]
+        routes: list[tuple[str, str | None]] = cfg["routes"]  # (shard, tenant or None)
+        max_ops = cfg["max_ops"]
+        result_bytes = encoder.encode({"ok": True})
+        mono = time.monotonic
+        now_us = time.time_ns
+
+        async def enqueuer(n: int) -> None:
+            stub = stubs[n % len(stubs)]
+            i = 0
+            while i < max_ops:
+                t = mono()
+                if t >= stop_at:
+                    break
+                shard, tenant = routes[(slot * 7919 + n * 31 + i) % len(routes)]
+                i += 1
+                ts = now_us() // 1000
+                payload = encoder.encode({"run": run_id, "p": slot, "n": n, "i": i,
+                                          "ts": ts, "pad": pad})
+                req = pb.EnqueueRequest(shard=shard, priority=PRIORITY, start_at_ms=ts // 1000,
+                                        payload=pb.SerializedBytes(msgpack=payload),
+                                        task_group=TASK_GROUP)
+                if tenant is not None:
+                    req.tenant = tenant
+                try:
+                    await stub.Enqueue(req, timeout=call_timeout)
+                except Exception as e:  # count every failure by status code
+                    rec.error("Enqueue", e)
+                    await asyncio.sleep(ERROR_SLEEP_S)
+                    continue
+                t1 = mono()
+                rec.enq_ok += 1
+                rec.bump(C_ENQ)
+                if rec.in_window(t1):
+                    rec.enq_ok_win += 1
+                    rec.enq_lat_us.append((t1 - t) * 1e6)
+
+        async def report(stub: Any, task: Any) -> None:
+            req = pb.ReportOutcomeRequest(shard=task.shard, task_id=task.id,
+                                          success=pb.SerializedBytes(msgpack=result_bytes))
+            if task.HasField("tenant_id"):
+                req.tenant_id = task.tenant_id
+            ts = None
+            with contextlib.suppress(Exception):
+                doc = decoder.decode(task.payload.msgpack)
+                if doc.get("run") == run_id:
+                    ts = doc.get("ts")
+            t = mono()
+            try:
+                await stub.ReportOutcome(req, timeout=call_timeout)
+            except Exception as e:
+                rec.error("ReportOutcome", e)
+                return
+            t1 = mono()
+            rec.done_ok += 1
+            rec.bump(C_DONE)
+            if rec.in_window(t1):
+                rec.done_ok_win += 1
+                rec.report_lat_us.append((t1 - t) * 1e6)
+                if ts is not None:
+                    rec.e2e_lat_us.append(now_us() / 1000 - ts)
+                else:
+                    rec.stale_done_win += 1
+
+        async def worker(n: int) -> None:
+            stub = stubs[n % len(stubs)]
+            worker_id = f"bench-{run_id}-{slot}-{n}"
+            req = pb.LeaseTasksRequest(worker_id=worker_id, max_tasks=LEASE_BATCH,
+                                       task_group=TASK_GROUP)
+            i = 0
+            while i < max_ops:
+                t = mono()
+                if t >= stop_at:
+                    break
+                i += 1
+                try:
+                    resp = await stub.LeaseTasks(req, timeout=call_timeout)
+                except Exception as e:
+                    rec.error("LeaseTasks", e)
+                    await asyncio.sleep(ERROR_SLEEP_S)
+                    continue
+                t1 = mono()
+                win = rec.in_window(t1)
+                rec.lease_calls += 1
+                rec.bump(C_LEASE)
+                ntasks = len(resp.tasks)
+                rec.leased_tasks += ntasks
+                if win:
+                    rec.lease_calls_win += 1
+                    rec.leased_tasks_win += ntasks
+                    rec.lease_lat_us.append((t1 - t) * 1e6)
+                if ntasks == 0:
+                    rec.lease_empty += 1
+                    rec.bump(C_EMPTY)
+                    if win:
+                        rec.lease_empty_win += 1
+                    await asyncio.sleep(EMPTY_POLL_SLEEP_S)
+                    continue
+                await asyncio.gather(*(report(stub, task) for task in resp.tasks))
+
+        coros = []
+        if cfg["scenario"] == "enqueue":
+            coros += [enqueuer(n) for n in range(cfg["concurrency"])]
+        else:
+            coros += [enqueuer(n) for n in range(max(1, cfg["concurrency"] // 2))]
+            coros += [worker(n) for n in range(cfg["workers"])]
+        delay = start - mono()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        # Everything stops issuing at stop_at; in-flight calls end by their deadline.
+        hard_limit = max(0.0, stop_at - mono()) + call_timeout + 5
+        tasks = [asyncio.ensure_future(c) for c in coros]
+        _, pending = await asyncio.wait(tasks, timeout=hard_limit)
+        for p in pending:
+            p.cancel()
+        if pending:
+            rec.errors["client_loop_cancelled_at_hard_limit"] += len(pending)
+            await asyncio.wait(pending, timeout=5)
+        for tk in tasks:
+            if tk.done() and not tk.cancelled() and tk.exception() is not None:
+                rec.error("loop", tk.exception())
+        return rec.result()
+    finally:
+        for ch in channels:
+            with contextlib.suppress(Exception):
+                await ch.close(grace=1)
+
+
+# ---------------------------------------------------------------------------
+# server management
+# ---------------------------------------------------------------------------
+
+
+class ServerProc:
+    """A `silo serve` subprocess on 127.0.0.1, port 0, in a temp data dir."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="silo-bench-"))
+        self.log_path = self.tmp / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.addr: str | None = None
+        self.exit_code: int | None = None
+
+    def start(self) -> str:
+        silo_bin = self.args.silo_bin or shutil.which("silo") or str(Path(sys.executable).parent / "silo")
+        cmd = [silo_bin, "serve", "--data-dir", str(self.tmp / "data"),
+               "--grpc-addr", "127.0.0.1:0",
+               "--flush-interval-ms", str(self.args.flush_interval_ms),
+               "--shards", str(self.args.shards)]
+        cmd.append("--tenancy" if self.args.tenants > 0 else "--no-tenancy")
+        cmd += self.args.server_arg
+        self.cmd = cmd
+        log = open(self.log_path, "wb")  # noqa: SIM115 - closed right below; the child keeps its fd
+        try:
+            # Own session: a Ctrl-C in the terminal reaches only us; we stop the server ourselves.
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         start_new_session=True)
+        finally:
+            log.close()
+        deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            m = READY_RE.search(self.log_text())
+            if m:
+                host, port = m.group(1), m.group(2)
+                if host not in ("127.0.0.1", "localhost"):
+                    raise RuntimeError(f"server bound {host}, expected 127.0.0.1")
+                self.addr = f"127.0.0.1:{port}"
+                return self.addr
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with code {self.proc.returncode} before ready:\n"
+                                   + self.tail())
+            time.sleep(0.05)
+        raise RuntimeError("server did not log its ready line in time:\n" + self.tail())
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def tail(self, n: int = 30) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after 15 s. Safe to call more than once."""
+        p = self.proc
+        if p is not None and p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=SERVER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                print(f"server pid {p.pid} ignored SIGTERM for {SERVER_STOP_TIMEOUT_S:.0f} s: SIGKILL",
+                      file=sys.stderr)
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                p.wait(timeout=10)
+        if p is not None:
+            self.exit_code = p.returncode
+        return self.exit_code
+
+    def cleanup(self) -> None:
+        if not self.args.keep_data:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# orchestration
+# ---------------------------------------------------------------------------
+
+
+def sleep_until(t: float) -> None:
+    d = t - time.monotonic()
+    if d > 0:
+        time.sleep(d)
+
+
+def run_scenario(name: str, args: argparse.Namespace, target: str, server_pid: int | None,
+                 server: ServerProc | None) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    owners = fetch_topology(target)
+    if args.tenants > 0:
+        tenants = [f"bench-tenant-{i}" for i in range(args.tenants)]
+        routes = [(shard_for(owners, t), t) for t in tenants]
+    else:
+        routes = [(shard_for(owners, DEFAULT_TENANT), None)]
+    cfg = {
+        "target": target, "scenario": name, "concurrency": args.concurrency,
+        "workers": args.workers, "channels": args.channels, "warmup": args.warmup,
+        "duration": args.duration, "call_timeout": args.call_timeout, "routes": routes,
+        "run_id": f"{os.getpid():x}{int(time.time() * 1000) % 10**9:x}{name[0]}",
+        "max_ops": args.max_ops,
+    }
+    counters = ctx.RawArray("q", args.procs * N_COUNTERS)
+    go = ctx.Event()
+    t0 = ctx.RawValue("d", 0.0)
+    ready_q = ctx.Queue()
+    result_q = ctx.Queue()
+    procs = [ctx.Process(target=client_main, name=f"bench-client-{i}", daemon=True,
+                         args=(i, cfg, counters, go, t0, ready_q, result_q))
+             for i in range(args.procs)]
+    results: dict[int, dict[str, Any]] = {}
+    progress: list[dict[str, Any]] = []
+    try:
+        for p in procs:
+            p.start()
+        for _ in procs:
+            slot, err = ready_q.get(timeout=60)
+            if err:
+                raise RuntimeError(f"client {slot} failed to start: {err}")
+        start = time.monotonic() + 0.2
+        t0.value = start
+        go.set()
+        win_start = start + args.warmup
+        win_end = win_start + args.duration
+
+        def snap() -> dict[str, Any]:
+            return {
+                "t": time.monotonic(),
+                "server": tree_cpu_s(server_pid) if server_pid else None,
+                "clients": sum(c for p in procs if p.pid and (c := proc_cpu_s(p.pid)) is not None),
+                "machine": machine_cpu(),
+            }
+
+        def totals() -> list[int]:
+            return [sum(counters[s * N_COUNTERS + k] for s in range(args.procs))
+                    for k in range(N_COUNTERS)]
+
+        # progress once a second, window snapshots at its edges
+        s_begin = s_end = None
+        last_t, last_tot, last_srv = start, [0] * N_COUNTERS, (tree_cpu_s(server_pid) if server_pid else None)
+        tick = start + 1.0
+        while True:
+            nxt = min(x for x in (tick, win_start if s_begin is None else None,
+                                  win_end if s_end is None else None) if x is not None)
+            sleep_until(nxt)
+            now = time.monotonic()
+            if s_begin is None and now >= win_start:
+                s_begin = snap()
+            if s_end is None and now >= win_end:
+                s_end = snap()
+            if now >= tick:
+                tot = totals()
+                srv = tree_cpu_s(server_pid) if server_pid else None
+                dtt = now - last_t
+                rate = [(a - b) / dtt for a, b in zip(tot, last_tot, strict=True)]
+                cpu_pct = (100 * (srv - last_srv) / dtt) if (srv is not None and last_srv is not None) else None
+                mid = now - dtt / 2  # label the second that just ended
+                phase = "warmup" if mid < win_start else ("measure" if mid < win_end else "drain")
+                line = (f"[{name}] t={now - start:5.1f}s {phase:7s} enq/s={rate[C_ENQ]:7.0f}")
+                if name == "e2e":
+                    line += (f" done/s={rate[C_DONE]:7.0f} lease/s={rate[C_LEASE]:6.0f}"
+                             f" empty/s={rate[C_EMPTY]:5.0f}")
+                line += f" errors={tot[C_ERR]}"
+                if cpu_pct is not None:
+                    line += f" server_cpu={cpu_pct:5.1f}%"
+                if server is not None and not server.alive():
+                    line += " SERVER EXITED"
+                print(line, file=sys.stderr, flush=True)
+                progress.append({"t": round(now - start, 2), "phase": phase,
+                                 "enq_per_s": round(rate[C_ENQ], 1), "done_per_s": round(rate[C_DONE], 1),
+                                 "errors_total": tot[C_ERR],
+                                 "server_cpu_pct": None if cpu_pct is None else round(cpu_pct, 1)})
+                last_t, last_tot, last_srv = now, tot, srv
+                tick += 1.0
+            if s_end is not None:
+                break
+        # collect results; every client stops by win_end + call_timeout + 5 s on its own
+        deadline = time.monotonic() + args.call_timeout + 20
+        while len(results) < len(procs) and time.monotonic() < deadline:
+            try:
+                slot, res = result_q.get(timeout=max(0.1, deadline - time.monotonic()))
+            except Exception:
+                break
+            results[slot] = res
+        for p in procs:
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+    missing = [i for i in range(len(procs)) if i not in results]
+    return summarize(name, args, results, missing, s_begin, s_end, progress, server)
+
+
+def summarize(name: str, args: argparse.Namespace, results: dict[int, dict[str, Any]],
+              missing: list[int], s0: dict[str, Any], s1: dict[str, Any],
+              progress: list[dict[str, Any]], server: ServerProc | None) -> dict[str, Any]:
+    window = s1["t"] - s0["t"]
+    errors: Counter[str] = Counter()
+    msgs: Counter[str] = Counter()
+    fatal = {}
+    agg: dict[str, Any] = Counter()
+    lats: dict[str, list[float]] = {"enq": [], "e2e": [], "report": [], "lease": []}
+    for slot, r in results.items():
+        if "fatal" in r:
+            fatal[slot] = r["fatal"]
+            continue
+        errors.update(r["errors"])
+        msgs.update(r["error_msgs"])
+        for k in ("enq_ok", "enq_ok_win", "done_ok", "done_ok_win", "stale_done_win", "lease_calls",
+                  "lease_calls_win", "lease_empty", "lease_empty_win", "leased_tasks",
+                  "leased_tasks_win"):
+            agg[k] += r[k]
+        lats["enq"] += r["enq_lat_us"]
+        lats["e2e"] += r["e2e_lat_us"]
+        lats["report"] += r["report_lat_us"]
+        lats["lease"] += r["lease_lat_us"]
+    srv_cpu = (s1["server"] - s0["server"]) if (s0["server"] is not None and s1["server"] is not None) else None
+    cli_cpu = s1["clients"] - s0["clients"]
+    mb = (s1["machine"][0] - s0["machine"][0]) / max(1.0, s1["machine"][1] - s0["machine"][1])
+
+    def per(cpu: float | None, n: int) -> float | None:
+        return round(cpu * 1e6 / n, 1) if (cpu is not None and n) else None
+
+    out: dict[str, Any] = {
+        "window_s": round(window, 3),
+        "errors": dict(errors),
+        "error_total": sum(errors.values()),
+        "error_messages": dict(msgs),
+        "client_fatal": fatal,
+        "clients_missing": missing,
+        "server_cpu_s": None if srv_cpu is None else round(srv_cpu, 3),
+        "server_cpu_cores": None if srv_cpu is None else round(srv_cpu / window, 3),
+        "loadgen_cpu_s": round(cli_cpu, 3),
+        "loadgen_cpu_cores": round(cli_cpu / window, 3),
+        "machine_busy_pct": round(100 * mb, 1),
+        "progress": progress,
+    }
+    if name == "enqueue":
+        n = agg["enq_ok_win"]
+        out.update({
+            "enqueues": n, "enqueues_total": agg["enq_ok"],
+            "enqueue_per_s": round(n / window, 1),
+            "enqueue_latency_ms": percentiles_ms(lats["enq"]),
+            "server_cpu_us_per_enqueue": per(srv_cpu, n),
+            "loadgen_cpu_us_per_enqueue": per(cli_cpu, n),
+        })
+    else:
+        n = agg["done_ok_win"]
+        calls = agg["lease_calls_win"]
+        out.update({
+            "completed": n, "completed_total": agg["done_ok"],
+            "completed_from_other_runs": agg["stale_done_win"],
+            "jobs_per_s": round(n / window, 1),
+            "enqueues": agg["enq_ok_win"], "enqueue_per_s": round(agg["enq_ok_win"] / window, 1),
+            "backlog_at_end": agg["enq_ok"] - agg["done_ok"],
+            "lease_calls": calls, "lease_calls_per_s": round(calls / window, 1),
+            "lease_empty_pct": round(100 * agg["lease_empty_win"] / calls, 1) if calls else None,
+            "tasks_per_lease": round(agg["leased_tasks_win"] / calls, 2) if calls else None,
+            "e2e_latency_ms": percentiles_ms(lats["e2e"]),
+            "enqueue_latency_ms": percentiles_ms(lats["enq"]),
+            "lease_latency_ms": percentiles_ms(lats["lease"]),
+            "report_latency_ms": percentiles_ms(lats["report"]),
+            "server_cpu_us_per_job": per(srv_cpu, n),
+            "loadgen_cpu_us_per_job": per(cli_cpu, n),
+        })
+    if server is not None:
+        out["server_alive_after"] = server.alive()
+    return out
+
+
+def fmt(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        v = f"{v:,.1f}"
+    elif isinstance(v, int):
+        v = f"{v:,}"
+    return f"{v}{unit}"
+
+
+def lat_str(d: dict[str, Any], keys: tuple[str, ...] = ("p50", "p90", "p99", "max")) -> str:
+    return "  ".join(f"{k} {fmt(d[k])}" for k in keys) + "  ms"
+
+
+def verdict(value: float | None, target: float, higher_is_better: bool) -> str:
+    if value is None:
+        return ""
+    ok = value >= target if higher_is_better else value <= target
+    rel = "≥" if higher_is_better else "≤"
+    return f"   [target {rel} {target:,.0f}: {'met' if ok else 'MISSED'}]"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    m, c = report["machine"], report["config"]
+    print()
+    print(f"machine: {m['nproc']} cpus, {m['cpu_model']}, python {m['python']}, grpcio {m['grpcio']}")
+    print(f"config:  target {c['target']}  procs {c['procs']}  concurrency {c['concurrency']}/proc"
+          f"  workers {c['workers']}/proc (e2e)  flush {c['flush_interval_ms']} ms"
+          f"  warmup {c['warmup_s']} s  window {c['duration_s']} s")
+    if c["target_mode"] == "self-started":
+        print("note:    load generator and server share this machine's cores")
+    for name, r in report["scenarios"].items():
+        print()
+        print(f"== {name} " + "=" * (60 - len(name)))
+        rows: list[tuple[str, str]] = []
+        if "fatal" in r:
+            rows.append(("FAILED", r["fatal"]))
+        elif name == "enqueue":
+            rows += [
+                ("durable enqueues/s", fmt(r["enqueue_per_s"])
+                 + verdict(r["enqueue_per_s"], TARGETS["enqueue_per_s"], True)),
+                ("enqueues in window", fmt(r["enqueues"])),
+                ("Enqueue latency", lat_str(r["enqueue_latency_ms"])),
+                ("server CPU / Enqueue", fmt(r["server_cpu_us_per_enqueue"], " µs")
+                 + verdict(r["server_cpu_us_per_enqueue"], TARGETS["server_cpu_us_per_enqueue"], False)),
+                ("loadgen CPU / Enqueue", fmt(r["loadgen_cpu_us_per_enqueue"], " µs")),
+            ]
+        else:
+            rows += [
+                ("completed jobs/s", fmt(r["jobs_per_s"])
+                 + verdict(r["jobs_per_s"], TARGETS["e2e_jobs_per_s"], True)),
+                ("completed in window", fmt(r["completed"])),
+                ("enqueues/s", fmt(r["enqueue_per_s"])),
+                ("backlog at end", fmt(r["backlog_at_end"])),
+                ("enqueue→report", lat_str(r["e2e_latency_ms"], ("p50", "p99", "max"))),
+                ("Enqueue latency", lat_str(r["enqueue_latency_ms"], ("p50", "p99"))),
+                ("LeaseTasks latency", lat_str(r["lease_latency_ms"], ("p50", "p99"))),
+                ("ReportOutcome latency", lat_str(r["report_latency_ms"], ("p50", "p99"))),
+                ("LeaseTasks calls/s", f"{fmt(r['lease_calls_per_s'])}  ({fmt(r['lease_empty_pct'])}% empty,"
+                 f" {fmt(r['tasks_per_lease'])} tasks/call)"),
+                ("server CPU / job", fmt(r["server_cpu_us_per_job"], " µs")
+                 + verdict(r["server_cpu_us_per_job"], TARGETS["server_cpu_us_per_job"], False)),
+                ("loadgen CPU / job", fmt(r["loadgen_cpu_us_per_job"], " µs")),
+            ]
+        if "fatal" not in r:
+            rows += [
+                ("server CPU", fmt(r["server_cpu_cores"], " cores")),
+                ("loadgen CPU", fmt(r["loadgen_cpu_cores"], " cores")),
+                ("machine busy", fmt(r["machine_busy_pct"], " %")),
+                ("errors", "none" if not r["error_total"] else
+                 ", ".join(f"{k}={v}" for k, v in sorted(r["errors"].items()))),
+            ]
+            if r.get("completed_from_other_runs"):
+                rows.append(("note", f"{r['completed_from_other_runs']:,} of the completed jobs were"
+                             " enqueued before this run (no latency for them)"))
+            if r["client_fatal"] or r["clients_missing"]:
+                rows.append(("client failures", f"fatal={r['client_fatal']} missing={r['clients_missing']}"))
+            if r.get("server_alive_after") is False:
+                rows.append(("SERVER", "exited during the run"))
+        if r.get("server_exit_code") not in (0, None):
+            rows.append(("server exit code", f"{r['server_exit_code']} (negative = killed by signal)"))
+        w = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"  {k:<{w}}  {v}")
+        for msg, n in (r.get("error_messages") or {}).items():
+            print(f"    {n:>7,}  {msg}")
+        if r.get("server_stderr_tail"):
+            print("  server stderr tail:")
+            for line in r["server_stderr_tail"].splitlines():
+                print(f"    | {line}")
+    print()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--target", metavar="HOST:PORT",
+                    help="existing server to load (default: start one per scenario)")
+    ap.add_argument("--server-pid", type=int, help="with --target: server pid, for its CPU figures")
+    ap.add_argument("--duration", type=float, default=10.0, help="measured window, seconds")
+    ap.add_argument("--warmup", type=float, default=2.0, help="load before the window, seconds")
+    ap.add_argument("--procs", type=int, default=2, help="client processes")
+    ap.add_argument("--concurrency", type=int, default=64,
+                    help="calls in flight per process (e2e: half of it enqueues)")
+    ap.add_argument("--workers", type=int, default=4,
+                    help="e2e: worker poll loops per process (LeaseTasks max_tasks=16 each)")
+    ap.add_argument("--channels", type=int, default=1, help="gRPC channels per client process")
+    ap.add_argument("--flush-interval-ms", type=int, default=10)
+    ap.add_argument("--shards", type=int, default=8, help="shards of a self-started server")
+    ap.add_argument("--tenants", type=int, default=0,
+                    help="spread over N tenants (self-started server gets --tenancy); 0 = none")
+    ap.add_argument("--scenario", choices=("enqueue", "e2e", "all"), default="all")
+    ap.add_argument("--call-timeout", type=float, default=10.0, help="deadline of each RPC, s")
+    ap.add_argument("--max-ops", type=int, default=10_000_000,
+                    help="safety cap on iterations of each client loop")
+    ap.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    ap.add_argument("--silo-bin", help="silo executable (default: the one next to this python)")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra argument for `silo serve` (repeatable), e.g. --server-arg=--log-level=warning")
+    ap.add_argument("--keep-data", action="store_true", help="keep the temp data dir and server log")
+    a = ap.parse_args(argv)
+    if a.target:
+        host = a.target.rsplit(":", 1)[0].strip("[]")
+        if host not in ("127.0.0.1", "localhost"):
+            ap.error("--target must be on 127.0.0.1 (this tool only loads a local server)")
+    if a.duration <= 0 or a.warmup < 0 or a.procs < 1 or a.concurrency < 1 or a.workers < 0:
+        ap.error("duration > 0, warmup >= 0, procs >= 1, concurrency >= 1, workers >= 0")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    scenarios = ["enqueue", "e2e"] if args.scenario == "all" else [args.scenario]
+    report: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "config": {
+            "target": args.target or "self-started 127.0.0.1:0",
+            "target_mode": "external" if args.target else "self-started",
+            "procs": args.procs, "concurrency": args.concurrency, "workers": args.workers,
+            "channels": args.channels, "flush_interval_ms": args.flush_interval_ms,
+            "duration_s": args.duration, "warmup_s": args.warmup, "shards": args.shards,
+            "tenants": args.tenants, "lease_batch": LEASE_BATCH, "task_group": TASK_GROUP,
+            "argv": sys.argv,
+        },
+        "targets": TARGETS,
+        "scenarios": {},
+    }
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    rc = 0
+    try:
+        for name in scenarios:
+            server = None
+            try:
+                if args.target:
+                    target, pid = args.target, args.server_pid
+                else:
+                    server = ServerProc(args)
+                    target = server.start()
+                    pid = server.pid
+                    report["config"]["server_cmd"] = server.cmd
+                    print(f"[{name}] server pid {pid} on {target}", file=sys.stderr, flush=True)
+                try:
+                    res = run_scenario(name, args, target, pid, server)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as e:
+                    res = {"fatal": f"{type(e).__name__}: {e}"}
+                    rc = 1
+                if server is not None:
+                    code = server.stop()
+                    res["server_exit_code"] = code
+                    bad = res.get("error_total") or "fatal" in res or code not in (0, None)
+                    tail = server.tail(40)
+                    if bad:
+                        res["server_stderr_tail"] = tail
+                    res["server_log_warnings"] = [ln for ln in server.log_text().splitlines()
+                                                  if re.search(r"\b(ERROR|WARNING|CRITICAL)\b|Traceback", ln)][:50]
+                if res.get("error_total") or "fatal" in res:
+                    rc = 1
+                report["scenarios"][name] = res
+            finally:
+                if server is not None:
+                    server.stop()
+                    server.cleanup()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        rc = 130
+    if report["scenarios"]:
+        print_report(report)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+            print(f"JSON report written to {args.json}", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
