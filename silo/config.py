@@ -44,7 +44,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: str = "./silo-data"
     object_store_url: str = ""
     flush_interval_ms: int = 10
-    commit_interval_ms: float = 2.0
+    commit_interval_ms: float = 5.0
     l0_sst_size_bytes: int = 16 * MiB
     shards: int = 8
     tenancy: bool = False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -64,6 +65,15 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
+def tune_gc() -> None:
+    """Collect less often: every RPC allocates many short-lived containers, and
+    CPython's default gen-0 threshold (700) made the cyclic collector a measurable share
+    of server CPU under load. Long-lived start-up objects are frozen out of it."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 def check_port_free(addr: str) -> None:
     """Refuse a port another server holds: gRPC binds with SO_REUSEPORT and would share it."""
     host, port = addr.rsplit(":", 1)
@@ -104,6 +114,7 @@ async def serve(config: Config) -> int:
         reaper_interval_ms=config.reaper_interval_ms,
     )
     await node.open()
+    tune_gc()
     server = build_server(SiloService(node, auth_token=config.auth_token),
                           config.max_message_bytes)
     try:

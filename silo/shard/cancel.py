@@ -47,6 +47,7 @@ async def cancel_job(shard: Shard, tenant: str, job_id: str) -> None:
             CANCELLED, now, start, attempt,
             last_attempt=(attempt - 1) if attempt is not None else 0))
         del shard.active[(tenant, job_id)]
+        shard.info_cache.discard(tenant, job_id)
         shard.count_status(tenant, SCHEDULED, CANCELLED)
         shard.count_jobs(completed=1)
     else:

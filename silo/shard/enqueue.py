@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import uuid
-
 from silo import errors
+from silo.ids import new_id
 from silo.shard.state import ActiveJob, Shard
 from silo.storage import keys
 from silo.storage.records import (
@@ -72,7 +71,7 @@ async def enqueue(
     """Store a new job as Scheduled with attempt 1 pending; return its id once durable."""
     validate_job(job_id, priority, task_group, metadata, limits)
     if not job_id:
-        job_id = str(uuid.uuid4())
+        job_id = new_id()
         _stage(shard, tenant, job_id, priority, start_at_ms, retry_policy, payload, limits,
                metadata, task_group)
     else:
@@ -104,8 +103,9 @@ def _stage(
     info = JobInfo(job_id, tenant, priority, start, payload, retry_policy, metadata, limits,
                    task_group)
     shard.committer.put(keys.job_info(tenant, job_id), encode(info))
+    shard.info_cache.put(info)
     shard.put_status(tenant, job_id, JobStatus(SCHEDULED, now, start, 1))
-    task = RunAttempt(str(uuid.uuid4()), tenant, job_id, 1, 1, task_group)
+    task = RunAttempt(new_id(), tenant, job_id, 1, 1, task_group)
     key = keys.task(task_group, start, priority, job_id, 1, tenant)
     shard.add_task(key, task)
     shard.active[(tenant, job_id)] = ActiveJob(SCHEDULED, task_key=key)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import uuid
 from typing import NamedTuple
 
 from silo import errors
+from silo.ids import new_id
 from silo.shard.state import ActiveJob, Shard
 from silo.storage import keys
 from silo.storage.records import (
@@ -48,9 +48,19 @@ def _start_lease(shard: Shard, job: ActiveJob, task: RunAttempt, worker_id: str,
 
 
 async def _with_infos(shard: Shard, leases: list[Lease]) -> list[LeasedTask]:
-    gets = [shard.committer.get(keys.job_info(ls.task.tenant, ls.task.job_id)) for ls in leases]
-    *raw, _ = await asyncio.gather(*gets, shard.committer.commit())
-    return [LeasedTask(ls, job_info_decoder.decode(r)) for ls, r in zip(leases, raw, strict=True)]
+    """Pair each lease with its job's info (from the cache, else storage), once durable."""
+    cache = shard.info_cache
+    infos = [cache.get(ls.task.tenant, ls.task.job_id) for ls in leases]
+    missing = [i for i, info in enumerate(infos) if info is None]
+    if missing:
+        gets = [shard.committer.get(keys.job_info(leases[i].task.tenant, leases[i].task.job_id))
+                for i in missing]
+        *raw, _ = await asyncio.gather(*gets, shard.committer.commit())
+        for i, r in zip(missing, raw, strict=True):
+            infos[i] = job_info_decoder.decode(r)
+    else:
+        await shard.committer.commit()
+    return [LeasedTask(ls, info) for ls, info in zip(leases, infos, strict=True)]
 
 
 async def lease_tasks(shard: Shard, worker_id: str, max_tasks: int, task_group: str
@@ -111,7 +121,7 @@ async def lease_task(shard: Shard, tenant: str, job_id: str, worker_id: str) -> 
     old = shard.remove_task(key)
     assert old is not None
     # Upstream quirk kept: the relative attempt number equals the absolute one here.
-    task = RunAttempt(str(uuid.uuid4()), tenant, job_id, old.attempt, old.attempt,
+    task = RunAttempt(new_id(), tenant, job_id, old.attempt, old.attempt,
                       old.task_group)
     priority = keys.decode_task(key)[2]
     lease = _start_lease(shard, job, task, worker_id, priority, shard.now())

@@ -8,12 +8,12 @@ quirk: a cancelled job must not come back through a retry).
 
 from __future__ import annotations
 
-import uuid
 from typing import NamedTuple
 
 import msgspec
 
 from silo import errors
+from silo.ids import new_id
 from silo.shard import retry
 from silo.shard.state import ActiveJob, Shard
 from silo.storage import keys
@@ -70,9 +70,11 @@ async def finish_attempt(shard: Shard, lease: Lease, outcome: Outcome) -> None:
     tenant, job_id = task.tenant, task.job_id
     policy = None
     if isinstance(outcome, Failure):
-        raw = await shard.committer.get(keys.job_info(tenant, job_id))
-        if raw is not None:
-            policy = job_info_decoder.decode(raw).retry_policy
+        info = shard.info_cache.get(tenant, job_id)
+        if info is None:
+            raw = await shard.committer.get(keys.job_info(tenant, job_id))
+            info = job_info_decoder.decode(raw) if raw is not None else None
+        policy = info.retry_policy if info is not None else None
         if shard.leases.get(task.task_id) is not lease:
             raise errors.lease_not_found()  # reported (or reaped) while we read
     job = shard.active.get((tenant, job_id))
@@ -105,13 +107,14 @@ async def finish_attempt(shard: Shard, lease: Lease, outcome: Outcome) -> None:
     shard.put_attempt(tenant, attempt)
     shard.put_status(tenant, job_id, JobStatus(outcome_kind, now, last_attempt=task.attempt))
     shard.active.pop((tenant, job_id), None)
+    shard.info_cache.discard(tenant, job_id)
     shard.count_status(tenant, RUNNING, outcome_kind)
     shard.count_jobs(completed=1)
 
 
 def _schedule_retry(shard: Shard, job: ActiveJob, task: RunAttempt, priority: int, next_ms: int,
                     now: int) -> None:
-    nxt = RunAttempt(str(uuid.uuid4()), task.tenant, task.job_id, task.attempt + 1,
+    nxt = RunAttempt(new_id(), task.tenant, task.job_id, task.attempt + 1,
                      task.relative_attempt + 1, task.task_group)
     key = keys.task(task.task_group, next_ms, priority, task.job_id, nxt.attempt,
                     task.tenant)

@@ -6,9 +6,8 @@ the relative attempt number restarts at 1, and the cancel flag is cleared.
 
 from __future__ import annotations
 
-import uuid
-
 from silo import errors
+from silo.ids import new_id
 from silo.shard.state import ActiveJob, Shard
 from silo.storage import keys
 from silo.storage.records import (
@@ -48,7 +47,7 @@ async def restart_job(shard: Shard, tenant: str, job_id: str) -> None:
         now = shard.now()
         start = max(info.enqueue_time_ms, now)
         attempt = highest + 1
-        task = RunAttempt(str(uuid.uuid4()), tenant, job_id, attempt, 1, info.task_group)
+        task = RunAttempt(new_id(), tenant, job_id, attempt, 1, info.task_group)
         key = keys.task(info.task_group, start, info.priority, job_id, attempt, tenant)
         shard.committer.delete(keys.cancellation(tenant, job_id))
         shard.add_task(key, task)

@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
+from silo.shard.info_cache import InfoCache
 from silo.storage import keys
 from silo.storage.db import GroupCommitter, open_database, scan_prefix
 from silo.storage.records import (
@@ -75,20 +76,23 @@ class ReadyQueue:
 
 
 class ShardConfig:
-    __slots__ = ("lease_ms", "flush_interval_ms", "commit_interval_ms", "l0_sst_size_bytes")
+    __slots__ = ("lease_ms", "flush_interval_ms", "commit_interval_ms", "l0_sst_size_bytes",
+                 "info_cache_bytes")
 
     def __init__(
         self,
         *,
         lease_ms: int = 10_000,
         flush_interval_ms: int = 10,
-        commit_interval_ms: float = 2.0,
+        commit_interval_ms: float = 5.0,
         l0_sst_size_bytes: int = 16 << 20,
+        info_cache_bytes: int = 16 << 20,
     ) -> None:
         self.lease_ms = lease_ms
         self.flush_interval_ms = flush_interval_ms
         self.commit_interval_ms = commit_interval_ms
         self.l0_sst_size_bytes = l0_sst_size_bytes
+        self.info_cache_bytes = info_cache_bytes
 
 
 class Shard:
@@ -117,6 +121,7 @@ class Shard:
         self.queues: dict[str, ReadyQueue] = {}
         self.leases: dict[str, Lease] = {}
         self.lease_expiry: list[tuple[int, str]] = []
+        self.info_cache = InfoCache(config.info_cache_bytes)
         self.total_jobs = 0
         self.completed_jobs = 0
         self.tenant_status: dict[tuple[str, str], int] = {}
@@ -207,6 +212,7 @@ class Shard:
         self.queues.clear()
         self.leases.clear()
         self.lease_expiry.clear()
+        self.info_cache.clear()
         self.total_jobs = self.completed_jobs = 0
         for key in self.tenant_status:
             self._dirty_tenant_status.add(key)

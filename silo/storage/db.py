@@ -56,7 +56,7 @@ async def open_database(
     store_url: str, name: str, *, flush_interval_ms: int, l0_sst_size_bytes: int
 ):
     """Open (or create) the database `name` under the object store at store_url."""
-    ffi.apply()
+    ffi.apply(hold_gil=True)
     root, base = split_store_url(store_url)
     store = ObjectStore.resolve(root)
     path = f"{base}/{name}" if base else name
@@ -77,6 +77,14 @@ async def scan_prefix(db, prefix: bytes, batch: int = 1024) -> list[tuple[bytes,
         if not rows:
             return out
         out.extend((r.key, r.value) for r in rows)
+
+
+def _fill_generic(batch: WriteBatch, writes: dict[bytes, bytes | None]) -> None:
+    for k, v in writes.items():
+        if v is None:
+            batch.delete(k)
+        else:
+            batch.put(k, v)
 
 
 class _Batch:
@@ -105,8 +113,10 @@ class GroupCommitter:
         self._inflight: list[_Batch] = []  # handed to the writer, db.write not returned yet
         self._queue: asyncio.Queue[_Batch | None] = asyncio.Queue()
         self._on_seal = on_seal
+        self._fill = ffi.batch_writer() if ffi.is_applied() else _fill_generic
         self._writer = asyncio.create_task(self._write_loop(), name="silo-committer")
-        self._durable_waiters: set[asyncio.Task[None]] = set()
+        self._unconfirmed: list[tuple[object, _Batch]] = []
+        self._durability_task: asyncio.Task[None] | None = None
         self._failed: BaseException | None = None
         self._closed = False
         self.batches_written = 0
@@ -200,11 +210,7 @@ class GroupCommitter:
                 return
             try:
                 wb = WriteBatch()
-                for k, v in b.writes.items():
-                    if v is None:
-                        wb.delete(k)
-                    else:
-                        wb.put(k, v)
+                self._fill(wb, b.writes)
                 handle = await self._db.write(wb)
             except Exception as e:  # noqa: BLE001
                 log.error("shard write failed: %s", e)
@@ -216,20 +222,33 @@ class GroupCommitter:
             self._inflight.remove(b)
             self.batches_written += 1
             self.ops_written += b.ops
-            t = asyncio.create_task(self._await_durable(handle, b))
-            self._durable_waiters.add(t)
-            t.add_done_callback(self._durable_waiters.discard)
+            self._unconfirmed.append((handle, b))
+            if self._durability_task is None:
+                self._durability_task = asyncio.create_task(self._confirm_durability())
 
-    async def _await_durable(self, handle, b: _Batch) -> None:
+    async def _confirm_durability(self) -> None:
+        """Wait for the newest written batch only: the WAL is durable in write order, so
+        one await_durable confirms every batch written before it too. At most one such
+        wait is in flight, so a flush costs one cross-thread wake-up however many
+        batches it carries."""
         try:
-            await handle.await_durable()
-        except Exception as e:  # noqa: BLE001
-            self._failed = e
-            if not b.future.done():
-                b.future.set_exception(StorageError(f"durability wait failed: {e}"))
-            return
-        if not b.future.done():
-            b.future.set_result(None)
+            while self._unconfirmed:
+                handle = self._unconfirmed[-1][0]
+                batches = [b for _, b in self._unconfirmed]
+                self._unconfirmed.clear()
+                try:
+                    await handle.await_durable()
+                except Exception as e:  # noqa: BLE001
+                    self._failed = e
+                    for b in batches:
+                        if not b.future.done():
+                            b.future.set_exception(StorageError(f"durability wait failed: {e}"))
+                    continue
+                for b in batches:
+                    if not b.future.done():
+                        b.future.set_result(None)
+        finally:
+            self._durability_task = None
 
     async def close(self) -> None:
         """Write and make durable everything staged, then stop the writer."""
@@ -239,8 +258,8 @@ class GroupCommitter:
         self._closed = True
         self._queue.put_nowait(None)
         await self._writer
-        if self._durable_waiters:
-            await asyncio.gather(*self._durable_waiters, return_exceptions=True)
+        while self._durability_task is not None:
+            await asyncio.shield(self._durability_task)
 
 
 def now_ms() -> int:

@@ -336,3 +336,52 @@ def _hold_gil_for_marshalling_calls(mod: ModuleType) -> None:
     # Only swap once every symbol resolved, so a failure leaves the library untouched.
     for name, fn in rebound.items():
         setattr(lib, name, fn)
+
+
+def batch_writer():
+    """Return `fill(batch, writes)` that appends {key: value | None} to a WriteBatch.
+
+    The generated `WriteBatch.put` spends most of its ≈12 µs in Python around four
+    small FFI calls (handle clone, two buffer lowerings, the put) and a fresh call-status
+    object per call. This does the same calls with the same arguments and buffer
+    format (big-endian i32 length + bytes, copied by `rustbuffer_from_bytes`) from one
+    tight loop with a reused status, and raises like the generated code on any error.
+    Only valid with the version `apply` checked; callers fall back to `put` otherwise.
+    """
+    mod = _bindings()
+    lib = mod._UniffiLib
+    clone = lib.uniffi_slatedb_uniffi_fn_clone_writebatch
+    put = lib.uniffi_slatedb_uniffi_fn_method_writebatch_put
+    delete = lib.uniffi_slatedb_uniffi_fn_method_writebatch_delete
+    from_bytes = lib.ffi_slatedb_uniffi_rustbuffer_from_bytes
+    foreign = mod._UniffiForeignBytes
+    status_t = mod._UniffiRustCallStatus
+    error_converter = mod._UniffiFfiConverterTypeError
+    check = mod._uniffi_check_call_status
+    char_p = ctypes.POINTER(ctypes.c_char)
+    cast = ctypes.cast
+    pack = struct.Struct(">i").pack
+
+    def lower(data: bytes, status) -> object:
+        framed = pack(len(data)) + data
+        rb = from_bytes(foreign(len(framed), cast(framed, char_p)), status)
+        if status.code:
+            check(None, status)
+        return rb
+
+    def fill(batch, writes) -> None:
+        status = status_t()
+        handle = batch._handle
+        for key, value in writes.items():
+            h = clone(handle, status)
+            if status.code:
+                check(None, status)
+            k = lower(key, status)
+            if value is None:
+                delete(h, k, status)
+            else:
+                put(h, k, lower(value, status), status)
+            if status.code:
+                check(error_converter, status)
+
+    return fill
