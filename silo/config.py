@@ -52,6 +52,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     reaper_interval_ms: int = 1000
     log_level: str = "info"
     log_format: str = "text"
+    processes: int = 0
 
     def object_store_url_resolved(self) -> str:
         """The SlateDB object store URL; ``file://<abs data_dir>/objects`` when unset."""
@@ -363,6 +364,14 @@ OPTIONS: tuple[Option, ...] = (
         _choice("text", "json"),
         "log format: text or json",
         "FORMAT",
+    ),
+    Option(
+        "processes",
+        "server.processes",
+        _int(0, 1024),
+        "worker processes, each pinned to one core and owning a disjoint set of shards "
+        "(0 = one per core this process may run on, at most one per shard)",
+        "N",
     ),
 )
 

@@ -7,6 +7,7 @@ the result. Every error leaves as the gRPC status chosen in silo.errors.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import random
@@ -28,17 +29,35 @@ from silo.storage.db import StorageError
 log = logging.getLogger(__name__)
 
 MAX_TENANT_CHARS = 64
+_METHODS = pb.DESCRIPTOR.services_by_name["Silo"].methods_by_name
+
+# Set while serving a call forwarded by another process: it must not be forwarded again.
+_FORWARDED: contextvars.ContextVar[bool] = contextvars.ContextVar("forwarded", default=False)
+
+
+class _OwnedElsewhere(Exception):
+    """The shard belongs to another worker process of this node."""
+
+    def __init__(self, owner: int) -> None:
+        self.owner = owner
 
 
 def rpc(fn):
-    """Turn SiloError/StorageError into gRPC statuses; check the bearer token if set."""
+    """Serve one RPC: check the bearer token, forward to the owning process when the
+    shard lives elsewhere, and turn SiloError/StorageError into gRPC statuses."""
+    name = fn.__name__
+    response_type = getattr(pb, _METHODS[name].output_type.name)
 
     @functools.wraps(fn)
     async def handler(self: SiloService, request, context: grpc.aio.ServicerContext):
         try:
             if self.auth_token:
                 self.check_auth(context)
-            return await fn(self, request, context)
+            try:
+                return await fn(self, request, context)
+            except _OwnedElsewhere as e:
+                out = await self.node.peers[e.owner].call(name, request.SerializeToString())
+                return response_type.FromString(out)
         except SiloError as e:
             if e.trailers:
                 context.set_trailing_metadata(e.trailers)
@@ -46,6 +65,7 @@ def rpc(fn):
         except StorageError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"shard storage unavailable: {e}")
 
+    handler.inner = fn  # type: ignore[attr-defined]
     return handler
 
 
@@ -68,7 +88,10 @@ class SiloService(pb_grpc.SiloServicer):
         raise SiloError(grpc.StatusCode.UNAUTHENTICATED, "missing authorization header")
 
     def shard(self, shard_id: str) -> Shard:
-        """The open shard with this id, or the routing error a client re-routes on."""
+        """The open shard with this id, or the routing error a client re-routes on.
+
+        A shard of another process of this node raises _OwnedElsewhere, which the rpc
+        wrapper turns into a forwarded call."""
         s = self.node.shards.get(shard_id)
         if s is not None:
             return s
@@ -76,9 +99,27 @@ class SiloService(pb_grpc.SiloServicer):
             uuid.UUID(shard_id)
         except ValueError:
             raise errors.invalid(f"invalid shard ID: {shard_id}") from None
-        if shard_id in self.node.shard_map.by_id:
+        owner = self.node.owner_of.get(shard_id)
+        if owner is None:
+            raise errors.shard_not_found()
+        if owner == self.node.index or _FORWARDED.get():
             raise errors.shard_unavailable("shard is opening")
-        raise errors.shard_not_found()
+        raise _OwnedElsewhere(owner)
+
+    async def dispatch(self, method: str, payload: bytes):
+        """Serve a call forwarded by another process (see silo.runtime.forward)."""
+        _FORWARDED.set(True)
+        try:
+            if method.endswith("@local"):
+                out = await self._LOCAL[method](self, pb.LeaseTasksRequest.FromString(payload)
+                                                if method == "LeaseTasks@local" else None)
+            else:
+                fn = getattr(type(self), method).inner
+                request_type = getattr(pb, _METHODS[method].input_type.name)
+                out = await fn(self, request_type.FromString(payload), None)
+        except StorageError as e:
+            raise SiloError(grpc.StatusCode.UNAVAILABLE, f"shard storage unavailable: {e}") from e
+        return 0, "", (), out.SerializeToString()
 
     def tenant(self, shard: Shard, request) -> str:
         """The job RPCs' tenant rules (behaviour.md §1.1)."""
@@ -126,6 +167,15 @@ class SiloService(pb_grpc.SiloServicer):
 
     @rpc
     async def GetNodeInfo(self, request, context):
+        """The whole node's shards, whichever process answers."""
+        m = await self._node_info_local(None)
+        for peer in self.node.peers.values():
+            other = pb.GetNodeInfoResponse.FromString(
+                await peer.call("GetNodeInfo@local", b""))
+            m.owned_shards.extend(other.owned_shards)
+        return m
+
+    async def _node_info_local(self, _request) -> pb.GetNodeInfoResponse:
         node = self.node
         return pb.GetNodeInfoResponse(node_id=node.node_id, owned_shards=[
             pb.OwnedShardInfo(shard_id=s.id, total_jobs=s.total_jobs,
@@ -146,6 +196,7 @@ class SiloService(pb_grpc.SiloServicer):
                           if request.HasField("retry_policy") else None),
             payload=request.payload.msgpack, limits=convert.limits_from_pb(request.limits),
             metadata=dict(request.metadata), task_group=request.task_group)
+        self.node.publish(s)
         return pb.EnqueueResponse(id=job_id)
 
     @rpc
@@ -180,12 +231,14 @@ class SiloService(pb_grpc.SiloServicer):
     async def CancelJob(self, request, context):
         s = self.shard(request.shard)
         await cancel.cancel_job(s, self.tenant(s, request), request.id)
+        self.node.publish(s)
         return pb.CancelJobResponse()
 
     @rpc
     async def RestartJob(self, request, context):
         s = self.shard(request.shard)
         await restart.restart_job(s, self.tenant(s, request), request.id)
+        self.node.publish(s)
         return pb.RestartJobResponse()
 
     @rpc
@@ -201,23 +254,69 @@ class SiloService(pb_grpc.SiloServicer):
         s = self.shard(request.shard)
         leased = await lease.lease_task(s, self.tenant(s, request), request.id,
                                         request.worker_id)
+        self.node.publish(s)
         return pb.LeaseTaskResponse(task=convert.task_to_pb(leased, s.id, s.config.lease_ms))
 
     @rpc
     async def LeaseTasks(self, request, context):
+        """Without a shard filter: tasks from every shard of the node, fairly.
+
+        Processes are visited in a random order weighted by how many of their shards
+        have pending tasks (the shared hints), so a worker whose single connection
+        landed here still drains the other processes' shards; processes with nothing
+        pending cost no forwarding hop, and when only local shards have work none is paid.
+        """
         if not request.task_group:
             raise errors.invalid("task_group is required")
         if request.HasField("shard"):
-            shards = [self.shard(request.shard)]
-        else:
-            shards = list(self.node.shards.values())
-            random.shuffle(shards)
+            return await self._lease_from([self.shard(request.shard)], request)
+        out = pb.LeaseTasksResponse()
+        remaining = request.max_tasks
+        for owner in self._lease_order():
+            if remaining <= 0:
+                break
+            sub = pb.LeaseTasksRequest(worker_id=request.worker_id, max_tasks=remaining,
+                                       task_group=request.task_group)
+            if owner == self.node.index:
+                got = await self._lease_local(sub)
+            else:
+                try:
+                    got = pb.LeaseTasksResponse.FromString(await self.node.peers[owner].call(
+                        "LeaseTasks@local", sub.SerializeToString()))
+                except SiloError:
+                    continue  # that process is restarting: its shards wait, others serve
+            out.tasks.extend(got.tasks)
+            out.refresh_tasks.extend(got.refresh_tasks)
+            remaining -= len(got.tasks)
+        return out
+
+    def _lease_order(self) -> list[int]:
+        me = self.node.index
+        weights = self.node.processes_with_work()
+        order: list[int] = []
+        while weights:
+            procs = list(weights)
+            pick = random.choices(procs, weights=[weights[p] for p in procs])[0]
+            order.append(pick)
+            del weights[pick]
+        if me not in order:
+            order.append(me)  # hints may lag; local shards cost nothing to ask
+        return order
+
+    async def _lease_local(self, request) -> pb.LeaseTasksResponse:
+        shards = list(self.node.shards.values())
+        random.shuffle(shards)
+        return await self._lease_from(shards, request)
+
+    async def _lease_from(self, shards: list[Shard], request) -> pb.LeaseTasksResponse:
         out = []
         remaining = request.max_tasks
         for s in shards:
             if remaining <= 0:
                 break
             got = await lease.lease_tasks(s, request.worker_id, remaining, request.task_group)
+            if got:
+                self.node.publish(s)
             lease_ms = s.config.lease_ms
             out.extend(convert.task_to_pb(t, s.id, lease_ms) for t in got)
             remaining -= len(got)
@@ -246,6 +345,7 @@ class SiloService(pb_grpc.SiloServicer):
         else:
             o = outcome.Cancelled()
         await outcome.report_outcome(s, request.task_id, o)
+        self.node.publish(s)
         return pb.ReportOutcomeResponse()
 
     @rpc
@@ -264,9 +364,23 @@ class SiloService(pb_grpc.SiloServicer):
         if not self.node.dev_mode:
             raise SiloError(grpc.StatusCode.PERMISSION_DENIED,
                             "ResetShards is only available in dev mode")
+        n = (await self._reset_local(None)).shards_reset
+        for peer in self.node.peers.values():
+            n += pb.ResetShardsResponse.FromString(
+                await peer.call("ResetShards@local", b"")).shards_reset
+        return pb.ResetShardsResponse(shards_reset=n)
+
+    async def _reset_local(self, _request) -> pb.ResetShardsResponse:
         for s in self.node.shards.values():
             await s.wipe()
+            self.node.publish(s)
         return pb.ResetShardsResponse(shards_reset=len(self.node.shards))
+
+    _LOCAL = {
+        "LeaseTasks@local": _lease_local,
+        "GetNodeInfo@local": _node_info_local,
+        "ResetShards@local": _reset_local,
+    }
 
     @rpc
     async def ForceReleaseShard(self, request, context):

@@ -1,7 +1,10 @@
-"""A node: the shards this process owns, opened from the persisted shard map.
+"""A node's view from one worker process: the shards it owns, and who owns the rest.
 
-Opens every owned shard, runs the lease reaper over them, and closes them (flushing
-everything staged) on shutdown. Holds no job logic: that is silo.shard.
+Opens this process's shards from the persisted shard map, runs the lease reaper over
+them, publishes each shard's pending-task count to the other processes (a shared
+memory array the supervisor maps before forking) and holds the Unix-socket clients
+of the other processes, so a call for a shard it does not own can be forwarded.
+Holds no job logic: that is silo.shard.
 """
 
 from __future__ import annotations
@@ -9,13 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
+import struct
 import uuid
 
 from silo.cluster.shardmap import ShardMap
+from silo.runtime.forward import PeerClient
 from silo.shard.reaper import reap_expired_leases
 from silo.shard.state import Shard, ShardConfig
 
 log = logging.getLogger(__name__)
+
+_COUNT = struct.Struct("<q")
 
 
 class Node:
@@ -29,8 +37,13 @@ class Node:
         dev_mode: bool,
         advertised_addr: str,
         reaper_interval_ms: int,
+        node_id: str | None = None,
+        index: int = 0,
+        owner_of: dict[str, int] | None = None,
+        peer_paths: dict[int, str] | None = None,
+        counts: mmap.mmap | None = None,
     ) -> None:
-        self.node_id = str(uuid.uuid4())
+        self.node_id = node_id or str(uuid.uuid4())
         self.shard_map = shard_map
         self.store_url = store_url
         self.shard_config = shard_config
@@ -38,17 +51,52 @@ class Node:
         self.dev_mode = dev_mode
         self.advertised_addr = advertised_addr
         self.reaper_interval_s = reaper_interval_ms / 1000
+        self.index = index
+        # Every shard is ours unless the supervisor says otherwise (single process).
+        self.owner_of = owner_of or {e.shard_id: index for e in shard_map.entries}
+        self.peers = {i: PeerClient(p, f"w{i}") for i, p in (peer_paths or {}).items()
+                      if i != index}
+        self.slot = {e.shard_id: i for i, e in enumerate(shard_map.entries)}
+        self.counts = counts
         self.shards: dict[str, Shard] = {}
         self._reaper: asyncio.Task[None] | None = None
 
+    @property
+    def owned(self) -> list[str]:
+        return [sid for sid, owner in self.owner_of.items() if owner == self.index]
+
     async def open(self) -> None:
-        entries = self.shard_map.entries
+        by_id = self.shard_map.by_id
         opened = await asyncio.gather(*(
-            Shard.open(e.shard_id, e.range_start, e.range_end, self.store_url,
-                       self.shard_config) for e in entries))
+            Shard.open(sid, by_id[sid].range_start, by_id[sid].range_end, self.store_url,
+                       self.shard_config) for sid in self.owned))
         for s in opened:
             self.shards[s.id] = s
+            self.publish(s)
         self._reaper = asyncio.create_task(self._reap_forever(), name="silo-reaper")
+
+    # ---- pending-work hints shared between processes -------------------------------
+
+    def publish(self, shard: Shard) -> None:
+        """Tell the other processes how many tasks this shard has pending."""
+        if self.counts is not None:
+            _COUNT.pack_into(self.counts, self.slot[shard.id] * 8, len(shard.tasks))
+
+    def pending(self, shard_id: str) -> int:
+        if self.counts is None:
+            s = self.shards.get(shard_id)
+            return len(s.tasks) if s is not None else 0
+        return _COUNT.unpack_from(self.counts, self.slot[shard_id] * 8)[0]
+
+    def processes_with_work(self) -> dict[int, int]:
+        """Process index → number of its shards that have pending tasks."""
+        out: dict[int, int] = {}
+        for sid, owner in self.owner_of.items():
+            if self.pending(sid) > 0:
+                out[owner] = out.get(owner, 0) + 1
+        return out
+
+    # ---- background ----------------------------------------------------------------
 
     async def _reap_forever(self) -> None:
         while True:
@@ -58,12 +106,15 @@ class Node:
                     await reap_expired_leases(shard)
                 except Exception:  # noqa: BLE001 - one shard's failure must not stop the others
                     log.exception("lease reaper failed on shard %s", shard.id)
+                self.publish(shard)
 
     async def close(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        for p in self.peers.values():
+            await p.close()
         await asyncio.gather(*(s.close() for s in self.shards.values()),
                              return_exceptions=True)
         self.shards.clear()

@@ -1,35 +1,22 @@
-"""`silo serve`: open the shards, serve gRPC, shut down cleanly on SIGTERM/SIGINT.
-
-One process serving every shard of the data dir. (The supervisor that forks one
-worker per core builds on this; see the shard-per-core runtime issue.)
-"""
+"""Process-wide set-up shared by the supervisor and its workers: logging, the data dir
+lock, GC tuning, and the `run_server` entry point of `silo serve`."""
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import gc
 import logging
 import os
-import signal
-import socket
 import sys
 from pathlib import Path
 
 import orjson
-import uvloop
 
-from silo.cluster.shardmap import load_or_create
 from silo.config import Config
-from silo.rpc.server import build_server, mark_serving
-from silo.rpc.service import SiloService
-from silo.runtime.node import Node
-from silo.shard.state import ShardConfig
 
 log = logging.getLogger("silo")
 
 LOCK_FILE = "silo.lock"
-DRAIN_TIMEOUT_S = 10.0
 
 
 class _JsonFormatter(logging.Formatter):
@@ -74,76 +61,9 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
-def check_port_free(addr: str) -> None:
-    """Refuse a port another server holds: gRPC binds with SO_REUSEPORT and would share it."""
-    host, port = addr.rsplit(":", 1)
-    if int(port) == 0:
-        return
-    host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, int(port)))
-        except OSError as e:
-            print(f"silo: cannot listen on {addr}: {e.strerror}", file=sys.stderr)
-            raise SystemExit(2) from None
-
-
-def _host_of(addr: str) -> str:
-    return addr.rsplit(":", 1)[0]
-
-
-async def serve(config: Config) -> int:
-    data_dir = Path(config.data_dir)
-    lock_fd = lock_data_dir(data_dir)
-    check_port_free(config.grpc_addr)
-    shard_map, created = load_or_create(data_dir, config.shards)
-    if not created and len(shard_map.entries) != config.shards:
-        log.warning("data dir has %d shards; ignoring shards=%d (the shard map is kept)",
-                    len(shard_map.entries), config.shards)
-    node = Node(
-        shard_map,
-        config.object_store_url_resolved(),
-        ShardConfig(lease_ms=config.lease_ms, flush_interval_ms=config.flush_interval_ms,
-                    commit_interval_ms=config.commit_interval_ms,
-                    l0_sst_size_bytes=config.l0_sst_size_bytes),
-        tenancy=config.tenancy,
-        dev_mode=config.dev_mode,
-        advertised_addr=config.advertised_addr,
-        reaper_interval_ms=config.reaper_interval_ms,
-    )
-    await node.open()
-    tune_gc()
-    server = build_server(SiloService(node, auth_token=config.auth_token),
-                          config.max_message_bytes)
-    try:
-        port = server.add_insecure_port(config.grpc_addr)
-    except RuntimeError as e:
-        await node.close()
-        print(f"silo: cannot listen on {config.grpc_addr}: {e}", file=sys.stderr)
-        return 2
-    bound = f"{_host_of(config.grpc_addr)}:{port}"
-    if not node.advertised_addr:
-        node.advertised_addr = bound
-    await server.start()
-    await mark_serving(server)
-    log.info("silo serving on %s (advertised %s) data_dir=%s shards=%d tenancy=%s dev_mode=%s",
-             bound, node.advertised_addr, data_dir.resolve(), len(node.shards),
-             "on" if config.tenancy else "off", "on" if config.dev_mode else "off")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down: draining calls (up to %.0f s)", DRAIN_TIMEOUT_S)
-    await server.stop(DRAIN_TIMEOUT_S)
-    await node.close()
-    os.close(lock_fd)
-    log.info("silo stopped")
-    return 0
-
-
 def run_server(config: Config) -> int:
+    """`silo serve`: the supervisor, which forks the worker processes."""
+    from silo.runtime.supervisor import Supervisor  # noqa: PLC0415 - import cycle
+
     setup_logging(config.log_level, config.log_format)
-    return uvloop.run(serve(config))
+    return Supervisor(config).run()

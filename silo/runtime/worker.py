@@ -1,0 +1,119 @@
+"""One worker process: its own uvloop, its shards, the shared public port, its socket.
+
+Started by the supervisor after fork. Builds everything (event loop, SlateDB handles,
+gRPC server) only now, in the child: native thread pools must not cross a fork.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mmap
+import os
+import signal
+
+import uvloop
+
+from silo.cluster.shardmap import ShardMap
+from silo.config import Config
+from silo.rpc.server import build_server, mark_serving
+from silo.rpc.service import SiloService
+from silo.runtime.forward import PeerServer
+from silo.runtime.node import Node
+from silo.shard.state import ShardConfig
+
+log = logging.getLogger("silo.worker")
+
+DRAIN_TIMEOUT_S = 10.0
+
+
+class WorkerSpec:
+    """Everything a worker needs from the supervisor, fixed before the fork."""
+
+    def __init__(self, *, config: Config, index: int, shard_map: ShardMap,
+                 owner_of: dict[str, int], socket_paths: dict[int, str], bind_addr: str,
+                 advertised_addr: str, node_id: str, counts: mmap.mmap | None,
+                 ready_fd: int | None) -> None:
+        self.config = config
+        self.index = index
+        self.shard_map = shard_map
+        self.owner_of = owner_of
+        self.socket_paths = socket_paths
+        self.bind_addr = bind_addr
+        self.advertised_addr = advertised_addr
+        self.node_id = node_id
+        self.counts = counts
+        self.ready_fd = ready_fd
+
+
+async def serve_worker(spec: WorkerSpec) -> int:
+    config = spec.config
+    node = Node(
+        spec.shard_map,
+        config.object_store_url_resolved(),
+        ShardConfig(lease_ms=config.lease_ms, flush_interval_ms=config.flush_interval_ms,
+                    commit_interval_ms=config.commit_interval_ms,
+                    l0_sst_size_bytes=config.l0_sst_size_bytes),
+        tenancy=config.tenancy,
+        dev_mode=config.dev_mode,
+        advertised_addr=spec.advertised_addr,
+        reaper_interval_ms=config.reaper_interval_ms,
+        node_id=spec.node_id,
+        index=spec.index,
+        owner_of=spec.owner_of,
+        peer_paths=spec.socket_paths,
+        counts=spec.counts,
+    )
+    await node.open()
+    from silo.runtime.server import tune_gc  # noqa: PLC0415 - avoid an import cycle
+
+    tune_gc()
+    service = SiloService(node, auth_token=config.auth_token)
+    path = spec.socket_paths[spec.index]
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # left by a crashed predecessor
+    peer_server = PeerServer(path, service.dispatch)
+    await peer_server.start()
+    server = build_server(service, config.max_message_bytes)
+    server.add_insecure_port(spec.bind_addr)
+    await server.start()
+    await mark_serving(server)
+    log.info("worker %d (pid %d) serving %d shards", spec.index, os.getpid(), len(node.shards))
+    if spec.ready_fd is not None:
+        os.write(spec.ready_fd, bytes((spec.index,)))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(DRAIN_TIMEOUT_S)
+    await peer_server.close()
+    await node.close()
+    log.info("worker %d stopped", spec.index)
+    return 0
+
+
+def run_worker(spec: WorkerSpec) -> int:
+    """Entry point in the forked child; returns the process exit code."""
+    for h in logging.getLogger().handlers:
+        h.setFormatter(_prefixed(h.formatter, spec.index))
+    try:
+        return uvloop.run(serve_worker(spec))
+    except Exception:  # noqa: BLE001 - report, then let the supervisor restart us
+        log.exception("worker %d failed", spec.index)
+        return 1
+
+
+def _prefixed(fmt: logging.Formatter | None, index: int) -> logging.Formatter:
+    base = fmt or logging.Formatter()
+
+    class Prefixed(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return f"[w{index}] {base.format(record)}" if not _is_json(base) else base.format(record)
+
+    return Prefixed()
+
+
+def _is_json(fmt: logging.Formatter) -> bool:
+    return type(fmt).__name__ == "_JsonFormatter"
