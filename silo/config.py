@@ -368,7 +368,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "processes",
         "server.processes",
-        _int(0, 1024),
+        _int(0, 256),
         "worker processes, each pinned to one core and owning a disjoint set of shards "
         "(0 = one per core this process may run on, at most one per shard)",
         "N",
