@@ -50,22 +50,23 @@ def reserve_port(addr: str) -> tuple[socket.socket, str, int]:
     bare = host.strip("[]")
     family = socket.AF_INET6 if ":" in bare else socket.AF_INET
     port = int(port_s)
+
+    def bind(reuseport: bool) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((bare, port))
+        except OSError as e:
+            sock.close()
+            print(f"silo: cannot listen on {addr}: {e.strerror}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return sock
+
     if port:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((bare, port))
-            except OSError as e:
-                print(f"silo: cannot listen on {addr}: {e.strerror}", file=sys.stderr)
-                raise SystemExit(2) from None
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((bare, port))
-    except OSError as e:
-        print(f"silo: cannot listen on {addr}: {e.strerror}", file=sys.stderr)
-        raise SystemExit(2) from None
+        bind(reuseport=False).close()  # fails if any other socket holds the port
+    sock = bind(reuseport=True)
     return sock, host, sock.getsockname()[1]
 
 

@@ -70,43 +70,33 @@ async def enqueue(
 ) -> str:
     """Store a new job as Scheduled with attempt 1 pending; return its id once durable."""
     validate_job(job_id, priority, task_group, metadata, limits)
+    info = JobInfo(job_id or new_id(), tenant, priority, start_at_ms, payload, retry_policy,
+                   metadata, limits, task_group)
     if not job_id:
-        job_id = new_id()
-        _stage(shard, tenant, job_id, priority, start_at_ms, retry_policy, payload, limits,
-               metadata, task_group)
+        _stage(shard, info)
     else:
         async with shard.job_lock(tenant, job_id):
             if (tenant, job_id) in shard.active or (
                 await shard.committer.get(keys.job_info(tenant, job_id)) is not None
             ):
                 raise errors.job_already_exists(job_id)
-            _stage(shard, tenant, job_id, priority, start_at_ms, retry_policy, payload, limits,
-                   metadata, task_group)
+            _stage(shard, info)
     await shard.committer.commit()
-    return job_id
+    return info.id
 
 
-def _stage(
-    shard: Shard,
-    tenant: str,
-    job_id: str,
-    priority: int,
-    start_at_ms: int,
-    retry_policy: RetryPolicy | None,
-    payload: bytes,
-    limits: list[Limit],
-    metadata: dict[str, str],
-    task_group: str,
-) -> None:
+def _stage(shard: Shard, info: JobInfo) -> None:
+    """Write the job and its first task; `enqueue_time_ms <= 0` means now."""
     now = shard.now()
-    start = start_at_ms if start_at_ms > 0 else now
-    info = JobInfo(job_id, tenant, priority, start, payload, retry_policy, metadata, limits,
-                   task_group)
+    if info.enqueue_time_ms <= 0:
+        info.enqueue_time_ms = now
+    start = info.enqueue_time_ms
+    tenant, job_id, group = info.tenant, info.id, info.task_group
     shard.committer.put(keys.job_info(tenant, job_id), encode(info))
     shard.info_cache.put(info)
     shard.put_status(tenant, job_id, JobStatus(SCHEDULED, now, start, 1))
-    task = RunAttempt(new_id(), tenant, job_id, 1, 1, task_group)
-    key = keys.task(task_group, start, priority, job_id, 1, tenant)
+    task = RunAttempt(new_id(), tenant, job_id, 1, 1, group)
+    key = keys.task(group, start, info.priority, job_id, 1, tenant)
     shard.add_task(key, task)
     shard.active[(tenant, job_id)] = ActiveJob(SCHEDULED, task_key=key)
     shard.count_status(tenant, None, SCHEDULED)
