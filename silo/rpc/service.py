@@ -22,7 +22,17 @@ from silo.cluster.shardmap import DEFAULT_TENANT, hash_tenant, in_range
 from silo.errors import SiloError
 from silo.rpc import convert
 from silo.runtime.node import Node
-from silo.shard import cancel, delete, enqueue, expedite, get_job, lease, outcome, restart
+from silo.shard import (
+    cancel,
+    delete,
+    enqueue,
+    expedite,
+    get_job,
+    lease,
+    limits,
+    outcome,
+    restart,
+)
 from silo.shard.state import Shard
 from silo.storage.db import StorageError
 
@@ -359,6 +369,15 @@ class SiloService(pb_grpc.SiloServicer):
         # No refresh task is ever leased until floating limits land (limits issue).
         raise errors.lease_not_found()
 
+    @rpc
+    async def DropTenantHolders(self, request, context):
+        s = self.shard(request.shard)
+        tenant = self.tenant(s, request)
+        dropped = limits.drop_tenant_holders(s, tenant, s.now())
+        await s.committer.commit()
+        self.node.publish(s)
+        return pb.DropTenantHoldersResponse(holders_dropped=dropped)
+
     # ---- admin -------------------------------------------------------------------------
 
     @rpc
@@ -415,7 +434,6 @@ _LATER = {
     "Query": "SQL queries arrive with the query engine",
     "QueryArrow": "SQL queries arrive with the query engine",
     "ImportJobs": "job import is a later feature",
-    "DropTenantHolders": "concurrency limits are a later feature",
     "RequestSplit": "shard splits need a cluster coordinator",
     "GetSplitStatus": "shard splits need a cluster coordinator",
     "ConfigureShard": "placement rings need a cluster coordinator",

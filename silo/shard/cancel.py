@@ -7,6 +7,7 @@ Cancelled outcome (a failure reported instead also ends Cancelled, see outcome.p
 from __future__ import annotations
 
 from silo import errors
+from silo.shard import limits
 from silo.shard.state import Shard
 from silo.storage import keys
 from silo.storage.records import (
@@ -18,6 +19,13 @@ from silo.storage.records import (
     encode,
     job_status_decoder,
 )
+
+
+def _start_of(job, pending) -> int | None:
+    """When the pending attempt is due: its task's key, or the parked chain's start."""
+    if job.task_key is not None:
+        return keys.decode_task(job.task_key)[1]
+    return pending.start_ms if pending is not None else None
 
 
 async def cancel_job(shard: Shard, tenant: str, job_id: str) -> None:
@@ -37,11 +45,12 @@ async def cancel_job(shard: Shard, tenant: str, job_id: str) -> None:
     now = shard.now()
     shard.committer.put(keys.cancellation(tenant, job_id), encode(Cancellation(now)))
     job.cancelled_at_ms = now
-    if job.kind == SCHEDULED and job.task_key is not None:
-        key = job.task_key
-        task = shard.remove_task(key)
-        start = keys.decode_task(key)[1]
-        attempt = task.attempt if task is not None else None
+    if job.kind == SCHEDULED:
+        pending = (shard.tasks.get(job.task_key) if job.task_key is not None
+                   else shard.requests.get(job.request_key))
+        attempt = pending.attempt if pending is not None else None
+        start = _start_of(job, pending)
+        limits.abandon_pending(shard, tenant, job, now)
         # Cancelled while scheduled keeps its scheduling fields (upstream behaviour).
         shard.put_status(tenant, job_id, JobStatus(
             CANCELLED, now, start, attempt,

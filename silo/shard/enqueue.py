@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from silo import errors
 from silo.ids import new_id
+from silo.shard import limits as limit_chain
+from silo.shard.limits import validate_limits
 from silo.shard.state import ActiveJob, Shard
 from silo.storage import keys
 from silo.storage.records import (
     SCHEDULED,
-    ConcurrencyLimit,
-    FloatingConcurrencyLimit,
     JobInfo,
     JobStatus,
     Limit,
     RetryPolicy,
-    RunAttempt,
     encode,
 )
 
@@ -48,11 +47,7 @@ def validate_job(
         raise errors.invalid("task_group too long (must be <= 64 chars)")
     if len(job_id) > MAX_JOB_ID_CHARS:
         raise errors.invalid(f"job id too long (must be <= {MAX_JOB_ID_CHARS} chars)")
-    for limit in limits:
-        if isinstance(limit, ConcurrencyLimit) and limit.max_concurrency <= 0:
-            raise errors.invalid("concurrency limit max_concurrency must be >= 1")
-        if isinstance(limit, FloatingConcurrencyLimit) and limit.default_max_concurrency <= 0:
-            raise errors.invalid("floating limit default_max_concurrency must be >= 1")
+    validate_limits(limits)
 
 
 async def enqueue(
@@ -95,9 +90,10 @@ def _stage(shard: Shard, info: JobInfo) -> None:
     shard.committer.put(keys.job_info(tenant, job_id), encode(info))
     shard.info_cache.put(info)
     shard.put_status(tenant, job_id, JobStatus(SCHEDULED, now, start, 1))
-    task = RunAttempt(new_id(), tenant, job_id, 1, 1, group)
-    key = keys.task(group, start, info.priority, job_id, 1, tenant)
-    shard.add_task(key, task)
-    shard.active[(tenant, job_id)] = ActiveJob(SCHEDULED, task_key=key)
+    job = shard.active[(tenant, job_id)] = ActiveJob(SCHEDULED)
+    limit_chain.start_attempt(shard, job, tenant=tenant, job_id=job_id, attempt=1,
+                              relative=1,
+                              task_group=group, priority=info.priority, start_ms=start,
+                              limits=info.limits, now=now)
     shard.count_status(tenant, None, SCHEDULED)
     shard.count_jobs(total=1)

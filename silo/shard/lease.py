@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 from silo import errors
 from silo.ids import new_id
+from silo.shard import limits
 from silo.shard.state import ActiveJob, Shard
 from silo.storage import keys
 from silo.storage.records import (
@@ -23,6 +24,8 @@ from silo.storage.records import (
     JobInfo,
     JobStatus,
     Lease,
+    RefreshFloatingLimit,
+    RequestTicket,
     RunAttempt,
     job_info_decoder,
     job_status_decoder,
@@ -82,13 +85,20 @@ async def lease_tasks(shard: Shard, worker_id: str, max_tasks: int, task_group: 
         task = tasks.pop(key, None)
         if task is None:
             continue  # removed (cancelled, expedited, leased by id) after it was pushed
-        if not isinstance(task, RunAttempt):
-            # Limit-chain steps are processed by the limits machinery (separate issue);
-            # until then they stay pending rather than reaching a worker.
-            tasks[key] = task
+        if isinstance(task, RefreshFloatingLimit):
+            tasks[key] = task  # floating-limit refreshes are not handed out yet
             continue
         shard.committer.delete(key)
         job = shard.active[(task.tenant, task.job_id)]
+        job.task_key = None
+        if not isinstance(task, RunAttempt):
+            # A limit-chain step came due: run it here. What it produces (a RunAttempt
+            # due now) goes on this heap and can be leased by this same call.
+            if isinstance(task, RequestTicket):
+                limits.resume_ticket(shard, job, task, now)
+            else:
+                limits.check_rate_limit(shard, job, task, now)
+            continue
         priority = key[plen + 8]
         taken.append(_start_lease(shard, job, task, worker_id, priority, now))
     if not taken:
@@ -115,14 +125,23 @@ async def lease_task(shard: Shard, tenant: str, job_id: str, worker_id: str) -> 
         raise errors.cannot("lease", job_id, "job is cancelled", STATUS_NAMES[job.kind])
     if job.kind == RUNNING:
         raise errors.cannot("lease", job_id, "job is currently running", "Running")
-    if job.task_key is None:
+    if job.task_key is None and job.request_key is None:
         raise errors.cannot("lease", job_id, "job has no pending task", "Scheduled")
-    key = job.task_key
-    old = shard.remove_task(key)
-    assert old is not None
+    info = shard.info_cache.get(tenant, job_id)
+    if info is None:
+        raw = await shard.committer.get(keys.job_info(tenant, job_id))
+        info = job_info_decoder.decode(raw)
+        job = shard.active.get((tenant, job_id))
+        if job is None or job.kind != SCHEDULED:
+            raise errors.cannot("lease", job_id, "job changed while leasing", "Running")
+    pending = (shard.tasks.get(job.task_key) if job.task_key is not None
+               else shard.requests.get(job.request_key))
+    assert pending is not None
+    now = shard.now()
+    # Bypasses every limit: whatever slots the pending chain held are given back.
+    limits.abandon_pending(shard, tenant, job, now)
     # Upstream quirk kept: the relative attempt number equals the absolute one here.
-    task = RunAttempt(new_id(), tenant, job_id, old.attempt, old.attempt,
-                      old.task_group)
-    priority = keys.decode_task(key)[2]
-    lease = _start_lease(shard, job, task, worker_id, priority, shard.now())
+    task = RunAttempt(new_id(), tenant, job_id, pending.attempt, pending.attempt,
+                      info.task_group)
+    lease = _start_lease(shard, job, task, worker_id, info.priority, now)
     return (await _with_infos(shard, [lease]))[0]

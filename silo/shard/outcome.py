@@ -13,8 +13,7 @@ from typing import NamedTuple
 import msgspec
 
 from silo import errors
-from silo.ids import new_id
-from silo.shard import retry
+from silo.shard import limits, retry
 from silo.shard.state import ActiveJob, Shard
 from silo.storage import keys
 from silo.storage.records import (
@@ -27,6 +26,7 @@ from silo.storage.records import (
     SCHEDULED,
     SUCCEEDED,
     Attempt,
+    JobInfo,
     JobStatus,
     Lease,
     RunAttempt,
@@ -69,6 +69,7 @@ async def finish_attempt(shard: Shard, lease: Lease, outcome: Outcome) -> None:
     assert isinstance(task, RunAttempt)
     tenant, job_id = task.tenant, task.job_id
     policy = None
+    info = None
     if isinstance(outcome, Failure):
         info = shard.info_cache.get(tenant, job_id)
         if info is None:
@@ -82,6 +83,8 @@ async def finish_attempt(shard: Shard, lease: Lease, outcome: Outcome) -> None:
         job = ActiveJob(RUNNING, task_id=task.task_id)
     now = shard.now()
     shard.drop_lease(task.task_id)
+    # Every end of an attempt frees its slots; a retry queues for them again from scratch.
+    limits.release(shard, tenant, list(task.held_queues), task.task_id, now)
     attempt = Attempt(job_id, task.attempt, task.relative_attempt, task.task_id, 0,
                       lease.started_at_ms, now)
     if isinstance(outcome, Failure) and job.cancelled_at_ms is not None:
@@ -98,11 +101,11 @@ async def finish_attempt(shard: Shard, lease: Lease, outcome: Outcome) -> None:
         attempt.status, attempt.error_code, attempt.error_data = (
             ATTEMPT_FAILED, outcome.code, outcome.data)
         outcome_kind = FAILED
-        if retry.should_retry(policy, task.relative_attempt):
+        if info is not None and retry.should_retry(policy, task.relative_attempt):
             assert policy is not None
             next_ms = now + retry.retry_delay_ms(policy, task.relative_attempt, now)
             shard.put_attempt(tenant, attempt)
-            _schedule_retry(shard, job, task, lease.priority, next_ms, now)
+            _schedule_retry(shard, job, task, info, next_ms, now)
             return
     shard.put_attempt(tenant, attempt)
     shard.put_status(tenant, job_id, JobStatus(outcome_kind, now, last_attempt=task.attempt))
@@ -112,19 +115,17 @@ async def finish_attempt(shard: Shard, lease: Lease, outcome: Outcome) -> None:
     shard.count_jobs(completed=1)
 
 
-def _schedule_retry(shard: Shard, job: ActiveJob, task: RunAttempt, priority: int, next_ms: int,
-                    now: int) -> None:
-    nxt = RunAttempt(new_id(), task.tenant, task.job_id, task.attempt + 1,
-                     task.relative_attempt + 1, task.task_group)
-    key = keys.task(task.task_group, next_ms, priority, task.job_id, nxt.attempt,
-                    task.tenant)
-    shard.add_task(key, nxt)
+def _schedule_retry(shard: Shard, job: ActiveJob, task: RunAttempt, info: JobInfo,
+                    next_ms: int, now: int) -> None:
     job.kind = SCHEDULED
-    job.task_key = key
     job.task_id = None
     shard.active[(task.tenant, task.job_id)] = job
-    shard.put_status(task.tenant, task.job_id,
-                     JobStatus(SCHEDULED, now, next_ms, nxt.attempt, last_attempt=task.attempt))
+    limits.start_attempt(shard, job, tenant=task.tenant, job_id=task.job_id,
+                         attempt=task.attempt + 1, relative=task.relative_attempt + 1,
+                         task_group=task.task_group, priority=info.priority, start_ms=next_ms,
+                         limits=info.limits, now=now, retry=True)
+    shard.put_status(task.tenant, task.job_id, JobStatus(
+        SCHEDULED, now, next_ms, task.attempt + 1, last_attempt=task.attempt))
     shard.count_status(task.tenant, RUNNING, SCHEDULED)
 
 

@@ -7,7 +7,7 @@ the relative attempt number restarts at 1, and the cancel flag is cleared.
 from __future__ import annotations
 
 from silo import errors
-from silo.ids import new_id
+from silo.shard import limits
 from silo.shard.state import ActiveJob, Shard
 from silo.storage import keys
 from silo.storage.records import (
@@ -17,7 +17,6 @@ from silo.storage.records import (
     STATUS_NAMES,
     SUCCEEDED,
     JobStatus,
-    RunAttempt,
     attempt_decoder,
     job_info_decoder,
     job_status_decoder,
@@ -47,11 +46,13 @@ async def restart_job(shard: Shard, tenant: str, job_id: str) -> None:
         now = shard.now()
         start = max(info.enqueue_time_ms, now)
         attempt = highest + 1
-        task = RunAttempt(new_id(), tenant, job_id, attempt, 1, info.task_group)
-        key = keys.task(info.task_group, start, info.priority, job_id, attempt, tenant)
         shard.committer.delete(keys.cancellation(tenant, job_id))
-        shard.add_task(key, task)
-        shard.active[(tenant, job_id)] = ActiveJob(SCHEDULED, task_key=key)
+        job = shard.active[(tenant, job_id)] = ActiveJob(SCHEDULED)
+        # Unlike upstream, a restarted attempt goes through the job's limits like any other.
+        limits.start_attempt(shard, job, tenant=tenant, job_id=job_id, attempt=attempt,
+                             relative=1, task_group=info.task_group, priority=info.priority,
+                             start_ms=start, limits=info.limits, now=now)
+        shard.info_cache.put(info)
         shard.put_status(tenant, job_id, JobStatus(SCHEDULED, now, start, attempt,
                                                    last_attempt=status.last_attempt))
         shard.count_status(tenant, status.kind, SCHEDULED)

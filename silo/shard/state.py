@@ -36,6 +36,9 @@ from silo.storage.records import (
     Attempt,
     JobStatus,
     Lease,
+    RateLimitState,
+    RefreshFloatingLimit,
+    RequestTicket,
     RunAttempt,
     Task,
     cancellation_decoder,
@@ -43,6 +46,8 @@ from silo.storage.records import (
     encode,
     encode_i64,
     lease_decoder,
+    rate_state_decoder,
+    request_decoder,
     task_decoder,
 )
 
@@ -56,13 +61,25 @@ def wall_clock_ms() -> int:
 class ActiveJob:
     """A job that is Scheduled (with a pending task) or Running (with a lease)."""
 
-    __slots__ = ("kind", "task_key", "task_id", "cancelled_at_ms")
+    __slots__ = ("kind", "task_key", "task_id", "request_key", "cancelled_at_ms")
 
-    def __init__(self, kind: int, task_key: bytes | None = None, task_id: str | None = None):
+    def __init__(self, kind: int, task_key: bytes | None = None, task_id: str | None = None,
+                 request_key: bytes | None = None):
         self.kind = kind
-        self.task_key = task_key
-        self.task_id = task_id
+        self.task_key = task_key  # pending task (RunAttempt or a limit-chain step)
+        self.task_id = task_id  # lease, while Running
+        self.request_key = request_key  # parked as a concurrency waiter
         self.cancelled_at_ms: int | None = None
+
+
+class ConcurrencyQueue:
+    """One (tenant, key) concurrency queue: who holds a slot, who waits (grant order)."""
+
+    __slots__ = ("holders", "waiting")
+
+    def __init__(self) -> None:
+        self.holders: set[str] = set()
+        self.waiting: list[bytes] = []  # heap of request keys
 
 
 class ReadyQueue:
@@ -122,6 +139,9 @@ class Shard:
         self.leases: dict[str, Lease] = {}
         self.lease_expiry: list[tuple[int, str]] = []
         self.info_cache = InfoCache(config.info_cache_bytes)
+        self.conc: dict[tuple[str, str], ConcurrencyQueue] = {}
+        self.requests: dict[bytes, RequestTicket] = {}
+        self.rate_buckets: dict[tuple[str, str], RateLimitState] = {}
         self.total_jobs = 0
         self.completed_jobs = 0
         self.tenant_status: dict[tuple[str, str], int] = {}
@@ -150,6 +170,10 @@ class Shard:
         )
         shard = cls(shard_id, range_start, range_end, db, config, clock)
         await shard._rebuild()
+        from silo.shard.limits import grant_all  # noqa: PLC0415 - limits builds on this module
+
+        if grant_all(shard, shard.now()):
+            await shard.committer.commit()
         return shard
 
     async def _rebuild(self) -> None:
@@ -175,9 +199,20 @@ class Shard:
         for k, v in await scan_prefix(db, keys.kind_prefix(keys.TASK)):
             task = task_decoder.decode(v)
             self._index_task(k, task)
-            if isinstance(task, RunAttempt):
+            if not isinstance(task, RefreshFloatingLimit):
                 self.active[(task.tenant, task.job_id)] = ActiveJob(SCHEDULED, task_key=k)
             n_tasks += 1
+        for k, v in await scan_prefix(db, keys.kind_prefix(keys.CONCURRENCY_REQUEST)):
+            ticket = request_decoder.decode(v)
+            self.index_request(k, ticket)
+            self.active[(ticket.tenant, ticket.job_id)] = ActiveJob(SCHEDULED, request_key=k)
+        for k, _ in await scan_prefix(db, keys.kind_prefix(keys.CONCURRENCY_HOLDER)):
+            tenant, queue, task_id = keys.decode_concurrency_holder(k)
+            self.concurrency_queue(tenant, queue).holders.add(task_id)
+        for k, v in await scan_prefix(db, keys.kind_prefix(keys.RATE_LIMIT_BUCKET)):
+            name, pos = keys.dec_str(k, 1)
+            unique_key, _ = keys.dec_str(k, pos)
+            self.rate_buckets[(name, unique_key)] = rate_state_decoder.decode(v)
         for _k, v in await scan_prefix(db, keys.kind_prefix(keys.LEASE)):
             lease = lease_decoder.decode(v)
             task = lease.task
@@ -213,6 +248,9 @@ class Shard:
         self.leases.clear()
         self.lease_expiry.clear()
         self.info_cache.clear()
+        self.conc.clear()
+        self.requests.clear()
+        self.rate_buckets.clear()
         self.total_jobs = self.completed_jobs = 0
         for key in self.tenant_status:
             self._dirty_tenant_status.add(key)
@@ -232,6 +270,16 @@ class Shard:
         if q is None:
             q = self.queues[task.task_group] = ReadyQueue(task.task_group)
         heapq.heappush(q.heap, key)
+
+    def concurrency_queue(self, tenant: str, queue: str) -> ConcurrencyQueue:
+        q = self.conc.get((tenant, queue))
+        if q is None:
+            q = self.conc[(tenant, queue)] = ConcurrencyQueue()
+        return q
+
+    def index_request(self, key: bytes, ticket: RequestTicket) -> None:
+        self.requests[key] = ticket
+        heapq.heappush(self.concurrency_queue(ticket.tenant, ticket.queue).waiting, key)
 
     def add_task(self, key: bytes, task: Task) -> None:
         self.committer.put(key, encode(task))

@@ -19,10 +19,11 @@ Tuple encoding:
 | 0x05 | task (ready queue) | (task_group, start_ms u64, priority u8, job_id, attempt u32, tenant) | Task |
 | 0x06 | lease | (task_id) | Lease |
 | 0x07 | attempt | (tenant, job_id, attempt u32) | Attempt (terminal attempts; a running one is the lease) |
-| 0x08 | concurrency request | reserved for the limits issue | |
-| 0x09 | concurrency holder | reserved for the limits issue | |
+| 0x08 | concurrency request (parked) | (tenant, queue, start_ms u64, priority u8, job_id, attempt u32) | RequestTicket |
+| 0x09 | concurrency holder | (tenant, queue, task_id) | granted_at_ms i64 |
 | 0x0A | cancellation | (tenant, job_id) | Cancellation |
-| 0x0B | floating limit state | reserved for the limits issue | |
+| 0x0B | floating limit state | reserved for floating limits | |
+| 0x0C | rate limiter bucket | (name, unique_key) | RateLimitState |
 | 0xF0 | shard counter | (name) | i64 big-endian (absolute value) |
 | 0xF8 | tenant status counter | (tenant, status) | i64 big-endian (absolute value) |
 | 0xFE | shard meta | (name) | bytes |
@@ -43,6 +44,7 @@ CONCURRENCY_REQUEST = 0x08
 CONCURRENCY_HOLDER = 0x09
 CANCELLATION = 0x0A
 FLOATING_LIMIT = 0x0B
+RATE_LIMIT_BUCKET = 0x0C
 SHARD_COUNTER = 0xF0
 TENANT_STATUS_COUNTER = 0xF8
 SHARD_META = 0xFE
@@ -149,6 +151,39 @@ def decode_task(key: bytes) -> tuple[str, int, int, str, int, str]:
     attempt_number = int.from_bytes(key[pos : pos + 4], "big")
     tenant, _ = dec_str(key, pos + 4)
     return group, start, priority, job_id, attempt_number, tenant
+
+
+# ---- limits ------------------------------------------------------------------
+
+
+def concurrency_request(
+    tenant: str, queue: str, start_ms: int, priority: int, job_id: str, attempt_number: int
+) -> bytes:
+    """A parked waiter; within one queue the keys sort in grant order."""
+    return (
+        b"\x08"
+        + enc_str(tenant)
+        + enc_str(queue)
+        + enc_u64(max(0, start_ms))
+        + bytes((priority,))
+        + enc_str(job_id)
+        + enc_u32(attempt_number)
+    )
+
+
+def concurrency_holder(tenant: str, queue: str, task_id: str) -> bytes:
+    return b"\x09" + enc_str(tenant) + enc_str(queue) + enc_str(task_id)
+
+
+def decode_concurrency_holder(key: bytes) -> tuple[str, str, str]:
+    tenant, pos = dec_str(key, 1)
+    queue, pos = dec_str(key, pos)
+    task_id, _ = dec_str(key, pos)
+    return tenant, queue, task_id
+
+
+def rate_limit_bucket(name: str, unique_key: str) -> bytes:
+    return b"\x0c" + enc_str(name) + enc_str(unique_key)
 
 
 # ---- leases, counters, meta ------------------------------------------------

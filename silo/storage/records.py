@@ -116,7 +116,13 @@ class RunAttempt(msgspec.Struct, array_like=True, tag=1):
 
 
 class RequestTicket(msgspec.Struct, array_like=True, tag=2):
-    """A future-scheduled job waiting to ask for a concurrency slot (limits issue)."""
+    """A job's limit chain stopped at concurrency limit `limit_index`.
+
+    As a task (in the ready queue at the job's start time) it asks for the slot when it
+    becomes due, so future jobs never hold slots early; stored under a concurrency
+    request key it is a parked waiter, granted in (start, priority, job id) order. It
+    carries everything needed to resume the chain without reading the job.
+    """
 
     task_id: str
     tenant: str
@@ -127,10 +133,13 @@ class RequestTicket(msgspec.Struct, array_like=True, tag=2):
     held_queues: list[str]
     limit_index: int
     queue: str
+    priority: int = 0
+    start_ms: int = 0
+    limits: list[Limit] = []
 
 
 class CheckRateLimit(msgspec.Struct, array_like=True, tag=3):
-    """A chain step that checks a rate limit before going on (limits issue)."""
+    """A job's limit chain waiting to pass rate limit `limit_index` (checked when due)."""
 
     task_id: str
     tenant: str
@@ -142,6 +151,9 @@ class CheckRateLimit(msgspec.Struct, array_like=True, tag=3):
     limit_index: int
     retry_count: int
     started_at_ms: int
+    priority: int = 0
+    start_ms: int = 0
+    limits: list[Limit] = []
 
 
 class RefreshFloatingLimit(msgspec.Struct, array_like=True, tag=4):
@@ -182,6 +194,14 @@ class Attempt(msgspec.Struct, array_like=True):
     error_data: bytes | None = None
 
 
+class RateLimitState(msgspec.Struct, array_like=True):
+    """A local rate limiter bucket: tokens left (token bucket) or level (leaky bucket)."""
+
+    value: float
+    window_start_ms: int
+    updated_ms: int
+
+
 class ShardMapEntry(msgspec.Struct):
     shard_id: str
     range_start: str
@@ -202,6 +222,8 @@ cancellation_decoder = msgspec.msgpack.Decoder(Cancellation)
 task_decoder = msgspec.msgpack.Decoder(Task)
 lease_decoder = msgspec.msgpack.Decoder(Lease)
 attempt_decoder = msgspec.msgpack.Decoder(Attempt)
+request_decoder = msgspec.msgpack.Decoder(RequestTicket)
+rate_state_decoder = msgspec.msgpack.Decoder(RateLimitState)
 
 
 def encode_i64(n: int) -> bytes:

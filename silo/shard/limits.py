@@ -1,0 +1,316 @@
+"""The limit chain: concurrency slots, parked waiters, grants, and rate-limit checks.
+
+Each attempt of a job walks its limits in the order the caller gave, from index 0:
+
+* concurrency limit (tenant, key) with the job's own max N: if the job is due and the
+  queue has fewer than N holders, it takes a slot (a holder row keyed by the attempt's
+  task id) and goes on; if it is due and the queue is full, it parks as a waiter; if
+  it is not due yet, a RequestTicket task waits in the ready queue until it is, so
+  future jobs never hold slots early;
+* rate limit: a CheckRateLimit task is checked against the shard's local limiter when
+  due; over the limit it waits (reset time or back-off) and fails the job with
+  RATE_LIMITED once its max_retries are spent;
+* when the end is reached, a RunAttempt carrying every held queue goes to the ready
+  queue at the job's start time (so a granted job goes to the front).
+
+Releasing a slot (any end of an attempt, a retry, a cancel, DropTenantHolders) grants
+the queue's waiters at once, in (start time, priority, job id) order, in the same
+synchronous step: a waiter is leasable as soon as the release is durable. Everything
+here is synchronous and stages its writes; callers await the batch.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from silo import errors
+from silo.ids import new_id
+from silo.shard import ratelimit
+from silo.shard.state import ActiveJob, Shard
+from silo.storage import keys
+from silo.storage.records import (
+    ATTEMPT_FAILED,
+    FAILED,
+    SCHEDULED,
+    Attempt,
+    CheckRateLimit,
+    ConcurrencyLimit,
+    FloatingConcurrencyLimit,
+    JobStatus,
+    Limit,
+    RateLimit,
+    RequestTicket,
+    RunAttempt,
+    encode,
+    encode_i64,
+)
+
+RATE_LIMITED = "RATE_LIMITED"
+
+
+class Chain:
+    """Where one attempt's walk through its limits stands."""
+
+    __slots__ = ("task_id", "tenant", "job_id", "attempt", "relative", "task_group",
+                 "priority", "start_ms", "limits", "held")
+
+    def __init__(self, task_id: str, tenant: str, job_id: str, attempt: int, relative: int,
+                 task_group: str, priority: int, start_ms: int, limits: list[Limit],
+                 held: list[str]) -> None:
+        self.task_id = task_id
+        self.tenant = tenant
+        self.job_id = job_id
+        self.attempt = attempt
+        self.relative = relative
+        self.task_group = task_group
+        self.priority = priority
+        self.start_ms = start_ms
+        self.limits = limits
+        self.held = held
+
+    @classmethod
+    def of(cls, t, held: list[str] | None = None) -> Chain:
+        """Resume a chain from a RequestTicket or CheckRateLimit record."""
+        return cls(t.task_id, t.tenant, t.job_id, t.attempt, t.relative_attempt,
+                   t.task_group, t.priority, t.start_ms, t.limits,
+                   list(t.held_queues) if held is None else held)
+
+    def ticket(self, index: int, queue: str) -> RequestTicket:
+        return RequestTicket(self.task_id, self.tenant, self.job_id, self.attempt,
+                             self.relative, self.task_group, list(self.held), index, queue,
+                             self.priority, self.start_ms, self.limits)
+
+    def task_key(self) -> bytes:
+        return keys.task(self.task_group, self.start_ms, self.priority, self.job_id,
+                         self.attempt, self.tenant)
+
+
+def validate_limits(limits: list[Limit]) -> None:
+    for limit in limits:
+        if isinstance(limit, ConcurrencyLimit) and limit.max_concurrency <= 0:
+            raise errors.invalid("concurrency limit max_concurrency must be >= 1")
+        if isinstance(limit, FloatingConcurrencyLimit) and limit.default_max_concurrency <= 0:
+            raise errors.invalid("floating limit default_max_concurrency must be >= 1")
+        if isinstance(limit, RateLimit):
+            if limit.limit <= 0 or limit.duration_ms <= 0:
+                raise errors.invalid("rate limit needs limit >= 1 and duration_ms >= 1")
+            if not limit.name:
+                raise errors.invalid("rate limit name is required")
+
+
+def start_attempt(shard: Shard, job: ActiveJob, *, tenant: str, job_id: str, attempt: int,
+                  relative: int, task_group: str, priority: int, start_ms: int,
+                  limits: list[Limit], now: int, retry: bool = False) -> None:
+    """Begin the limit chain of a new attempt (enqueue, retry, restart)."""
+    chain = Chain(new_id(), tenant, job_id, attempt, relative, task_group, priority, start_ms,
+                  limits, [])
+    walk(shard, job, chain, 0, now, join_queue=retry)
+
+
+def walk(shard: Shard, job: ActiveJob, chain: Chain, index: int, now: int,
+         join_queue: bool = False) -> None:
+    """Go through limits[index:], stopping at the first that makes the attempt wait.
+
+    join_queue: a retry's first concurrency limit queues behind the waiters instead of
+    taking a free slot directly (the slot it released may already be owed to them).
+    """
+    limits = chain.limits
+    for i in range(index, len(limits)):
+        limit = limits[i]
+        if isinstance(limit, ConcurrencyLimit | FloatingConcurrencyLimit):
+            queue = limit.key
+            if chain.start_ms > now:
+                _add_chain_task(shard, job, chain, chain.ticket(i, queue))
+                return
+            q = shard.concurrency_queue(chain.tenant, queue)
+            if not join_queue and len(q.holders) < _max_of(limit):
+                hold(shard, chain.tenant, queue, chain.task_id, now)
+                chain.held.append(queue)
+                continue
+            park(shard, job, chain, i, queue)
+            if join_queue:
+                grant(shard, chain.tenant, queue, now)
+            return
+        if isinstance(limit, RateLimit):
+            _add_chain_task(shard, job, chain, _rate_check(chain, i, 0))
+            return
+    _add_chain_task(shard, job, chain, RunAttempt(
+        chain.task_id, chain.tenant, chain.job_id, chain.attempt, chain.relative,
+        chain.task_group, list(chain.held)))
+
+
+def _max_of(limit: ConcurrencyLimit | FloatingConcurrencyLimit) -> int:
+    if isinstance(limit, ConcurrencyLimit):
+        return limit.max_concurrency
+    return limit.default_max_concurrency
+
+
+def _rate_check(chain: Chain, index: int, retry_count: int) -> CheckRateLimit:
+    return CheckRateLimit(chain.task_id, chain.tenant, chain.job_id, chain.attempt,
+                          chain.relative, chain.task_group, list(chain.held), index,
+                          retry_count, 0, chain.priority, chain.start_ms, chain.limits)
+
+
+def _add_chain_task(shard: Shard, job: ActiveJob, chain: Chain, task) -> None:
+    key = chain.task_key()
+    shard.add_task(key, task)
+    job.task_key = key
+    job.request_key = None
+
+
+# ---- holders and waiters ---------------------------------------------------------
+
+
+def hold(shard: Shard, tenant: str, queue: str, task_id: str, now: int) -> None:
+    shard.concurrency_queue(tenant, queue).holders.add(task_id)
+    shard.committer.put(keys.concurrency_holder(tenant, queue, task_id), encode_i64(now))
+
+
+def park(shard: Shard, job: ActiveJob, chain: Chain, index: int, queue: str) -> None:
+    key = keys.concurrency_request(chain.tenant, queue, chain.start_ms, chain.priority,
+                                   chain.job_id, chain.attempt)
+    ticket = chain.ticket(index, queue)
+    shard.committer.put(key, encode(ticket))
+    shard.index_request(key, ticket)
+    job.task_key = None
+    job.request_key = key
+
+
+def unpark(shard: Shard, key: bytes) -> RequestTicket | None:
+    """Remove a parked waiter (its heap entry is skipped lazily)."""
+    ticket = shard.requests.pop(key, None)
+    shard.committer.delete(key)
+    return ticket
+
+
+def release(shard: Shard, tenant: str, queues: list[str], task_id: str, now: int) -> None:
+    """Free the slots an attempt held and grant each queue's waiters."""
+    for queue in queues:
+        q = shard.concurrency_queue(tenant, queue)
+        q.holders.discard(task_id)
+        shard.committer.delete(keys.concurrency_holder(tenant, queue, task_id))
+    for queue in queues:
+        grant(shard, tenant, queue, now)
+
+
+def grant(shard: Shard, tenant: str, queue: str, now: int) -> int:
+    """Grant waiters of one queue in order while the head waiter's own max allows."""
+    q = shard.conc.get((tenant, queue))
+    if q is None:
+        return 0
+    granted = 0
+    while q.waiting:
+        key = q.waiting[0]
+        ticket = shard.requests.get(key)
+        if ticket is None:
+            heapq.heappop(q.waiting)
+            continue
+        limit = ticket.limits[ticket.limit_index]
+        assert isinstance(limit, ConcurrencyLimit | FloatingConcurrencyLimit)
+        if len(q.holders) >= _max_of(limit):
+            break
+        heapq.heappop(q.waiting)
+        unpark(shard, key)
+        job = shard.active.get((tenant, ticket.job_id))
+        if job is None or job.request_key != key:
+            continue  # stale waiter: nothing to resume
+        hold(shard, tenant, queue, ticket.task_id, now)
+        granted += 1
+        walk(shard, job, Chain.of(ticket, list(ticket.held_queues) + [queue]),
+             ticket.limit_index + 1, now)
+    if not q.waiting and not q.holders:
+        del shard.conc[(tenant, queue)]
+    return granted
+
+
+def grant_all(shard: Shard, now: int) -> int:
+    """Grant every queue's waiters (at open: a crash cannot strand a free slot)."""
+    return sum(grant(shard, t, q, now) for t, q in list(shard.conc))
+
+
+def drop_tenant_holders(shard: Shard, tenant: str, now: int) -> int:
+    """Emergency: forget every slot of a tenant's queues; running attempts go on."""
+    dropped = 0
+    for (t, queue), q in list(shard.conc.items()):
+        if t != tenant:
+            continue
+        for task_id in list(q.holders):
+            shard.committer.delete(keys.concurrency_holder(t, queue, task_id))
+            dropped += 1
+        q.holders.clear()
+        grant(shard, t, queue, now)
+    return dropped
+
+
+# ---- chain steps met in the ready queue --------------------------------------------
+
+
+def resume_ticket(shard: Shard, job: ActiveJob, ticket: RequestTicket, now: int) -> None:
+    """A RequestTicket became due: ask for its slot now (or park)."""
+    walk(shard, job, Chain.of(ticket), ticket.limit_index, now)
+
+
+def check_rate_limit(shard: Shard, job: ActiveJob, step, now: int) -> None:
+    """A CheckRateLimit became due: pass, wait and re-check, or fail the job."""
+    limit = step.limits[step.limit_index]
+    assert isinstance(limit, RateLimit)
+    bucket = (limit.name, limit.unique_key)
+    decision = ratelimit.check(shard.rate_buckets.get(bucket), limit=limit.limit,
+                               duration_ms=limit.duration_ms, hits=limit.hits,
+                               algorithm=limit.algorithm, now=now)
+    shard.rate_buckets[bucket] = decision.state
+    shard.committer.put(keys.rate_limit_bucket(*bucket), encode(decision.state))
+    if decision.admitted:
+        walk(shard, job, Chain.of(step), step.limit_index + 1, now)
+        return
+    policy = limit.retry_policy
+    if policy.max_retries > 0 and step.retry_count >= policy.max_retries:
+        _fail_rate_limited(shard, job, step, now)
+        return
+    backoff = min(policy.initial_backoff_ms * policy.backoff_multiplier ** step.retry_count,
+                  policy.max_backoff_ms)
+    reset = decision.reset_ms
+    at = reset if now < reset < now + policy.max_backoff_ms else now + int(backoff)
+    chain = Chain.of(step)
+    nxt = _rate_check(chain, step.limit_index, step.retry_count + 1)
+    # Re-queued at the retry time; the chain's own start time is kept inside it.
+    key = keys.task(chain.task_group, max(at, now + 1), chain.priority, chain.job_id,
+                    chain.attempt, chain.tenant)
+    shard.add_task(key, nxt)
+    job.task_key = key
+
+
+def _fail_rate_limited(shard: Shard, job: ActiveJob, step, now: int) -> None:
+    tenant, job_id = step.tenant, step.job_id
+    text = f"rate limit {step.limits[step.limit_index].name!r} still exceeded after retries"
+    shard.put_attempt(tenant, Attempt(job_id, step.attempt, step.relative_attempt,
+                                      step.task_id, ATTEMPT_FAILED, now, now, None,
+                                      RATE_LIMITED, encode(text)))
+    shard.put_status(tenant, job_id, JobStatus(FAILED, now, last_attempt=step.attempt))
+    del shard.active[(tenant, job_id)]
+    shard.info_cache.discard(tenant, job_id)
+    shard.count_status(tenant, SCHEDULED, FAILED)
+    shard.count_jobs(completed=1)
+    release(shard, tenant, list(step.held_queues), step.task_id, now)
+
+
+def abandon_pending(shard: Shard, tenant: str, job: ActiveJob, now: int) -> list[str]:
+    """Drop a Scheduled job's pending task or parked request, releasing its slots.
+
+    Returns the queues it held (already released). Used by cancel and LeaseTask.
+    """
+    held: list[str] = []
+    task_id = ""
+    if job.request_key is not None:
+        ticket = unpark(shard, job.request_key)
+        job.request_key = None
+        if ticket is not None:
+            held, task_id = list(ticket.held_queues), ticket.task_id
+    elif job.task_key is not None:
+        task = shard.remove_task(job.task_key)
+        job.task_key = None
+        if task is not None:
+            held, task_id = list(getattr(task, "held_queues", [])), task.task_id
+    if held:
+        release(shard, tenant, held, task_id, now)
+    return held
