@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from silo import __version__
+from silo import __version__, cli_client
 from silo.config import OPTIONS, ConfigError, load_config
 
 EXIT_BAD_CONFIG = 2
@@ -70,6 +70,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Command] = {
     "serve": Command("run the Silo server", _configure_serve, _run_serve),
+    # Client-side commands (worker, enqueue, job, tenant, cluster, query, profile).
+    **{name: Command(*spec) for name, spec in cli_client.COMMANDS.items()},
 }
 
 
