@@ -112,6 +112,17 @@ def job_to_pb(view: JobView) -> pb.GetJobResponse:
     return m
 
 
+def refresh_task_to_pb(lease, shard_id: str, lease_ms: int) -> pb.RefreshFloatingLimitTask:
+    t = lease.task
+    m = pb.RefreshFloatingLimitTask(
+        id=t.task_id, queue_key=t.queue_key, current_max_concurrency=t.current_max_concurrency,
+        last_refreshed_at_ms=t.last_refreshed_at_ms, metadata=t.metadata, lease_ms=lease_ms,
+        shard=shard_id, task_group=t.task_group)
+    if t.tenant != DEFAULT_TENANT:
+        m.tenant_id = t.tenant
+    return m
+
+
 def task_to_pb(leased: LeasedTask, shard_id: str, lease_ms: int) -> pb.Task:
     lease, info = leased
     t = lease.task

@@ -35,6 +35,7 @@ from silo.shard import (
 )
 from silo.shard.state import Shard
 from silo.storage.db import StorageError
+from silo.storage.records import RefreshFloatingLimit
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +322,7 @@ class SiloService(pb_grpc.SiloServicer):
         return await self._lease_from(shards, request)
 
     async def _lease_from(self, shards: list[Shard], request) -> pb.LeaseTasksResponse:
-        out = []
+        out = pb.LeaseTasksResponse()
         remaining = request.max_tasks
         for s in shards:
             if remaining <= 0:
@@ -330,9 +331,13 @@ class SiloService(pb_grpc.SiloServicer):
             if got:
                 self.node.publish(s)
             lease_ms = s.config.lease_ms
-            out.extend(convert.task_to_pb(t, s.id, lease_ms) for t in got)
-            remaining -= len(got)
-        return pb.LeaseTasksResponse(tasks=out)
+            for t in got:
+                if t.info is None:
+                    out.refresh_tasks.append(convert.refresh_task_to_pb(t.lease, s.id, lease_ms))
+                else:
+                    out.tasks.append(convert.task_to_pb(t, s.id, lease_ms))
+                    remaining -= 1
+        return out
 
     @rpc
     async def Heartbeat(self, request, context):
@@ -364,10 +369,19 @@ class SiloService(pb_grpc.SiloServicer):
     async def ReportRefreshOutcome(self, request, context):
         s = self.shard(request.shard)
         self.worker_tenant(s, request)
-        if request.WhichOneof("outcome") is None:
+        kind = request.WhichOneof("outcome")
+        if kind is None:
             raise errors.invalid("missing outcome")
-        # No refresh task is ever leased until floating limits land (limits issue).
-        raise errors.lease_not_found()
+        held = s.leases.get(request.task_id)
+        if held is None or not isinstance(held.task, RefreshFloatingLimit):
+            raise errors.lease_not_found()
+        if kind == "success":
+            limits.refresh_succeeded(s, held.task, request.success.new_max_concurrency, s.now())
+        else:
+            limits.refresh_failed(s, held.task, s.now())
+        await s.committer.commit()
+        self.node.publish(s)
+        return pb.ReportRefreshOutcomeResponse()
 
     @rpc
     async def DropTenantHolders(self, request, context):

@@ -24,9 +24,9 @@ from silo.storage.records import (
     JobInfo,
     JobStatus,
     Lease,
-    RefreshFloatingLimit,
     RequestTicket,
     RunAttempt,
+    Task,
     job_info_decoder,
     job_status_decoder,
 )
@@ -34,7 +34,7 @@ from silo.storage.records import (
 
 class LeasedTask(NamedTuple):
     lease: Lease
-    info: JobInfo
+    info: JobInfo | None  # None for a floating-limit refresh task
 
 
 def _start_lease(shard: Shard, job: ActiveJob, task: RunAttempt, worker_id: str, priority: int,
@@ -68,16 +68,42 @@ async def _with_infos(shard: Shard, leases: list[Lease]) -> list[LeasedTask]:
 
 async def lease_tasks(shard: Shard, worker_id: str, max_tasks: int, task_group: str
                       ) -> list[LeasedTask]:
-    """Lease up to max_tasks due tasks of task_group in ready order. Never scans storage."""
-    q = shard.queues.get(task_group)
-    if q is None or max_tasks <= 0:
+    """Lease up to max_tasks due tasks of task_group in ready order, plus every due
+    floating-limit refresh task of the group (not counted). Never scans storage."""
+    if max_tasks <= 0:
         return []
     now = shard.now()
-    heap = q.heap
-    plen = q.prefix_len
-    tasks = shard.tasks
+    refreshes = [_lease_refresh(shard, task, worker_id, now)
+                 for _, task in _pop_due(shard, shard.refresh_queues.get(task_group), now)]
     taken: list[Lease] = []
-    while heap and len(taken) < max_tasks:
+    q = shard.queues.get(task_group)
+    while q is not None and len(taken) < max_tasks:
+        due = _pop_due(shard, q, now, limit=1)
+        if not due:
+            break
+        key, task = due[0]
+        job = shard.active[(task.tenant, task.job_id)]
+        job.task_key = None
+        if isinstance(task, RunAttempt):
+            taken.append(_start_lease(shard, job, task, worker_id, key[q.prefix_len + 8], now))
+        elif isinstance(task, RequestTicket):
+            # A limit-chain step came due: run it here. What it produces (a RunAttempt
+            # due now) goes on this heap and can be leased by this same call.
+            limits.resume_ticket(shard, job, task, now)
+        else:
+            limits.check_rate_limit(shard, job, task, now)
+    if not taken and not refreshes:
+        return []
+    return await _with_infos(shard, taken) + [LeasedTask(ls, None) for ls in refreshes]
+
+
+def _pop_due(shard: Shard, q, now: int, limit: int | None = None) -> list[tuple[bytes, Task]]:
+    """Take due tasks off a ready heap (skipping removed ones) and stage their deletes."""
+    out: list[tuple[bytes, Task]] = []
+    if q is None:
+        return out
+    heap, plen, tasks = q.heap, q.prefix_len, shard.tasks
+    while heap and (limit is None or len(out) < limit):
         key = heap[0]
         if keys.task_start_ms(key, plen) > now:
             break
@@ -85,25 +111,15 @@ async def lease_tasks(shard: Shard, worker_id: str, max_tasks: int, task_group: 
         task = tasks.pop(key, None)
         if task is None:
             continue  # removed (cancelled, expedited, leased by id) after it was pushed
-        if isinstance(task, RefreshFloatingLimit):
-            tasks[key] = task  # floating-limit refreshes are not handed out yet
-            continue
         shard.committer.delete(key)
-        job = shard.active[(task.tenant, task.job_id)]
-        job.task_key = None
-        if not isinstance(task, RunAttempt):
-            # A limit-chain step came due: run it here. What it produces (a RunAttempt
-            # due now) goes on this heap and can be leased by this same call.
-            if isinstance(task, RequestTicket):
-                limits.resume_ticket(shard, job, task, now)
-            else:
-                limits.check_rate_limit(shard, job, task, now)
-            continue
-        priority = key[plen + 8]
-        taken.append(_start_lease(shard, job, task, worker_id, priority, now))
-    if not taken:
-        return []
-    return await _with_infos(shard, taken)
+        out.append((key, task))
+    return out
+
+
+def _lease_refresh(shard: Shard, task: Task, worker_id: str, now: int) -> Lease:
+    lease = Lease(worker_id, task, now + shard.config.lease_ms, now, 0)
+    shard.put_lease(lease)
+    return lease
 
 
 async def lease_task(shard: Shard, tenant: str, job_id: str, worker_id: str) -> LeasedTask:

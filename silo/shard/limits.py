@@ -36,9 +36,11 @@ from silo.storage.records import (
     CheckRateLimit,
     ConcurrencyLimit,
     FloatingConcurrencyLimit,
+    FloatingLimitState,
     JobStatus,
     Limit,
     RateLimit,
+    RefreshFloatingLimit,
     RequestTicket,
     RunAttempt,
     encode,
@@ -123,13 +125,17 @@ def walk(shard: Shard, job: ActiveJob, chain: Chain, index: int, now: int,
                 _add_chain_task(shard, job, chain, chain.ticket(i, queue))
                 return
             q = shard.concurrency_queue(chain.tenant, queue)
-            if not join_queue and len(q.holders) < _max_of(limit):
+            if isinstance(limit, FloatingConcurrencyLimit):
+                floating_state(shard, chain.tenant, limit, now)
+            if not join_queue and len(q.holders) < capacity(shard, chain.tenant, limit):
                 hold(shard, chain.tenant, queue, chain.task_id, now)
                 chain.held.append(queue)
                 continue
             park(shard, job, chain, i, queue)
             if join_queue:
                 grant(shard, chain.tenant, queue, now)
+            if isinstance(limit, FloatingConcurrencyLimit):
+                maybe_schedule_refresh(shard, chain.tenant, queue, chain.task_group, now)
             return
         if isinstance(limit, RateLimit):
             _add_chain_task(shard, job, chain, _rate_check(chain, i, 0))
@@ -139,10 +145,13 @@ def walk(shard: Shard, job: ActiveJob, chain: Chain, index: int, now: int,
         chain.task_group, list(chain.held)))
 
 
-def _max_of(limit: ConcurrencyLimit | FloatingConcurrencyLimit) -> int:
+def capacity(shard: Shard, tenant: str, limit: ConcurrencyLimit | FloatingConcurrencyLimit
+             ) -> int:
+    """A fixed limit's max is the job's own; a floating one's is the shared current max."""
     if isinstance(limit, ConcurrencyLimit):
         return limit.max_concurrency
-    return limit.default_max_concurrency
+    st = shard.floating.get((tenant, limit.key))
+    return st.current_max if st is not None else limit.default_max_concurrency
 
 
 def _rate_check(chain: Chain, index: int, retry_count: int) -> CheckRateLimit:
@@ -207,7 +216,7 @@ def grant(shard: Shard, tenant: str, queue: str, now: int) -> int:
             continue
         limit = ticket.limits[ticket.limit_index]
         assert isinstance(limit, ConcurrencyLimit | FloatingConcurrencyLimit)
-        if len(q.holders) >= _max_of(limit):
+        if len(q.holders) >= capacity(shard, tenant, limit):
             break
         heapq.heappop(q.waiting)
         unpark(shard, key)
@@ -221,6 +230,93 @@ def grant(shard: Shard, tenant: str, queue: str, now: int) -> int:
     if not q.waiting and not q.holders:
         del shard.conc[(tenant, queue)]
     return granted
+
+
+# ---- floating concurrency limits -----------------------------------------------------
+
+
+def floating_state(shard: Shard, tenant: str, limit: FloatingConcurrencyLimit,
+                   now: int) -> FloatingLimitState:
+    """The shared state of (tenant, key); the first job using the key creates it."""
+    st = shard.floating.get((tenant, limit.key))
+    if st is None:
+        st = FloatingLimitState(limit.default_max_concurrency, 0, False,
+                                limit.refresh_interval_ms, limit.default_max_concurrency, 0,
+                                None, dict(limit.metadata))
+        _put_floating(shard, tenant, limit.key, st)
+    return st
+
+
+def _put_floating(shard: Shard, tenant: str, queue: str, st: FloatingLimitState) -> None:
+    shard.floating[(tenant, queue)] = st
+    shard.committer.put(keys.floating_limit(tenant, queue), encode(st))
+
+
+def maybe_schedule_refresh(shard: Shard, tenant: str, queue: str, task_group: str,
+                           now: int) -> None:
+    """Hand workers a refresh task when the max is stale and someone is waiting."""
+    st = shard.floating.get((tenant, queue))
+    q = shard.conc.get((tenant, queue))
+    if st is None or st.refresh_scheduled or q is None or not q.waiting:
+        return
+    if now < st.last_refreshed_at_ms + st.refresh_interval_ms:
+        return
+    if st.next_retry_at_ms is not None and now < st.next_retry_at_ms:
+        return
+    _schedule_refresh(shard, tenant, queue, st, task_group, now)
+
+
+def _schedule_refresh(shard: Shard, tenant: str, queue: str, st: FloatingLimitState,
+                      task_group: str, at: int) -> None:
+    task = RefreshFloatingLimit(new_id(), tenant, queue, st.current_max,
+                                st.last_refreshed_at_ms, dict(st.metadata), task_group)
+    shard.add_task(keys.task(task_group, at, 0, f"floating_refresh:{queue}", 0, tenant), task)
+    st.refresh_scheduled = True
+    _put_floating(shard, tenant, queue, st)
+
+
+def refresh_succeeded(shard: Shard, task: RefreshFloatingLimit, new_max: int,
+                      now: int) -> None:
+    """A worker computed the new max: store it and grant waiters up to it."""
+    if new_max < 1:
+        raise errors.invalid("new_max_concurrency must be >= 1")
+    shard.drop_lease(task.task_id)
+    st = shard.floating.get((task.tenant, task.queue_key))
+    if st is None:
+        return
+    st.current_max = new_max
+    st.last_refreshed_at_ms = now
+    st.refresh_scheduled = False
+    st.retry_count = 0
+    st.next_retry_at_ms = None
+    _put_floating(shard, task.tenant, task.queue_key, st)
+    grant(shard, task.tenant, task.queue_key, now)
+
+
+def refresh_failed(shard: Shard, task: RefreshFloatingLimit, now: int) -> None:
+    """Back off 1 s × 2^n (≤ 60 s); retry then only if jobs still wait."""
+    shard.drop_lease(task.task_id)
+    st = shard.floating.get((task.tenant, task.queue_key))
+    if st is None:
+        return
+    st.next_retry_at_ms = now + min(1000 * 2**st.retry_count, 60_000)
+    st.retry_count += 1
+    q = shard.conc.get((task.tenant, task.queue_key))
+    if q is not None and q.waiting:
+        _schedule_refresh(shard, task.tenant, task.queue_key, st, task.task_group,
+                          st.next_retry_at_ms)
+    else:
+        st.refresh_scheduled = False
+        _put_floating(shard, task.tenant, task.queue_key, st)
+
+
+def refresh_expired(shard: Shard, task: RefreshFloatingLimit) -> None:
+    """The refreshing worker vanished: the next waiter will schedule a new refresh."""
+    shard.drop_lease(task.task_id)
+    st = shard.floating.get((task.tenant, task.queue_key))
+    if st is not None:
+        st.refresh_scheduled = False
+        _put_floating(shard, task.tenant, task.queue_key, st)
 
 
 def grant_all(shard: Shard, now: int) -> int:

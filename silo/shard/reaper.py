@@ -11,6 +11,7 @@ import heapq
 import logging
 
 from silo import errors
+from silo.shard import limits
 from silo.shard.outcome import Cancelled, crash_outcome, finish_attempt
 from silo.shard.state import Shard
 from silo.storage.records import RunAttempt
@@ -34,7 +35,7 @@ async def reap_expired_leases(shard: Shard) -> int:
         if shard.leases.get(task.task_id) is not lease:
             continue  # renewed or reported meanwhile
         if not isinstance(task, RunAttempt):
-            shard.drop_lease(task.task_id)  # refresh tasks: the limits issue reschedules
+            limits.refresh_expired(shard, task)
             reaped += 1
             continue
         job = shard.active.get((task.tenant, task.job_id))

@@ -34,6 +34,7 @@ from silo.storage.records import (
     SCHEDULED,
     STATUS_NAMES,
     Attempt,
+    FloatingLimitState,
     JobStatus,
     Lease,
     RateLimitState,
@@ -45,6 +46,7 @@ from silo.storage.records import (
     decode_i64,
     encode,
     encode_i64,
+    floating_decoder,
     lease_decoder,
     rate_state_decoder,
     request_decoder,
@@ -136,12 +138,14 @@ class Shard:
         self.active: dict[tuple[str, str], ActiveJob] = {}
         self.tasks: dict[bytes, Task] = {}
         self.queues: dict[str, ReadyQueue] = {}
+        self.refresh_queues: dict[str, ReadyQueue] = {}
         self.leases: dict[str, Lease] = {}
         self.lease_expiry: list[tuple[int, str]] = []
         self.info_cache = InfoCache(config.info_cache_bytes)
         self.conc: dict[tuple[str, str], ConcurrencyQueue] = {}
         self.requests: dict[bytes, RequestTicket] = {}
         self.rate_buckets: dict[tuple[str, str], RateLimitState] = {}
+        self.floating: dict[tuple[str, str], FloatingLimitState] = {}
         self.total_jobs = 0
         self.completed_jobs = 0
         self.tenant_status: dict[tuple[str, str], int] = {}
@@ -209,6 +213,10 @@ class Shard:
         for k, _ in await scan_prefix(db, keys.kind_prefix(keys.CONCURRENCY_HOLDER)):
             tenant, queue, task_id = keys.decode_concurrency_holder(k)
             self.concurrency_queue(tenant, queue).holders.add(task_id)
+        for k, v in await scan_prefix(db, keys.kind_prefix(keys.FLOATING_LIMIT)):
+            tenant, pos = keys.dec_str(k, 1)
+            queue, _ = keys.dec_str(k, pos)
+            self.floating[(tenant, queue)] = floating_decoder.decode(v)
         for k, v in await scan_prefix(db, keys.kind_prefix(keys.RATE_LIMIT_BUCKET)):
             name, pos = keys.dec_str(k, 1)
             unique_key, _ = keys.dec_str(k, pos)
@@ -245,12 +253,14 @@ class Shard:
         self.active.clear()
         self.tasks.clear()
         self.queues.clear()
+        self.refresh_queues.clear()
         self.leases.clear()
         self.lease_expiry.clear()
         self.info_cache.clear()
         self.conc.clear()
         self.requests.clear()
         self.rate_buckets.clear()
+        self.floating.clear()
         self.total_jobs = self.completed_jobs = 0
         for key in self.tenant_status:
             self._dirty_tenant_status.add(key)
@@ -266,9 +276,11 @@ class Shard:
 
     def _index_task(self, key: bytes, task: Task) -> None:
         self.tasks[key] = task
-        q = self.queues.get(task.task_group)
+        # Refresh tasks wait in their own heap so a full LeaseTasks still hands them out.
+        queues = self.refresh_queues if isinstance(task, RefreshFloatingLimit) else self.queues
+        q = queues.get(task.task_group)
         if q is None:
-            q = self.queues[task.task_group] = ReadyQueue(task.task_group)
+            q = queues[task.task_group] = ReadyQueue(task.task_group)
         heapq.heappush(q.heap, key)
 
     def concurrency_queue(self, tenant: str, queue: str) -> ConcurrencyQueue:

@@ -22,7 +22,7 @@ Tuple encoding:
 | 0x08 | concurrency request (parked) | (tenant, queue, start_ms u64, priority u8, job_id, attempt u32) | RequestTicket |
 | 0x09 | concurrency holder | (tenant, queue, task_id) | granted_at_ms i64 |
 | 0x0A | cancellation | (tenant, job_id) | Cancellation |
-| 0x0B | floating limit state | reserved for floating limits | |
+| 0x0B | floating limit state | (tenant, queue) | FloatingLimitState |
 | 0x0C | rate limiter bucket | (name, unique_key) | RateLimitState |
 | 0xF0 | shard counter | (name) | i64 big-endian (absolute value) |
 | 0xF8 | tenant status counter | (tenant, status) | i64 big-endian (absolute value) |
@@ -180,6 +180,10 @@ def decode_concurrency_holder(key: bytes) -> tuple[str, str, str]:
     queue, pos = dec_str(key, pos)
     task_id, _ = dec_str(key, pos)
     return tenant, queue, task_id
+
+
+def floating_limit(tenant: str, queue: str) -> bytes:
+    return b"\x0b" + enc_str(tenant) + enc_str(queue)
 
 
 def rate_limit_bucket(name: str, unique_key: str) -> bytes:

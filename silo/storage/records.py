@@ -194,6 +194,20 @@ class Attempt(msgspec.Struct, array_like=True):
     error_data: bytes | None = None
 
 
+class FloatingLimitState(msgspec.Struct, array_like=True):
+    """Shared state of a floating concurrency limit (tenant, key): its current max and
+    the refresh that workers compute for it. Created by the first job using the key."""
+
+    current_max: int
+    last_refreshed_at_ms: int
+    refresh_scheduled: bool
+    refresh_interval_ms: int
+    default_max: int
+    retry_count: int
+    next_retry_at_ms: int | None
+    metadata: dict[str, str]
+
+
 class RateLimitState(msgspec.Struct, array_like=True):
     """A local rate limiter bucket: tokens left (token bucket) or level (leaky bucket)."""
 
@@ -224,6 +238,7 @@ lease_decoder = msgspec.msgpack.Decoder(Lease)
 attempt_decoder = msgspec.msgpack.Decoder(Attempt)
 request_decoder = msgspec.msgpack.Decoder(RequestTicket)
 rate_state_decoder = msgspec.msgpack.Decoder(RateLimitState)
+floating_decoder = msgspec.msgpack.Decoder(FloatingLimitState)
 
 
 def encode_i64(n: int) -> bytes:

@@ -80,3 +80,27 @@ def test_bad_limits_are_invalid_argument(client, bad, msg):
     with pytest.raises(grpc.RpcError) as e:
         client.enqueue(task_group=group(), limits=[bad])
     assert (e.value.code(), e.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, msg)
+
+
+def test_floating_limit_refresh_round_trip(client):
+    g, key = group(), "f-" + uuid.uuid4().hex[:6]
+    lim = pb.Limit(floating_concurrency=pb.FloatingConcurrencyLimit(
+        key=key, default_max_concurrency=1, refresh_interval_ms=60_000, metadata={"a": "b"}))
+    for i in range(3):
+        client.enqueue(task_group=g, limits=[lim], id=f"{g}-{i}")
+    r = client.stub.LeaseTasks(pb.LeaseTasksRequest(worker_id="w", max_tasks=1, task_group=g))
+    assert len(r.tasks) == 1 and len(r.refresh_tasks) == 1
+    rt = r.refresh_tasks[0]
+    assert (rt.queue_key, rt.current_max_concurrency, dict(rt.metadata)) == (key, 1, {"a": "b"})
+    assert rt.lease_ms == 1000 and rt.shard == client.shard_for(None)
+    with pytest.raises(Exception) as e:
+        client.stub.ReportRefreshOutcome(pb.ReportRefreshOutcomeRequest(shard=rt.shard,
+                                                                        task_id=rt.id))
+    assert "missing outcome" in str(e.value)
+    client.stub.ReportRefreshOutcome(pb.ReportRefreshOutcomeRequest(
+        shard=rt.shard, task_id=rt.id, success=pb.RefreshSuccess(new_max_concurrency=3)))
+    assert len(client.lease(10, g)) == 2  # the raised max let both waiters in
+    with pytest.raises(Exception) as e:
+        client.stub.ReportRefreshOutcome(pb.ReportRefreshOutcomeRequest(
+            shard=rt.shard, task_id=rt.id, success=pb.RefreshSuccess(new_max_concurrency=3)))
+    assert "lease not found" in str(e.value)

@@ -18,6 +18,7 @@ from silo.storage.records import (
     SCHEDULED,
     SUCCEEDED,
     ConcurrencyLimit,
+    FloatingConcurrencyLimit,
     RateLimit,
     RateLimitRetryPolicy,
     RetryPolicy,
@@ -316,4 +317,66 @@ def test_holder_rows_match_memory_after_a_run():
         for lt in got:
             await outcome.report_outcome(s, lt.lease.task.task_id, outcome.Success(b""))
         assert len(await s.committer.scan_prefix(b"\x09")) == 2  # granted to j2, j3
+    run(t)
+
+
+def floating(key: str, default: int, interval: int = 1000) -> FloatingConcurrencyLimit:
+    return FloatingConcurrencyLimit(key, default, interval, {"m": "1"})
+
+
+def split(got):
+    jobs = [x for x in got if x.info is not None]
+    refresh = [x for x in got if x.info is None]
+    return jobs, refresh
+
+
+def test_floating_limit_state_is_created_by_the_first_job_and_shared():
+    async def t(s, clock):
+        await add(s, "a", group="g1", limits=[floating("f", 1)])
+        await add(s, "b", group="g2", limits=[floating("f", 5)])  # later defaults ignored
+        st = s.floating[("-", "f")]
+        assert (st.current_max, st.default_max, st.metadata) == (1, 1, {"m": "1"})
+        jobs, refresh = split(await ids(s, "g1"))
+        assert [x.lease.task.job_id for x in jobs] == ["a"]
+        assert refresh == []  # b waits in g2: its refresh task is in g2
+        jobs, refresh = split(await ids(s, "g2", n=1))
+        assert jobs == [] and len(refresh) == 1  # not counted against max_tasks
+        r = refresh[0].lease.task
+        assert (r.queue_key, r.current_max_concurrency, r.metadata) == ("f", 1, {"m": "1"})
+    run(t)
+
+
+def test_refresh_success_raises_the_max_and_grants_waiters():
+    async def t(s, clock):
+        for i in range(4):
+            await add(s, f"j{i}", limits=[floating("f", 1)])
+        jobs, refresh = split(await ids(s))
+        assert len(jobs) == 1 and len(refresh) == 1
+        assert s.floating[("-", "f")].refresh_scheduled
+        limits.refresh_succeeded(s, refresh[0].lease.task, 3, clock.t)
+        jobs, refresh = split(await ids(s))
+        assert len(jobs) == 2 and refresh == []
+        st = s.floating[("-", "f")]
+        assert (st.current_max, st.refresh_scheduled, st.last_refreshed_at_ms) == (3, False, T0)
+        with pytest.raises(SiloError, match="new_max_concurrency must be >= 1"):
+            limits.refresh_succeeded(s, refresh[0].lease.task if refresh else
+                                     jobs[0].lease.task, 0, clock.t)
+    run(t)
+
+
+def test_refresh_failure_backs_off_and_expiry_unschedules():
+    async def t(s, clock):
+        await add(s, "a", limits=[floating("f", 1)])
+        await add(s, "b", limits=[floating("f", 1)])
+        _, [r] = split(await ids(s))
+        limits.refresh_failed(s, r.lease.task, clock.t)
+        st = s.floating[("-", "f")]
+        assert (st.retry_count, st.next_retry_at_ms, st.refresh_scheduled) == (1, T0 + 1000, True)
+        assert split(await ids(s))[1] == []
+        clock.t += 1000
+        _, [r2] = split(await ids(s))
+        clock.t += 10_000
+        assert await reap_expired_leases(s) >= 1
+        assert not s.floating[("-", "f")].refresh_scheduled
+        assert r2.lease.task.task_id not in s.leases
     run(t)
