@@ -26,6 +26,7 @@ from silo.shard.state import ShardConfig
 log = logging.getLogger("silo.worker")
 
 DRAIN_TIMEOUT_S = 10.0
+STORAGE_FAILED = 70  # exit status: a shard's storage failed; the supervisor restarts us
 
 
 class WorkerSpec:
@@ -66,6 +67,16 @@ async def serve_worker(spec: WorkerSpec) -> int:
         counts=spec.counts,
     )
     await node.open()
+    fatal = asyncio.Event()
+
+    def storage_failed(e: BaseException) -> None:
+        # Acknowledged writes are durable; nothing staged after the failure can be.
+        # Exit so the supervisor restarts this worker and reopens its shards cleanly.
+        log.error("worker %d: shard storage failed (%s); restarting the worker", spec.index, e)
+        fatal.set()
+
+    for shard in node.shards.values():
+        shard.committer.on_failure = storage_failed
     from silo.runtime.server import tune_gc  # noqa: PLC0415 - avoid an import cycle
 
     tune_gc()
@@ -86,7 +97,16 @@ async def serve_worker(spec: WorkerSpec) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(fatal.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
+    if fatal.is_set():
+        await server.stop(1.0)
+        await peer_server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(node.close(), 5.0)
+        return STORAGE_FAILED
     await server.stop(DRAIN_TIMEOUT_S)
     await peer_server.close()
     await node.close()

@@ -118,6 +118,9 @@ class GroupCommitter:
         self._unconfirmed: list[tuple[object, _Batch]] = []
         self._durability_task: asyncio.Task[None] | None = None
         self._failed: BaseException | None = None
+        # Called once when a write or durability wait fails (e.g. the database was
+        # fenced by another opener): the owner decides how to recover.
+        self.on_failure: Callable[[BaseException], None] | None = None
         self._closed = False
         self.batches_written = 0
         self.ops_written = 0
@@ -214,7 +217,7 @@ class GroupCommitter:
                 handle = await self._db.write(wb)
             except Exception as e:  # noqa: BLE001
                 log.error("shard write failed: %s", e)
-                self._failed = e
+                self._fail(e)
                 self._inflight.remove(b)
                 if not b.future.done():
                     b.future.set_exception(StorageError(f"write failed: {e}"))
@@ -239,7 +242,8 @@ class GroupCommitter:
                 try:
                     await handle.await_durable()
                 except Exception as e:  # noqa: BLE001
-                    self._failed = e
+                    log.error("shard durability wait failed: %s", e)
+                    self._fail(e)
                     for b in batches:
                         if not b.future.done():
                             b.future.set_exception(StorageError(f"durability wait failed: {e}"))
@@ -249,6 +253,12 @@ class GroupCommitter:
                         b.future.set_result(None)
         finally:
             self._durability_task = None
+
+    def _fail(self, e: BaseException) -> None:
+        first = self._failed is None
+        self._failed = e
+        if first and self.on_failure is not None:
+            self.on_failure(e)
 
     async def close(self) -> None:
         """Write and make durable everything staged, then stop the writer."""

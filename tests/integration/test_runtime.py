@@ -220,3 +220,37 @@ def test_sigterm_under_load_exits_zero_and_keeps_every_ack(tmp_path):
         for t, jid in acked:
             assert c2.get(jid, tenant=t).status == pb.JOB_STATUS_SCHEDULED
         c2.channel.close()
+
+
+def test_fenced_shard_storage_restarts_its_worker(tmp_path):
+    """Another opener fences a shard's database: the owning worker's next write fails,
+    the caller gets UNAVAILABLE, the worker exits and the supervisor brings it back."""
+    from slatedb.uniffi import DbBuilder, ObjectStore
+
+    with Server(tmp_path / "d", "--processes", str(PROCS)) as srv:
+        c = srv.client()
+        shard = c.shard_for(None)
+        before = c.enqueue(task_group="fence")
+        path = str((tmp_path / "d" / "objects" / "shards" / shard).resolve()).lstrip("/")
+
+        async def fence():
+            db = await DbBuilder(path, ObjectStore.resolve("file:///")).build()
+            return db
+
+        intruder = asyncio.run(fence())
+        with pytest.raises(grpc.RpcError) as e:
+            c.enqueue(task_group="fence")
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        deadline = time.time() + 30
+        after = None
+        while after is None and time.time() < deadline:
+            try:
+                after = c.enqueue(task_group="fence")
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+                time.sleep(0.2)
+        assert after is not None
+        assert any("shard storage failed" in x for x in srv.log)
+        assert c.get(before).status == pb.JOB_STATUS_SCHEDULED
+        del intruder
+        c.channel.close()
