@@ -3,12 +3,14 @@
 
     /tmp/venv/bin/python bench/load.py [--target HOST:PORT] [--duration 10] [--procs 2]
         [--concurrency 64] [--flush-interval-ms 10] [--scenario enqueue|e2e|all]
-        [--json out.json]
+        [--baseline] [--json out.json]
 
 Without --target the script starts its own `silo serve` (temp data dir, port 0,
 --shards 8) for each scenario and always stops it again. Load comes from --procs
 client processes (multiprocessing, spawn), each with its own uvloop event loop and
-grpc.aio channel. See bench/README.md for what each figure means.
+grpc.aio channel. With --baseline, each scenario is then run again, identically,
+against bench/noop_server.py (the same RPCs and gRPC server settings, no storage), and
+the report puts the two side by side. See bench/README.md for what each figure means.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ EMPTY_POLL_SLEEP_S = 0.005
 ERROR_SLEEP_S = 0.05
 SERVER_READY_TIMEOUT_S = 60.0
 SERVER_STOP_TIMEOUT_S = 15.0
+OTHER_LOAD_WARN_CORES = 0.25
+NOOP_SERVER = Path(__file__).resolve().parent / "noop_server.py"
 
 # Targets of the foundation issue (2 cores, one server process, flush 10 ms).
 TARGETS = {
@@ -90,23 +94,25 @@ def proc_children(pid: int) -> list[int]:
     return kids
 
 
-def tree_cpu_s(pid: int) -> float | None:
-    """CPU seconds of a process and all its live descendants (a forking server counts whole)."""
-    total = proc_cpu_s(pid)
-    if total is None:
-        return None
-    stack = proc_children(pid)
-    seen = {pid}
+def tree_cpu_by_pid(pid: int) -> dict[int, float]:
+    """CPU seconds of a process and each of its live descendants, by pid ({} if gone)."""
+    out: dict[int, float] = {}
+    stack = [pid]
     while stack:
         p = stack.pop()
-        if p in seen:
+        if p in out:
             continue
-        seen.add(p)
         c = proc_cpu_s(p)
         if c is not None:
-            total += c
+            out[p] = c
             stack.extend(proc_children(p))
-    return total
+    return out
+
+
+def tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds of a process and all its live descendants (a forking server counts whole)."""
+    by_pid = tree_cpu_by_pid(pid)
+    return sum(by_pid.values()) if pid in by_pid else None
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -142,7 +148,17 @@ def machine_info() -> dict[str, Any]:
         "kernel": platform.release(),
         "silo_commit": commit,
         "silo_tree_dirty": dirty,  # uncommitted changes under silo/ when the run started
+        "loadavg_at_start": os.getloadavg()[0],
+        "busy_pct_before_start": idle_check(),
     }
+
+
+def idle_check(seconds: float = 1.0) -> float:
+    """Share of all cores busy over `seconds` before the run: other load skews the figures."""
+    b0, t0 = machine_cpu()
+    time.sleep(seconds)
+    b1, t1 = machine_cpu()
+    return round(100 * (b1 - b0) / max(1.0, t1 - t0), 1)
 
 
 # ---------------------------------------------------------------------------
@@ -436,25 +452,43 @@ async def client_async(slot: int, cfg: dict[str, Any], counters: Any, go: Any, t
 # ---------------------------------------------------------------------------
 
 
-class ServerProc:
-    """A `silo serve` subprocess on 127.0.0.1, port 0, in a temp data dir."""
+def server_processes(args: argparse.Namespace) -> int:
+    """Worker processes of a self-started `silo serve`, as it resolves --processes 0
+    (one per core we may run on, at most one per shard); the no-op server gets as many."""
+    n = args.processes or len(os.sched_getaffinity(0))
+    return max(1, min(n, args.shards))
 
-    def __init__(self, args: argparse.Namespace):
+
+class ServerProc:
+    """A `silo serve` subprocess (or, kind "noop", bench/noop_server.py) on 127.0.0.1,
+    port 0, with its log (and data dir) in a temp dir."""
+
+    def __init__(self, args: argparse.Namespace, kind: str = "silo"):
+        assert kind in ("silo", "noop")
         self.args = args
-        self.tmp = Path(tempfile.mkdtemp(prefix="silo-bench-"))
+        self.kind = kind
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"silo-bench-{kind}-"))
         self.log_path = self.tmp / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.addr: str | None = None
         self.exit_code: int | None = None
 
-    def start(self) -> str:
+    def command(self) -> list[str]:
+        if self.kind == "noop":
+            return [sys.executable, str(NOOP_SERVER), "--grpc-addr", "127.0.0.1:0",
+                    "--processes", str(server_processes(self.args))]
         silo_bin = self.args.silo_bin or shutil.which("silo") or str(Path(sys.executable).parent / "silo")
         cmd = [silo_bin, "serve", "--data-dir", str(self.tmp / "data"),
                "--grpc-addr", "127.0.0.1:0",
                "--flush-interval-ms", str(self.args.flush_interval_ms),
                "--shards", str(self.args.shards)]
         cmd.append("--tenancy" if self.args.tenants > 0 else "--no-tenancy")
-        cmd += self.args.server_arg
+        if self.args.processes:
+            cmd += ["--processes", str(self.args.processes)]
+        return cmd + self.args.server_arg
+
+    def start(self) -> str:
+        cmd = self.command()
         self.cmd = cmd
         log = open(self.log_path, "wb")  # noqa: SIM115 - closed right below; the child keeps its fd
         try:
@@ -529,7 +563,8 @@ def sleep_until(t: float) -> None:
 
 
 def run_scenario(name: str, args: argparse.Namespace, target: str, server_pid: int | None,
-                 server: ServerProc | None) -> dict[str, Any]:
+                 server: ServerProc | None, label: str | None = None) -> dict[str, Any]:
+    label = label or name
     ctx = mp.get_context("spawn")
     owners = fetch_topology(target)
     if args.tenants > 0:
@@ -571,6 +606,7 @@ def run_scenario(name: str, args: argparse.Namespace, target: str, server_pid: i
             return {
                 "t": time.monotonic(),
                 "server": tree_cpu_s(server_pid) if server_pid else None,
+                "server_by_pid": tree_cpu_by_pid(server_pid) if server_pid else {},
                 "clients": sum(c for p in procs if p.pid and (c := proc_cpu_s(p.pid)) is not None),
                 "machine": machine_cpu(),
             }
@@ -600,7 +636,7 @@ def run_scenario(name: str, args: argparse.Namespace, target: str, server_pid: i
                 cpu_pct = (100 * (srv - last_srv) / dtt) if (srv is not None and last_srv is not None) else None
                 mid = now - dtt / 2  # label the second that just ended
                 phase = "warmup" if mid < win_start else ("measure" if mid < win_end else "drain")
-                line = (f"[{name}] t={now - start:5.1f}s {phase:7s} enq/s={rate[C_ENQ]:7.0f}")
+                line = (f"[{label}] t={now - start:5.1f}s {phase:7s} enq/s={rate[C_ENQ]:7.0f}")
                 if name == "e2e":
                     line += (f" done/s={rate[C_DONE]:7.0f} lease/s={rate[C_LEASE]:6.0f}"
                              f" empty/s={rate[C_EMPTY]:5.0f}")
@@ -665,6 +701,9 @@ def summarize(name: str, args: argparse.Namespace, results: dict[int, dict[str, 
         lats["report"] += r["report_lat_us"]
         lats["lease"] += r["lease_lat_us"]
     srv_cpu = (s1["server"] - s0["server"]) if (s0["server"] is not None and s1["server"] is not None) else None
+    # per server process (supervisor and workers): how evenly the load spread
+    by_proc = sorted(((c - s0["server_by_pid"].get(p, 0.0)) / window
+                      for p, c in s1["server_by_pid"].items()), reverse=True)
     cli_cpu = s1["clients"] - s0["clients"]
     mb = (s1["machine"][0] - s0["machine"][0]) / max(1.0, s1["machine"][1] - s0["machine"][1])
 
@@ -680,9 +719,14 @@ def summarize(name: str, args: argparse.Namespace, results: dict[int, dict[str, 
         "clients_missing": missing,
         "server_cpu_s": None if srv_cpu is None else round(srv_cpu, 3),
         "server_cpu_cores": None if srv_cpu is None else round(srv_cpu / window, 3),
+        "server_cpu_cores_by_process": [round(x, 2) for x in by_proc if x >= 0.005],
         "loadgen_cpu_s": round(cli_cpu, 3),
         "loadgen_cpu_cores": round(cli_cpu / window, 3),
         "machine_busy_pct": round(100 * mb, 1),
+        # busy cores not used by the server or the load generator: other processes (or
+        # kernel work nobody is billed for). Much above ~0.1 means the figures are skewed.
+        "other_cpu_cores": (None if srv_cpu is None else
+                            round(mb * (os.cpu_count() or 1) - (srv_cpu + cli_cpu) / window, 2)),
         "progress": progress,
     }
     if name == "enqueue":
@@ -737,7 +781,103 @@ def verdict(value: float | None, target: float, higher_is_better: bool) -> str:
         return ""
     ok = value >= target if higher_is_better else value <= target
     rel = "≥" if higher_is_better else "≤"
-    return f"   [target {rel} {target:,.0f}: {'met' if ok else 'MISSED'}]"
+    return f"[target {rel} {target:,.0f}: {'met' if ok else 'MISSED'}]"
+
+
+# Figure compared with the no-op baseline, per scenario: (rate key, server CPU per op key).
+BASELINE_KEYS = {
+    "enqueue": ("enqueue_per_s", "server_cpu_us_per_enqueue"),
+    "e2e": ("jobs_per_s", "server_cpu_us_per_job"),
+}
+
+
+def compare_baseline(name: str, ours: dict[str, Any], noop: dict[str, Any]) -> dict[str, Any]:
+    """Ours relative to the no-op server: rate as % of its rate, server CPU per op above its."""
+    rate_key, cpu_key = BASELINE_KEYS[name]
+    out: dict[str, Any] = {"rate_figure": rate_key, "server_cpu_figure": cpu_key,
+                           "rate_pct_of_noop": None, "server_cpu_us_over_noop": None,
+                           "loadgen_cpu_us_over_noop": None}
+    if "fatal" in ours or "fatal" in noop:
+        return out
+    if noop.get(rate_key):
+        out["rate_pct_of_noop"] = round(100.0 * ours[rate_key] / noop[rate_key], 1)
+    a, b = ours.get(cpu_key), noop.get(cpu_key)
+    if a is not None and b is not None:
+        out["server_cpu_us_over_noop"] = round(a - b, 1)
+    lg_key = cpu_key.replace("server_", "loadgen_")
+    a, b = ours.get(lg_key), noop.get(lg_key)
+    if a is not None and b is not None:
+        out["loadgen_cpu_us_over_noop"] = round(a - b, 1)
+    return out
+
+
+def scenario_rows(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(label, value, verdict) rows of one scenario's result."""
+    rows: list[tuple[str, str, str]] = []
+    if "fatal" in r:
+        rows.append(("FAILED", r["fatal"], ""))
+    elif name == "enqueue":
+        rows += [
+            ("durable enqueues/s", fmt(r["enqueue_per_s"]),
+             verdict(r["enqueue_per_s"], TARGETS["enqueue_per_s"], True)),
+            ("enqueues in window", fmt(r["enqueues"]), ""),
+            ("Enqueue latency", lat_str(r["enqueue_latency_ms"]), ""),
+            ("server CPU / Enqueue", fmt(r["server_cpu_us_per_enqueue"], " µs"),
+             verdict(r["server_cpu_us_per_enqueue"], TARGETS["server_cpu_us_per_enqueue"], False)),
+            ("loadgen CPU / Enqueue", fmt(r["loadgen_cpu_us_per_enqueue"], " µs"), ""),
+        ]
+    else:
+        rows += [
+            ("completed jobs/s", fmt(r["jobs_per_s"]),
+             verdict(r["jobs_per_s"], TARGETS["e2e_jobs_per_s"], True)),
+            ("completed in window", fmt(r["completed"]), ""),
+            ("enqueues/s", fmt(r["enqueue_per_s"]), ""),
+            ("backlog at end", fmt(r["backlog_at_end"]), ""),
+            ("enqueue→report", lat_str(r["e2e_latency_ms"], ("p50", "p99", "max")), ""),
+            ("Enqueue latency", lat_str(r["enqueue_latency_ms"], ("p50", "p99")), ""),
+            ("LeaseTasks latency", lat_str(r["lease_latency_ms"], ("p50", "p99")), ""),
+            ("ReportOutcome latency", lat_str(r["report_latency_ms"], ("p50", "p99")), ""),
+            ("LeaseTasks calls/s", f"{fmt(r['lease_calls_per_s'])}  ({fmt(r['lease_empty_pct'])}% empty,"
+             f" {fmt(r['tasks_per_lease'])} tasks/call)", ""),
+            ("server CPU / job", fmt(r["server_cpu_us_per_job"], " µs"),
+             verdict(r["server_cpu_us_per_job"], TARGETS["server_cpu_us_per_job"], False)),
+            ("loadgen CPU / job", fmt(r["loadgen_cpu_us_per_job"], " µs"), ""),
+        ]
+    if "fatal" not in r:
+        rows += [
+            ("server CPU", fmt(r["server_cpu_cores"], " cores"), ""),
+            ("  by process", " + ".join(f"{x:.2f}" for x in r.get("server_cpu_cores_by_process") or [])
+             or "n/a", ""),
+            ("loadgen CPU", fmt(r["loadgen_cpu_cores"], " cores"), ""),
+            ("machine busy", fmt(r["machine_busy_pct"], " %"), ""),
+            ("other busy CPU", fmt(r.get("other_cpu_cores"), " cores"),
+             "[WARNING: other load on the machine]"
+             if (r.get("other_cpu_cores") or 0) > OTHER_LOAD_WARN_CORES else ""),
+            ("errors", "none" if not r["error_total"] else
+             ", ".join(f"{k}={v}" for k, v in sorted(r["errors"].items())), ""),
+        ]
+        if r.get("completed_from_other_runs"):
+            rows.append(("note", f"{r['completed_from_other_runs']:,} of the completed jobs were"
+                         " enqueued before this run (no latency for them)", ""))
+        if r["client_fatal"] or r["clients_missing"]:
+            rows.append(("client failures",
+                         f"fatal={r['client_fatal']} missing={r['clients_missing']}", ""))
+        if r.get("server_alive_after") is False:
+            rows.append(("SERVER", "exited during the run", ""))
+    if r.get("server_exit_code") not in (0, None):
+        rows.append(("server exit code",
+                     f"{r['server_exit_code']} (negative = killed by signal)", ""))
+    return rows
+
+
+def print_details(r: dict[str, Any], who: str = "") -> None:
+    """Distinct error messages and the server's stderr tail, if any."""
+    for msg, n in (r.get("error_messages") or {}).items():
+        print(f"    {who}{n:>7,}  {msg}")
+    if r.get("server_stderr_tail"):
+        print(f"  {who}server stderr tail:")
+        for line in r["server_stderr_tail"].splitlines():
+            print(f"    | {line}")
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -746,68 +886,52 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"machine: {m['nproc']} cpus, {m['cpu_model']}, python {m['python']}, grpcio {m['grpcio']}")
     print(f"config:  target {c['target']}  procs {c['procs']}  concurrency {c['concurrency']}/proc"
           f"  workers {c['workers']}/proc (e2e)  flush {c['flush_interval_ms']} ms"
+          f"  server processes {c.get('server_processes') or 'n/a'}"
           f"  warmup {c['warmup_s']} s  window {c['duration_s']} s")
-    if c["target_mode"] == "self-started":
+    if c.get("baseline"):
+        print("baseline: each scenario also ran against bench/noop_server.py (same RPCs and"
+              " gRPC settings, no storage)")
+    if c["target_mode"] == "self-started" or c.get("baseline"):
         print("note:    load generator and server share this machine's cores")
+    busy = m.get("busy_pct_before_start")
+    if busy is not None and busy > 10:
+        print(f"WARNING: the machine was {busy:.0f} % busy before the run started: other"
+              " processes share the cores and skew every figure")
     for name, r in report["scenarios"].items():
         print()
         print(f"== {name} " + "=" * (60 - len(name)))
-        rows: list[tuple[str, str]] = []
-        if "fatal" in r:
-            rows.append(("FAILED", r["fatal"]))
-        elif name == "enqueue":
-            rows += [
-                ("durable enqueues/s", fmt(r["enqueue_per_s"])
-                 + verdict(r["enqueue_per_s"], TARGETS["enqueue_per_s"], True)),
-                ("enqueues in window", fmt(r["enqueues"])),
-                ("Enqueue latency", lat_str(r["enqueue_latency_ms"])),
-                ("server CPU / Enqueue", fmt(r["server_cpu_us_per_enqueue"], " µs")
-                 + verdict(r["server_cpu_us_per_enqueue"], TARGETS["server_cpu_us_per_enqueue"], False)),
-                ("loadgen CPU / Enqueue", fmt(r["loadgen_cpu_us_per_enqueue"], " µs")),
-            ]
-        else:
-            rows += [
-                ("completed jobs/s", fmt(r["jobs_per_s"])
-                 + verdict(r["jobs_per_s"], TARGETS["e2e_jobs_per_s"], True)),
-                ("completed in window", fmt(r["completed"])),
-                ("enqueues/s", fmt(r["enqueue_per_s"])),
-                ("backlog at end", fmt(r["backlog_at_end"])),
-                ("enqueue→report", lat_str(r["e2e_latency_ms"], ("p50", "p99", "max"))),
-                ("Enqueue latency", lat_str(r["enqueue_latency_ms"], ("p50", "p99"))),
-                ("LeaseTasks latency", lat_str(r["lease_latency_ms"], ("p50", "p99"))),
-                ("ReportOutcome latency", lat_str(r["report_latency_ms"], ("p50", "p99"))),
-                ("LeaseTasks calls/s", f"{fmt(r['lease_calls_per_s'])}  ({fmt(r['lease_empty_pct'])}% empty,"
-                 f" {fmt(r['tasks_per_lease'])} tasks/call)"),
-                ("server CPU / job", fmt(r["server_cpu_us_per_job"], " µs")
-                 + verdict(r["server_cpu_us_per_job"], TARGETS["server_cpu_us_per_job"], False)),
-                ("loadgen CPU / job", fmt(r["loadgen_cpu_us_per_job"], " µs")),
-            ]
-        if "fatal" not in r:
-            rows += [
-                ("server CPU", fmt(r["server_cpu_cores"], " cores")),
-                ("loadgen CPU", fmt(r["loadgen_cpu_cores"], " cores")),
-                ("machine busy", fmt(r["machine_busy_pct"], " %")),
-                ("errors", "none" if not r["error_total"] else
-                 ", ".join(f"{k}={v}" for k, v in sorted(r["errors"].items()))),
-            ]
-            if r.get("completed_from_other_runs"):
-                rows.append(("note", f"{r['completed_from_other_runs']:,} of the completed jobs were"
-                             " enqueued before this run (no latency for them)"))
-            if r["client_fatal"] or r["clients_missing"]:
-                rows.append(("client failures", f"fatal={r['client_fatal']} missing={r['clients_missing']}"))
-            if r.get("server_alive_after") is False:
-                rows.append(("SERVER", "exited during the run"))
-        if r.get("server_exit_code") not in (0, None):
-            rows.append(("server exit code", f"{r['server_exit_code']} (negative = killed by signal)"))
-        w = max(len(k) for k, _ in rows)
-        for k, v in rows:
-            print(f"  {k:<{w}}  {v}")
-        for msg, n in (r.get("error_messages") or {}).items():
-            print(f"    {n:>7,}  {msg}")
-        if r.get("server_stderr_tail"):
-            print("  server stderr tail:")
-            for line in r["server_stderr_tail"].splitlines():
-                print(f"    | {line}")
+        ours = scenario_rows(name, r)
+        noop_r = r.get("baseline")
+        if noop_r is None:
+            w = max(len(k) for k, _, _ in ours)
+            for k, v, vd in ours:
+                print(f"  {k:<{w}}  {v}" + (f"   {vd}" if vd else ""))
+            print_details(r)
+            continue
+        noop_rows = scenario_rows(name, noop_r)
+        noop = {k: v for k, v, _ in noop_rows}
+        noop_warn = {k: vd for k, _, vd in noop_rows if vd.startswith("[WARNING")}
+        labels = [k for k, _, _ in ours] + [k for k in noop if k not in {x[0] for x in ours}]
+        ours_d = {k: (v, vd) for k, v, vd in ours}
+        w = max(len(k) for k in labels)
+        w1 = max([len("ours")] + [len(v) for v, _ in ours_d.values()])
+        w2 = max([len("no-op")] + [len(v) for v in noop.values()])
+        print(f"  {'':<{w}}  {'ours':<{w1}}  no-op")
+        for k in labels:
+            v, vd = ours_d.get(k, ("", ""))
+            if k in noop_warn:
+                vd = f"{vd} [no-op run: {noop_warn[k][1:]}".strip()
+            line = f"  {k:<{w}}  {v:<{w1}}  {noop.get(k, ''):<{w2}}"
+            print((line + f"  {vd}") if vd else line.rstrip())
+        cmp_ = r.get("vs_baseline") or {}
+        rate_label = "durable enqueues/s" if name == "enqueue" else "completed jobs/s"
+        op = "Enqueue" if name == "enqueue" else "job"
+        print(f"  -> ours as % of the no-op rate ({rate_label}): {fmt(cmp_.get('rate_pct_of_noop'), ' %')}")
+        delta = cmp_.get("server_cpu_us_over_noop")
+        print(f"  -> our server CPU / {op} minus the no-op's (storage + state machine): "
+              + ("n/a" if delta is None else f"{delta:+,.1f} µs"))
+        print_details(r, "ours: ")
+        print_details(noop_r, "no-op: ")
     print()
 
 
@@ -827,12 +951,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--channels", type=int, default=1, help="gRPC channels per client process")
     ap.add_argument("--flush-interval-ms", type=int, default=10)
     ap.add_argument("--shards", type=int, default=8, help="shards of a self-started server")
+    ap.add_argument("--processes", type=int, default=0,
+                    help="worker processes of the self-started server and of the no-op baseline"
+                         " (0 = silo's default: one per core, at most one per shard)")
     ap.add_argument("--tenants", type=int, default=0,
                     help="spread over N tenants (self-started server gets --tenancy); 0 = none")
     ap.add_argument("--scenario", choices=("enqueue", "e2e", "all"), default="all")
     ap.add_argument("--call-timeout", type=float, default=10.0, help="deadline of each RPC, s")
     ap.add_argument("--max-ops", type=int, default=10_000_000,
                     help="safety cap on iterations of each client loop")
+    ap.add_argument("--baseline", action="store_true",
+                    help="after each scenario, run it again against bench/noop_server.py"
+                         " (no storage) and report ours as a share of that")
     ap.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     ap.add_argument("--silo-bin", help="silo executable (default: the one next to this python)")
     ap.add_argument("--server-arg", action="append", default=[],
@@ -848,6 +978,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+
+
+def run_against(name: str, args: argparse.Namespace, kind: str,
+                report: dict[str, Any]) -> dict[str, Any]:
+    """Run one scenario against our server (kind "silo": --target or self-started) or
+    against a self-started no-op server (kind "noop"); always stop what was started."""
+    server = None
+    label = name if kind == "silo" else f"{name}/noop"
+    try:
+        if kind == "silo" and args.target:
+            target, pid = args.target, args.server_pid
+        else:
+            server = ServerProc(args, kind)
+            target = server.start()
+            pid = server.pid
+            report["config"]["server_cmd" if kind == "silo" else "baseline_cmd"] = server.cmd
+            print(f"[{label}] server pid {pid} on {target}", file=sys.stderr, flush=True)
+        try:
+            res = run_scenario(name, args, target, pid, server, label)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            res = {"fatal": f"{type(e).__name__}: {e}"}
+        if server is not None:
+            code = server.stop()
+            res["server_exit_code"] = code
+            bad = res.get("error_total") or "fatal" in res or code not in (0, None)
+            if bad:
+                res["server_stderr_tail"] = server.tail(40)
+            res["server_log_warnings"] = [ln for ln in server.log_text().splitlines()
+                                          if re.search(r"\b(ERROR|WARNING|CRITICAL)\b|Traceback", ln)][:50]
+        return res
+    finally:
+        if server is not None:
+            server.stop()
+            server.cleanup()
+
+
+def failed(res: dict[str, Any]) -> bool:
+    return bool(res.get("error_total")) or "fatal" in res
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     scenarios = ["enqueue", "e2e"] if args.scenario == "all" else [args.scenario]
@@ -860,7 +1032,9 @@ def main(argv: list[str] | None = None) -> int:
             "procs": args.procs, "concurrency": args.concurrency, "workers": args.workers,
             "channels": args.channels, "flush_interval_ms": args.flush_interval_ms,
             "duration_s": args.duration, "warmup_s": args.warmup, "shards": args.shards,
+            "server_processes": None if args.target else server_processes(args),
             "tenants": args.tenants, "lease_batch": LEASE_BATCH, "task_group": TASK_GROUP,
+            "baseline": args.baseline,
             "argv": sys.argv,
         },
         "targets": TARGETS,
@@ -875,39 +1049,16 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     try:
         for name in scenarios:
-            server = None
-            try:
-                if args.target:
-                    target, pid = args.target, args.server_pid
-                else:
-                    server = ServerProc(args)
-                    target = server.start()
-                    pid = server.pid
-                    report["config"]["server_cmd"] = server.cmd
-                    print(f"[{name}] server pid {pid} on {target}", file=sys.stderr, flush=True)
-                try:
-                    res = run_scenario(name, args, target, pid, server)
-                except KeyboardInterrupt:
-                    raise
-                except Exception as e:
-                    res = {"fatal": f"{type(e).__name__}: {e}"}
+            res = run_against(name, args, "silo", report)
+            report["scenarios"][name] = res
+            if failed(res):
+                rc = 1
+            if args.baseline:
+                noop = run_against(name, args, "noop", report)
+                res["baseline"] = noop
+                res["vs_baseline"] = compare_baseline(name, res, noop)
+                if failed(noop):
                     rc = 1
-                if server is not None:
-                    code = server.stop()
-                    res["server_exit_code"] = code
-                    bad = res.get("error_total") or "fatal" in res or code not in (0, None)
-                    tail = server.tail(40)
-                    if bad:
-                        res["server_stderr_tail"] = tail
-                    res["server_log_warnings"] = [ln for ln in server.log_text().splitlines()
-                                                  if re.search(r"\b(ERROR|WARNING|CRITICAL)\b|Traceback", ln)][:50]
-                if res.get("error_total") or "fatal" in res:
-                    rc = 1
-                report["scenarios"][name] = res
-            finally:
-                if server is not None:
-                    server.stop()
-                    server.cleanup()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         rc = 130
