@@ -77,10 +77,17 @@ class Chain:
                    t.task_group, t.priority, t.start_ms, t.limits,
                    list(t.held_queues) if held is None else held)
 
+    def _step(self, index: int) -> dict:
+        return dict(task_id=self.task_id, tenant=self.tenant, job_id=self.job_id,
+                    attempt=self.attempt, relative_attempt=self.relative,
+                    task_group=self.task_group, held_queues=list(self.held), limit_index=index,
+                    priority=self.priority, start_ms=self.start_ms, limits=self.limits)
+
     def ticket(self, index: int, queue: str) -> RequestTicket:
-        return RequestTicket(self.task_id, self.tenant, self.job_id, self.attempt,
-                             self.relative, self.task_group, list(self.held), index, queue,
-                             self.priority, self.start_ms, self.limits)
+        return RequestTicket(**self._step(index), queue=queue)
+
+    def rate_check(self, index: int, retry_count: int) -> CheckRateLimit:
+        return CheckRateLimit(**self._step(index), retry_count=retry_count)
 
     def task_key(self) -> bytes:
         return keys.task(self.task_group, self.start_ms, self.priority, self.job_id,
@@ -138,7 +145,7 @@ def walk(shard: Shard, job: ActiveJob, chain: Chain, index: int, now: int,
                 maybe_schedule_refresh(shard, chain.tenant, queue, chain.task_group, now)
             return
         if isinstance(limit, RateLimit):
-            _add_chain_task(shard, job, chain, _rate_check(chain, i, 0))
+            _add_chain_task(shard, job, chain, chain.rate_check(i, 0))
             return
     _add_chain_task(shard, job, chain, RunAttempt(
         chain.task_id, chain.tenant, chain.job_id, chain.attempt, chain.relative,
@@ -152,12 +159,6 @@ def capacity(shard: Shard, tenant: str, limit: ConcurrencyLimit | FloatingConcur
         return limit.max_concurrency
     st = shard.floating.get((tenant, limit.key))
     return st.current_max if st is not None else limit.default_max_concurrency
-
-
-def _rate_check(chain: Chain, index: int, retry_count: int) -> CheckRateLimit:
-    return CheckRateLimit(chain.task_id, chain.tenant, chain.job_id, chain.attempt,
-                          chain.relative, chain.task_group, list(chain.held), index,
-                          retry_count, 0, chain.priority, chain.start_ms, chain.limits)
 
 
 def _add_chain_task(shard: Shard, job: ActiveJob, chain: Chain, task) -> None:
@@ -368,7 +369,7 @@ def check_rate_limit(shard: Shard, job: ActiveJob, step, now: int) -> None:
     reset = decision.reset_ms
     at = reset if now < reset < now + policy.max_backoff_ms else now + int(backoff)
     chain = Chain.of(step)
-    nxt = _rate_check(chain, step.limit_index, step.retry_count + 1)
+    nxt = chain.rate_check(step.limit_index, step.retry_count + 1)
     # Re-queued at the retry time; the chain's own start time is kept inside it.
     key = keys.task(chain.task_group, max(at, now + 1), chain.priority, chain.job_id,
                     chain.attempt, chain.tenant)

@@ -115,45 +115,38 @@ class RunAttempt(msgspec.Struct, array_like=True, tag=1):
     held_queues: list[str] = []
 
 
-class RequestTicket(msgspec.Struct, array_like=True, tag=2):
-    """A job's limit chain stopped at concurrency limit `limit_index`.
+class ChainStep(msgspec.Struct, array_like=True):
+    """Where an attempt's walk through its job's limits stopped: it carries everything
+    needed to resume without reading the job (order, start time, limits, held slots)."""
+
+    task_id: str
+    tenant: str
+    job_id: str
+    attempt: int
+    relative_attempt: int
+    task_group: str
+    held_queues: list[str]
+    limit_index: int
+    priority: int
+    start_ms: int
+    limits: list[Limit]
+
+
+class RequestTicket(ChainStep, tag=2):
+    """Stopped at concurrency limit `limit_index` on `queue`.
 
     As a task (in the ready queue at the job's start time) it asks for the slot when it
     becomes due, so future jobs never hold slots early; stored under a concurrency
-    request key it is a parked waiter, granted in (start, priority, job id) order. It
-    carries everything needed to resume the chain without reading the job.
+    request key it is a parked waiter, granted in (start, priority, job id) order.
     """
 
-    task_id: str
-    tenant: str
-    job_id: str
-    attempt: int
-    relative_attempt: int
-    task_group: str
-    held_queues: list[str]
-    limit_index: int
     queue: str
-    priority: int = 0
-    start_ms: int = 0
-    limits: list[Limit] = []
 
 
-class CheckRateLimit(msgspec.Struct, array_like=True, tag=3):
-    """A job's limit chain waiting to pass rate limit `limit_index` (checked when due)."""
+class CheckRateLimit(ChainStep, tag=3):
+    """Waiting to pass rate limit `limit_index` (checked when due, `retry_count` so far)."""
 
-    task_id: str
-    tenant: str
-    job_id: str
-    attempt: int
-    relative_attempt: int
-    task_group: str
-    held_queues: list[str]
-    limit_index: int
     retry_count: int
-    started_at_ms: int
-    priority: int = 0
-    start_ms: int = 0
-    limits: list[Limit] = []
 
 
 class RefreshFloatingLimit(msgspec.Struct, array_like=True, tag=4):

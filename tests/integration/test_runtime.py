@@ -157,33 +157,40 @@ async def _enqueue_loop(addr: str, shard_of, tenants, stop: asyncio.Event, acked
                 await asyncio.sleep(0.01)
 
 
+def enqueue_under_load(srv: Server, c: Client, tenants: list[str], disrupt,
+                       before: float = 1.0, after: float = 4.0) -> tuple[list, list]:
+    """Keep enqueueing across all tenants, call disrupt() midway; (acked, errors)."""
+    async def scenario():
+        stop = asyncio.Event()
+        acked: list = []
+        errors: list = []
+        load = asyncio.create_task(
+            _enqueue_loop(srv.addr, c.shard_for, tenants, stop, acked, errors))
+        await asyncio.sleep(before)
+        disrupt()
+        await asyncio.sleep(after)
+        stop.set()
+        await load
+        return acked, errors
+
+    return asyncio.run(scenario())
+
+
 def test_killed_worker_restarts_and_loses_nothing(tmp_path):
     with Server(tmp_path / "d", "--processes", str(PROCS), "--tenancy", "--shards", "8") as srv:
         c = srv.client()
         tenants = tenants_covering_all_shards(c, per_shard=1)
         victim = worker_pids(srv)[1]
-
-        async def scenario():
-            stop = asyncio.Event()
-            acked: list = []
-            errors: list = []
-            load = asyncio.create_task(
-                _enqueue_loop(srv.addr, c.shard_for, tenants, stop, acked, errors))
-            await asyncio.sleep(1.0)
-            os.kill(victim, signal.SIGKILL)
-            await asyncio.sleep(4.0)
-            stop.set()
-            await load
-            return acked, errors
-
-        acked, errors = asyncio.run(scenario())
+        acked, errors = enqueue_under_load(srv, c, tenants,
+                                           lambda: os.kill(victim, signal.SIGKILL))
         # The dead worker's shards answered UNAVAILABLE (never a hang, never "shard not
         # found") until its replacement reopened them; the rest kept serving.
         assert all(code == grpc.StatusCode.UNAVAILABLE for _, code, _ in errors), errors[:3]
         assert not any("shard not found" in d for _, _, d in errors)
         assert len(acked) > 100
         deadline = time.time() + 30
-        while time.time() < deadline and victim in worker_pids(srv) or len(worker_pids(srv)) < PROCS:
+        while time.time() < deadline and (victim in worker_pids(srv)
+                                          or len(worker_pids(srv)) < PROCS):
             time.sleep(0.1)
         assert victim not in worker_pids(srv) and len(worker_pids(srv)) == PROCS
         assert any("restarting" in x for x in srv.log)
@@ -199,20 +206,9 @@ def test_sigterm_under_load_exits_zero_and_keeps_every_ack(tmp_path):
         c = srv.client()
         tenants = tenants_covering_all_shards(c, per_shard=1)
 
-        async def scenario():
-            stop = asyncio.Event()
-            acked: list = []
-            errors: list = []
-            load = asyncio.create_task(
-                _enqueue_loop(srv.addr, c.shard_for, tenants, stop, acked, errors))
-            await asyncio.sleep(1.0)
-            srv.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(1.5)
-            stop.set()
-            await load
-            return acked
-
-        acked = asyncio.run(scenario())
+        acked, _ = enqueue_under_load(srv, c, tenants,
+                                      lambda: srv.proc.send_signal(signal.SIGTERM),
+                                      after=1.5)
         assert srv.proc.wait(60) == 0
         c.channel.close()
     with Server(tmp_path / "d", "--tenancy") as srv2:
