@@ -57,3 +57,23 @@ def test_idle_client_pinging_every_5s_is_not_sent_away(tmp_path):
         assert ch._channel.check_connectivity_state(False) == 2  # READY: no GOAWAY, no reconnect
         stub.GetClusterInfo(pb.GetClusterInfoRequest(), timeout=5)
         assert not any("too_many_pings" in x for x in srv.log)
+
+
+def test_auth_token_is_required_when_set(tmp_path):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with Server(tmp_path / "d", "--auth-token", "s3cret") as srv, \
+            grpc.insecure_channel(srv.addr) as ch:
+        stub = pb_grpc.SiloStub(ch)
+        for md, msg in ((None, "missing authorization header"),
+                        ((("authorization", "Bearer nope"),), "invalid auth token")):
+            try:
+                stub.GetClusterInfo(pb.GetClusterInfoRequest(), metadata=md, timeout=5)
+                raise AssertionError("expected UNAUTHENTICATED")
+            except grpc.RpcError as e:
+                assert (e.code(), e.details()) == (grpc.StatusCode.UNAUTHENTICATED, msg)
+        ok = stub.GetClusterInfo(pb.GetClusterInfoRequest(), timeout=5,
+                                 metadata=(("authorization", "Bearer s3cret"),))
+        assert ok.num_shards == 8
+        h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert h.status == health_pb2.HealthCheckResponse.SERVING  # health bypasses auth
