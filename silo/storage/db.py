@@ -116,6 +116,7 @@ class GroupCommitter:
         self._fill = ffi.batch_writer() if ffi.is_applied() else _fill_generic
         self._writer = asyncio.create_task(self._write_loop(), name="silo-committer")
         self._unconfirmed: list[tuple[object, _Batch]] = []
+        self._last_handle: object | None = None
         self._durability_task: asyncio.Task[None] | None = None
         self._failed: BaseException | None = None
         # Called once when a write or durability wait fails (e.g. the database was
@@ -211,6 +212,17 @@ class GroupCommitter:
             b = await self._queue.get()
             if b is None:
                 return
+            if not b.writes:
+                # Nothing to write (an operation that changed nothing still awaits the
+                # batch): it is durable once everything written before it is.
+                self._inflight.remove(b)
+                if self._last_handle is None:
+                    b.future.set_result(None)
+                    continue
+                self._unconfirmed.append((self._last_handle, b))
+                if self._durability_task is None:
+                    self._durability_task = asyncio.create_task(self._confirm_durability())
+                continue
             try:
                 wb = WriteBatch()
                 self._fill(wb, b.writes)
@@ -223,6 +235,7 @@ class GroupCommitter:
                     b.future.set_exception(StorageError(f"write failed: {e}"))
                 continue
             self._inflight.remove(b)
+            self._last_handle = handle
             self.batches_written += 1
             self.ops_written += b.ops
             self._unconfirmed.append((handle, b))

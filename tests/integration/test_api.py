@@ -349,3 +349,16 @@ def test_reset_shards_wipes_everything_in_dev_mode(client):
     assert all(s.total_jobs == 0 for s in info.owned_shards)
     client.enqueue(task_group=g)  # usable right away
     assert len(client.lease(1, g)) == 1
+
+
+def test_force_release_and_flush_shard(client):
+    sid = client.shard_for(None)
+    assert client.stub.ForceReleaseShard(pb.ForceReleaseShardRequest(shard=sid)).released
+    with pytest.raises(grpc.RpcError) as e:
+        client.stub.ForceReleaseShard(pb.ForceReleaseShardRequest(shard="nope"))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    r = client.stub.FlushShard(pb.FlushShardRequest(shard=sid))
+    assert r.status == f"flushed shard {sid}"
+    with pytest.raises(grpc.RpcError) as e:
+        client.stub.FlushShard(pb.FlushShardRequest(shard=str(uuid.uuid4())))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND

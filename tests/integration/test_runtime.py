@@ -250,3 +250,25 @@ def test_fenced_shard_storage_restarts_its_worker(tmp_path):
         assert c.get(before).status == pb.JOB_STATUS_SCHEDULED
         del intruder
         c.channel.close()
+
+
+def test_crash_looping_worker_makes_the_server_give_up(tmp_path):
+    srv = Server(tmp_path / "d", "--processes", str(PROCS))
+    with srv:
+        for _ in range(5):
+            pids = worker_pids(srv)
+            victim = pids[-1]
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.time() + 20
+            while time.time() < deadline and srv.proc.poll() is None:
+                now = worker_pids(srv)
+                if victim not in now and len(now) == PROCS:
+                    break
+                time.sleep(0.05)
+        assert srv.proc.wait(30) == 1
+        assert any("giving up" in x for x in srv.log)
+        assert not worker_pids_alive(pids)
+
+
+def worker_pids_alive(pids: list[int]) -> bool:
+    return any(Path(f"/proc/{p}").exists() for p in pids)

@@ -12,7 +12,17 @@ import uuid
 import pytest
 
 from silo.errors import SiloError
-from silo.shard import cancel, delete, enqueue, expedite, get_job, lease, outcome, restart
+from silo.shard import (
+    cancel,
+    delete,
+    enqueue,
+    expedite,
+    get_job,
+    lease,
+    limits,
+    outcome,
+    restart,
+)
 from silo.shard.reaper import reap_expired_leases
 from silo.shard.state import Shard, ShardConfig
 from silo.storage.records import (
@@ -449,3 +459,14 @@ def test_state_survives_reopen(tmp_path):
         assert lt.lease.task.job_id == "future"
         assert s.tenant_status[("-", "Running")] == 3
     run(after, url, sid)
+
+
+def test_an_operation_that_stages_nothing_still_commits():
+    async def t(s, clock):
+        await s.committer.commit()  # nothing written yet
+        await add(s)
+        await s.committer.commit()  # after a write: waits for its durability
+        assert limits.drop_tenant_holders(s, "-", clock.t) == 0
+        await s.committer.commit()
+        await add(s)  # storage still healthy
+    run(t)
