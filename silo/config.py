@@ -46,6 +46,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     flush_interval_ms: int = 10
     commit_interval_ms: float = 5.0
     l0_sst_size_bytes: int = 16 * MiB
+    flush_on_commit: bool = True
     shards: int = 8
     tenancy: bool = False
     lease_ms: int = 10_000
@@ -334,6 +335,13 @@ OPTIONS: tuple[Option, ...] = (
         _int(MiB, unit=" (1 MiB)"),
         "SlateDB memtable size before flushing to L0",
         "BYTES",
+    ),
+    Option(
+        "flush_on_commit",
+        "storage.flush_on_commit",
+        _bool,
+        "flush the WAL right after each group commit instead of at the next flush "
+        "interval: durable acks in ~1-3 ms, one object-store write per commit",
     ),
     Option(
         "shards",

@@ -96,7 +96,7 @@ class ReadyQueue:
 
 class ShardConfig:
     __slots__ = ("lease_ms", "flush_interval_ms", "commit_interval_ms", "l0_sst_size_bytes",
-                 "info_cache_bytes")
+                 "info_cache_bytes", "flush_on_commit")
 
     def __init__(
         self,
@@ -106,12 +106,14 @@ class ShardConfig:
         commit_interval_ms: float = 5.0,
         l0_sst_size_bytes: int = 16 << 20,
         info_cache_bytes: int = 16 << 20,
+        flush_on_commit: bool = False,
     ) -> None:
         self.lease_ms = lease_ms
         self.flush_interval_ms = flush_interval_ms
         self.commit_interval_ms = commit_interval_ms
         self.l0_sst_size_bytes = l0_sst_size_bytes
         self.info_cache_bytes = info_cache_bytes
+        self.flush_on_commit = flush_on_commit
 
 
 class Shard:
@@ -135,6 +137,7 @@ class Shard:
         self.committer = GroupCommitter(
             db, commit_interval_s=config.commit_interval_ms / 1000, on_seal=self._seal_counters
         )
+        self.committer.flush_on_commit = config.flush_on_commit
         self.active: dict[tuple[str, str], ActiveJob] = {}
         self.tasks: dict[bytes, Task] = {}
         self.queues: dict[str, ReadyQueue] = {}
