@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Load generator for a Silo server: durable enqueue rate and end-to-end job rate.
+"""Load generator for a Silo server: enqueue rate, latency at a fixed rate, backlog
+drain, end-to-end saturation and many tenants, each optionally next to a no-op baseline.
 
     /tmp/venv/bin/python bench/load.py [--target HOST:PORT] [--duration 10] [--procs 2]
-        [--concurrency 64] [--flush-interval-ms 10] [--scenario enqueue|e2e|all]
-        [--baseline] [--json out.json]
+        [--concurrency 64] [--flush-interval-ms 10]
+        [--scenario enqueue,steady,drain,saturation,tenants|e2e|all]
+        [--rate 500] [--backlog 20000] [--many-tenants 10000] [--baseline] [--json out.json]
 
 Without --target the script starts its own `silo serve` (temp data dir, port 0,
 --shards 8) for each scenario and always stops it again. Load comes from --procs
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import datetime as dt
 import json
 import multiprocessing as mp
@@ -44,7 +47,23 @@ ERROR_SLEEP_S = 0.05
 SERVER_READY_TIMEOUT_S = 60.0
 SERVER_STOP_TIMEOUT_S = 15.0
 OTHER_LOAD_WARN_CORES = 0.25
+CLIENT_START_TIMEOUT_S = 60.0
+FILL_MAX_ERRORS = 1000  # a pre-fill gives up after this many failed Enqueue calls per process
 NOOP_SERVER = Path(__file__).resolve().parent / "noop_server.py"
+
+# Scenarios: name -> what the client processes do.
+#   enqueue: closed-loop Enqueue only; mixed: enqueuers + workers, closed loop;
+#   steady: Enqueue at a fixed rate + workers; drain: pre-fill, then workers only.
+MODES = {
+    "enqueue": "enqueue",
+    "steady": "steady",
+    "drain": "drain",
+    "saturation": "mixed",
+    "tenants": "mixed",
+}
+ALIASES = {"e2e": "saturation"}
+# `--scenario all`: the standard suite, in this order.
+STANDARD = ["enqueue", "steady", "drain", "saturation", "tenants"]
 
 # Targets of the foundation issue (2 cores, one server process, flush 10 ms).
 TARGETS = {
@@ -54,9 +73,9 @@ TARGETS = {
     "server_cpu_us_per_job": 700.0,
 }
 
-# Shared counter slots per client process (read once a second for progress).
-C_ENQ, C_DONE, C_ERR, C_LEASE, C_EMPTY = range(5)
-N_COUNTERS = 5
+# Shared counter slots per client process (read by the parent for progress and phases).
+C_ENQ, C_DONE, C_ERR, C_LEASE, C_EMPTY, C_FILLED = range(6)
+N_COUNTERS = 6
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -235,7 +254,8 @@ class Recorder:
         self.done_ok = 0
         self.done_ok_win = 0
         self.stale_done_win = 0  # completed tasks enqueued by someone else (earlier runs)
-        self.e2e_lat_us: list[float] = []
+        self.e2e_lat_us: list[float] = []  # enqueue call -> its ReportOutcome returned OK
+        self.pickup_lat_us: list[float] = []  # enqueue call -> a worker's LeaseTasks returned it
         self.report_lat_us: list[float] = []
         self.lease_calls = 0
         self.lease_calls_win = 0
@@ -244,6 +264,12 @@ class Recorder:
         self.leased_tasks = 0
         self.leased_tasks_win = 0
         self.lease_lat_us: list[float] = []
+        self.send_lag_us: list[float] = []  # steady: actual send time - scheduled send time
+        self.sends_skipped = 0  # steady: sends dropped, --concurrency calls already in flight
+        self.fill_ok = 0  # drain/fill: jobs enqueued by the pre-fill
+        self.fill_s: float | None = None
+        self.last_done_t: float | None = None  # time.monotonic() of the last OK ReportOutcome
+        self.n_errors = 0
         self.errors: Counter[str] = Counter()
         self.error_msgs: Counter[str] = Counter()
 
@@ -262,6 +288,7 @@ class Recorder:
         else:
             code = "CLIENT_" + type(exc).__name__
             msg = str(exc)
+        self.n_errors += 1
         self.errors[f"{rpc}:{code}"] += 1
         key = f"{rpc}:{code}: {msg[:200]}"
         if key in self.error_msgs or len(self.error_msgs) < 20:
@@ -273,14 +300,14 @@ class Recorder:
                 for k, v in self.__dict__.items() if k not in ("counters", "base")}
 
 
-def client_main(slot: int, cfg: dict[str, Any], counters: Any, go: Any, t0: Any,
-                ready_q: Any, result_q: Any) -> None:
+def client_main(slot: int, cfg: dict[str, Any], shared: dict[str, Any], ready_q: Any,
+                result_q: Any) -> None:
     """Entry point of one spawned client process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     import uvloop
 
     try:
-        res = uvloop.run(client_async(slot, cfg, counters, go, t0, ready_q))
+        res = uvloop.run(client_async(slot, cfg, shared, ready_q))
     except BaseException as e:  # report anything, the parent must not hang
         res = {"fatal": f"{type(e).__name__}: {e}"}
         with contextlib.suppress(Exception):
@@ -288,7 +315,7 @@ def client_main(slot: int, cfg: dict[str, Any], counters: Any, go: Any, t0: Any,
     result_q.put((slot, res))
 
 
-async def client_async(slot: int, cfg: dict[str, Any], counters: Any, go: Any, t0: Any,
+async def client_async(slot: int, cfg: dict[str, Any], shared: dict[str, Any],
                        ready_q: Any) -> dict[str, Any]:
     import grpc
     import msgspec
@@ -296,6 +323,7 @@ async def client_async(slot: int, cfg: dict[str, Any], counters: Any, go: Any, t
     from silo._proto import silo_pb2 as pb
     from silo._proto import silo_pb2_grpc as pb_grpc
 
+    counters = shared["counters"]
     opts = [("grpc.max_send_message_length", 128 << 20),
             ("grpc.max_receive_message_length", 128 << 20)]
     channels = [grpc.aio.insecure_channel(cfg["target"], options=opts + [("grpc.use_local_subchannel_pool", 1)])
@@ -308,13 +336,19 @@ async def client_async(slot: int, cfg: dict[str, Any], counters: Any, go: Any, t
         await stubs[0].GetClusterInfo(pb.GetClusterInfoRequest(), timeout=call_timeout)
         ready_q.put((slot, None))
         loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(None, go.wait, 120):
+        if not await loop.run_in_executor(None, shared["go"].wait, 120):
             return {"fatal": "never got the start signal"}
-        start = t0.value
-        win_start = start + cfg["warmup"]
-        win_end = win_start + cfg["duration"]
-        stop_at = win_end
-        rec = Recorder(counters, slot, win_start, win_end)
+        mode = cfg["mode"]
+        nprocs = cfg["procs"]
+        start = shared["t0"].value
+        if mode in ("drain", "fill"):
+            # the pre-fill is its own window; drain sets a new one when it starts
+            stop_at = start + cfg["fill_timeout"]
+            rec = Recorder(counters, slot, start, stop_at)
+        else:
+            win_start = start + cfg["warmup"]
+            stop_at = win_start + cfg["duration"]
+            rec = Recorder(counters, slot, win_start, stop_at)
 
         encoder = msgspec.msgpack.Encoder()
         decoder = msgspec.msgpack.Decoder()
@@ -324,48 +358,95 @@ async def client_async(slot: int, cfg: dict[str, Any], counters: Any, go: Any, t
         max_ops = cfg["max_ops"]
         result_bytes = encoder.encode({"ok": True})
         mono = time.monotonic
-        now_us = time.time_ns
+        now_ns = time.time_ns
+        rr = 0  # this process's position in the round-robin over routes (tenants)
+
+        def total(idx: int) -> int:
+            return sum(counters[s * N_COUNTERS + idx] for s in range(nprocs))
+
+        async def enqueue_one(stub: Any, n: int, i: int) -> bool:
+            """One Enqueue; the payload carries the wall-clock send time in µs."""
+            nonlocal rr
+            # processes interleave: process p takes routes p, p + procs, p + 2 procs, ...
+            shard, tenant = routes[(slot + nprocs * rr) % len(routes)]
+            rr += 1
+            t = mono()
+            ts = now_ns() // 1000
+            payload = encoder.encode({"run": run_id, "p": slot, "n": n, "i": i, "ts": ts, "pad": pad})
+            req = pb.EnqueueRequest(shard=shard, priority=PRIORITY, start_at_ms=ts // 1000,
+                                    payload=pb.SerializedBytes(msgpack=payload),
+                                    task_group=TASK_GROUP)
+            if tenant is not None:
+                req.tenant = tenant
+            try:
+                await stub.Enqueue(req, timeout=call_timeout)
+            except Exception as e:  # count every failure by status code
+                rec.error("Enqueue", e)
+                return False
+            t1 = mono()
+            rec.enq_ok += 1
+            rec.bump(C_ENQ)
+            if rec.in_window(t1):
+                rec.enq_ok_win += 1
+                rec.enq_lat_us.append((t1 - t) * 1e6)
+            return True
 
         async def enqueuer(n: int) -> None:
+            """Closed loop: the next Enqueue as soon as the previous one returns."""
             stub = stubs[n % len(stubs)]
             i = 0
-            while i < max_ops:
-                t = mono()
-                if t >= stop_at:
-                    break
-                shard, tenant = routes[(slot * 7919 + n * 31 + i) % len(routes)]
+            while i < max_ops and mono() < stop_at:
                 i += 1
-                ts = now_us() // 1000
-                payload = encoder.encode({"run": run_id, "p": slot, "n": n, "i": i,
-                                          "ts": ts, "pad": pad})
-                req = pb.EnqueueRequest(shard=shard, priority=PRIORITY, start_at_ms=ts // 1000,
-                                        payload=pb.SerializedBytes(msgpack=payload),
-                                        task_group=TASK_GROUP)
-                if tenant is not None:
-                    req.tenant = tenant
-                try:
-                    await stub.Enqueue(req, timeout=call_timeout)
-                except Exception as e:  # count every failure by status code
-                    rec.error("Enqueue", e)
+                if not await enqueue_one(stub, n, i):
                     await asyncio.sleep(ERROR_SLEEP_S)
-                    continue
-                t1 = mono()
-                rec.enq_ok += 1
-                rec.bump(C_ENQ)
-                if rec.in_window(t1):
-                    rec.enq_ok_win += 1
-                    rec.enq_lat_us.append((t1 - t) * 1e6)
 
-        async def report(stub: Any, task: Any) -> None:
+        fill_state = {"left": 0}
+
+        async def filler(n: int) -> None:
+            """Pre-fill: closed loop until this process's quota of OK enqueues is reached."""
+            stub = stubs[n % len(stubs)]
+            i = 0
+            while (fill_state["left"] > 0 and i < max_ops and mono() < stop_at
+                   and rec.n_errors < FILL_MAX_ERRORS):
+                fill_state["left"] -= 1
+                i += 1
+                if not await enqueue_one(stub, n, i):
+                    fill_state["left"] += 1  # try that one again
+                    await asyncio.sleep(ERROR_SLEEP_S)
+
+        async def pacer() -> None:
+            """Open loop at --rate (this process's share): a send is due every
+            procs/rate seconds whatever the previous calls are doing."""
+            rate_p = cfg["rate"] / nprocs
+            offset = slot / cfg["rate"]  # the processes' sends interleave
+            cap = cfg["concurrency"]
+            inflight: set[asyncio.Future[bool]] = set()
+            k = 0
+            while k < max_ops:
+                due = start + offset + k / rate_p
+                if due >= stop_at:
+                    break
+                d = due - mono()
+                if d > 0:
+                    await asyncio.sleep(d)
+                k += 1
+                t = mono()
+                if rec.in_window(t):
+                    rec.send_lag_us.append((t - due) * 1e6)
+                if len(inflight) >= cap:
+                    rec.sends_skipped += 1
+                    continue
+                fut = asyncio.ensure_future(enqueue_one(stubs[k % len(stubs)], 0, k))
+                inflight.add(fut)
+                fut.add_done_callback(inflight.discard)
+            if inflight:
+                await asyncio.wait(inflight, timeout=call_timeout + 1)
+
+        async def report(stub: Any, task: Any, ts: int | None) -> None:
             req = pb.ReportOutcomeRequest(shard=task.shard, task_id=task.id,
                                           success=pb.SerializedBytes(msgpack=result_bytes))
             if task.HasField("tenant_id"):
                 req.tenant_id = task.tenant_id
-            ts = None
-            with contextlib.suppress(Exception):
-                doc = decoder.decode(task.payload.msgpack)
-                if doc.get("run") == run_id:
-                    ts = doc.get("ts")
             t = mono()
             try:
                 await stub.ReportOutcome(req, timeout=call_timeout)
@@ -374,26 +455,30 @@ async def client_async(slot: int, cfg: dict[str, Any], counters: Any, go: Any, t
                 return
             t1 = mono()
             rec.done_ok += 1
+            rec.last_done_t = t1
             rec.bump(C_DONE)
             if rec.in_window(t1):
                 rec.done_ok_win += 1
                 rec.report_lat_us.append((t1 - t) * 1e6)
                 if ts is not None:
-                    rec.e2e_lat_us.append(now_us() / 1000 - ts)
+                    rec.e2e_lat_us.append(now_ns() / 1000 - ts)
                 else:
                     rec.stale_done_win += 1
 
-        async def worker(n: int) -> None:
+        def past_stop() -> bool:
+            return mono() >= stop_at
+
+        async def worker(n: int, should_stop: Any) -> None:
+            """LeaseTasks(max 16) without a shard filter; ReportOutcome(success) for all
+            leased tasks at once, then the next poll; 5 ms pause after an empty poll."""
             stub = stubs[n % len(stubs)]
             worker_id = f"bench-{run_id}-{slot}-{n}"
             req = pb.LeaseTasksRequest(worker_id=worker_id, max_tasks=LEASE_BATCH,
                                        task_group=TASK_GROUP)
             i = 0
-            while i < max_ops:
-                t = mono()
-                if t >= stop_at:
-                    break
+            while i < max_ops and not should_stop():
                 i += 1
+                t = mono()
                 try:
                     resp = await stub.LeaseTasks(req, timeout=call_timeout)
                 except Exception as e:
@@ -401,6 +486,7 @@ async def client_async(slot: int, cfg: dict[str, Any], counters: Any, go: Any, t
                     await asyncio.sleep(ERROR_SLEEP_S)
                     continue
                 t1 = mono()
+                recv_us = now_ns() / 1000
                 win = rec.in_window(t1)
                 rec.lease_calls += 1
                 rec.bump(C_LEASE)
@@ -417,29 +503,69 @@ async def client_async(slot: int, cfg: dict[str, Any], counters: Any, go: Any, t
                         rec.lease_empty_win += 1
                     await asyncio.sleep(EMPTY_POLL_SLEEP_S)
                     continue
-                await asyncio.gather(*(report(stub, task) for task in resp.tasks))
+                items = []
+                for task in resp.tasks:
+                    ts = None
+                    with contextlib.suppress(Exception):
+                        doc = decoder.decode(task.payload.msgpack)
+                        if doc.get("run") == run_id:
+                            ts = doc.get("ts")
+                    if win and ts is not None:
+                        rec.pickup_lat_us.append(recv_us - ts)
+                    items.append((task, ts))
+                await asyncio.gather(*(report(stub, task, ts) for task, ts in items))
 
-        coros = []
-        if cfg["scenario"] == "enqueue":
-            coros += [enqueuer(n) for n in range(cfg["concurrency"])]
-        else:
-            coros += [enqueuer(n) for n in range(max(1, cfg["concurrency"] // 2))]
-            coros += [worker(n) for n in range(cfg["workers"])]
+        async def run_all(coros: list[Any]) -> None:
+            """Run the loops; each stops issuing at stop_at, in-flight calls end by their
+            deadline, and anything still running after that is cancelled."""
+            hard_limit = max(0.0, stop_at - mono()) + call_timeout + 5
+            tasks = [asyncio.ensure_future(c) for c in coros]
+            if not tasks:
+                return
+            _, pending = await asyncio.wait(tasks, timeout=hard_limit)
+            for p in pending:
+                p.cancel()
+            if pending:
+                rec.errors["client_loop_cancelled_at_hard_limit"] += len(pending)
+                await asyncio.wait(pending, timeout=5)
+            for tk in tasks:
+                if tk.done() and not tk.cancelled() and tk.exception() is not None:
+                    rec.error("loop", tk.exception())
+
         delay = start - mono()
         if delay > 0:
             await asyncio.sleep(delay)
-        # Everything stops issuing at stop_at; in-flight calls end by their deadline.
-        hard_limit = max(0.0, stop_at - mono()) + call_timeout + 5
-        tasks = [asyncio.ensure_future(c) for c in coros]
-        _, pending = await asyncio.wait(tasks, timeout=hard_limit)
-        for p in pending:
-            p.cancel()
-        if pending:
-            rec.errors["client_loop_cancelled_at_hard_limit"] += len(pending)
-            await asyncio.wait(pending, timeout=5)
-        for tk in tasks:
-            if tk.done() and not tk.cancelled() and tk.exception() is not None:
-                rec.error("loop", tk.exception())
+        if mode == "enqueue":
+            await run_all([enqueuer(n) for n in range(cfg["concurrency"])])
+        elif mode == "mixed":
+            await run_all([enqueuer(n) for n in range(max(1, cfg["concurrency"] // 2))]
+                          + [worker(n, past_stop) for n in range(cfg["workers"])])
+        elif mode == "steady":
+            await run_all([pacer()] + [worker(n, past_stop) for n in range(cfg["workers"])])
+        else:  # drain / fill
+            quota = cfg["quotas"][slot]
+            fill_state["left"] = quota
+            t_fill = mono()
+            await run_all([filler(n) for n in range(min(cfg["concurrency"], quota))])
+            rec.fill_ok = rec.enq_ok
+            rec.fill_s = mono() - t_fill
+            rec.bump(C_FILLED)
+            if mode == "drain":
+                if not await loop.run_in_executor(None, shared["go2"].wait, cfg["fill_timeout"] + 120):
+                    return {"fatal": "never got the drain signal"}
+                d0 = shared["t1"].value
+                if d0 > 0:  # < 0: the parent gave up (pre-fill incomplete)
+                    rec.win_start, rec.win_end = d0, d0 + cfg["drain_timeout"]
+                    stop_at = rec.win_end
+                    target = total(C_ENQ)  # every process has finished its pre-fill
+
+                    def drained() -> bool:
+                        return mono() >= stop_at or total(C_DONE) >= target
+
+                    delay = d0 - mono()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    await run_all([worker(n, drained) for n in range(cfg["workers"])])
         return rec.result()
     finally:
         for ch in channels:
@@ -459,6 +585,31 @@ def server_processes(args: argparse.Namespace) -> int:
     return max(1, min(n, args.shards))
 
 
+_interrupted = False  # a Ctrl-C / SIGTERM was held back while a server was being stopped
+
+
+@contextlib.contextmanager
+def defer_signals() -> Any:
+    """Hold SIGINT/SIGTERM while stopping a server: a second Ctrl-C must not cut the
+    stop short and leave the server (in its own session) running. main() then stops."""
+    global _interrupted
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: held.append(signum))
+           for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if held:
+            _interrupted = True
+
+
 class ServerProc:
     """A `silo serve` subprocess (or, kind "noop", bench/noop_server.py) on 127.0.0.1,
     port 0, with its log (and data dir) in a temp dir."""
@@ -472,6 +623,10 @@ class ServerProc:
         self.proc: subprocess.Popen[bytes] | None = None
         self.addr: str | None = None
         self.exit_code: int | None = None
+        self.starts = 0  # start() again after stop(): a restart on the same data dir
+        self.poll_s = 0.05  # how often start() looks for the ready line
+        self.spawn_t: float | None = None  # time.monotonic() just before the last spawn
+        self.ready_t: float | None = None  # ... when its ready line was seen
 
     def command(self) -> list[str]:
         if self.kind == "noop":
@@ -487,20 +642,30 @@ class ServerProc:
             cmd += ["--processes", str(self.args.processes)]
         return cmd + self.args.server_arg
 
-    def start(self) -> str:
+    def start(self, ready_timeout: float = SERVER_READY_TIMEOUT_S) -> str:
+        """Spawn the server and wait for its ready line. Called again after stop(), it
+        restarts the same command on the same data dir (a new log file per start)."""
+        if self.alive():
+            raise RuntimeError("server already running")
         cmd = self.command()
         self.cmd = cmd
+        self.starts += 1
+        self.log_path = self.tmp / ("server.log" if self.starts == 1 else f"server.{self.starts}.log")
+        self.exit_code = None
+        self.ready_t = None
         log = open(self.log_path, "wb")  # noqa: SIM115 - closed right below; the child keeps its fd
         try:
+            self.spawn_t = time.monotonic()
             # Own session: a Ctrl-C in the terminal reaches only us; we stop the server ourselves.
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          start_new_session=True)
         finally:
             log.close()
-        deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
+        deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             m = READY_RE.search(self.log_text())
             if m:
+                self.ready_t = time.monotonic()
                 host, port = m.group(1), m.group(2)
                 if host not in ("127.0.0.1", "localhost"):
                     raise RuntimeError(f"server bound {host}, expected 127.0.0.1")
@@ -509,7 +674,7 @@ class ServerProc:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with code {self.proc.returncode} before ready:\n"
                                    + self.tail())
-            time.sleep(0.05)
+            time.sleep(self.poll_s)
         raise RuntimeError("server did not log its ready line in time:\n" + self.tail())
 
     @property
@@ -529,7 +694,12 @@ class ServerProc:
         return "\n".join(self.log_text().splitlines()[-n:])
 
     def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL after 15 s. Safe to call more than once."""
+        """SIGTERM, then SIGKILL after 15 s. Safe to call more than once. A Ctrl-C or
+        SIGTERM arriving meanwhile is held until the server is gone (see defer_signals)."""
+        with defer_signals():
+            return self._stop()
+
+    def _stop(self) -> int | None:
         p = self.proc
         if p is not None and p.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -562,9 +732,70 @@ def sleep_until(t: float) -> None:
         time.sleep(d)
 
 
+def split_quota(n: int, parts: int) -> list[int]:
+    """n jobs over `parts` processes, as evenly as possible."""
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+class Progress:
+    """A progress line on stderr once a second (rates over the last second) and the
+    same figures kept for the JSON report."""
+
+    def __init__(self, label: str, mode: str, server_pid: int | None, server: ServerProc | None,
+                 counters: Any, nprocs: int, start: float, fill_total: int = 0):
+        self.label, self.mode = label, mode
+        self.server_pid, self.server = server_pid, server
+        self.counters, self.nprocs = counters, nprocs
+        self.start = start
+        self.fill_total = fill_total
+        self.tick = start + 1.0
+        self.last_t, self.last_tot = start, [0] * N_COUNTERS
+        self.last_srv = tree_cpu_s(server_pid) if server_pid else None
+        self.rows: list[dict[str, Any]] = []
+
+    def totals(self) -> list[int]:
+        return [sum(self.counters[s * N_COUNTERS + k] for s in range(self.nprocs))
+                for k in range(N_COUNTERS)]
+
+    def maybe(self, now: float, phase: str) -> None:
+        if now < self.tick:
+            return
+        tot = self.totals()
+        srv = tree_cpu_s(self.server_pid) if self.server_pid else None
+        dtt = now - self.last_t
+        rate = [(a - b) / dtt for a, b in zip(tot, self.last_tot, strict=True)]
+        cpu_pct = (100 * (srv - self.last_srv) / dtt) if (srv is not None and self.last_srv is not None) else None
+        line = f"[{self.label}] t={now - self.start:5.1f}s {phase:7s} enq/s={rate[C_ENQ]:7.0f}"
+        if phase == "fill":
+            left = self.fill_total - tot[C_ENQ]
+            eta = f" eta {left / rate[C_ENQ]:4.0f}s" if rate[C_ENQ] > 0 else ""
+            line += f" filled={tot[C_ENQ]:,}/{self.fill_total:,}{eta}"
+        if self.mode != "enqueue" and phase != "fill":
+            line += (f" done/s={rate[C_DONE]:7.0f} lease/s={rate[C_LEASE]:6.0f}"
+                     f" empty/s={rate[C_EMPTY]:5.0f}")
+        if phase == "drain" and self.mode == "drain":
+            line += f" left={tot[C_ENQ] - tot[C_DONE]:,}"
+        line += f" errors={tot[C_ERR]}"
+        if cpu_pct is not None:
+            line += f" server_cpu={cpu_pct:5.1f}%"
+        if self.server is not None and not self.server.alive():
+            line += " SERVER EXITED"
+        print(line, file=sys.stderr, flush=True)
+        self.rows.append({"t": round(now - self.start, 2), "phase": phase,
+                          "enq_per_s": round(rate[C_ENQ], 1), "done_per_s": round(rate[C_DONE], 1),
+                          "errors_total": tot[C_ERR],
+                          "server_cpu_pct": None if cpu_pct is None else round(cpu_pct, 1)})
+        self.last_t, self.last_tot, self.last_srv = now, tot, srv
+        while self.tick <= now:
+            self.tick += 1.0
+
+
 def run_scenario(name: str, args: argparse.Namespace, target: str, server_pid: int | None,
                  server: ServerProc | None, label: str | None = None) -> dict[str, Any]:
+    """Run one scenario's client processes against `target` and summarize. `name` is a
+    scenario of MODES, or "fill" (pre-fill --backlog jobs only; used by deep_queue.py)."""
     label = label or name
+    mode = "fill" if name == "fill" else MODES[name]
     ctx = mp.get_context("spawn")
     owners = fetch_topology(target)
     if args.tenants > 0:
@@ -572,89 +803,124 @@ def run_scenario(name: str, args: argparse.Namespace, target: str, server_pid: i
         routes = [(shard_for(owners, t), t) for t in tenants]
     else:
         routes = [(shard_for(owners, DEFAULT_TENANT), None)]
+    fill_total = args.backlog if mode in ("drain", "fill") else 0
     cfg = {
-        "target": target, "scenario": name, "concurrency": args.concurrency,
+        "target": target, "mode": mode, "procs": args.procs, "concurrency": args.concurrency,
         "workers": args.workers, "channels": args.channels, "warmup": args.warmup,
         "duration": args.duration, "call_timeout": args.call_timeout, "routes": routes,
         "run_id": f"{os.getpid():x}{int(time.time() * 1000) % 10**9:x}{name[0]}",
-        "max_ops": args.max_ops,
+        "max_ops": args.max_ops, "rate": args.rate,
+        "quotas": split_quota(fill_total, args.procs),
+        "fill_timeout": args.fill_timeout, "drain_timeout": args.drain_timeout,
     }
     counters = ctx.RawArray("q", args.procs * N_COUNTERS)
-    go = ctx.Event()
-    t0 = ctx.RawValue("d", 0.0)
+    shared = {"counters": counters, "go": ctx.Event(), "t0": ctx.RawValue("d", 0.0),
+              "go2": ctx.Event(), "t1": ctx.RawValue("d", 0.0)}
     ready_q = ctx.Queue()
     result_q = ctx.Queue()
     procs = [ctx.Process(target=client_main, name=f"bench-client-{i}", daemon=True,
-                         args=(i, cfg, counters, go, t0, ready_q, result_q))
+                         args=(i, cfg, shared, ready_q, result_q))
              for i in range(args.procs)]
     results: dict[int, dict[str, Any]] = {}
-    progress: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {"mode": mode, "routes": len(routes),
+                             "shards_used": len({r[0] for r in routes})}
+
+    def snap() -> dict[str, Any]:
+        return {
+            "t": time.monotonic(),
+            "server": tree_cpu_s(server_pid) if server_pid else None,
+            "server_by_pid": tree_cpu_by_pid(server_pid) if server_pid else {},
+            "clients": sum(c for p in procs if p.pid and (c := proc_cpu_s(p.pid)) is not None),
+            "machine": machine_cpu(),
+        }
+
+    def total(idx: int) -> int:
+        return sum(counters[s * N_COUNTERS + idx] for s in range(args.procs))
+
+    s_begin = s_end = None
     try:
         for p in procs:
             p.start()
-        for _ in procs:
-            slot, err = ready_q.get(timeout=60)
+        ready_deadline = time.monotonic() + CLIENT_START_TIMEOUT_S
+        n_ready = 0
+        while n_ready < len(procs):
+            try:
+                slot, err = ready_q.get(timeout=0.5)
+            except Exception:  # queue.Empty: check the clients are still alive
+                dead = [p.name for p in procs if p.exitcode is not None]
+                if dead or time.monotonic() > ready_deadline:
+                    raise RuntimeError("client processes did not start: "
+                                       + (f"{', '.join(dead)} exited" if dead else "timeout")) from None
+                continue
             if err:
                 raise RuntimeError(f"client {slot} failed to start: {err}")
+            n_ready += 1
         start = time.monotonic() + 0.2
-        t0.value = start
-        go.set()
-        win_start = start + args.warmup
-        win_end = win_start + args.duration
-
-        def snap() -> dict[str, Any]:
-            return {
-                "t": time.monotonic(),
-                "server": tree_cpu_s(server_pid) if server_pid else None,
-                "server_by_pid": tree_cpu_by_pid(server_pid) if server_pid else {},
-                "clients": sum(c for p in procs if p.pid and (c := proc_cpu_s(p.pid)) is not None),
-                "machine": machine_cpu(),
-            }
-
-        def totals() -> list[int]:
-            return [sum(counters[s * N_COUNTERS + k] for s in range(args.procs))
-                    for k in range(N_COUNTERS)]
-
-        # progress once a second, window snapshots at its edges
-        s_begin = s_end = None
-        last_t, last_tot, last_srv = start, [0] * N_COUNTERS, (tree_cpu_s(server_pid) if server_pid else None)
-        tick = start + 1.0
-        while True:
-            nxt = min(x for x in (tick, win_start if s_begin is None else None,
-                                  win_end if s_end is None else None) if x is not None)
-            sleep_until(nxt)
-            now = time.monotonic()
-            if s_begin is None and now >= win_start:
-                s_begin = snap()
-            if s_end is None and now >= win_end:
+        shared["t0"].value = start
+        shared["go"].set()
+        prog = Progress(label, mode, server_pid, server, counters, args.procs, start, fill_total)
+        if mode in ("enqueue", "mixed", "steady"):
+            # progress once a second, window snapshots at its edges
+            win_start = start + args.warmup
+            win_end = win_start + args.duration
+            while s_end is None:
+                nxt = min(x for x in (prog.tick, win_start if s_begin is None else None,
+                                      win_end if s_end is None else None) if x is not None)
+                sleep_until(nxt)
+                now = time.monotonic()
+                if s_begin is None and now >= win_start:
+                    s_begin = snap()
+                if s_end is None and now >= win_end:
+                    s_end = snap()
+                mid = now - 0.5  # label the second that just ended
+                prog.maybe(now, "warmup" if mid < win_start else ("measure" if mid < win_end else "finish"))
+        else:
+            # pre-fill (not timed for drain), then drain until every pre-filled job is done
+            s_begin = snap()
+            fill_deadline = start + args.fill_timeout + args.call_timeout + 10
+            while True:
+                time.sleep(0.02)
+                now = time.monotonic()
+                prog.maybe(now, "fill")
+                if total(C_FILLED) >= args.procs:
+                    break
+                # a client that finished its share of a "fill" exits; one that died early is a failure
+                if now > fill_deadline or any(p.exitcode is not None and not counters[i * N_COUNTERS + C_FILLED]
+                                              for i, p in enumerate(procs)):
+                    break
+            fill_end = time.monotonic()
+            filled = total(C_ENQ)
+            extra.update({"fill_complete": total(C_FILLED) >= args.procs and filled >= fill_total,
+                          "filled": filled, "fill_s": round(fill_end - start, 3),
+                          "fill_per_s": round(filled / max(1e-9, fill_end - start), 1)})
+            if mode == "fill":
                 s_end = snap()
-            if now >= tick:
-                tot = totals()
-                srv = tree_cpu_s(server_pid) if server_pid else None
-                dtt = now - last_t
-                rate = [(a - b) / dtt for a, b in zip(tot, last_tot, strict=True)]
-                cpu_pct = (100 * (srv - last_srv) / dtt) if (srv is not None and last_srv is not None) else None
-                mid = now - dtt / 2  # label the second that just ended
-                phase = "warmup" if mid < win_start else ("measure" if mid < win_end else "drain")
-                line = (f"[{label}] t={now - start:5.1f}s {phase:7s} enq/s={rate[C_ENQ]:7.0f}")
-                if name == "e2e":
-                    line += (f" done/s={rate[C_DONE]:7.0f} lease/s={rate[C_LEASE]:6.0f}"
-                             f" empty/s={rate[C_EMPTY]:5.0f}")
-                line += f" errors={tot[C_ERR]}"
-                if cpu_pct is not None:
-                    line += f" server_cpu={cpu_pct:5.1f}%"
-                if server is not None and not server.alive():
-                    line += " SERVER EXITED"
-                print(line, file=sys.stderr, flush=True)
-                progress.append({"t": round(now - start, 2), "phase": phase,
-                                 "enq_per_s": round(rate[C_ENQ], 1), "done_per_s": round(rate[C_DONE], 1),
-                                 "errors_total": tot[C_ERR],
-                                 "server_cpu_pct": None if cpu_pct is None else round(cpu_pct, 1)})
-                last_t, last_tot, last_srv = now, tot, srv
-                tick += 1.0
-            if s_end is not None:
-                break
-        # collect results; every client stops by win_end + call_timeout + 5 s on its own
+            elif not extra["fill_complete"]:
+                shared["t1"].value = -1.0  # tells the clients to return at once
+                shared["go2"].set()
+                extra["fatal"] = (f"pre-fill incomplete: {filled:,} of {fill_total:,} jobs after"
+                                  f" {fill_end - start:.0f} s")
+            else:
+                d0 = time.monotonic() + 0.2
+                shared["t1"].value = d0
+                shared["go2"].set()
+                extra["drain_start"] = d0
+                sleep_until(d0)
+                s_begin = snap()
+                prog.start = d0
+                prog.tick = d0 + 1.0
+                prog.last_t, prog.last_tot = d0, prog.totals()
+                prog.last_srv = tree_cpu_s(server_pid) if server_pid else None
+                while True:
+                    time.sleep(0.02)
+                    now = time.monotonic()
+                    prog.maybe(now, "drain")
+                    if total(C_DONE) >= filled:
+                        break
+                    if now > d0 + args.drain_timeout or not all(p.is_alive() for p in procs):
+                        break
+                s_end = snap()
+        # collect results; every client stops by its deadline + call_timeout + 5 s on its own
         deadline = time.monotonic() + args.call_timeout + 20
         while len(results) < len(procs) and time.monotonic() < deadline:
             try:
@@ -674,18 +940,25 @@ def run_scenario(name: str, args: argparse.Namespace, target: str, server_pid: i
                 p.kill()
                 p.join(timeout=5)
     missing = [i for i in range(len(procs)) if i not in results]
-    return summarize(name, args, results, missing, s_begin, s_end, progress, server)
+    out = summarize(name, mode, args, results, missing, s_begin, s_end or snap(), prog.rows, server, extra)
+    if "fatal" in extra:
+        out["fatal"] = extra["fatal"]
+    return out
 
 
-def summarize(name: str, args: argparse.Namespace, results: dict[int, dict[str, Any]],
+def summarize(name: str, mode: str, args: argparse.Namespace, results: dict[int, dict[str, Any]],
               missing: list[int], s0: dict[str, Any], s1: dict[str, Any],
-              progress: list[dict[str, Any]], server: ServerProc | None) -> dict[str, Any]:
-    window = s1["t"] - s0["t"]
+              progress: list[dict[str, Any]], server: ServerProc | None,
+              extra: dict[str, Any]) -> dict[str, Any]:
+    window = max(1e-9, s1["t"] - s0["t"])
     errors: Counter[str] = Counter()
     msgs: Counter[str] = Counter()
     fatal = {}
     agg: dict[str, Any] = Counter()
-    lats: dict[str, list[float]] = {"enq": [], "e2e": [], "report": [], "lease": []}
+    lat_keys = ("enq_lat_us", "e2e_lat_us", "pickup_lat_us", "report_lat_us", "lease_lat_us",
+                "send_lag_us")
+    lats: dict[str, list[float]] = {k: [] for k in lat_keys}
+    last_done: list[float] = []
     for slot, r in results.items():
         if "fatal" in r:
             fatal[slot] = r["fatal"]
@@ -694,12 +967,12 @@ def summarize(name: str, args: argparse.Namespace, results: dict[int, dict[str, 
         msgs.update(r["error_msgs"])
         for k in ("enq_ok", "enq_ok_win", "done_ok", "done_ok_win", "stale_done_win", "lease_calls",
                   "lease_calls_win", "lease_empty", "lease_empty_win", "leased_tasks",
-                  "leased_tasks_win"):
+                  "leased_tasks_win", "sends_skipped", "fill_ok"):
             agg[k] += r[k]
-        lats["enq"] += r["enq_lat_us"]
-        lats["e2e"] += r["e2e_lat_us"]
-        lats["report"] += r["report_lat_us"]
-        lats["lease"] += r["lease_lat_us"]
+        for k in lat_keys:
+            lats[k] += r[k]
+        if r["last_done_t"] is not None:
+            last_done.append(r["last_done_t"])
     srv_cpu = (s1["server"] - s0["server"]) if (s0["server"] is not None and s1["server"] is not None) else None
     # per server process (supervisor and workers): how evenly the load spread
     by_proc = sorted(((c - s0["server_by_pid"].get(p, 0.0)) / window
@@ -711,6 +984,8 @@ def summarize(name: str, args: argparse.Namespace, results: dict[int, dict[str, 
         return round(cpu * 1e6 / n, 1) if (cpu is not None and n) else None
 
     out: dict[str, Any] = {
+        "params": {"mode": mode, "tenants": args.tenants, "routes": extra["routes"],
+                   "shards_used": extra["shards_used"]},
         "window_s": round(window, 3),
         "errors": dict(errors),
         "error_total": sum(errors.values()),
@@ -729,37 +1004,75 @@ def summarize(name: str, args: argparse.Namespace, results: dict[int, dict[str, 
                             round(mb * (os.cpu_count() or 1) - (srv_cpu + cli_cpu) / window, 2)),
         "progress": progress,
     }
-    if name == "enqueue":
-        n = agg["enq_ok_win"]
+    if mode in ("enqueue", "fill"):
+        n = agg["enq_ok_win"] if mode == "enqueue" else agg["enq_ok"]
         out.update({
             "enqueues": n, "enqueues_total": agg["enq_ok"],
             "enqueue_per_s": round(n / window, 1),
-            "enqueue_latency_ms": percentiles_ms(lats["enq"]),
+            "enqueue_latency_ms": percentiles_ms(lats["enq_lat_us"]),
             "server_cpu_us_per_enqueue": per(srv_cpu, n),
             "loadgen_cpu_us_per_enqueue": per(cli_cpu, n),
         })
-    else:
-        n = agg["done_ok_win"]
-        calls = agg["lease_calls_win"]
+        if mode == "fill":
+            out["params"]["backlog"] = args.backlog
+            out.update({k: extra.get(k) for k in ("fill_complete", "filled", "fill_s", "fill_per_s")})
+        return finish(out, server)
+    calls = agg["lease_calls_win"]
+    out.update({
+        "lease_calls": calls, "lease_calls_per_s": round(calls / window, 1),
+        "lease_empty_pct": round(100 * agg["lease_empty_win"] / calls, 1) if calls else None,
+        "tasks_per_lease": round(agg["leased_tasks_win"] / calls, 2) if calls else None,
+        "lease_latency_ms": percentiles_ms(lats["lease_lat_us"]),
+        "report_latency_ms": percentiles_ms(lats["report_lat_us"]),
+    })
+    if mode == "drain":
+        d0 = extra.get("drain_start")
+        drained = agg["done_ok"]
+        drain_s = (max(last_done) - d0) if (d0 is not None and last_done) else None
+        out["params"]["backlog"] = args.backlog
         out.update({
-            "completed": n, "completed_total": agg["done_ok"],
+            "backlog": agg["fill_ok"],
+            "fill_s": extra.get("fill_s"), "fill_per_s": extra.get("fill_per_s"),
+            "drained": drained, "remaining": agg["fill_ok"] - drained,
+            "drain_s": None if drain_s is None else round(drain_s, 3),
+            "jobs_per_s": round(drained / drain_s, 1) if drain_s else None,
             "completed_from_other_runs": agg["stale_done_win"],
-            "jobs_per_s": round(n / window, 1),
-            "enqueues": agg["enq_ok_win"], "enqueue_per_s": round(agg["enq_ok_win"] / window, 1),
-            "backlog_at_end": agg["enq_ok"] - agg["done_ok"],
-            "lease_calls": calls, "lease_calls_per_s": round(calls / window, 1),
-            "lease_empty_pct": round(100 * agg["lease_empty_win"] / calls, 1) if calls else None,
-            "tasks_per_lease": round(agg["leased_tasks_win"] / calls, 2) if calls else None,
-            "e2e_latency_ms": percentiles_ms(lats["e2e"]),
-            "enqueue_latency_ms": percentiles_ms(lats["enq"]),
-            "lease_latency_ms": percentiles_ms(lats["lease"]),
-            "report_latency_ms": percentiles_ms(lats["report"]),
-            "server_cpu_us_per_job": per(srv_cpu, n),
-            "loadgen_cpu_us_per_job": per(cli_cpu, n),
+            "server_cpu_us_per_job": per(srv_cpu, drained),
+            "loadgen_cpu_us_per_job": per(cli_cpu, drained),
         })
+        return finish(out, server)
+    n = agg["done_ok_win"]
+    out.update({
+        "completed": n, "completed_total": agg["done_ok"],
+        "completed_from_other_runs": agg["stale_done_win"],
+        "jobs_per_s": round(n / window, 1),
+        "enqueues": agg["enq_ok_win"], "enqueue_per_s": round(agg["enq_ok_win"] / window, 1),
+        "backlog_at_end": agg["enq_ok"] - agg["done_ok"],
+        "pickup_latency_ms": percentiles_ms(lats["pickup_lat_us"]),
+        "e2e_latency_ms": percentiles_ms(lats["e2e_lat_us"]),
+        "enqueue_latency_ms": percentiles_ms(lats["enq_lat_us"]),
+        "server_cpu_us_per_job": per(srv_cpu, n),
+        "loadgen_cpu_us_per_job": per(cli_cpu, n),
+    })
+    if mode == "steady":
+        out["params"]["rate"] = args.rate
+        out.update({
+            "target_rate_per_s": args.rate,
+            "send_lag_ms": percentiles_ms(lats["send_lag_us"]),
+            "sends_skipped": agg["sends_skipped"],
+        })
+    return finish(out, server)
+
+
+def finish(out: dict[str, Any], server: ServerProc | None) -> dict[str, Any]:
     if server is not None:
         out["server_alive_after"] = server.alive()
     return out
+
+
+# ---------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------
 
 
 def fmt(v: Any, unit: str = "") -> str:
@@ -772,7 +1085,9 @@ def fmt(v: Any, unit: str = "") -> str:
     return f"{v}{unit}"
 
 
-def lat_str(d: dict[str, Any], keys: tuple[str, ...] = ("p50", "p90", "p99", "max")) -> str:
+def lat_str(d: dict[str, Any] | None, keys: tuple[str, ...] = ("p50", "p90", "p99", "max")) -> str:
+    if not d:
+        return "n/a"
     return "  ".join(f"{k} {fmt(d[k])}" for k in keys) + "  ms"
 
 
@@ -784,22 +1099,26 @@ def verdict(value: float | None, target: float, higher_is_better: bool) -> str:
     return f"[target {rel} {target:,.0f}: {'met' if ok else 'MISSED'}]"
 
 
-# Figure compared with the no-op baseline, per scenario: (rate key, server CPU per op key).
+# Figures compared with the no-op baseline, per scenario: (rate key, server CPU per op key,
+# label of the rate, what one op is).
 BASELINE_KEYS = {
-    "enqueue": ("enqueue_per_s", "server_cpu_us_per_enqueue"),
-    "e2e": ("jobs_per_s", "server_cpu_us_per_job"),
+    "enqueue": ("enqueue_per_s", "server_cpu_us_per_enqueue", "durable enqueues/s", "Enqueue"),
+    "steady": ("jobs_per_s", "server_cpu_us_per_job", "completed jobs/s at the fixed rate", "job"),
+    "drain": ("jobs_per_s", "server_cpu_us_per_job", "drained jobs/s", "job"),
+    "saturation": ("jobs_per_s", "server_cpu_us_per_job", "completed jobs/s", "job"),
+    "tenants": ("jobs_per_s", "server_cpu_us_per_job", "completed jobs/s", "job"),
 }
 
 
 def compare_baseline(name: str, ours: dict[str, Any], noop: dict[str, Any]) -> dict[str, Any]:
     """Ours relative to the no-op server: rate as % of its rate, server CPU per op above its."""
-    rate_key, cpu_key = BASELINE_KEYS[name]
+    rate_key, cpu_key, _, _ = BASELINE_KEYS[name]
     out: dict[str, Any] = {"rate_figure": rate_key, "server_cpu_figure": cpu_key,
                            "rate_pct_of_noop": None, "server_cpu_us_over_noop": None,
                            "loadgen_cpu_us_over_noop": None}
     if "fatal" in ours or "fatal" in noop:
         return out
-    if noop.get(rate_key):
+    if noop.get(rate_key) and ours.get(rate_key) is not None:
         out["rate_pct_of_noop"] = round(100.0 * ours[rate_key] / noop[rate_key], 1)
     a, b = ours.get(cpu_key), noop.get(cpu_key)
     if a is not None and b is not None:
@@ -808,7 +1127,21 @@ def compare_baseline(name: str, ours: dict[str, Any], noop: dict[str, Any]) -> d
     a, b = ours.get(lg_key), noop.get(lg_key)
     if a is not None and b is not None:
         out["loadgen_cpu_us_over_noop"] = round(a - b, 1)
+    if name == "steady":
+        a = (ours.get("pickup_latency_ms") or {}).get("p99")
+        b = (noop.get("pickup_latency_ms") or {}).get("p99")
+        if a is not None and b is not None:
+            out["pickup_p99_ms_over_noop"] = round(a - b, 3)
     return out
+
+
+def worker_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [
+        ("LeaseTasks latency", lat_str(r["lease_latency_ms"], ("p50", "p99")), ""),
+        ("ReportOutcome latency", lat_str(r["report_latency_ms"], ("p50", "p99")), ""),
+        ("LeaseTasks calls/s", f"{fmt(r['lease_calls_per_s'])}  ({fmt(r['lease_empty_pct'])}% empty,"
+         f" {fmt(r['tasks_per_lease'])} tasks/call)", ""),
+    ]
 
 
 def scenario_rows(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -826,21 +1159,49 @@ def scenario_rows(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
              verdict(r["server_cpu_us_per_enqueue"], TARGETS["server_cpu_us_per_enqueue"], False)),
             ("loadgen CPU / Enqueue", fmt(r["loadgen_cpu_us_per_enqueue"], " µs"), ""),
         ]
-    else:
+    elif name == "steady":
+        rows += [
+            ("target rate", fmt(r["target_rate_per_s"], " enqueues/s"), ""),
+            ("achieved enqueues/s", fmt(r["enqueue_per_s"]), ""),
+            ("completed jobs/s", fmt(r["jobs_per_s"]), ""),
+            ("enqueue→received", lat_str(r["pickup_latency_ms"]), ""),
+            ("enqueue→report", lat_str(r["e2e_latency_ms"], ("p50", "p99", "max")), ""),
+            ("Enqueue latency", lat_str(r["enqueue_latency_ms"], ("p50", "p99")), ""),
+            *worker_rows(r),
+            ("send lag", lat_str(r["send_lag_ms"], ("p50", "p99", "max"))
+             + (f"  ({r['sends_skipped']:,} sends skipped)" if r["sends_skipped"] else ""), ""),
+            ("backlog at end", fmt(r["backlog_at_end"]), ""),
+            ("server CPU / job", fmt(r["server_cpu_us_per_job"], " µs"), ""),
+            ("loadgen CPU / job", fmt(r["loadgen_cpu_us_per_job"], " µs"), ""),
+        ]
+    elif name == "drain":
+        rows += [
+            ("drained jobs/s", fmt(r["jobs_per_s"]), ""),
+            ("backlog drained", f"{fmt(r['drained'])} of {fmt(r['backlog'])} in {fmt(r['drain_s'], ' s')}"
+             + (f"  ({r['remaining']:,} LEFT)" if r["remaining"] else ""), ""),
+            ("pre-fill (not timed)", f"{fmt(r['fill_s'], ' s')}, {fmt(r['fill_per_s'])} enqueues/s", ""),
+            *worker_rows(r),
+            ("server CPU / job", fmt(r["server_cpu_us_per_job"], " µs"), ""),
+            ("loadgen CPU / job", fmt(r["loadgen_cpu_us_per_job"], " µs"), ""),
+        ]
+    else:  # saturation, tenants
         rows += [
             ("completed jobs/s", fmt(r["jobs_per_s"]),
-             verdict(r["jobs_per_s"], TARGETS["e2e_jobs_per_s"], True)),
+             verdict(r["jobs_per_s"], TARGETS["e2e_jobs_per_s"], True) if name == "saturation" else ""),
+        ]
+        if name == "tenants":
+            rows.append(("tenants", f"{fmt(r['params']['routes'])} over"
+                         f" {fmt(r['params']['shards_used'])} shard(s), round-robin", ""))
+        rows += [
             ("completed in window", fmt(r["completed"]), ""),
             ("enqueues/s", fmt(r["enqueue_per_s"]), ""),
             ("backlog at end", fmt(r["backlog_at_end"]), ""),
             ("enqueue→report", lat_str(r["e2e_latency_ms"], ("p50", "p99", "max")), ""),
             ("Enqueue latency", lat_str(r["enqueue_latency_ms"], ("p50", "p99")), ""),
-            ("LeaseTasks latency", lat_str(r["lease_latency_ms"], ("p50", "p99")), ""),
-            ("ReportOutcome latency", lat_str(r["report_latency_ms"], ("p50", "p99")), ""),
-            ("LeaseTasks calls/s", f"{fmt(r['lease_calls_per_s'])}  ({fmt(r['lease_empty_pct'])}% empty,"
-             f" {fmt(r['tasks_per_lease'])} tasks/call)", ""),
+            *worker_rows(r),
             ("server CPU / job", fmt(r["server_cpu_us_per_job"], " µs"),
-             verdict(r["server_cpu_us_per_job"], TARGETS["server_cpu_us_per_job"], False)),
+             verdict(r["server_cpu_us_per_job"], TARGETS["server_cpu_us_per_job"], False)
+             if name == "saturation" else ""),
             ("loadgen CPU / job", fmt(r["loadgen_cpu_us_per_job"], " µs"), ""),
         ]
     if "fatal" not in r:
@@ -883,11 +1244,14 @@ def print_details(r: dict[str, Any], who: str = "") -> None:
 def print_report(report: dict[str, Any]) -> None:
     m, c = report["machine"], report["config"]
     print()
-    print(f"machine: {m['nproc']} cpus, {m['cpu_model']}, python {m['python']}, grpcio {m['grpcio']}")
+    print(f"machine: {m['nproc']} cpus, {m['cpu_model']}, python {m['python']}, grpcio {m['grpcio']}"
+          f", silo commit {m.get('silo_commit')}{' (+ local changes)' if m.get('silo_tree_dirty') else ''}")
     print(f"config:  target {c['target']}  procs {c['procs']}  concurrency {c['concurrency']}/proc"
-          f"  workers {c['workers']}/proc (e2e)  flush {c['flush_interval_ms']} ms"
-          f"  server processes {c.get('server_processes') or 'n/a'}"
+          f"  workers {c['workers']}/proc  flush {c['flush_interval_ms']} ms"
+          f"  shards {c['shards']}  server processes {c.get('server_processes') or 'n/a'}"
           f"  warmup {c['warmup_s']} s  window {c['duration_s']} s")
+    print(f"         steady rate {c['rate']}/s  drain backlog {c['backlog']:,}"
+          f"  tenants scenario {c['many_tenants']:,} tenants")
     if c.get("baseline"):
         print("baseline: each scenario also ran against bench/noop_server.py (same RPCs and"
               " gRPC settings, no storage)")
@@ -924,15 +1288,41 @@ def print_report(report: dict[str, Any]) -> None:
             line = f"  {k:<{w}}  {v:<{w1}}  {noop.get(k, ''):<{w2}}"
             print((line + f"  {vd}") if vd else line.rstrip())
         cmp_ = r.get("vs_baseline") or {}
-        rate_label = "durable enqueues/s" if name == "enqueue" else "completed jobs/s"
-        op = "Enqueue" if name == "enqueue" else "job"
+        _, _, rate_label, op = BASELINE_KEYS[name]
         print(f"  -> ours as % of the no-op rate ({rate_label}): {fmt(cmp_.get('rate_pct_of_noop'), ' %')}")
         delta = cmp_.get("server_cpu_us_over_noop")
         print(f"  -> our server CPU / {op} minus the no-op's (storage + state machine): "
               + ("n/a" if delta is None else f"{delta:+,.1f} µs"))
+        if cmp_.get("pickup_p99_ms_over_noop") is not None:
+            print(f"  -> our enqueue→received p99 minus the no-op's: {cmp_['pickup_p99_ms_over_noop']:+,.1f} ms")
         print_details(r, "ours: ")
         print_details(noop_r, "no-op: ")
     print()
+
+
+# ---------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------
+
+
+def parse_scenarios(spec: str) -> list[str]:
+    """A comma list of scenarios (aliases resolved, `all` = the standard suite), in order,
+    without repeats."""
+    out: list[str] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        names = STANDARD if part == "all" else [ALIASES.get(part, part)]
+        for n in names:
+            if n not in MODES:
+                raise ValueError(f"unknown scenario {part!r}; choose from "
+                                 f"{', '.join([*MODES, *ALIASES, 'all'])}")
+            if n not in out:
+                out.append(n)
+    if not out:
+        raise ValueError("no scenario given")
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -941,13 +1331,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--target", metavar="HOST:PORT",
                     help="existing server to load (default: start one per scenario)")
     ap.add_argument("--server-pid", type=int, help="with --target: server pid, for its CPU figures")
+    ap.add_argument("--scenario", default="all",
+                    help="comma list of: enqueue, steady, drain, saturation (alias e2e), tenants;"
+                         f" all = {','.join(STANDARD)}")
     ap.add_argument("--duration", type=float, default=10.0, help="measured window, seconds")
     ap.add_argument("--warmup", type=float, default=2.0, help="load before the window, seconds")
     ap.add_argument("--procs", type=int, default=2, help="client processes")
     ap.add_argument("--concurrency", type=int, default=64,
-                    help="calls in flight per process (e2e: half of it enqueues)")
+                    help="calls in flight per process (saturation/tenants: half of it enqueues;"
+                         " steady: cap on Enqueue calls in flight; drain: pre-fill calls in flight)")
     ap.add_argument("--workers", type=int, default=4,
-                    help="e2e: worker poll loops per process (LeaseTasks max_tasks=16 each)")
+                    help="worker poll loops per process (LeaseTasks max_tasks=16 each)")
+    ap.add_argument("--rate", type=float, default=500.0,
+                    help="steady: enqueues per second, all client processes together")
+    ap.add_argument("--backlog", type=int, default=20_000, help="drain: jobs pre-filled before draining")
+    ap.add_argument("--fill-timeout", type=float, default=300.0,
+                    help="drain: give up the pre-fill after this many seconds")
+    ap.add_argument("--drain-timeout", type=float, default=180.0,
+                    help="drain: give up draining after this many seconds")
+    ap.add_argument("--many-tenants", type=int, default=10_000,
+                    help="tenants: number of tenants (the server gets --tenancy)")
     ap.add_argument("--channels", type=int, default=1, help="gRPC channels per client process")
     ap.add_argument("--flush-interval-ms", type=int, default=10)
     ap.add_argument("--shards", type=int, default=8, help="shards of a self-started server")
@@ -955,8 +1358,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="worker processes of the self-started server and of the no-op baseline"
                          " (0 = silo's default: one per core, at most one per shard)")
     ap.add_argument("--tenants", type=int, default=0,
-                    help="spread over N tenants (self-started server gets --tenancy); 0 = none")
-    ap.add_argument("--scenario", choices=("enqueue", "e2e", "all"), default="all")
+                    help="scenarios other than `tenants`: spread over N tenants (self-started"
+                         " server gets --tenancy); 0 = none")
     ap.add_argument("--call-timeout", type=float, default=10.0, help="deadline of each RPC, s")
     ap.add_argument("--max-ops", type=int, default=10_000_000,
                     help="safety cap on iterations of each client loop")
@@ -969,15 +1372,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="extra argument for `silo serve` (repeatable), e.g. --server-arg=--log-level=warning")
     ap.add_argument("--keep-data", action="store_true", help="keep the temp data dir and server log")
     a = ap.parse_args(argv)
+    try:
+        a.scenarios = parse_scenarios(a.scenario)
+    except ValueError as e:
+        ap.error(str(e))
     if a.target:
         host = a.target.rsplit(":", 1)[0].strip("[]")
         if host not in ("127.0.0.1", "localhost"):
             ap.error("--target must be on 127.0.0.1 (this tool only loads a local server)")
     if a.duration <= 0 or a.warmup < 0 or a.procs < 1 or a.concurrency < 1 or a.workers < 0:
         ap.error("duration > 0, warmup >= 0, procs >= 1, concurrency >= 1, workers >= 0")
+    if a.rate <= 0 or a.backlog < 1 or a.many_tenants < 1:
+        ap.error("rate > 0, backlog >= 1, many-tenants >= 1")
+    if a.workers < 1 and any(MODES[s] != "enqueue" for s in a.scenarios):
+        ap.error("scenarios with workers need --workers >= 1")
     return a
 
 
+def scenario_args(name: str, args: argparse.Namespace) -> argparse.Namespace:
+    """The options one scenario runs with: `tenants` spreads over --many-tenants tenants."""
+    a = copy.copy(args)
+    if name == "tenants":
+        a.tenants = args.many_tenants
+    return a
 
 
 def run_against(name: str, args: argparse.Namespace, kind: str,
@@ -985,18 +1402,19 @@ def run_against(name: str, args: argparse.Namespace, kind: str,
     """Run one scenario against our server (kind "silo": --target or self-started) or
     against a self-started no-op server (kind "noop"); always stop what was started."""
     server = None
+    sargs = scenario_args(name, args)
     label = name if kind == "silo" else f"{name}/noop"
     try:
         if kind == "silo" and args.target:
             target, pid = args.target, args.server_pid
         else:
-            server = ServerProc(args, kind)
+            server = ServerProc(sargs, kind)
             target = server.start()
             pid = server.pid
-            report["config"]["server_cmd" if kind == "silo" else "baseline_cmd"] = server.cmd
+            report["config"].setdefault("server_cmd" if kind == "silo" else "baseline_cmd", {})[name] = server.cmd
             print(f"[{label}] server pid {pid} on {target}", file=sys.stderr, flush=True)
         try:
-            res = run_scenario(name, args, target, pid, server, label)
+            res = run_scenario(name, sargs, target, pid, server, label)
         except KeyboardInterrupt:
             raise
         except Exception as e:
@@ -1022,18 +1440,21 @@ def failed(res: dict[str, Any]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    scenarios = ["enqueue", "e2e"] if args.scenario == "all" else [args.scenario]
+    t_start = time.monotonic()
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "config": {
             "target": args.target or "self-started 127.0.0.1:0",
             "target_mode": "external" if args.target else "self-started",
+            "scenarios": args.scenarios,
             "procs": args.procs, "concurrency": args.concurrency, "workers": args.workers,
             "channels": args.channels, "flush_interval_ms": args.flush_interval_ms,
             "duration_s": args.duration, "warmup_s": args.warmup, "shards": args.shards,
             "server_processes": None if args.target else server_processes(args),
-            "tenants": args.tenants, "lease_batch": LEASE_BATCH, "task_group": TASK_GROUP,
+            "tenants": args.tenants, "many_tenants": args.many_tenants, "rate": args.rate,
+            "backlog": args.backlog, "lease_batch": LEASE_BATCH, "task_group": TASK_GROUP,
+            "empty_poll_sleep_ms": EMPTY_POLL_SLEEP_S * 1000,
             "baseline": args.baseline,
             "argv": sys.argv,
         },
@@ -1048,22 +1469,28 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     rc = 0
     try:
-        for name in scenarios:
+        for name in args.scenarios:
             res = run_against(name, args, "silo", report)
             report["scenarios"][name] = res
             if failed(res):
                 rc = 1
+            if _interrupted:
+                raise KeyboardInterrupt
             if args.baseline:
                 noop = run_against(name, args, "noop", report)
                 res["baseline"] = noop
                 res["vs_baseline"] = compare_baseline(name, res, noop)
                 if failed(noop):
                     rc = 1
+                if _interrupted:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         rc = 130
+    report["wall_s"] = round(time.monotonic() - t_start, 1)
     if report["scenarios"]:
         print_report(report)
+        print(f"wall time {report['wall_s']:.0f} s")
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
             print(f"JSON report written to {args.json}", file=sys.stderr)

@@ -1,0 +1,415 @@
+#!/usr/bin/env python3
+"""Deep queue: LeaseTasks latency, restart-to-serving time and RSS with many jobs queued
+in one shard.
+
+    /tmp/venv/bin/python bench/deep_queue.py [--jobs 200000] [--json FILE]
+
+Starts its own `silo serve --no-tenancy` (temp data dir, 127.0.0.1 port 0): with tenancy
+off every job belongs to tenant "-", so the whole queue is in one shard. Then:
+
+ 1. pre-fills 1,000 jobs through the real server (client processes from bench/load.py,
+    many Enqueue calls in flight), waits until the server is idle, and times 200
+    LeaseTasks(max_tasks=1) calls one after the other (reference depth);
+ 2. pre-fills up to --jobs queued jobs, waits until idle, times 200 LeaseTasks again, and
+    reads the RSS of every server process (supervisor and workers, /proc/PID/status);
+ 3. stops the server with SIGTERM (timed), starts it again on the same data dir and
+    times process start -> ready line -> first LeaseTasks that returns a task; then RSS
+    and 200 LeaseTasks again.
+
+Every leased task is reported as a success after its measurement (not timed). The server
+is always stopped, also on Ctrl-C. See bench/README.md ("Deep queue").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import load  # noqa: E402  (bench/load.py: server management, client processes, /proc helpers)
+
+REF_DEPTH = 1_000
+SETTLE_CORES = 0.15  # the server counts as idle below this CPU use (cores, over 0.5 s)
+SETTLE_MAX_S = 60.0
+WORKER_ID = "deep-queue-probe"
+
+
+def rss_kb(pid: int) -> dict[str, int | None]:
+    """VmRSS and VmHWM (peak) of one process, kB."""
+    out: dict[str, int | None] = {"rss_kb": None, "hwm_kb": None}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    out["rss_kb"] = int(line.split()[1])
+                elif line.startswith("VmHWM:"):
+                    out["hwm_kb"] = int(line.split()[1])
+    except OSError:
+        pass
+    return out
+
+
+def server_rss(pid: int, owner: int | None = None) -> list[dict[str, Any]]:
+    """RSS of the supervisor and each worker process (its children, in pid order, i.e.
+    the order the supervisor forked them); `owner` = index of the deep shard's worker."""
+    rows = [{"role": "supervisor", "pid": pid, **rss_kb(pid)}]
+    for i, kid in enumerate(sorted(load.proc_children(pid))):
+        role = f"worker {i}" + (" (owns the deep shard)" if i == owner else "")
+        rows.append({"role": role, "pid": kid, **rss_kb(kid)})
+    return rows
+
+
+def grew_most(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> int | None:
+    """Index of the worker whose RSS grew most between two server_rss() readings: the one
+    holding the deep shard (its in-memory indexes grow with the queue)."""
+    growth = [((a["rss_kb"] or 0) - (b["rss_kb"] or 0), i)
+              for i, (b, a) in enumerate(zip(before[1:], after[1:], strict=False))]
+    return max(growth)[1] if growth else None
+
+
+def mark_owner(rows: list[dict[str, Any]], owner: int | None) -> None:
+    if owner is not None and owner + 1 < len(rows):
+        rows[owner + 1]["role"] += " (owns the deep shard)"
+
+
+def dir_bytes(path: Path) -> int:
+    n = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                n += os.stat(os.path.join(root, f)).st_size
+    return n
+
+
+def settle(pid: int) -> float:
+    """Wait until the server is idle (background flushes and compaction after a fill);
+    returns the seconds waited (at most SETTLE_MAX_S)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < SETTLE_MAX_S:
+        a = load.tree_cpu_s(pid)
+        time.sleep(0.5)
+        b = load.tree_cpu_s(pid)
+        if a is None or b is None or (b - a) / 0.5 < SETTLE_CORES:
+            break
+    return round(time.monotonic() - t0, 2)
+
+
+def probe(target: str, samples: int, pid: int, call_timeout: float) -> dict[str, Any]:
+    """`samples` LeaseTasks(max_tasks=1) calls one after the other on one connection;
+    then ReportOutcome(success) for every leased task, all at once (not timed)."""
+    import grpc
+
+    from silo._proto import silo_pb2 as pb
+    from silo._proto import silo_pb2_grpc as pb_grpc
+
+    lat_us: list[float] = []
+    tasks = []
+    empty = 0
+    cpu0 = load.tree_cpu_by_pid(pid)
+    with grpc.insecure_channel(target) as ch:
+        stub = pb_grpc.SiloStub(ch)
+        req = pb.LeaseTasksRequest(worker_id=WORKER_ID, max_tasks=1, task_group=load.TASK_GROUP)
+        stub.GetClusterInfo(pb.GetClusterInfoRequest(), timeout=call_timeout)  # connect first
+        for _ in range(samples):
+            t = time.perf_counter()
+            resp = stub.LeaseTasks(req, timeout=call_timeout)
+            lat_us.append((time.perf_counter() - t) * 1e6)
+            if resp.tasks:
+                tasks.extend(resp.tasks)
+            else:
+                empty += 1
+        cpu1 = load.tree_cpu_by_pid(pid)
+        ok = b"\x81\xa2ok\xc3"  # msgpack {"ok": True}
+        futs = []
+        for task in tasks:
+            r = pb.ReportOutcomeRequest(shard=task.shard, task_id=task.id,
+                                        success=pb.SerializedBytes(msgpack=ok))
+            if task.HasField("tenant_id"):
+                r.tenant_id = task.tenant_id
+            futs.append(stub.ReportOutcome.future(r, timeout=call_timeout))
+        report_errors = 0
+        for f in futs:
+            try:
+                f.result()
+            except grpc.RpcError:
+                report_errors += 1
+    by_proc = sorted(((p, c - cpu0.get(p, 0.0)) for p, c in cpu1.items()), key=lambda x: -x[1])
+    return {"calls": samples, "empty": empty, "latency_ms": load.percentiles_ms(lat_us),
+            "mean_ms": round(sum(lat_us) / len(lat_us) / 1000, 3) if lat_us else None,
+            "server_cpu_ms_by_process": {str(p): round(c * 1000, 1) for p, c in by_proc if c > 0},
+            "reported": len(tasks) - report_errors, "report_errors": report_errors}
+
+
+def first_lease(target: str, deadline: float, call_timeout: float) -> dict[str, Any]:
+    """LeaseTasks(max_tasks=1) until one returns a task: times of the first OK call and
+    of the first task, time.monotonic()."""
+    import grpc
+
+    from silo._proto import silo_pb2 as pb
+    from silo._proto import silo_pb2_grpc as pb_grpc
+
+    out: dict[str, Any] = {"first_ok_t": None, "first_task_t": None, "attempts": 0, "errors": {}}
+    req = pb.LeaseTasksRequest(worker_id=WORKER_ID, max_tasks=1, task_group=load.TASK_GROUP)
+    with grpc.insecure_channel(target) as ch:
+        stub = pb_grpc.SiloStub(ch)
+        task = None
+        while time.monotonic() < deadline:
+            out["attempts"] += 1
+            try:
+                resp = stub.LeaseTasks(req, timeout=min(call_timeout, max(0.1, deadline - time.monotonic())),
+                                       wait_for_ready=True)
+            except grpc.RpcError as e:
+                k = e.code().name
+                out["errors"][k] = out["errors"].get(k, 0) + 1
+                time.sleep(0.005)
+                continue
+            now = time.monotonic()
+            if out["first_ok_t"] is None:
+                out["first_ok_t"] = now
+            if resp.tasks:
+                out["first_task_t"] = now
+                task = resp.tasks[0]
+                break
+            time.sleep(0.005)
+        if task is not None:
+            r = pb.ReportOutcomeRequest(shard=task.shard, task_id=task.id,
+                                        success=pb.SerializedBytes(msgpack=b"\x81\xa2ok\xc3"))
+            with contextlib.suppress(grpc.RpcError):
+                stub.ReportOutcome(r, timeout=call_timeout)
+    return out
+
+
+def fill(largs_base: list[str], n: int, target: str, server: load.ServerProc, label: str) -> dict[str, Any]:
+    largs = load.parse_args([*largs_base, "--backlog", str(max(1, n))])
+    return load.run_scenario("fill", largs, target, server.pid, server, label)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=200_000,
+                    help="queued jobs at depth (1,000,000 is the issue's figure: about 7 min of"
+                         " pre-fill on 2 cores)")
+    ap.add_argument("--samples", type=int, default=200, help="LeaseTasks calls per measurement")
+    ap.add_argument("--procs", type=int, default=2, help="pre-fill client processes")
+    ap.add_argument("--concurrency", type=int, default=64, help="Enqueue calls in flight per process")
+    ap.add_argument("--fill-timeout", type=float, default=900.0,
+                    help="stop filling after this many seconds and measure at the depth reached")
+    ap.add_argument("--restart-timeout", type=float, default=300.0,
+                    help="give up waiting for the restarted server after this many seconds")
+    ap.add_argument("--flush-interval-ms", type=int, default=10)
+    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--processes", type=int, default=0,
+                    help="server worker processes (0 = one per core, at most one per shard)")
+    ap.add_argument("--call-timeout", type=float, default=10.0)
+    ap.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    ap.add_argument("--silo-bin", help="silo executable (default: the one next to this python)")
+    ap.add_argument("--server-arg", action="append", default=[], help="extra `silo serve` argument")
+    ap.add_argument("--keep-data", action="store_true", help="keep the temp data dir and server logs")
+    a = ap.parse_args(argv)
+    if a.jobs < REF_DEPTH + a.samples or a.samples < 1:
+        ap.error(f"--jobs must be at least {REF_DEPTH + a.samples}, --samples at least 1")
+    return a
+
+
+def server_args(a: argparse.Namespace) -> argparse.Namespace:
+    """The fields ServerProc reads."""
+    return argparse.Namespace(silo_bin=a.silo_bin, flush_interval_ms=a.flush_interval_ms,
+                              shards=a.shards, tenants=0, processes=a.processes,
+                              server_arg=a.server_arg, keep_data=a.keep_data)
+
+
+def mb(kb: int | None) -> str:
+    return "n/a" if kb is None else f"{kb / 1024:,.0f} MB"
+
+
+def print_report(rep: dict[str, Any]) -> None:
+    m, c, r = rep["machine"], rep["config"], rep["results"]
+    print()
+    print(f"machine: {m['nproc']} cpus, {m['cpu_model']}, python {m['python']}, grpcio {m['grpcio']}"
+          f", silo commit {m.get('silo_commit')}{' (+ local changes)' if m.get('silo_tree_dirty') else ''}")
+    print(f"config:  {c['jobs']:,} jobs in one shard (tenancy off), shards {c['shards']},"
+          f" flush {c['flush_interval_ms']} ms, server processes {c['server_processes']},"
+          f" pre-fill {c['procs']} procs x {c['concurrency']} in flight")
+    print()
+    print("== deep queue " + "=" * 52)
+    rows: list[tuple[str, str]] = []
+    for key, label in (("fill_ref", "pre-fill to 1,000"), ("fill_deep", "pre-fill to depth")):
+        f = r.get(key)
+        if f:
+            rows.append((label, f"{f.get('filled', 0):,} jobs in {load.fmt(f.get('fill_s'), ' s')}"
+                         f" = {load.fmt(f.get('fill_per_s'))} enqueues/s,"
+                         f" server CPU {load.fmt(f.get('server_cpu_us_per_enqueue'), ' µs')}/Enqueue,"
+                         f" errors {f.get('error_total', 0)}"))
+    if r.get("fill_rate_first_last_10s"):
+        a, b = r["fill_rate_first_last_10s"]
+        rows.append(("  enqueue rate, first / last 10 s", f"{load.fmt(a)} / {load.fmt(b)} per s"))
+    for key, label in (("probe_ref", "LeaseTasks at 1,000 queued"),
+                       ("probe_deep", "LeaseTasks at depth"),
+                       ("probe_restarted", "LeaseTasks after restart")):
+        p = r.get(key)
+        if p:
+            depth = r.get(key.replace("probe", "depth"))
+            rows.append((label, load.lat_str(p["latency_ms"]) + f"  (mean {load.fmt(p['mean_ms'])} ms,"
+                         f" {p['calls']} calls, {p['empty']} empty"
+                         + (f", {depth:,} queued" if depth is not None else "") + ")"))
+    if r.get("lease_growth"):
+        g = r["lease_growth"]
+        rows.append(("  depth / 1,000 queued", f"p50 x{load.fmt(g['p50_ratio'])}  p99 x{load.fmt(g['p99_ratio'])}"
+                     f"  -> {g['verdict']}"))
+    for key, label in (("rss_deep", "RSS at depth"), ("rss_restarted", "RSS after restart")):
+        if r.get(key):
+            rows.append((label, ", ".join(f"{x['role']} {mb(x['rss_kb'])}" for x in r[key])))
+            rows.append(("  total / peak (VmHWM)", f"{mb(sum(x['rss_kb'] or 0 for x in r[key]))}"
+                         f" / {', '.join(mb(x['hwm_kb']) for x in r[key])}"))
+    if r.get("data_dir_bytes") is not None:
+        rows.append(("data dir at depth", f"{r['data_dir_bytes'] / 2**20:,.0f} MB"))
+    rs = r.get("restart")
+    if rs:
+        rows.append(("SIGTERM -> exited", f"{load.fmt(rs.get('stop_s'), ' s')} (exit code {rs.get('exit_code')})"))
+        rows.append(("start -> ready line", load.fmt(rs.get("ready_s"), " s")))
+        rows.append(("start -> first LeaseTasks OK", load.fmt(rs.get("first_ok_s"), " s")))
+        rows.append(("start -> first task leased", load.fmt(rs.get("first_task_s"), " s")))
+    if r.get("fatal"):
+        rows.append(("FAILED", r["fatal"]))
+    rows.append(("server exit code", str(r.get("server_exit_code"))))
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{w}}  {v}")
+    print()
+
+
+def run(a: argparse.Namespace, rep: dict[str, Any]) -> None:
+    r = rep["results"]
+    server = load.ServerProc(server_args(a), "silo")
+    largs_base = ["--procs", str(a.procs), "--concurrency", str(a.concurrency),
+                  "--fill-timeout", str(a.fill_timeout), "--call-timeout", str(a.call_timeout)]
+    try:
+        target = server.start()
+        rep["config"]["server_cmd"] = server.cmd
+        pid = server.pid
+        assert pid is not None
+        print(f"[deep] server pid {pid} on {target}", file=sys.stderr, flush=True)
+
+        r["fill_ref"] = f1 = fill(largs_base, REF_DEPTH, target, server, "deep fill 1k")
+        if "fatal" in f1 or not f1.get("fill_complete"):
+            raise RuntimeError(f"pre-fill to {REF_DEPTH:,} failed: {f1.get('fatal') or f1.get('errors')}")
+        r["settle_ref_s"] = settle(pid)
+        r["depth_ref"] = f1["filled"]
+        print(f"[deep] {a.samples} LeaseTasks at {r['depth_ref']:,} queued", file=sys.stderr, flush=True)
+        r["probe_ref"] = p1 = probe(target, a.samples, pid, a.call_timeout)
+        queued = r["depth_ref"] - p1["reported"]
+        r["rss_ref"] = server_rss(pid)
+
+        r["fill_deep"] = f2 = fill(largs_base, a.jobs - queued, target, server, "deep fill")
+        rows = [x["enq_per_s"] for x in f2.get("progress", []) if x["phase"] == "fill"]
+        if len(rows) >= 20:
+            r["fill_rate_first_last_10s"] = [round(sum(rows[:10]) / 10, 1), round(sum(rows[-10:]) / 10, 1)]
+        queued += f2.get("filled", 0)
+        r["depth_deep"] = queued
+        if "fatal" in f2:
+            raise RuntimeError(f"pre-fill failed: {f2['fatal']}")
+        if not f2.get("fill_complete"):
+            print(f"[deep] pre-fill stopped at {queued:,} queued (--fill-timeout); measuring there",
+                  file=sys.stderr, flush=True)
+        r["settle_deep_s"] = settle(pid)
+        print(f"[deep] {a.samples} LeaseTasks at {queued:,} queued", file=sys.stderr, flush=True)
+        r["probe_deep"] = p2 = probe(target, a.samples, pid, a.call_timeout)
+        queued -= p2["reported"]
+        r["rss_deep"] = server_rss(pid)
+        owner = grew_most(r["rss_ref"], r["rss_deep"])
+        mark_owner(r["rss_deep"], owner)
+        r["data_dir_bytes"] = dir_bytes(server.tmp / "data")
+        p50a, p50b = p1["latency_ms"]["p50"], p2["latency_ms"]["p50"]
+        p99a, p99b = p1["latency_ms"]["p99"], p2["latency_ms"]["p99"]
+        if p50a and p99a and p50b is not None and p99b is not None:
+            g50, g99 = round(p50b / p50a, 2), round(p99b / p99a, 2)
+            r["lease_growth"] = {"p50_ratio": g50, "p99_ratio": g99,
+                                 "verdict": "flat (p50 within 1.5x)" if g50 <= 1.5 else "GROWS with depth"}
+
+        # restart on the same data dir
+        print(f"[deep] SIGTERM, restart with {queued:,} queued", file=sys.stderr, flush=True)
+        t = time.monotonic()
+        code = server.stop()
+        rs: dict[str, Any] = {"stop_s": round(time.monotonic() - t, 3), "exit_code": code,
+                              "queued": queued}
+        r["restart"] = rs
+        server.poll_s = 0.01
+        target = server.start(ready_timeout=a.restart_timeout)
+        pid = server.pid
+        assert pid is not None and server.spawn_t is not None and server.ready_t is not None
+        rs["ready_s"] = round(server.ready_t - server.spawn_t, 3)
+        fl = first_lease(target, server.spawn_t + a.restart_timeout, a.call_timeout)
+        rs["first_lease_attempts"], rs["first_lease_errors"] = fl["attempts"], fl["errors"]
+        if fl["first_ok_t"] is not None:
+            rs["first_ok_s"] = round(fl["first_ok_t"] - server.spawn_t, 3)
+        if fl["first_task_t"] is not None:
+            rs["first_task_s"] = round(fl["first_task_t"] - server.spawn_t, 3)
+            queued -= 1
+        else:
+            raise RuntimeError("the restarted server leased no task before --restart-timeout")
+        r["settle_restarted_s"] = settle(pid)
+        r["depth_restarted"] = queued
+        r["probe_restarted"] = probe(target, a.samples, pid, a.call_timeout)
+        r["rss_restarted"] = server_rss(pid, owner)  # the same shard map: the same worker index
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        r["fatal"] = f"{type(e).__name__}: {e}"
+        r["server_stderr_tail"] = server.tail(40)
+    finally:
+        r["server_exit_code"] = server.stop()
+        server.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    t0 = time.monotonic()
+    rep: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": load.machine_info(),
+        "config": {"jobs": a.jobs, "ref_depth": REF_DEPTH, "samples": a.samples, "procs": a.procs,
+                   "concurrency": a.concurrency, "flush_interval_ms": a.flush_interval_ms,
+                   "shards": a.shards, "tenancy": False,
+                   "server_processes": load.server_processes(argparse.Namespace(
+                       processes=a.processes, shards=a.shards)),
+                   "argv": sys.argv},
+        "results": {},
+    }
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    rc = 0
+    try:
+        run(a, rep)
+        if load._interrupted:
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        rc = 130
+    res = rep["results"]
+    if rc == 0 and ("fatal" in res or res.get("server_exit_code") not in (0, None)
+                    or any((res.get(k) or {}).get("error_total") for k in ("fill_ref", "fill_deep"))):
+        rc = 1
+    rep["wall_s"] = round(time.monotonic() - t0, 1)
+    print_report(rep)
+    print(f"wall time {rep['wall_s']:.0f} s")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rep, indent=2, ensure_ascii=False) + "\n")
+        print(f"JSON report written to {a.json}", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
