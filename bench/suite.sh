@@ -16,12 +16,15 @@
 # and progress log are kept in bench/results/<UTC stamp>/. bench/results/ is git-ignored.
 #
 # Environment (all optional):
-#   PYTHON=...        interpreter with silo installed (default: /tmp/venv/bin/python,
-#                     else ./.venv/bin/python, else python3)
+#   PYTHON=...        interpreter with silo installed (default: ./.venv/bin/python as
+#                     made by scripts/test.sh, else python3)
 #   DURATION=8        load.py measured window per scenario, seconds (warm-up 2 s)
 #   DEEP_JOBS=200000  deep_queue.py depth; the issue's 1,000,000 takes about 7 minutes
 #                     of pre-fill alone on 2 cores, so it is a separate command
 #   SKIP=...          comma list of steps to leave out: load, limits, deep
+#   PEERS=1           also install (bench/peers/setup.sh: Redis, PostgreSQL, BullMQ,
+#                     procrastinate) and run the peers on the same workload, printing
+#                     ours/peer ratios against this run's load.py figures (~2 more min)
 # Extra arguments go to load.py (e.g. --rate 800).
 #
 # Ctrl-C or SIGTERM stops the running step, which stops its servers, then the suite.
@@ -32,8 +35,7 @@ repo=$(dirname "$here")
 cd "$repo" || exit 2
 
 if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x /tmp/venv/bin/python ]]; then PYTHON=/tmp/venv/bin/python
-    elif [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python
     else PYTHON=python3; fi
 fi
 DURATION=${DURATION:-8}
@@ -92,6 +94,10 @@ if ! skipped limits && (( ! stopping )); then
 fi
 if ! skipped deep && (( ! stopping )); then
     run_step deep "$PYTHON" -u bench/deep_queue.py --jobs "$DEEP_JOBS" --json "$out/deep_queue.json"
+fi
+if [[ "${PEERS:-0}" == 1 ]] && ! skipped load && (( ! stopping )); then
+    run_step peers bash -c "bash bench/peers/setup.sh && \"$PYTHON\" -u bench/peers/run.py \
+        --ours-json '$out/load.json' --json '$out/peers.json'"
 fi
 wall=$((SECONDS - t_suite))
 trap - INT TERM
