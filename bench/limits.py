@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Concurrency-limit benchmarks for Silo: grant latency and limited vs unlimited throughput.
 
-    /tmp/venv/bin/python bench/limits.py [--scenario grant-latency|limited-throughput|all]
+    .venv/bin/python bench/limits.py [--scenario grant-latency|limited-throughput|all]
         [--duration 10] [--flush-interval-ms 10] [--procs 2] [--cycles 400] [--json FILE]
 
 Every phase starts its own `silo serve --tenancy` on 127.0.0.1 (temp data dir, port 0)
