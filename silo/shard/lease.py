@@ -110,6 +110,7 @@ def _pop_due(shard: Shard, q, now: int, limit: int | None = None) -> list[tuple[
         heapq.heappop(heap)
         task = tasks.pop(key, None)
         if task is None:
+            q.stale = max(0, q.stale - 1)
             continue  # removed (cancelled, expedited, leased by id) after it was pushed
         shard.committer.delete(key)
         out.append((key, task))

@@ -87,11 +87,21 @@ class ConcurrencyQueue:
 class ReadyQueue:
     """The pending tasks of one task group, as a heap of task keys (ready order)."""
 
-    __slots__ = ("prefix_len", "heap")
+    __slots__ = ("prefix_len", "heap", "stale")
 
     def __init__(self, task_group: str) -> None:
         self.prefix_len = len(keys.task_group_prefix(task_group))
         self.heap: list[bytes] = []
+        self.stale = 0  # entries whose task was removed (skipped when popped)
+
+    def forget(self, live: dict[bytes, Task]) -> None:
+        """Count one removed entry; rebuild the heap once most of it is dead, so many
+        cancelled far-future tasks cannot pile up until their start time."""
+        self.stale += 1
+        if self.stale > 1024 and self.stale * 2 > len(self.heap):
+            self.heap = [k for k in self.heap if k in live]
+            heapq.heapify(self.heap)
+            self.stale = 0
 
 
 class ShardConfig:
@@ -301,9 +311,15 @@ class Shard:
         self._index_task(key, task)
 
     def remove_task(self, key: bytes) -> Task | None:
-        """Drop a pending task; its heap entry is skipped lazily when popped."""
+        """Drop a pending task; its heap entry is skipped when popped (or compacted)."""
         task = self.tasks.pop(key, None)
         self.committer.delete(key)
+        if task is not None:
+            queues = (self.refresh_queues if isinstance(task, RefreshFloatingLimit)
+                      else self.queues)
+            q = queues.get(task.task_group)
+            if q is not None:
+                q.forget(self.tasks)
         return task
 
     def put_status(self, tenant: str, job_id: str, status: JobStatus) -> None:

@@ -470,3 +470,16 @@ def test_an_operation_that_stages_nothing_still_commits():
         await s.committer.commit()
         await add(s)  # storage still healthy
     run(t)
+
+
+def test_cancelled_future_tasks_do_not_pile_up_in_the_ready_heap():
+    async def t(s, clock):
+        await asyncio.gather(*(add(s, f"f{i}", start_at_ms=T0 + 3_600_000)
+                               for i in range(3000)))
+        await add(s, "now")
+        await asyncio.gather(*(cancel.cancel_job(s, "-", f"f{i}") for i in range(3000)))
+        q = s.queues["g"]
+        assert len(q.heap) < 2000  # compacted, not 3001 entries waiting an hour
+        [lt] = await lease.lease_tasks(s, "w", 10, "g")
+        assert lt.lease.task.job_id == "now"
+    run(t)
