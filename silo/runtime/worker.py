@@ -103,7 +103,9 @@ async def serve_worker(spec: WorkerSpec) -> int:
     for w in waits:
         w.cancel()
     if fatal.is_set():
-        await server.stop(1.0)
+        # Calls on the failed shard already fail fast (UNAVAILABLE); give the others the
+        # same drain as a graceful stop so they finish instead of being cancelled.
+        await server.stop(DRAIN_TIMEOUT_S)
         await peer_server.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(node.close(), 5.0)
