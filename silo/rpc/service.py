@@ -438,7 +438,8 @@ class SiloService(pb_grpc.SiloServicer):
 
 def _unimplemented(name: str, why: str):
     async def handler(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented yet: {why}")
+        e = errors.unimplemented(name, why)
+        await context.abort(e.code, e.message)
 
     handler.__name__ = name
     return handler

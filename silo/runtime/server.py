@@ -20,18 +20,26 @@ LOCK_FILE = "silo.lock"
 
 
 class _JsonFormatter(logging.Formatter):
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
         doc = {"ts": record.created, "level": record.levelname.lower(),
                "logger": record.name, "msg": record.getMessage()}
+        if self.worker is not None:
+            doc["worker"] = self.worker
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(doc).decode()
 
 
-def setup_logging(level: str, fmt: str) -> None:
+def setup_logging(level: str, fmt: str, worker: int | None = None) -> None:
+    """Log to stderr; a worker process tags its lines (`[wN] …`, or a "worker" field)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if fmt == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    tag = f"[w{worker}] " if worker is not None else ""
+    handler.setFormatter(_JsonFormatter(worker) if fmt == "json" else logging.Formatter(
+        tag + "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

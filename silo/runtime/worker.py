@@ -119,24 +119,11 @@ async def serve_worker(spec: WorkerSpec) -> int:
 
 def run_worker(spec: WorkerSpec) -> int:
     """Entry point in the forked child; returns the process exit code."""
-    for h in logging.getLogger().handlers:
-        h.setFormatter(_prefixed(h.formatter, spec.index))
+    from silo.runtime.server import setup_logging  # noqa: PLC0415 - avoid an import cycle
+
+    setup_logging(spec.config.log_level, spec.config.log_format, worker=spec.index)
     try:
         return uvloop.run(serve_worker(spec))
     except Exception:  # noqa: BLE001 - report, then let the supervisor restart us
         log.exception("worker %d failed", spec.index)
         return 1
-
-
-def _prefixed(fmt: logging.Formatter | None, index: int) -> logging.Formatter:
-    base = fmt or logging.Formatter()
-
-    class Prefixed(logging.Formatter):
-        def format(self, record: logging.LogRecord) -> str:
-            return f"[w{index}] {base.format(record)}" if not _is_json(base) else base.format(record)
-
-    return Prefixed()
-
-
-def _is_json(fmt: logging.Formatter) -> bool:
-    return type(fmt).__name__ == "_JsonFormatter"

@@ -391,6 +391,3 @@ class Shard:
 
     def now(self) -> int:
         return self.clock()
-
-    def queue_depth(self) -> int:
-        return len(self.tasks)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlparse
 
@@ -293,7 +292,3 @@ class GroupCommitter:
         await self._writer
         while self._durability_task is not None:
             await asyncio.shield(self._durability_task)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
