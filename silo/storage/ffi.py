@@ -360,7 +360,7 @@ def batch_writer():
     check = mod._uniffi_check_call_status
     char_p = ctypes.POINTER(ctypes.c_char)
     cast = ctypes.cast
-    pack = struct.Struct(">i").pack
+    pack = _I32.pack  # the same big-endian i32 length prefix the bindings use
 
     def lower(data: bytes, status) -> object:
         framed = pack(len(data)) + data
