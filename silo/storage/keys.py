@@ -16,6 +16,8 @@ Tuple encoding:
 |---|---|---|---|
 | 0x01 | job info | (tenant, job_id) | JobInfo (immutable after enqueue) |
 | 0x02 | job status | (tenant, job_id) | JobStatus |
+| 0x03 | status/time index | (tenant, status_name, u64::MAX − ts u64, job_id) | empty; ts = next attempt start for Scheduled, else changed_at (newest first) |
+| 0x04 | metadata index | (tenant, key, value, job_id) | empty |
 | 0x05 | task (ready queue) | (task_group, start_ms u64, priority u8, job_id, attempt u32, tenant) | Task |
 | 0x06 | lease | (task_id) | Lease |
 | 0x07 | attempt | (tenant, job_id, attempt u32) | Attempt (terminal attempts; a running one is the lease) |
@@ -24,9 +26,15 @@ Tuple encoding:
 | 0x0A | cancellation | (tenant, job_id) | Cancellation |
 | 0x0B | floating limit state | (tenant, queue) | FloatingLimitState |
 | 0x0C | rate limiter bucket | (name, unique_key) | RateLimitState |
+| 0x0D | expiry index (retention) | (expire_at_ms u64, tenant, job_id) | empty; a terminal job to delete at expire_at_ms |
 | 0xF0 | shard counter | (name) | i64 big-endian (absolute value) |
 | 0xF8 | tenant status counter | (tenant, status) | i64 big-endian (absolute value) |
 | 0xFE | shard meta | (name) | bytes |
+
+Shard meta names: `created_at_ms` (i64), `layout_version` (i64; absent = 1). Layout 1 is
+the first release (no 0x03/0x04/0x0D rows); layout 2 adds the status, metadata and expiry
+indexes. A shard opened with an older layout backfills what is missing once, then writes
+`layout_version = LAYOUT_VERSION` in the same batch as the last backfilled rows.
 
 The task key orders the ready queue exactly as upstream Silo: earliest start first,
 then priority (lower first), then job id and attempt; the tenant only disambiguates
@@ -37,6 +45,8 @@ from __future__ import annotations
 
 JOB_INFO = 0x01
 JOB_STATUS = 0x02
+STATUS_INDEX = 0x03
+METADATA_INDEX = 0x04
 TASK = 0x05
 LEASE = 0x06
 ATTEMPT = 0x07
@@ -45,9 +55,13 @@ CONCURRENCY_HOLDER = 0x09
 CANCELLATION = 0x0A
 FLOATING_LIMIT = 0x0B
 RATE_LIMIT_BUCKET = 0x0C
+EXPIRY_INDEX = 0x0D
 SHARD_COUNTER = 0xF0
 TENANT_STATUS_COUNTER = 0xF8
 SHARD_META = 0xFE
+
+# The layout this release writes; see the module docstring.
+LAYOUT_VERSION = 2
 
 _U64_MAX = (1 << 64) - 1
 
@@ -112,6 +126,76 @@ def attempt(tenant: str, job_id: str, attempt_number: int) -> bytes:
 def attempts_prefix(tenant: str, job_id: str) -> bytes:
     """All attempts of one job, ascending by attempt number."""
     return b"\x07" + enc_str(tenant) + enc_str(job_id)
+
+
+# ---- query indexes (0x03, 0x04) and retention (0x0D) -------------------------
+
+
+def status_index(tenant: str, status_name: str, ts_ms: int, job_id: str) -> bytes:
+    """One job in its status' index; within (tenant, status) the newest ts sorts first."""
+    return (
+        b"\x03" + enc_str(tenant) + enc_str(status_name)
+        + enc_u64(_U64_MAX - max(0, ts_ms)) + enc_str(job_id)
+    )
+
+
+def status_index_prefix(tenant: str, status_name: str | None = None) -> bytes:
+    """Every index row of a tenant, or of one status of it."""
+    p = b"\x03" + enc_str(tenant)
+    return p if status_name is None else p + enc_str(status_name)
+
+
+def decode_status_index(key: bytes) -> tuple[str, str, int, str]:
+    """(tenant, status_name, ts_ms, job_id) of a status index key."""
+    tenant, pos = dec_str(key, 1)
+    status_name, pos = dec_str(key, pos)
+    ts = _U64_MAX - int.from_bytes(key[pos : pos + 8], "big")
+    job_id, _ = dec_str(key, pos + 8)
+    return tenant, status_name, ts, job_id
+
+
+def metadata_index(tenant: str, key: str, value: str, job_id: str) -> bytes:
+    return b"\x04" + enc_str(tenant) + enc_str(key) + enc_str(value) + enc_str(job_id)
+
+
+def metadata_index_prefix(tenant: str, key: str, value: str | None = None) -> bytes:
+    """Rows of one metadata key (any value), or of one exact key = value."""
+    p = b"\x04" + enc_str(tenant) + enc_str(key)
+    return p if value is None else p + enc_str(value)
+
+
+def metadata_value_prefix(tenant: str, key: str, value_prefix: str) -> bytes:
+    """Rows whose value starts with value_prefix (the value's terminator left off)."""
+    b = value_prefix.encode()
+    if b"\x00" in b:
+        b = b.replace(b"\x00", b"\x00\xff")
+    return b"\x04" + enc_str(tenant) + enc_str(key) + b
+
+
+def decode_metadata_index(key: bytes) -> tuple[str, str, str, str]:
+    """(tenant, key, value, job_id) of a metadata index key."""
+    tenant, pos = dec_str(key, 1)
+    mkey, pos = dec_str(key, pos)
+    value, pos = dec_str(key, pos)
+    job_id, _ = dec_str(key, pos)
+    return tenant, mkey, value, job_id
+
+
+def expiry_index(expire_at_ms: int, tenant: str, job_id: str) -> bytes:
+    return b"\x0d" + enc_u64(max(0, expire_at_ms)) + enc_str(tenant) + enc_str(job_id)
+
+
+def expiry_due_end(now_ms: int) -> bytes:
+    """Exclusive end key of the expiry rows due at or before now_ms."""
+    return b"\x0d" + enc_u64(max(0, now_ms) + 1)
+
+
+def decode_expiry_index(key: bytes) -> tuple[int, str, str]:
+    """(expire_at_ms, tenant, job_id) of an expiry index key."""
+    at = int.from_bytes(key[1:9], "big")
+    tenant, pos = dec_str(key, 9)
+    job_id, _ = dec_str(key, pos)
+    return at, tenant, job_id
 
 
 # ---- ready queue -----------------------------------------------------------

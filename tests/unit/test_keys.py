@@ -67,3 +67,42 @@ def test_attempts_sort_by_number_within_a_job(tenant, job, a, b):
 def test_prefix_end_bounds_every_extension(p):
     end = keys.prefix_end(b"\x05" + p)
     assert end is None or (b"\x05" + p + b"\xff" * 4) < end
+
+
+@given(texts, st.sampled_from(["Scheduled", "Running", "Failed"]), u64, texts)
+def test_status_index_round_trip(tenant, status, ts, job):
+    key = keys.status_index(tenant, status, ts, job)
+    assert keys.decode_status_index(key) == (tenant, status, ts, job)
+    assert key.startswith(keys.status_index_prefix(tenant, status))
+    assert key.startswith(keys.status_index_prefix(tenant))
+
+
+@given(texts, u64, u64, texts, texts)
+def test_status_index_sorts_newest_first(tenant, t1, t2, j1, j2):
+    k1 = keys.status_index(tenant, "Running", t1, j1)
+    k2 = keys.status_index(tenant, "Running", t2, j2)
+    if t1 != t2:
+        assert (k1 < k2) == (t1 > t2)
+
+
+@given(texts, texts, texts, texts)
+def test_metadata_index_round_trip(tenant, k, v, job):
+    key = keys.metadata_index(tenant, k, v, job)
+    assert keys.decode_metadata_index(key) == (tenant, k, v, job)
+    assert key.startswith(keys.metadata_index_prefix(tenant, k, v))
+    assert key.startswith(keys.metadata_index_prefix(tenant, k))
+
+
+@given(texts, texts, texts, texts, texts)
+def test_metadata_value_prefix_matches_exactly_the_values_with_that_prefix(tenant, k, v, p, job):
+    key = keys.metadata_index(tenant, k, v, job)
+    assert key.startswith(keys.metadata_value_prefix(tenant, k, p)) == v.startswith(p)
+
+
+@given(u64, texts, texts, u64)
+def test_expiry_index_round_trip_and_due_bound(at, tenant, job, now):
+    if at >= (1 << 64) - 1 or now >= (1 << 64) - 1:
+        return
+    key = keys.expiry_index(at, tenant, job)
+    assert keys.decode_expiry_index(key) == (at, tenant, job)
+    assert (key < keys.expiry_due_end(now)) == (at <= now)
