@@ -13,6 +13,18 @@ import grpc
 
 Code = grpc.StatusCode
 
+# Longest caller-given value an error message quotes; longer ones are cut (a 1 MB id
+# echoed back would turn the answer into RESOURCE_EXHAUSTED).
+MAX_ECHO_CHARS = 128
+# Longest message any error carries.
+MAX_MESSAGE_CHARS = 1024
+
+
+def clip(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """A value for an error message, cut to `limit` characters plus "…"."""
+    s = str(value)
+    return s if len(s) <= limit else s[:limit] + "…"
+
 
 class SiloError(Exception):
     """An error answered to the caller as a gRPC status; nothing was changed."""
