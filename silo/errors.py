@@ -59,7 +59,7 @@ def lease_owner_mismatch() -> SiloError:
 
 
 def job_already_exists(job_id: str) -> SiloError:
-    return SiloError(Code.ALREADY_EXISTS, f"job already exists with id {job_id}")
+    return SiloError(Code.ALREADY_EXISTS, f"job already exists with id {clip(job_id)}")
 
 
 def job_already_cancelled() -> SiloError:
@@ -72,7 +72,7 @@ def job_already_terminal() -> SiloError:
 
 def cannot(verb: str, job_id: str, reason: str, status_name: str) -> SiloError:
     return SiloError(
-        Code.FAILED_PRECONDITION, f"cannot {verb} job {job_id}: {reason} (status: {status_name})"
+        Code.FAILED_PRECONDITION, f"cannot {verb} job {clip(job_id)}: {reason} (status: {status_name})"
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import hmac
 import logging
 import random
 import uuid
@@ -20,7 +21,7 @@ from silo._proto import silo_pb2 as pb
 from silo._proto import silo_pb2_grpc as pb_grpc
 from silo.cluster.shardmap import DEFAULT_TENANT, hash_tenant, in_range
 from silo.errors import SiloError
-from silo.rpc import convert
+from silo.rpc import convert, guard
 from silo.runtime.node import Node
 from silo.shard import (
     cancel,
@@ -58,12 +59,15 @@ def rpc(fn):
     shard lives elsewhere, and turn SiloError/StorageError into gRPC statuses."""
     name = fn.__name__
     response_type = getattr(pb, _METHODS[name].output_type.name)
+    request_type = getattr(pb, _METHODS[name].input_type.name)
 
     @functools.wraps(fn)
     async def handler(self: SiloService, request, context: grpc.aio.ServicerContext):
         try:
             if self.auth_token:
                 self.check_auth(context)
+            if isinstance(request, bytes):  # registered raw (silo.rpc.server): parse after auth
+                request = guard.parse_request(request_type, name, request)
             try:
                 return await fn(self, request, context)
             except _OwnedElsewhere as e:
@@ -72,11 +76,19 @@ def rpc(fn):
         except SiloError as e:
             if e.trailers:
                 context.set_trailing_metadata(e.trailers)
-            await context.abort(e.code, e.message)
+            await context.abort(e.code, guard.bounded(e.message))
         except StorageError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"shard storage unavailable: {e}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                guard.bounded(f"shard storage unavailable: {e}"))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # a bug: answer INTERNAL (not UNKNOWN), log it rate-limited
+            guard.unexpected("%s raised %r", name, e, exc_info=e)
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"internal error in {name}: {type(e).__name__}")
 
     handler.inner = fn  # type: ignore[attr-defined]
+    handler.raw_request = True  # type: ignore[attr-defined]
     return handler
 
 
@@ -93,7 +105,7 @@ class SiloService(pb_grpc.SiloServicer):
                 if isinstance(v, bytes) or not v.isascii():
                     raise SiloError(grpc.StatusCode.UNAUTHENTICATED,
                                     "invalid authorization header")
-                if v != f"Bearer {self.auth_token}":
+                if not hmac.compare_digest(v.encode(), f"Bearer {self.auth_token}".encode()):
                     raise SiloError(grpc.StatusCode.UNAUTHENTICATED, "invalid auth token")
                 return
         raise SiloError(grpc.StatusCode.UNAUTHENTICATED, "missing authorization header")
@@ -109,7 +121,7 @@ class SiloService(pb_grpc.SiloServicer):
         try:
             uuid.UUID(shard_id)
         except ValueError:
-            raise errors.invalid(f"invalid shard ID: {shard_id}") from None
+            raise errors.invalid(f"invalid shard ID: {errors.clip(shard_id)}") from None
         owner = self.node.owner_of.get(shard_id)
         if owner is None:
             raise errors.shard_not_found()
@@ -422,7 +434,7 @@ class SiloService(pb_grpc.SiloServicer):
         try:
             uuid.UUID(request.shard)
         except ValueError:
-            raise errors.invalid(f"invalid shard ID: {request.shard}") from None
+            raise errors.invalid(f"invalid shard ID: {errors.clip(request.shard)}") from None
         return pb.ForceReleaseShardResponse(released=True)  # single node: nothing to release
 
     @rpc
@@ -438,11 +450,10 @@ class SiloService(pb_grpc.SiloServicer):
 
 def _unimplemented(name: str, why: str):
     async def handler(self, request, context):
-        e = errors.unimplemented(name, why)
-        await context.abort(e.code, e.message)
+        raise errors.unimplemented(name, why)
 
     handler.__name__ = name
-    return handler
+    return rpc(handler)  # auth first, like every Silo RPC
 
 
 _LATER = {
