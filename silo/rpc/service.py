@@ -142,6 +142,12 @@ class SiloService(pb_grpc.SiloServicer):
                 out = await fn(self, request_type.FromString(payload), None)
         except StorageError as e:
             raise SiloError(grpc.StatusCode.UNAVAILABLE, f"shard storage unavailable: {e}") from e
+        except SiloError:
+            raise
+        except Exception as e:  # a bug: INTERNAL to the caller, one throttled log line
+            guard.unexpected("forwarded %s raised %r", method, e, exc_info=e)
+            raise SiloError(grpc.StatusCode.INTERNAL,
+                            f"internal error in {method}: {type(e).__name__}") from e
         return 0, "", (), out.SerializeToString()
 
     def tenant(self, shard: Shard, request) -> str:

@@ -18,6 +18,7 @@ from silo import errors
 from silo.ids import new_id
 from silo.shard import limits
 from silo.shard.state import ActiveJob, Shard
+from silo.shard.validate import validate_worker_id
 from silo.storage import keys
 from silo.storage.records import (
     RUNNING,
@@ -81,6 +82,7 @@ async def lease_tasks(shard: Shard, worker_id: str, max_tasks: int, task_group: 
                       ) -> list[LeasedTask]:
     """Lease up to max_tasks due tasks of task_group in ready order, plus every due
     floating-limit refresh task of the group (not counted). Never scans storage."""
+    validate_worker_id(worker_id)
     if max_tasks <= 0:
         return []
     now = shard.now()
@@ -149,6 +151,7 @@ async def lease_task(shard: Shard, tenant: str, job_id: str, worker_id: str) -> 
     """Lease one named job now, even if it is future-scheduled; bypasses limits."""
     if not worker_id:
         raise errors.invalid("worker_id is required")
+    validate_worker_id(worker_id)
     job = shard.active.get((tenant, job_id))
     if job is None:
         raw = await shard.committer.get(keys.job_status(tenant, job_id))

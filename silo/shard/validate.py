@@ -41,6 +41,9 @@ MAX_LIMITS = 64
 MAX_LIMIT_KEY_CHARS = 1024  # concurrency keys, rate-limit names and unique keys
 MAX_RATE_LIMIT = 1 << 53  # exact as a float (the limiter counts in floats)
 MAX_HITS = (1 << 31) - 1  # int32 on the wire
+# A worker id is copied into every lease it takes: bounded so one LeaseTasks call
+# cannot multiply a huge id by max_tasks.
+MAX_WORKER_ID_CHARS = 1024
 
 
 def validate_metadata(metadata: dict[str, str]) -> None:
@@ -144,15 +147,20 @@ def validate_job_fields(
     validate_limits(limits)
 
 
+def validate_worker_id(worker_id: str) -> None:
+    if len(worker_id) > MAX_WORKER_ID_CHARS:
+        raise errors.invalid(f"worker_id too long (must be <= {MAX_WORKER_ID_CHARS} chars)")
+
+
 def clamp_time(ms: float) -> int:
     """A computed time, saturated into [0, MAX_TIME_MS] (NaN → MAX_TIME_MS)."""
     if ms != ms or ms >= MAX_TIME_MS:
         return MAX_TIME_MS
-    return max(0, int(ms))
+    return 0 if ms <= 0 else int(ms)  # also -inf
 
 
 def clamp_interval(ms: float) -> int:
     """A computed delay, saturated into [0, MAX_INTERVAL_MS] (NaN → MAX_INTERVAL_MS)."""
     if ms != ms or ms >= MAX_INTERVAL_MS:
         return MAX_INTERVAL_MS
-    return max(0, int(ms))
+    return 0 if ms <= 0 else int(ms)  # also -inf

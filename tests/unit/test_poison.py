@@ -237,3 +237,23 @@ def test_rate_limit_math_is_total(initial, max_backoff, mult, n, limit, duration
     assert 0 <= ratelimit.backoff_ms(policy, n) <= MAX_INTERVAL_MS
     at = ratelimit.next_check_ms(policy, n, d.reset_ms, now)
     assert now < at <= MAX_TIME_MS
+
+
+def test_a_huge_worker_id_is_refused_before_anything_is_leased():
+    async def t(s, clock):
+        await add(s, "a")
+        for call in (lambda: lease.lease_tasks(s, "w" * 5000, 10, "g"),
+                     lambda: lease.lease_task(s, "-", "a", "w" * 5000)):
+            with pytest.raises(SiloError) as e:
+                await call()
+            assert e.value.code.name == "INVALID_ARGUMENT" and "worker_id" in e.value.message
+        assert s.leases == {}
+        assert len(await lease.lease_tasks(s, "w" * 1024, 10, "g")) == 1
+    run(t)
+
+
+def test_negative_infinite_back_off_saturates_to_zero():
+    # Found by the property above: -846575 × 2e302 = -inf.
+    p = RateLimitRetryPolicy(-846575, 0, 2.1234895134658075e302, 1)
+    assert ratelimit.backoff_ms(p, 1) == 0
+    assert ratelimit.next_check_ms(p, 1, 0, 1000) == 1001
