@@ -9,7 +9,8 @@ with tenancy on, so forwarded calls are fuzzed too.
 
 Every answer must be a status other than UNKNOWN, no traceback may reach the server
 log, and the server must still answer GetClusterInfo afterwards. Bounded to a few
-seconds per request type (max_examples below; per-call deadline CALL_TIMEOUT).
+seconds per request type (max_examples below; per-call deadline CALL_TIMEOUT): the
+module takes 15-35 s on a 2-core box at load average 10-30.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ SHORT = {"duration_seconds", "frequency"}
 # (method, status) → count, printed at the end (pytest -s) to see what the fuzz reached.
 SEEN: collections.Counter[tuple[str, str]] = collections.Counter()
 
-_FUZZ = settings(deadline=None, database=None, max_examples=30,
+_FUZZ = settings(deadline=None, database=None, max_examples=25,
                  suppress_health_check=list(HealthCheck))
 
 
@@ -216,7 +217,7 @@ def test_fuzz_every_request_message(fuzz_server, fuzz_client, method):
     run()
 
 
-@settings(_FUZZ, max_examples=120)
+@settings(_FUZZ, max_examples=100)
 @given(st.sampled_from(METHODS), st.one_of(
     st.binary(max_size=300),
     st.binary(max_size=8).map(lambda b: b"\x0a\xff\xff\xff\xff\x0f" + b),  # absurd length
@@ -276,7 +277,7 @@ def plausible_enqueue(draw) -> pb.EnqueueRequest:
     return req
 
 
-@settings(_FUZZ, max_examples=100)
+@settings(_FUZZ, max_examples=80)
 @given(st.data())
 def test_fuzz_job_lifecycle(fuzz_server, fuzz_client, data):
     """Random jobs routed to a valid (tenant, shard) pair, leased and given random
