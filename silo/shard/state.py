@@ -113,7 +113,7 @@ class ShardConfig:
         *,
         lease_ms: int = 10_000,
         flush_interval_ms: int = 10,
-        commit_interval_ms: float = 5.0,
+        commit_interval_ms: float = 0.0,
         l0_sst_size_bytes: int = 16 << 20,
         info_cache_bytes: int = 16 << 20,
         flush_on_commit: bool = False,
