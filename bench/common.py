@@ -326,3 +326,84 @@ class ServerProc:
     def cleanup(self) -> None:
         if not self.args.keep_data:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# CPU over a measured window (placement: CPU per server process)
+# ---------------------------------------------------------------------------
+
+
+class CpuWindow:
+    """CPU of the server tree (per process), of the load generator and of the machine
+    between start() and stop(): what the report needs to show server CPU per operation,
+    where the kernel placed the work, and how busy other tenants of the box were."""
+
+    def __init__(self, server_pid: int | None, loadgen_pids: list[int]) -> None:
+        self.server_pid = server_pid
+        self.loadgen_pids = loadgen_pids
+
+    def _snap(self) -> tuple[float, dict[int, float], float, tuple[float, float]]:
+        srv = tree_cpu_by_pid(self.server_pid) if self.server_pid else {}
+        gen = sum(tree_cpu_s(p) or 0.0 for p in self.loadgen_pids)
+        return time.monotonic(), srv, gen, machine_cpu()
+
+    def start(self) -> None:
+        self.a = self._snap()
+
+    def stop(self) -> dict[str, Any]:
+        b = self._snap()
+        wall = b[0] - self.a[0]
+        by_proc = {p: b[1][p] - self.a[1].get(p, 0.0) for p in b[1]}
+        server = sum(by_proc.values())
+        gen = b[2] - self.a[2]
+        busy = (b[3][0] - self.a[3][0]) / CLK_TCK
+        total = (b[3][1] - self.a[3][1]) / CLK_TCK
+        return {
+            "wall_s": round(wall, 3),
+            "server_cpu_s": round(server, 3),
+            "server_cores": round(server / wall, 3),
+            # the supervisor first, then each worker process (placement)
+            "server_cores_by_process": [round(by_proc[p] / wall, 3) for p in sorted(by_proc)],
+            "loadgen_cores": round(gen / wall, 3),
+            "machine_busy_pct": round(100 * busy / max(total, 1e-9), 1),
+            "other_cpu_cores": round(max(0.0, busy - server - gen) / wall, 3),
+        }
+
+
+def proc_cpu_incl_reaped_s(pid: int) -> float | None:
+    """utime+stime of a process and of its reaped children (cutime+cstime), seconds: for
+    peers whose servers fork short-lived helpers."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()
+    return sum(int(x) for x in fields[11:15]) / CLK_TCK
+
+
+def trees_cpu_s(pids: list[int]) -> float:
+    """CPU seconds of these processes (with their reaped children) and all their live
+    descendants."""
+    seen: set[int] = set()
+    total = 0.0
+    stack = list(pids)
+    while stack:
+        p = stack.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        c = proc_cpu_incl_reaped_s(p)
+        if c is None:
+            continue
+        total += c
+        stack.extend(proc_children(p))
+    return total
+
+
+def busy_pct(seconds: float = 1.0) -> float:
+    """Share of all cores busy over the next `seconds`."""
+    b0, t0 = machine_cpu()
+    time.sleep(seconds)
+    b1, t1 = machine_cpu()
+    return round(100 * (b1 - b0) / max(1.0, t1 - t0), 1)
