@@ -108,6 +108,10 @@ class WorkSession:
             await asyncio.wait(self._sources)
         if self._items:
             await asyncio.wait(list(self._items))
+        # Tasks not written yet go back rather than to a worker that is leaving.
+        unsent, self._out_tasks = self._out_tasks, []
+        del self._out.tasks[:]
+        await self._give_back_all(unsent)
         if clean:
             self._closed = True
             self._has_out.set()
