@@ -44,7 +44,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: str = "./silo-data"
     object_store_url: str = ""
     flush_interval_ms: int = 10
-    commit_interval_ms: float = 5.0
+    commit_interval_ms: float = 0.0
     l0_sst_size_bytes: int = 16 * MiB
     flush_on_commit: bool = True
     shards: int = 8
@@ -326,7 +326,7 @@ OPTIONS: tuple[Option, ...] = (
         "commit_interval_ms",
         "storage.commit_interval_ms",
         _float(0, 1000),
-        "group-commit window: RPC writes gathered this long go to SlateDB as one batch",
+        "group-commit cap: longest a batch waits behind a commit in flight (0 = adaptive, no cap)",
         "MS",
     ),
     Option(

@@ -6,7 +6,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from silo._proto import silo_pb2
+from silo._proto import silo_pb2, silo_stream_pb2_grpc
+from silo.rpc import stream
 from silo.rpc.service import SiloService
 
 SERVICE_NAME = silo_pb2.DESCRIPTOR.services_by_name["Silo"].full_name
@@ -53,10 +54,12 @@ def add_silo_service(service: SiloService, server: grpc.aio.Server) -> None:
 def build_server(service: SiloService, max_message_bytes: int) -> grpc.aio.Server:
     server = grpc.aio.server(options=server_options(max_message_bytes))
     add_silo_service(service, server)
+    silo_stream_pb2_grpc.add_SiloStreamServicer_to_server(stream.SiloStreamService(service),
+                                                          server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        (SERVICE_NAME, stream.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
     server.health_servicer = health_servicer  # type: ignore[attr-defined]
     return server

@@ -13,6 +13,7 @@ import hmac
 import logging
 import random
 import uuid
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -93,6 +94,10 @@ def rpc(fn):
 
 
 class SiloService(pb_grpc.SiloServicer):
+    # Forwarded calls added by extensions (silo.rpc.stream): method → fn(service, payload)
+    # returning the reply bytes.
+    EXTRA_LOCAL: dict[str, Callable[..., Awaitable[bytes]]] = {}
+
     def __init__(self, node: Node, *, auth_token: str = "") -> None:
         self.node = node
         self.auth_token = auth_token
@@ -133,6 +138,9 @@ class SiloService(pb_grpc.SiloServicer):
         """Serve a call forwarded by another process (see silo.runtime.forward)."""
         _FORWARDED.set(True)
         try:
+            extra = self.EXTRA_LOCAL.get(method)
+            if extra is not None:
+                return 0, "", (), await extra(self, payload)
             if method.endswith("@local"):
                 out = await self._LOCAL[method](self, pb.LeaseTasksRequest.FromString(payload)
                                                 if method == "LeaseTasks@local" else None)

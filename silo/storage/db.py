@@ -2,10 +2,15 @@
 
 The committer is the only writer of a shard's database. State-machine operations stage
 their puts/deletes synchronously (so the in-memory state and the staged writes change
-together, with no await in between) and then await the batch's durability. Everything
-staged within `commit_interval` goes to SlateDB as one WriteBatch and one
-`await_durable`, so concurrent RPCs share the WAL flush (group commit) and each RPC
-answers only after its own write is durable.
+together, with no await in between) and then await the batch's durability. The commit
+is adaptive: when no commit is in flight, what is staged goes to SlateDB at the end of
+the current event-loop pass; while one is in flight (written, not yet durable), new
+writes gather and go as the next batch the moment it is durable. So a lone RPC pays no
+window and a loaded shard writes large batches, with no interval to tune. An optional
+cap (`commit_interval`, > 0) bounds how long a gathered batch waits behind an in-flight
+commit: past it the batch is written anyway (pipelined behind the one in flight). Each
+batch is one WriteBatch and one durability wait, shared by all its RPCs (group commit);
+each RPC answers only after its own write is durable.
 
 Reads go through `get`, which sees staged and in-flight writes first: an operation that
 runs after another one staged its writes reads what that one wrote, durable or not yet.
@@ -139,11 +144,22 @@ class GroupCommitter:
         b = self._staged
         if b is None:
             b = self._staged = _Batch(self._loop)
-            if self._interval > 0:
-                self._loop.call_later(self._interval, self._hand_off, b)
-            else:
+            if self._idle():
                 self._loop.call_soon(self._hand_off, b)
+            elif self._interval > 0:
+                self._loop.call_later(self._interval, self._hand_off, b)
+            # else: handed off by _kick when the commit in flight is durable
         return b
+
+    def _idle(self) -> bool:
+        """No commit in flight: nothing handed to the writer and not yet durable."""
+        return not self._inflight and not self._unconfirmed and self._durability_task is None
+
+    def _kick(self) -> None:
+        """The commit in flight finished: send what gathered meanwhile, now."""
+        b = self._staged
+        if b is not None and self._idle():
+            self._hand_off(b)
 
     def put(self, key: bytes, value: bytes) -> None:
         self._batch().writes[key] = value
@@ -221,6 +237,7 @@ class GroupCommitter:
                 self._inflight.remove(b)
                 if self._last_handle is None:
                     b.future.set_result(None)
+                    self._kick()
                     continue
                 self._unconfirmed.append((self._last_handle, b))
                 if self._durability_task is None:
@@ -236,6 +253,7 @@ class GroupCommitter:
                 self._inflight.remove(b)
                 if not b.future.done():
                     b.future.set_exception(StorageError(f"write failed: {e}"))
+                self._kick()
                 continue
             self._inflight.remove(b)
             self._last_handle = handle
@@ -275,6 +293,7 @@ class GroupCommitter:
                         b.future.set_result(None)
         finally:
             self._durability_task = None
+            self._kick()
 
     def _fail(self, e: BaseException) -> None:
         first = self._failed is None
