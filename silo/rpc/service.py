@@ -20,7 +20,9 @@ from silo._proto import silo_pb2 as pb
 from silo._proto import silo_pb2_grpc as pb_grpc
 from silo.cluster.shardmap import DEFAULT_TENANT, hash_tenant, in_range
 from silo.errors import SiloError
-from silo.rpc import convert
+from silo.observability import metrics, tracing
+from silo.observability.rpc import instrument_rpc
+from silo.rpc import convert, ops
 from silo.runtime.node import Node
 from silo.shard import (
     cancel,
@@ -77,7 +79,7 @@ def rpc(fn):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"shard storage unavailable: {e}")
 
     handler.inner = fn  # type: ignore[attr-defined]
-    return handler
+    return instrument_rpc(name, handler)
 
 
 class SiloService(pb_grpc.SiloServicer):
@@ -119,6 +121,15 @@ class SiloService(pb_grpc.SiloServicer):
 
     async def dispatch(self, method: str, payload: bytes):
         """Serve a call forwarded by another process (see silo.runtime.forward)."""
+        if tracing.ENABLED:
+            method, parent = tracing.split_method(method)
+            with tracing.server_span(f"forwarded {method}", parent):
+                return await self._dispatch(method, payload)
+        return await self._dispatch(method, payload)
+
+    async def _dispatch(self, method: str, payload: bytes):
+        if method.startswith("ops."):  # silo.rpc.ops's per-process halves
+            return 0, "", (), await ops.serve_local(self, method, payload)
         _FORWARDED.set(True)
         try:
             if method.endswith("@local"):
@@ -210,6 +221,7 @@ class SiloService(pb_grpc.SiloServicer):
             payload=request.payload.msgpack, limits=convert.limits_from_pb(request.limits),
             metadata=dict(request.metadata), task_group=request.task_group)
         self.node.publish(s)
+        metrics.job_enqueued(s.id, tenant)
         return pb.EnqueueResponse(id=job_id)
 
     @rpc
@@ -328,6 +340,7 @@ class SiloService(pb_grpc.SiloServicer):
             if remaining <= 0:
                 break
             got = await lease.lease_tasks(s, request.worker_id, remaining, request.task_group)
+            metrics.POLLS.inc((s.id, request.task_group))
             if got:
                 self.node.publish(s)
             lease_ms = s.config.lease_ms
@@ -337,6 +350,8 @@ class SiloService(pb_grpc.SiloServicer):
                 else:
                     out.tasks.append(convert.task_to_pb(t, s.id, lease_ms))
                     remaining -= 1
+                    metrics.task_leased(s.id, t.info.task_group, t.lease.task.relative_attempt,
+                                        t.info.enqueue_time_ms, t.lease.started_at_ms)
         return out
 
     @rpc
@@ -363,6 +378,7 @@ class SiloService(pb_grpc.SiloServicer):
             o = outcome.Cancelled()
         await outcome.report_outcome(s, request.task_id, o)
         self.node.publish(s)
+        metrics.job_completed(s.id, kind)
         return pb.ReportOutcomeResponse()
 
     @rpc

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlparse
 
@@ -29,6 +30,7 @@ from slatedb.uniffi import (
     WriteBatch,
 )
 
+from silo.observability import events, metrics
 from silo.storage import ffi
 
 log = logging.getLogger(__name__)
@@ -128,6 +130,7 @@ class GroupCommitter:
         self._closed = False
         self.batches_written = 0
         self.ops_written = 0
+        self.name = ""  # the shard id, for metrics and events
 
     # ---- staging (synchronous; call from the shard's loop) ----------------
 
@@ -241,6 +244,7 @@ class GroupCommitter:
             self._last_handle = handle
             self.batches_written += 1
             self.ops_written += b.ops
+            metrics.COMMIT_BATCH_OPS.observe((self.name,), b.ops)
             self._unconfirmed.append((handle, b))
             if self._durability_task is None:
                 self._durability_task = asyncio.create_task(self._confirm_durability())
@@ -255,6 +259,7 @@ class GroupCommitter:
                 handle = self._unconfirmed[-1][0]
                 batches = [b for _, b in self._unconfirmed]
                 self._unconfirmed.clear()
+                t0 = time.perf_counter()
                 try:
                     if self.flush_on_commit:
                         # Flush the WAL now rather than at the next flush_interval tick:
@@ -263,6 +268,7 @@ class GroupCommitter:
                         await self._db.flush_with_options(_WAL_FLUSH)
                     else:
                         await handle.await_durable()
+                    metrics.COMMIT_DURABLE_WAIT.observe((self.name,), time.perf_counter() - t0)
                 except Exception as e:  # noqa: BLE001
                     log.error("shard durability wait failed: %s", e)
                     self._fail(e)
@@ -279,6 +285,7 @@ class GroupCommitter:
     def _fail(self, e: BaseException) -> None:
         first = self._failed is None
         self._failed = e
+        events.storage_error(self.name, e)
         if first and self.on_failure is not None:
             self.on_failure(e)
 
