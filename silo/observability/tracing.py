@@ -67,8 +67,9 @@ def span(name: str, attributes: dict[str, Any] | None = None, **kw):
     return _tracer().start_as_current_span(name, attributes=attributes, **kw)
 
 
-def traced(name: str) -> Callable[[F], F]:
-    """Decorate a function (sync or async) with a span; identity when tracing is off."""
+def traced(name: str, when: Callable[..., bool] | None = None) -> Callable[[F], F]:
+    """Decorate a function (sync or async) with a span; identity when tracing is off.
+    `when(*args)` false: call it without a span (e.g. a release that frees nothing)."""
 
     def wrap(fn: F) -> F:
         if not ENABLED:
@@ -84,6 +85,8 @@ def traced(name: str) -> Callable[[F], F]:
 
         @functools.wraps(fn)
         def sync_traced(*a, **kw):
+            if when is not None and not when(*a, **kw):
+                return fn(*a, **kw)
             with span(name):
                 return fn(*a, **kw)
         return sync_traced  # type: ignore[return-value]

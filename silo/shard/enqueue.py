@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from silo import errors
 from silo.ids import new_id
+from silo.observability import tracing
 from silo.shard import limits as limit_chain
 from silo.shard.limits import validate_limits
 from silo.shard.state import ActiveJob, Shard
@@ -50,6 +51,7 @@ def validate_job(
     validate_limits(limits)
 
 
+@tracing.traced("enqueue")
 async def enqueue(
     shard: Shard,
     *,

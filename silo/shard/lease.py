@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 from silo import errors
 from silo.ids import new_id
+from silo.observability import tracing
 from silo.shard import limits
 from silo.shard.state import ActiveJob, Shard
 from silo.storage import keys
@@ -66,6 +67,7 @@ async def _with_infos(shard: Shard, leases: list[Lease]) -> list[LeasedTask]:
     return [LeasedTask(ls, info) for ls, info in zip(leases, infos, strict=True)]
 
 
+@tracing.traced("dequeue")
 async def lease_tasks(shard: Shard, worker_id: str, max_tasks: int, task_group: str
                       ) -> list[LeasedTask]:
     """Lease up to max_tasks due tasks of task_group in ready order, plus every due

@@ -25,6 +25,7 @@ import heapq
 
 from silo import errors
 from silo.ids import new_id
+from silo.observability import metrics, tracing
 from silo.shard import ratelimit
 from silo.shard.state import ActiveJob, Shard
 from silo.storage import keys
@@ -136,6 +137,7 @@ def walk(shard: Shard, job: ActiveJob, chain: Chain, index: int, now: int,
                 floating_state(shard, chain.tenant, limit, now)
             if not join_queue and len(q.holders) < capacity(shard, chain.tenant, limit):
                 hold(shard, chain.tenant, queue, chain.task_id, now)
+                metrics.CONC_GRANTED.inc((shard.id, "immediate"))
                 chain.held.append(queue)
                 continue
             park(shard, job, chain, i, queue)
@@ -193,6 +195,7 @@ def unpark(shard: Shard, key: bytes) -> RequestTicket | None:
     return ticket
 
 
+@tracing.traced("concurrency.release", when=lambda shard, tenant, queues, *a: bool(queues))
 def release(shard: Shard, tenant: str, queues: list[str], task_id: str, now: int) -> None:
     """Free the slots an attempt held and grant each queue's waiters."""
     for queue in queues:
@@ -203,6 +206,7 @@ def release(shard: Shard, tenant: str, queues: list[str], task_id: str, now: int
         grant(shard, tenant, queue, now)
 
 
+@tracing.traced("concurrency.grant")
 def grant(shard: Shard, tenant: str, queue: str, now: int) -> int:
     """Grant waiters of one queue in order while the head waiter's own max allows."""
     q = shard.conc.get((tenant, queue))
@@ -230,6 +234,8 @@ def grant(shard: Shard, tenant: str, queue: str, now: int) -> int:
              ticket.limit_index + 1, now)
     if not q.waiting and not q.holders:
         del shard.conc[(tenant, queue)]
+    if granted:
+        metrics.CONC_GRANTED.inc((shard.id, "scanned"), granted)
     return granted
 
 

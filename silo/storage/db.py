@@ -30,7 +30,7 @@ from slatedb.uniffi import (
     WriteBatch,
 )
 
-from silo.observability import events, metrics
+from silo.observability import events, metrics, tracing
 from silo.storage import ffi
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,8 @@ class GroupCommitter:
         """The durability of everything staged so far (and of this operation)."""
         b = self._batch()
         b.ops += 1
+        if tracing.ENABLED:
+            return tracing.awaiting("storage.commit", asyncio.shield(b.future))
         return asyncio.shield(b.future)
 
     def _hand_off(self, b: _Batch) -> None:
