@@ -443,13 +443,27 @@ class SiloService(pb_grpc.SiloServicer):
 
     @rpc
     async def FlushShard(self, request, context):
-        s = self.node.shards.get(request.shard)
-        if s is None:
-            self.shard(request.shard)  # invalid id → IA
-            raise SiloError(grpc.StatusCode.NOT_FOUND, f"shard {request.shard} not found on this node")
-        await s.committer.commit()
-        await s.db.flush()
-        return pb.FlushShardResponse(status=f"flushed shard {s.id}")
+        return await ops.flush(self, request)
+
+    @rpc
+    async def CompactShard(self, request, context):
+        return await ops.compact(self, request)
+
+    @rpc
+    async def GetShardStorageInfo(self, request, context):
+        return await ops.storage_info(self, request)
+
+    @rpc
+    async def CpuProfile(self, request, context):
+        return await ops.cpu_profile(self, request)
+
+    @rpc
+    async def HeapProfile(self, request, context):
+        return await ops.heap_profile(self, request)
+
+    @rpc
+    async def DumpTasks(self, request, context):
+        return await ops.dump_tasks(self, request)
 
 
 def _unimplemented(name: str, why: str):
@@ -468,11 +482,6 @@ _LATER = {
     "RequestSplit": "shard splits need a cluster coordinator",
     "GetSplitStatus": "shard splits need a cluster coordinator",
     "ConfigureShard": "placement rings need a cluster coordinator",
-    "CompactShard": "storage admin is a later feature",
-    "GetShardStorageInfo": "storage admin is a later feature",
-    "CpuProfile": "use `py-spy` against the server process",
-    "HeapProfile": "heap profiling is a later feature",
-    "DumpTasks": "task dumps are a later feature",
 }
 for _name, _why in _LATER.items():
     setattr(SiloService, _name, _unimplemented(_name, _why))
