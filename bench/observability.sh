@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Cost of observability: bench/load.py --scenario saturation with metrics off and on
 # (and tracing on, exporting to a local OTLP sink), interleaved off/on/off/on so the
-# machine's noise falls on both sides. Prints jobs/s per run and the mean of each mode.
+# machine's noise falls on both sides. Prints jobs/s and server CPU per job for each run
+# and the means per mode; on a shared machine CPU per job is the steadier figure.
 #
 #   bench/observability.sh [ROUNDS] [DURATION_S]      (defaults: 2 rounds of 10 s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this tree's silo, whatever is installed
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 ROUNDS=${1:-2}
 DUR=${2:-10}
@@ -19,26 +21,25 @@ run() {  # mode label, extra server args...
   for a in "$@"; do args+=("--server-arg=$a"); done
   $PY bench/load.py --scenario saturation --duration "$DUR" --json "$OUT/$label-$r.json" \
     "${args[@]}" >/dev/null
-  $PY - "$OUT/$label-$r.json" "$label" <<'PYEOF'
+  $PY - "$OUT/$label-$r.json" "$label" "$OUT/summary.txt" <<'PYEOF'
 import json, sys
 doc = json.load(open(sys.argv[1]))
-runs = doc["runs"] if "runs" in doc else doc.get("results", [doc])
-def find(d):
+def find(d, key):
     if isinstance(d, dict):
-        for k in ("jobs_per_s", "completed_per_s", "throughput"):
-            if k in d and isinstance(d[k], (int, float)):
-                return d[k]
-        for v in d.values():
-            x = find(v)
-            if x is not None:
-                return x
+        if isinstance(d.get(key), (int, float)):
+            return d[key]
+        d = list(d.values())
     if isinstance(d, list):
         for v in d:
-            x = find(v)
+            x = find(v, key)
             if x is not None:
                 return x
     return None
-print(f"{sys.argv[2]:12s} {find(doc):10.1f} jobs/s")
+res = doc["scenarios"]["saturation"]
+rate, cpu = find(res, "jobs_per_s"), find(res, "server_cpu_us_per_job")
+print(f"{sys.argv[2]:12s} {rate:8.1f} jobs/s  {cpu:8.1f} us server CPU/job", flush=True)
+with open(sys.argv[3], "a") as f:
+    f.write(f"{sys.argv[2]} {rate} {cpu}\n")
 PYEOF
 }
 for r in $(seq "$ROUNDS"); do
@@ -46,3 +47,15 @@ for r in $(seq "$ROUNDS"); do
   run metrics-on --metrics-addr=127.0.0.1:0
   OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$SINK_PORT" run tracing-on --metrics-addr=127.0.0.1:0
 done
+$PY - "$OUT/summary.txt" <<'PYEOF'
+import sys
+from collections import defaultdict
+runs = defaultdict(list)
+for line in open(sys.argv[1]):
+    mode, rate, cpu = line.split()
+    runs[mode].append((float(rate), float(cpu)))
+print("mode          mean jobs/s  mean us CPU/job  runs")
+for mode, rs in runs.items():
+    n = len(rs)
+    print(f"{mode:12s} {sum(r for r, _ in rs) / n:11.1f} {sum(c for _, c in rs) / n:16.1f} {n:5d}")
+PYEOF
