@@ -170,6 +170,45 @@ CONC_PENDING = Gauge("silo_concurrency_pending_grants", "Jobs waiting for a slot
                      ("shard", "lane"))
 SLATEDB_DURABLE_SEQ = Gauge("silo_slatedb_durable_seq", "Last durable sequence number",
                             ("shard",))
+# SlateDB's own metrics (its DefaultMetricsRecorder per shard), sampled each flush:
+# slatedb name → (our instrument, the slatedb labels it keeps, in order).
+_SLATEDB_COUNTERS = {
+    "slatedb.db.request_count": ("silo_slatedb_requests_total", "Reads/scans/flushes", ("op",)),
+    "slatedb.db.write_batch_count": ("silo_slatedb_write_batches_total", "Write batches", ()),
+    "slatedb.db.write_ops": ("silo_slatedb_write_ops_total", "Written keys", ()),
+    "slatedb.db.backpressure_count": ("silo_slatedb_backpressure_total",
+                                      "Writes delayed by backpressure", ()),
+    "slatedb.db.immutable_memtable_flushes": ("silo_slatedb_memtable_flushes_total",
+                                              "Memtables flushed to L0", ()),
+    "slatedb.db.l0_flush_bytes": ("silo_slatedb_l0_flush_bytes_total", "Bytes flushed to L0",
+                                  ()),
+    "slatedb.wal.wal_buffer_flushes": ("silo_slatedb_wal_flushes_total", "WAL flushes", ()),
+    "slatedb.wal.wal_flush_bytes": ("silo_slatedb_wal_flush_bytes_total", "WAL bytes written",
+                                    ()),
+    "slatedb.object_store.request_count": ("silo_slatedb_object_store_requests_total",
+                                           "Object store requests", ("api", "component")),
+    "slatedb.object_store.error_count": ("silo_slatedb_object_store_errors_total",
+                                         "Object store errors", ("api", "component")),
+    "slatedb.db_cache.access_count": ("silo_slatedb_cache_accesses_total",
+                                      "Block/index/filter cache lookups",
+                                      ("entry_kind", "result")),
+    "slatedb.db.sst_filter_false_positive_count": ("silo_slatedb_sst_filter_false_positives_total",
+                                                   "Filter false positives", ("kind",)),
+}
+_SLATEDB_GAUGES = {
+    "slatedb.db.total_mem_size_bytes": ("silo_slatedb_memory_bytes", "Memtables in memory", ()),
+    "slatedb.db.l0_sst_count": ("silo_slatedb_l0_sst_count", "L0 SSTs", ()),
+    "slatedb.db.sorted_run_count": ("silo_slatedb_sorted_run_count", "Sorted runs", ()),
+    "slatedb.wal.wal_buffer_estimated_bytes": ("silo_slatedb_wal_buffer_bytes",
+                                               "WAL buffer not yet flushed", ()),
+}
+_SLATEDB: dict[str, tuple[_Instrument, tuple[str, ...]]] = {}
+for _src, (_name, _help, _keep) in _SLATEDB_COUNTERS.items():
+    _SLATEDB[_src] = (Counter(_name, _help, ("shard", *_keep)), _keep)
+for _src, (_name, _help, _keep) in _SLATEDB_GAUGES.items():
+    _SLATEDB[_src] = (Gauge(_name, _help, ("shard", *_keep)), _keep)
+_slatedb_last: dict[tuple, int] = {}  # (shard, slatedb name, labels) → last counter value
+
 # ours
 READY_TASKS = Gauge("silo_ready_tasks", "Pending tasks per task group (queue depth)",
                     ("shard", "task_group"))
@@ -325,7 +364,39 @@ def sample_node(node) -> None:
         CONC_PENDING.set((sid, "cold"), len(s.requests))
         with contextlib.suppress(Exception):  # a closing db has no status; skip this tick
             SLATEDB_DURABLE_SEQ.set((sid,), s.db.status().durable_seq)
+        sample_slatedb(sid)
     sample_process()
+
+
+def sample_slatedb(shard_id: str) -> None:
+    """SlateDB's counters become our counters by their increase since the last sample
+    (its values are totals since the database opened); its gauges are copied."""
+    from silo.storage.db import METRICS_RECORDERS  # noqa: PLC0415 - storage imports us
+
+    recorder = METRICS_RECORDERS.get(f"shards/{shard_id}")
+    if recorder is None:
+        return
+    sums: dict[tuple, tuple[_Instrument, int]] = {}
+    for m in recorder.snapshot():
+        target = _SLATEDB.get(m.name)
+        if target is None:
+            continue
+        inst, keep = target
+        labels = {lb.key: lb.value for lb in m.labels} if keep else {}
+        key = (m.name, shard_id, *(labels.get(k, "") for k in keep))
+        value = m.value[0] if not m.value.is_histogram() else 0
+        prev_inst, prev = sums.get(key, (inst, 0))
+        sums[key] = (inst, prev + int(value))  # labels we drop are summed
+    for key, (inst, value) in sums.items():
+        labels = key[1:]
+        if inst.kind == "gauge":
+            inst.set(labels, value)  # type: ignore[attr-defined]
+            continue
+        last = _slatedb_last.get(key, 0)
+        if value != last:
+            # a smaller total means the database was reopened: it counts from zero again
+            inst.inc(labels, value - last if value > last else value)  # type: ignore[attr-defined]
+            _slatedb_last[key] = value
 
 
 def sample_process() -> None:

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 from slatedb.uniffi import (
     DbBuilder,
+    DefaultMetricsRecorder,
     FlushOptions,
     FlushType,
     KeyRange,
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 
 _WAL_FLUSH = FlushOptions(flush_type=FlushType.WAL)
 _FULL_RANGE = KeyRange(start=None, start_inclusive=True, end=None, end_inclusive=False)
+
+
+# database name → SlateDB's own metrics of it, sampled by silo.observability.metrics
+METRICS_RECORDERS: dict[str, DefaultMetricsRecorder] = {}
 
 
 class StorageError(Exception):
@@ -69,6 +74,8 @@ async def open_database(
     settings.set("l0_sst_size_bytes", json.dumps(l0_sst_size_bytes))
     builder = DbBuilder(path, store)
     builder.with_settings(settings)
+    recorder = METRICS_RECORDERS[name] = DefaultMetricsRecorder()
+    builder.with_metrics_recorder(recorder)
     return await builder.build()
 
 

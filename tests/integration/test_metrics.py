@@ -26,7 +26,9 @@ def scrape(srv: Server) -> dict[str, list]:
 
 
 def total(families: dict[str, list], sample_name: str, **labels: str) -> float:
-    family = sample_name.removesuffix("_total")
+    family = sample_name
+    for suffix in ("_total", "_count", "_sum", "_bucket"):
+        family = family.removesuffix(suffix)
     return sum(s.value for s in families.get(family, [])
                if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items()))
 
@@ -76,6 +78,13 @@ def test_metrics_count_enqueues_over_all_processes(tmp_path):
         # the ready queue depth (queue depth per task group)
         wait_for(lambda: total(scrape(srv), "silo_ready_tasks", task_group="g") == n,
                  what="queue depth gauge")
+        # SlateDB's own metrics per shard, and our group-commit histograms
+        wait_for(lambda: total(scrape(srv), "silo_slatedb_write_batches_total") > 0,
+                 what="slatedb write batches")
+        fam = scrape(srv)
+        assert total(fam, "silo_commit_batch_operations_count") >= 1
+        assert total(fam, "silo_commit_durable_wait_seconds_count") >= 1
+        assert total(fam, "silo_slatedb_wal_flushes_total") > 0
         # errors are counted with their gRPC code name
         c = srv.client()
         with pytest.raises(grpc.RpcError):
