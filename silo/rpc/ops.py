@@ -56,13 +56,20 @@ async def serve_local(service, method: str, payload: bytes) -> bytes:
     raise SiloError(grpc.StatusCode.UNIMPLEMENTED, f"unknown local method {method}")
 
 
-async def _everywhere(service, method: str, args: list, local) -> list[tuple[str, object]]:
-    """(worker label, result) of this process and every reachable peer, concurrently."""
+async def _everywhere(service, method: str, args: list, local,
+                      timeout_s: float) -> list[tuple[str, object]]:
+    """(worker label, result) of this process and every reachable peer, concurrently.
+    A peer that does not answer within timeout_s (e.g. its loop is stuck) is reported
+    as unavailable instead of holding the whole answer."""
     payload = _enc.encode(args)
 
     async def peer(index: int, client) -> tuple[str, object]:
         try:
-            return f"w{index}", _dec.decode(await client.call(method, payload))
+            out = await asyncio.wait_for(client.call(method, payload), timeout_s)
+            return f"w{index}", _dec.decode(out)
+        except TimeoutError:
+            return f"w{index}", SiloError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                          f"no answer within {timeout_s:.0f} s")
         except SiloError as e:
             log.warning("%s on worker %d failed: %s", method, index, e.message)
             return f"w{index}", e
@@ -79,7 +86,7 @@ async def cpu_profile(service, request) -> pb.CpuProfileResponse:
     duration = profiling.clamp(request.duration_seconds, 30, 1, 300)
     rate = profiling.clamp(request.frequency, 100, 1, 1000)
     parts = await _everywhere(service, "ops.cpu", [duration, rate],
-                              lambda: _cpu_local(service, duration, rate))
+                              lambda: _cpu_local(service, duration, rate), duration + 30)
     period = 1_000_000_000 // rate
     samples, total = [], 0
     for label, part in parts:
@@ -100,7 +107,7 @@ async def cpu_profile(service, request) -> pb.CpuProfileResponse:
 async def heap_profile(service, request) -> pb.HeapProfileResponse:
     duration = profiling.clamp(request.duration_seconds, 30, 1, 300)
     parts = await _everywhere(service, "ops.heap", [duration],
-                              lambda: profiling.heap_samples(duration))
+                              lambda: profiling.heap_samples(duration), duration + 30)
     samples = []
     for label, part in parts:
         if isinstance(part, SiloError):
@@ -116,7 +123,7 @@ async def dump_tasks(service, request) -> pb.DumpTasksResponse:
     async def local():
         return profiling.dump_tasks(_label(service))
 
-    parts = await _everywhere(service, "ops.dump", [], local)
+    parts = await _everywhere(service, "ops.dump", [], local, 10)
     texts, count = [], 0
     for label, part in parts:
         if isinstance(part, SiloError):
