@@ -54,6 +54,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "info"
     log_format: str = "text"
     processes: int = 0
+    metrics_enabled: bool = True
+    metrics_addr: str = "127.0.0.1:9090"
+    metrics_tenant_label: bool = False
 
     def object_store_url_resolved(self) -> str:
         """The SlateDB object store URL; ``file://<abs data_dir>/objects`` when unset."""
@@ -380,6 +383,20 @@ OPTIONS: tuple[Option, ...] = (
         "worker processes, each pinned to one core and owning a disjoint set of shards "
         "(0 = one per core this process may run on, at most one per shard)",
         "N",
+    ),
+    Option("metrics_enabled", "metrics.enabled", _bool, "serve Prometheus metrics"),
+    Option(
+        "metrics_addr",
+        "metrics.addr",
+        _addr(allow_empty=False),
+        "Prometheus /metrics listen address HOST:PORT (port 0 = pick a free port)",
+        "HOST:PORT",
+    ),
+    Option(
+        "metrics_tenant_label",
+        "metrics.tenant_label",
+        _bool,
+        "fill the tenant label of silo_jobs_enqueued_total (one series per tenant)",
     ),
 )
 

@@ -22,7 +22,9 @@ from silo._proto import silo_pb2 as pb
 from silo._proto import silo_pb2_grpc as pb_grpc
 from silo.cluster.shardmap import DEFAULT_TENANT, hash_tenant, in_range
 from silo.errors import SiloError
-from silo.rpc import convert, guard
+from silo.observability import metrics, tracing
+from silo.observability.rpc import instrument_rpc
+from silo.rpc import convert, guard, ops
 from silo.runtime.node import Node
 from silo.shard import (
     cancel,
@@ -90,7 +92,7 @@ def rpc(fn):
 
     handler.inner = fn  # type: ignore[attr-defined]
     handler.raw_request = True  # type: ignore[attr-defined]
-    return handler
+    return instrument_rpc(name, handler)
 
 
 class SiloService(pb_grpc.SiloServicer):
@@ -136,6 +138,15 @@ class SiloService(pb_grpc.SiloServicer):
 
     async def dispatch(self, method: str, payload: bytes):
         """Serve a call forwarded by another process (see silo.runtime.forward)."""
+        if tracing.ENABLED:
+            method, parent = tracing.split_method(method)
+            with tracing.server_span(f"forwarded {method}", parent):
+                return await self._dispatch(method, payload)
+        return await self._dispatch(method, payload)
+
+    async def _dispatch(self, method: str, payload: bytes):
+        if method.startswith("ops."):  # silo.rpc.ops's per-process halves
+            return 0, "", (), await ops.serve_local(self, method, payload)
         _FORWARDED.set(True)
         try:
             extra = self.EXTRA_LOCAL.get(method)
@@ -236,6 +247,7 @@ class SiloService(pb_grpc.SiloServicer):
             payload=request.payload.msgpack, limits=convert.limits_from_pb(request.limits),
             metadata=dict(request.metadata), task_group=request.task_group)
         self.node.publish(s)
+        metrics.job_enqueued(s.id, tenant)
         return pb.EnqueueResponse(id=job_id)
 
     @rpc
@@ -354,6 +366,7 @@ class SiloService(pb_grpc.SiloServicer):
             if remaining <= 0:
                 break
             got = await lease.lease_tasks(s, request.worker_id, remaining, request.task_group)
+            metrics.POLLS.inc((s.id, request.task_group))
             if got:
                 self.node.publish(s)
             lease_ms = s.config.lease_ms
@@ -363,6 +376,8 @@ class SiloService(pb_grpc.SiloServicer):
                 else:
                     out.tasks.append(convert.task_to_pb(t, s.id, lease_ms))
                     remaining -= 1
+                    metrics.task_leased(s.id, t.info.task_group, t.lease.task.relative_attempt,
+                                        t.info.enqueue_time_ms, t.lease.started_at_ms)
         return out
 
     @rpc
@@ -389,6 +404,7 @@ class SiloService(pb_grpc.SiloServicer):
             o = outcome.Cancelled()
         await outcome.report_outcome(s, request.task_id, o)
         self.node.publish(s)
+        metrics.job_completed(s.id, kind)
         return pb.ReportOutcomeResponse()
 
     @rpc
@@ -453,13 +469,27 @@ class SiloService(pb_grpc.SiloServicer):
 
     @rpc
     async def FlushShard(self, request, context):
-        s = self.node.shards.get(request.shard)
-        if s is None:
-            self.shard(request.shard)  # invalid id → IA
-            raise SiloError(grpc.StatusCode.NOT_FOUND, f"shard {request.shard} not found on this node")
-        await s.committer.commit()
-        await s.db.flush()
-        return pb.FlushShardResponse(status=f"flushed shard {s.id}")
+        return await ops.flush(self, request)
+
+    @rpc
+    async def CompactShard(self, request, context):
+        return await ops.compact(self, request)
+
+    @rpc
+    async def GetShardStorageInfo(self, request, context):
+        return await ops.storage_info(self, request)
+
+    @rpc
+    async def CpuProfile(self, request, context):
+        return await ops.cpu_profile(self, request)
+
+    @rpc
+    async def HeapProfile(self, request, context):
+        return await ops.heap_profile(self, request)
+
+    @rpc
+    async def DumpTasks(self, request, context):
+        return await ops.dump_tasks(self, request)
 
 
 def _unimplemented(name: str, why: str):
@@ -477,11 +507,6 @@ _LATER = {
     "RequestSplit": "shard splits need a cluster coordinator",
     "GetSplitStatus": "shard splits need a cluster coordinator",
     "ConfigureShard": "placement rings need a cluster coordinator",
-    "CompactShard": "storage admin is a later feature",
-    "GetShardStorageInfo": "storage admin is a later feature",
-    "CpuProfile": "use `py-spy` against the server process",
-    "HeapProfile": "heap profiling is a later feature",
-    "DumpTasks": "task dumps are a later feature",
 }
 for _name, _why in _LATER.items():
     setattr(SiloService, _name, _unimplemented(_name, _why))

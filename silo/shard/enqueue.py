@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from silo import errors
 from silo.ids import new_id
+from silo.observability import tracing
 from silo.shard import limits as limit_chain
 from silo.shard.state import ActiveJob, Shard
 from silo.shard.validate import (  # noqa: F401  (re-exported for older callers)
@@ -32,6 +33,7 @@ def validate_job(
                         start_at_ms)
 
 
+@tracing.traced("enqueue")
 async def enqueue(
     shard: Shard,
     *,

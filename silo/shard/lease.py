@@ -16,6 +16,7 @@ import msgspec
 
 from silo import errors
 from silo.ids import new_id
+from silo.observability import tracing
 from silo.shard import limits
 from silo.shard.state import ActiveJob, Shard
 from silo.shard.validate import validate_worker_id
@@ -78,6 +79,7 @@ async def _with_infos(shard: Shard, leases: list[Lease]) -> list[LeasedTask]:
             if info is not None]
 
 
+@tracing.traced("dequeue")
 async def lease_tasks(shard: Shard, worker_id: str, max_tasks: int, task_group: str
                       ) -> list[LeasedTask]:
     """Lease up to max_tasks due tasks of task_group in ready order, plus every due

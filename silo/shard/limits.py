@@ -26,6 +26,7 @@ import logging
 
 from silo import errors
 from silo.ids import new_id
+from silo.observability import metrics, tracing
 from silo.shard import ratelimit
 from silo.shard.state import ActiveJob, Shard
 from silo.shard.validate import validate_limits  # noqa: F401  (re-exported)
@@ -130,6 +131,7 @@ def walk(shard: Shard, job: ActiveJob, chain: Chain, index: int, now: int,
                 floating_state(shard, chain.tenant, limit, now)
             if not join_queue and len(q.holders) < capacity(shard, chain.tenant, limit):
                 hold(shard, chain.tenant, queue, chain.task_id, now)
+                metrics.CONC_GRANTED.inc((shard.id, "immediate"))
                 chain.held.append(queue)
                 continue
             park(shard, job, chain, i, queue)
@@ -187,6 +189,7 @@ def unpark(shard: Shard, key: bytes) -> RequestTicket | None:
     return ticket
 
 
+@tracing.traced("concurrency.release", when=lambda shard, tenant, queues, *a: bool(queues))
 def release(shard: Shard, tenant: str, queues: list[str], task_id: str, now: int) -> None:
     """Free the slots an attempt held and grant each queue's waiters."""
     for queue in queues:
@@ -197,6 +200,7 @@ def release(shard: Shard, tenant: str, queues: list[str], task_id: str, now: int
         grant(shard, tenant, queue, now)
 
 
+@tracing.traced("concurrency.grant")
 def grant(shard: Shard, tenant: str, queue: str, now: int) -> int:
     """Grant waiters of one queue in order while the head waiter's own max allows."""
     q = shard.conc.get((tenant, queue))
@@ -227,6 +231,8 @@ def grant(shard: Shard, tenant: str, queue: str, now: int) -> int:
             fail_broken_chain(shard, job, ticket, now, exc, granting=queue)
     if not q.waiting and not q.holders and shard.conc.get((tenant, queue)) is q:
         del shard.conc[(tenant, queue)]
+    if granted:
+        metrics.CONC_GRANTED.inc((shard.id, "scanned"), granted)
     return granted
 
 

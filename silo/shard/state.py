@@ -247,7 +247,7 @@ class Shard:
                 if c is not None:
                     job.cancelled_at_ms = cancellation_decoder.decode(c).cancelled_at_ms
                 self.active[(task.tenant, task.job_id)] = job
-        log.info(
+        log.debug(
             "shard %s opened: %d pending tasks, %d leases, %d jobs (%.0f ms)",
             self.id,
             n_tasks,

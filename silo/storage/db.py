@@ -21,11 +21,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlparse
 
 from slatedb.uniffi import (
     DbBuilder,
+    DefaultMetricsRecorder,
     FlushOptions,
     FlushType,
     KeyRange,
@@ -34,12 +36,17 @@ from slatedb.uniffi import (
     WriteBatch,
 )
 
+from silo.observability import events, metrics, tracing
 from silo.storage import ffi
 
 log = logging.getLogger(__name__)
 
 _WAL_FLUSH = FlushOptions(flush_type=FlushType.WAL)
 _FULL_RANGE = KeyRange(start=None, start_inclusive=True, end=None, end_inclusive=False)
+
+
+# database name → SlateDB's own metrics of it, sampled by silo.observability.metrics
+METRICS_RECORDERS: dict[str, DefaultMetricsRecorder] = {}
 
 
 class StorageError(Exception):
@@ -72,6 +79,8 @@ async def open_database(
     settings.set("l0_sst_size_bytes", json.dumps(l0_sst_size_bytes))
     builder = DbBuilder(path, store)
     builder.with_settings(settings)
+    recorder = METRICS_RECORDERS[name] = DefaultMetricsRecorder()
+    builder.with_metrics_recorder(recorder)
     return await builder.build()
 
 
@@ -133,6 +142,7 @@ class GroupCommitter:
         self._closed = False
         self.batches_written = 0
         self.ops_written = 0
+        self.name = ""  # the shard id, for metrics and events
 
     # ---- staging (synchronous; call from the shard's loop) ----------------
 
@@ -171,6 +181,8 @@ class GroupCommitter:
         """The durability of everything staged so far (and of this operation)."""
         b = self._batch()
         b.ops += 1
+        if tracing.ENABLED:
+            return tracing.awaiting("storage.commit", asyncio.shield(b.future))
         return asyncio.shield(b.future)
 
     def _hand_off(self, b: _Batch) -> None:
@@ -259,6 +271,7 @@ class GroupCommitter:
             self._last_handle = handle
             self.batches_written += 1
             self.ops_written += b.ops
+            metrics.COMMIT_BATCH_OPS.observe((self.name,), b.ops)
             self._unconfirmed.append((handle, b))
             if self._durability_task is None:
                 self._durability_task = asyncio.create_task(self._confirm_durability())
@@ -273,6 +286,7 @@ class GroupCommitter:
                 handle = self._unconfirmed[-1][0]
                 batches = [b for _, b in self._unconfirmed]
                 self._unconfirmed.clear()
+                t0 = time.perf_counter()
                 try:
                     if self.flush_on_commit:
                         # Flush the WAL now rather than at the next flush_interval tick:
@@ -281,6 +295,7 @@ class GroupCommitter:
                         await self._db.flush_with_options(_WAL_FLUSH)
                     else:
                         await handle.await_durable()
+                    metrics.COMMIT_DURABLE_WAIT.observe((self.name,), time.perf_counter() - t0)
                 except Exception as e:  # noqa: BLE001
                     log.error("shard durability wait failed: %s", e)
                     self._fail(e)
@@ -298,6 +313,7 @@ class GroupCommitter:
     def _fail(self, e: BaseException) -> None:
         first = self._failed is None
         self._failed = e
+        events.storage_error(self.name, e)
         if first and self.on_failure is not None:
             self.on_failure(e)
 
