@@ -54,6 +54,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "info"
     log_format: str = "text"
     processes: int = 0
+    statement_timeout_ms: int = 5000
+    max_result_bytes: int = 64 * MiB
+    max_concurrent_statements: int = 8
+    slow_query_log_ms: int = 1000
+    count_from_status_counters: bool = True
 
     def object_store_url_resolved(self) -> str:
         """The SlateDB object store URL; ``file://<abs data_dir>/objects`` when unset."""
@@ -380,6 +385,40 @@ OPTIONS: tuple[Option, ...] = (
         "worker processes, each pinned to one core and owning a disjoint set of shards "
         "(0 = one per core this process may run on, at most one per shard)",
         "N",
+    ),
+    Option(
+        "statement_timeout_ms",
+        "server.statement_timeout_ms",
+        _int(0, 3_600_000),
+        "SQL statement timeout for Query/QueryArrow (0 = off)",
+        "MS",
+    ),
+    Option(
+        "max_result_bytes",
+        "server.max_result_bytes",
+        _int(0),
+        "largest unary Query result, Arrow in-memory bytes (0 = off)",
+        "BYTES",
+    ),
+    Option(
+        "max_concurrent_statements",
+        "server.max_concurrent_statements",
+        _int(0, 10_000),
+        "SQL statements running at once per shard; more are refused (0 = off)",
+        "N",
+    ),
+    Option(
+        "slow_query_log_ms",
+        "server.slow_query_log_ms",
+        _int(0),
+        "SQL statements slower than this are logged at WARN (0 = off)",
+        "MS",
+    ),
+    Option(
+        "count_from_status_counters",
+        "storage.count_from_status_counters",
+        _bool,
+        "answer an unfiltered per-tenant COUNT(*) over jobs from the status counters",
     ),
 )
 

@@ -114,6 +114,8 @@ def execute(planned: Planned, tables: dict[str, pa.Table]) -> pa.Table:
     try:
         return df.to_arrow_table()
     except Exception as e:  # noqa: BLE001
+        if "placeholder" in str(e).lower():
+            raise _sql_error(e) from None
         raise SiloError(grpc.StatusCode.INTERNAL,
                         f"Query execution failed: {_engine_message(e)}") from None
 

@@ -21,6 +21,7 @@ from silo._proto import silo_pb2_grpc as pb_grpc
 from silo.cluster.shardmap import DEFAULT_TENANT, hash_tenant, in_range
 from silo.errors import SiloError
 from silo.rpc import convert
+from silo.rpc import query as query_rpc
 from silo.runtime.node import Node
 from silo.shard import (
     cancel,
@@ -435,6 +436,16 @@ class SiloService(pb_grpc.SiloServicer):
         await s.db.flush()
         return pb.FlushShardResponse(status=f"flushed shard {s.id}")
 
+    @rpc
+    async def Query(self, request, context):
+        return await query_rpc.query(self, request)
+
+    async def QueryArrow(self, request, context):
+        async for message in query_rpc.query_arrow(self, request, context):
+            yield message
+
+    QueryArrow.inner = query_rpc.query_arrow_forwarded  # type: ignore[attr-defined]
+
 
 def _unimplemented(name: str, why: str):
     async def handler(self, request, context):
@@ -446,8 +457,6 @@ def _unimplemented(name: str, why: str):
 
 
 _LATER = {
-    "Query": "SQL queries arrive with the query engine",
-    "QueryArrow": "SQL queries arrive with the query engine",
     "ImportJobs": "job import is a later feature",
     "RequestSplit": "shard splits need a cluster coordinator",
     "GetSplitStatus": "shard splits need a cluster coordinator",
