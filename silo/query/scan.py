@@ -8,7 +8,7 @@ are those with jobs on the shard (from the status counters), so id and index rea
 stay point/range reads. A jobs scan that needs no column beyond tenant/shard_id (an
 unfiltered COUNT(*)) is answered from the status counters when allowed.
 
-Storage is read in slices (1024 rows per await, point reads in groups of 256) and
+Storage is read in slices (256 rows per await, point reads in groups of 256) and
 in-memory state is copied once then converted in slices, so a large scan yields the
 event loop between slices instead of stalling it. Rows are read from the database as
 applied: every acknowledged write is; an operation still in flight may or may not be
@@ -46,8 +46,9 @@ from silo.storage.records import (
     job_status_decoder,
 )
 
-SLICE = 1024
+SLICE = 256
 POINT_GROUP = 256
+INLINE_ROWS = 256  # fewer rows are decoded on the loop (a thread hop costs more)
 _ALL = KeyRange(start=None, start_inclusive=True, end=None, end_inclusive=False)
 _INFO_COLUMNS = frozenset({"priority", "enqueue_time_ms", "payload", "task_group", "metadata",
                            "limits"})
@@ -208,7 +209,6 @@ async def _index_job_ids(shard: Shard, scan: Scan, tenants: Iterable[str], now: 
 async def read_jobs(shard: Shard, scan: Scan, now: int, *, count_from_counters: bool
                     ) -> pa.Table:
     need = _needed(scan)
-    rows = _JobRows(shard.id, need, now)
     tenants = sorted(scan.tenants) if scan.tenants is not None else shard_tenants(shard)
     if _counter_answerable(scan, count_from_counters):
         counts: dict[str, int] = {}
@@ -225,48 +225,48 @@ async def read_jobs(shard: Shard, scan: Scan, now: int, *, count_from_counters: 
         return pa.table(cols, schema=schema)
     need_info = bool(need & _INFO_COLUMNS)
     db = shard.db
+    # On the loop: only raw rows, paired by their (tenant, job_id) key suffix, which
+    # the status and info keys share. Decoding and building Arrow run in a thread.
+    raw: list[tuple[bytes, bytes | None, bytes | None]] = []
     candidates = await _index_job_ids(shard, scan, tenants, now)
     if candidates is not None:
         for i in range(0, len(candidates), POINT_GROUP):
             part = candidates[i : i + POINT_GROUP]
-            raw_status = await _gets(db, [keys.job_status(t, j) for t, j in part])
+            status_keys = [keys.job_status(t, j) for t, j in part]
+            raw_status = await _gets(db, status_keys)
             raw_info = (await _gets(db, [keys.job_info(t, j) for t, j in part]) if need_info
                         else [None] * len(part))
-            for (t, j), rs, ri in zip(part, raw_status, raw_info, strict=True):
+            for k, rs, ri in zip(status_keys, raw_status, raw_info, strict=True):
                 if rs is None and ri is None:
                     continue  # deleted (or never existed)
                 if need_info and ri is None:
                     continue
-                rows.add(t, j, job_status_decoder.decode(rs) if rs is not None else None,
-                         job_info_decoder.decode(ri) if ri is not None else None)
-        return rows.table()
-    for t in tenants:
-        status_prefix = keys.kind_prefix(keys.JOB_STATUS) + keys.enc_str(t)
-        if not need_info:
-            async for batch in _prefix_rows(db, status_prefix):
+                raw.append((k[1:], rs, ri))
+    else:
+        for t in tenants:
+            suffix = keys.enc_str(t)
+            statuses: dict[bytes, bytes] = {}
+            async for batch in _prefix_rows(db, keys.kind_prefix(keys.JOB_STATUS) + suffix):
                 for r in batch:
-                    job_id, _ = keys.dec_str(r.key, len(status_prefix))
-                    rows.add(t, job_id, job_status_decoder.decode(r.value), None)
-            continue
-        # Info and status rows of a tenant sort by job id alike: walk them side by side.
-        info_prefix = keys.kind_prefix(keys.JOB_INFO) + keys.enc_str(t)
-        statuses = _prefix_rows(db, status_prefix)
-        pending: dict[str, JobStatus] = {}
-        status_last: str | None = None
-        exhausted = False
-        async for batch in _prefix_rows(db, info_prefix):
-            infos = [job_info_decoder.decode(r.value) for r in batch]
-            last = infos[-1].id
-            while not exhausted and (status_last is None or status_last < last):
-                sb = await anext(statuses, None)
-                if sb is None:
-                    exhausted = True
-                    break
-                for r in sb:
-                    status_last, _ = keys.dec_str(r.key, len(status_prefix))
-                    pending[status_last] = job_status_decoder.decode(r.value)
-            for info in infos:
-                rows.add(t, info.id, pending.pop(info.id, None), info)
+                    statuses[r.key[1:]] = r.value
+            if not need_info:
+                raw += [(k, v, None) for k, v in statuses.items()]
+                continue
+            async for batch in _prefix_rows(db, keys.kind_prefix(keys.JOB_INFO) + suffix):
+                raw += [(r.key[1:], statuses.get(r.key[1:]), r.value) for r in batch]
+    if len(raw) < INLINE_ROWS:
+        return _build_jobs(shard.id, need, now, raw)
+    return await asyncio.to_thread(_build_jobs, shard.id, need, now, raw)
+
+
+def _build_jobs(shard_id: str, need: set[str], now: int,
+                raw: list[tuple[bytes, bytes | None, bytes | None]]) -> pa.Table:
+    rows = _JobRows(shard_id, need, now)
+    for suffix, rs, ri in raw:
+        tenant, pos = keys.dec_str(suffix, 0)
+        job_id, _ = keys.dec_str(suffix, pos)
+        rows.add(tenant, job_id, job_status_decoder.decode(rs) if rs is not None else None,
+                 job_info_decoder.decode(ri) if ri is not None else None)
     return rows.table()
 
 
