@@ -12,7 +12,7 @@ Per size: the median and p95 over --repeat runs of
                    'b000004')                                 (10 jobs)
 * group by status: SELECT status_kind, COUNT(*) ... GROUP BY status_kind (reads every
                    status row of the tenant: grows with N by nature)
-Then Enqueue latency (sequential, 2000 calls) alone and while
+Then Enqueue latency (sequential, --enqueues calls) alone and while
 `SELECT COUNT(*) FROM jobs WHERE tenant = 't' AND priority >= 0` (a full scan) loops.
 """
 
@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from silo.query import settings  # noqa: E402
 from silo.query.engine import query_shard  # noqa: E402
 from silo.shard import enqueue as enq  # noqa: E402
 from silo.shard import lease, outcome  # noqa: E402
@@ -78,7 +79,7 @@ async def enqueue_latencies(s: Shard, n: int) -> list[float]:
     return out
 
 
-async def bench_size(n: int, repeat: int) -> dict:
+async def bench_size(n: int, repeat: int, enqueues: int) -> dict:
     s = await Shard.open(str(uuid.uuid4()), "", "", "memory:///",
                          ShardConfig(flush_interval_ms=10, commit_interval_ms=5.0))
     try:
@@ -93,7 +94,7 @@ async def bench_size(n: int, repeat: int) -> dict:
                 times.append((time.perf_counter() - t0) * 1000)
             out[name] = {"median_ms": round(statistics.median(times), 2),
                          "p95_ms": round(pct(times, 0.95), 2)}
-        alone = await enqueue_latencies(s, 2000)
+        alone = await enqueue_latencies(s, enqueues)
         stop = False
         scans = 0
 
@@ -105,7 +106,7 @@ async def bench_size(n: int, repeat: int) -> dict:
 
         task = asyncio.create_task(loop())
         await asyncio.sleep(0.05)
-        busy = await enqueue_latencies(s, 2000)
+        busy = await enqueue_latencies(s, enqueues)
         stop = True
         await task
         out["enqueue_p50_ms"] = round(pct(alone, 0.5), 2)
@@ -123,10 +124,13 @@ async def main() -> int:
     ap.add_argument("--jobs", default="1000,100000")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--enqueues", type=int, default=500)
     args = ap.parse_args()
+    # Measure, do not enforce: no statement timeout, no slow-query log lines.
+    settings.SETTINGS = settings.QuerySettings(statement_timeout_ms=0, slow_query_log_ms=0)
     results = []
     for n in (int(x) for x in args.jobs.split(",")):
-        r = await bench_size(n, args.repeat)
+        r = await bench_size(n, args.repeat, args.enqueues)
         results.append(r)
         print(json.dumps(r), flush=True)
     if args.json:
