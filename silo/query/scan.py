@@ -5,8 +5,9 @@ metadata key = value (0x04 rows of that value) → metadata key prefix (0x04 ran
 status words (0x03 rows; Waiting and Scheduled split the Scheduled rows at now) →
 every job of the tenant(s). A tenant equality always narrows; without one the tenants
 are those with jobs on the shard (from the status counters), so id and index reads
-stay point/range reads. A jobs scan that needs no column beyond tenant/shard_id (an
-unfiltered COUNT(*)) is answered from the status counters when allowed.
+stay point/range reads. A jobs scan that needs no column beyond tenant, shard_id and
+status_kind (an unfiltered COUNT(*), GROUP BY status_kind) is answered from the status
+counters when allowed (count_from_status_counters).
 
 Storage is read in slices (256 rows per await, point reads in groups of 256) and
 in-memory state is copied once then converted in slices, so a large scan yields the
@@ -170,9 +171,45 @@ def _needed(scan: Scan) -> set[str]:
 
 
 def _counter_answerable(scan: Scan, allow: bool) -> bool:
-    return (allow and _needed(scan) <= {"tenant", "shard_id"} and not scan.other_filters
-            and scan.ids is None and scan.statuses is None and scan.meta_exact is None
+    """Nothing but tenant (and status_kind) is needed and nothing else narrows: the
+    rows can be synthesised from the status counters."""
+    return (allow and _needed(scan) <= {"tenant", "shard_id", "status_kind"}
+            and not scan.other_filters and scan.ids is None and scan.meta_exact is None
             and scan.meta_prefix is None)
+
+
+async def _counted_rows(shard: Shard, scan: Scan, tenants: list[str], now: int) -> pa.Table:
+    """One row per job with only shard_id, tenant and status_kind filled, from the
+    status counters; Scheduled is split into Waiting and (future) Scheduled by counting
+    the future rows of the status index (usually the few)."""
+    counts: list[tuple[str, str, int]] = []
+    wanted = set(tenants)
+    for (t, status), n in sorted(shard.tenant_status.items()):
+        if t not in wanted or n <= 0:
+            continue
+        if status == STATUS_NAMES[SCHEDULED]:
+            future = 0
+            if "status_kind" in _needed(scan):
+                base = keys.status_index_prefix(t, status)
+                async for batch in _rows(shard.db, base, keys.status_index(t, status, now, "")):
+                    future += len(batch)
+            future = min(future, n)
+            counts += [(t, "Scheduled", future), (t, "Waiting", n - future)]
+        else:
+            counts.append((t, status, n))
+    if scan.statuses is not None:
+        counts = [c for c in counts if c[1] in scan.statuses]
+    counts = [c for c in counts if c[2] > 0]
+    n_rows = sum(c[2] for c in counts)
+    tenant_col = pa.array(list(itertools.chain.from_iterable(
+        itertools.repeat(t, n) for t, _, n in counts)), type=pa.utf8())
+    status_col = pa.array(list(itertools.chain.from_iterable(
+        itertools.repeat(st, n) for _, st, n in counts)), type=pa.utf8())
+    schema = TABLES["jobs"]
+    fill = {"shard_id": pa.array([shard.id] * n_rows, type=pa.utf8()), "tenant": tenant_col,
+            "status_kind": status_col}
+    return pa.table([fill.get(f.name, pa.nulls(n_rows, f.type)) for f in schema],
+                    schema=schema)
 
 
 async def _index_job_ids(shard: Shard, scan: Scan, tenants: Iterable[str], now: int
@@ -214,18 +251,7 @@ async def read_jobs(shard: Shard, scan: Scan, now: int, *, count_from_counters: 
     need = _needed(scan)
     tenants = sorted(scan.tenants) if scan.tenants is not None else shard_tenants(shard)
     if _counter_answerable(scan, count_from_counters):
-        counts: dict[str, int] = {}
-        for (t, _), n in shard.tenant_status.items():
-            if t in tenants and n > 0:
-                counts[t] = counts.get(t, 0) + n
-        schema = TABLES["jobs"]
-        n_rows = sum(counts.values())
-        tenant_col = pa.array(list(itertools.chain.from_iterable(
-            itertools.repeat(t, n) for t, n in sorted(counts.items()))), type=pa.utf8())
-        cols = [pa.array([shard.id] * n_rows, type=pa.utf8()) if f.name == "shard_id"
-                else tenant_col if f.name == "tenant" else pa.nulls(n_rows, f.type)
-                for f in schema]
-        return pa.table(cols, schema=schema)
+        return await _counted_rows(shard, scan, tenants, now)
     need_info = bool(need & _INFO_COLUMNS)
     db = shard.db
     # First the raw rows, paired by their (tenant, job_id) key suffix, which the status

@@ -198,6 +198,7 @@ def test_indexed_queries_never_scan_the_tenants_jobs(monkeypatch):
             "SELECT id FROM jobs WHERE tenant = 'acme' AND "
             "array_any_value(element_at(metadata, 'region')) LIKE 'us-%'",
             "SELECT COUNT(*) FROM jobs WHERE tenant = 'acme'",
+            "SELECT status_kind, COUNT(*) FROM jobs WHERE tenant = 'acme' GROUP BY status_kind",
         ]:
             read.clear()
             await q(s, sql)
@@ -209,7 +210,16 @@ def test_indexed_queries_never_scan_the_tenants_jobs(monkeypatch):
 
 
 def test_count_from_counters_can_be_turned_off(monkeypatch):
+    group = ("SELECT tenant, status_kind, COUNT(*) AS n FROM jobs GROUP BY tenant, "
+             "status_kind ORDER BY tenant, status_kind")
+    waiting = "SELECT COUNT(*) AS n FROM jobs WHERE tenant = 'acme' AND status_kind = 'waiting'"
+
     async def body(s, clock):
+        from_counters = (await q(s, group), await q(s, waiting))
+        assert from_counters[1] == [{"n": 3}]
+        monkeypatch.setattr(settings, "SETTINGS",
+                            settings.QuerySettings(count_from_status_counters=False))
+        assert (await q(s, group), await q(s, waiting)) == from_counters
         monkeypatch.setattr(settings, "SETTINGS",
                             settings.QuerySettings(count_from_status_counters=False))
         assert await q(s, "SELECT COUNT(*) AS n FROM jobs WHERE tenant = 'acme'") == [{"n": 10}]
