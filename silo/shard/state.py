@@ -307,6 +307,7 @@ class Shard:
         self._dirty_shard_counters = True
         self.created_at_ms = self.clock()
         self.committer.put(keys.shard_meta("created_at_ms"), encode_i64(self.created_at_ms))
+        self.committer.put(keys.shard_meta("layout_version"), encode_i64(keys.LAYOUT_VERSION))
         await self.committer.commit()
         self.tenant_status.clear()
         return len(rows)
