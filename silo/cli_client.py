@@ -340,29 +340,7 @@ def run_enqueue(args: argparse.Namespace) -> int:
     return _run(args, body)
 
 
-# ---- query / profile -------------------------------------------------------------------
-
-
-def configure_query(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sql", help="read-only SQL (the server must support Query)")
-    parser.add_argument("--tenant", default=None, help="routes to the tenant's shard")
-    _common(parser)
-
-
-def run_query(args: argparse.Namespace) -> int:
-    async def body(client) -> int:
-        r = await client.query(args.sql, args.tenant)
-        if args.json:
-            _emit_json({"columns": [{"name": n, "data_type": t} for n, t in r.columns],
-                        "rows": r.rows})
-            return 0
-        names = [n for n, _ in r.columns]
-        print(_table(names, [[_show(row.get(n)) if isinstance(row, dict) else _show(row)
-                              for n in names] for row in r.rows]))
-        print(f"({len(r.rows)} rows)")
-        return 0
-
-    return _run(args, body)
+# ---- profile -------------------------------------------------------------------
 
 
 def configure_profile(parser: argparse.ArgumentParser) -> None:
@@ -501,6 +479,12 @@ def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
         return runner.run(coro)
 
 
+def _query_command():
+    from silo import cli_query  # noqa: PLC0415 - cli_query builds on this module
+
+    return cli_query.configure, cli_query.run
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
     "worker": ("run a worker: MODULE:FUNCTION handles the tasks of a task group",
@@ -509,6 +493,6 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
     "job": ("get, result, cancel, restart, expedite or delete a job", configure_job, run_job),
     "tenant": ("hash a tenant or locate its shard", configure_tenant, run_tenant),
     "cluster": ("cluster info: shards, ranges and owners", configure_cluster, run_cluster),
-    "query": ("run a SQL query on a tenant's shard", configure_query, run_query),
+    "query": ("run SQL on a tenant's shard, one shard or all shards", *_query_command()),
     "profile": ("capture a CPU profile of a server", configure_profile, run_profile),
 }

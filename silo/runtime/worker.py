@@ -18,6 +18,8 @@ import uvloop
 from silo.cluster.shardmap import ShardMap
 from silo.config import Config
 from silo.observability import metrics, profiling, tracing
+from silo.query import settings as query_settings
+from silo.rpc.query import add_query_service
 from silo.rpc.server import build_server, mark_serving
 from silo.rpc.service import SiloService
 from silo.runtime.forward import PeerServer
@@ -93,6 +95,8 @@ async def serve_worker(spec: WorkerSpec) -> int:
     peer_server = PeerServer(path, service.dispatch)
     await peer_server.start()
     server = build_server(service, config.max_message_bytes)
+    query_settings.configure(config)
+    add_query_service(server, service)
     server.add_insecure_port(spec.bind_addr)
     await server.start()
     await mark_serving(server)

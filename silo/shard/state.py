@@ -61,10 +61,25 @@ def wall_clock_ms() -> int:
     return int(time.time() * 1000)
 
 
+_STATUS_KEY_PART = {kind: keys.enc_str(name) for kind, name in STATUS_NAMES.items()}
+_U64_MAX = (1 << 64) - 1
+
+
+def status_index_key(tenant: str, job_id: str, status: JobStatus) -> bytes:
+    """The 0x03 row of a job in this status: Scheduled by next-attempt time, else by
+    the time of the change. Equal to keys.status_index (inlined: it runs on every
+    transition)."""
+    ts = status.changed_at_ms
+    if status.kind == SCHEDULED and status.next_attempt_starts_after_ms is not None:
+        ts = status.next_attempt_starts_after_ms
+    return (b"\x03" + keys.enc_str(tenant) + _STATUS_KEY_PART[status.kind]
+            + (_U64_MAX - max(0, ts)).to_bytes(8, "big") + keys.enc_str(job_id))
+
+
 class ActiveJob:
     """A job that is Scheduled (with a pending task) or Running (with a lease)."""
 
-    __slots__ = ("kind", "task_key", "task_id", "request_key", "cancelled_at_ms")
+    __slots__ = ("kind", "task_key", "task_id", "request_key", "cancelled_at_ms", "index_key")
 
     def __init__(self, kind: int, task_key: bytes | None = None, task_id: str | None = None,
                  request_key: bytes | None = None):
@@ -73,6 +88,9 @@ class ActiveJob:
         self.task_id = task_id  # lease, while Running
         self.request_key = request_key  # parked as a concurrency waiter
         self.cancelled_at_ms: int | None = None
+        # The job's current status-index row (0x03), so a transition deletes it without
+        # reading the old status back from storage.
+        self.index_key: bytes | None = None
 
 
 class ConcurrencyQueue:
@@ -211,9 +229,14 @@ class Shard:
         if created is None:
             self.created_at_ms = self.clock()
             self.committer.put(keys.shard_meta("created_at_ms"), encode_i64(self.created_at_ms))
+            self.committer.put(keys.shard_meta("layout_version"),
+                               encode_i64(keys.LAYOUT_VERSION))
             await self.committer.commit()
         else:
             self.created_at_ms = decode_i64(created)
+            from silo.shard.indexes import backfill_if_needed  # noqa: PLC0415 - builds on us
+
+            await backfill_if_needed(self)
         n_tasks = 0
         for k, v in await scan_prefix(db, keys.kind_prefix(keys.TASK)):
             task = task_decoder.decode(v)
@@ -247,6 +270,9 @@ class Shard:
                 if c is not None:
                     job.cancelled_at_ms = cancellation_decoder.decode(c).cancelled_at_ms
                 self.active[(task.tenant, task.job_id)] = job
+        from silo.shard.indexes import load_index_keys  # noqa: PLC0415
+
+        await load_index_keys(self)
         log.debug(
             "shard %s opened: %d pending tasks, %d leases, %d jobs (%.0f ms)",
             self.id,
@@ -283,6 +309,7 @@ class Shard:
         self._dirty_shard_counters = True
         self.created_at_ms = self.clock()
         self.committer.put(keys.shard_meta("created_at_ms"), encode_i64(self.created_at_ms))
+        self.committer.put(keys.shard_meta("layout_version"), encode_i64(keys.LAYOUT_VERSION))
         await self.committer.commit()
         self.tenant_status.clear()
         return len(rows)
@@ -325,8 +352,39 @@ class Shard:
                 q.forget(self.tasks)
         return task
 
-    def put_status(self, tenant: str, job_id: str, status: JobStatus) -> None:
+    def put_status(self, tenant: str, job_id: str, status: JobStatus,
+                   old: JobStatus | None = None) -> None:
+        """Write a job's status and move its status-index row in the same batch.
+
+        The old row is the active job's remembered one; a job that is not active
+        (terminal → restart, import over a terminal job) must pass its `old` status.
+        """
         self.committer.put(keys.job_status(tenant, job_id), encode(status))
+        new_key = status_index_key(tenant, job_id, status)
+        job = self.active.get((tenant, job_id))
+        if old is not None:
+            old_key: bytes | None = status_index_key(tenant, job_id, old)
+        else:
+            old_key = job.index_key if job is not None else None
+        if old_key is not None and old_key != new_key:
+            self.committer.delete(old_key)
+        self.committer.put(new_key, b"")
+        if job is not None:
+            job.index_key = new_key
+
+    def put_metadata_index(self, tenant: str, job_id: str, metadata: dict[str, str]) -> None:
+        """Index a new job's metadata (0x04), in the batch that writes its info."""
+        for k, v in metadata.items():
+            self.committer.put(keys.metadata_index(tenant, k, v, job_id), b"")
+
+    def drop_status(self, tenant: str, job_id: str, status: JobStatus | None,
+                    metadata: dict[str, str]) -> None:
+        """Delete a job's status row and every index row pointing at it (DeleteJob)."""
+        self.committer.delete(keys.job_status(tenant, job_id))
+        if status is not None:
+            self.committer.delete(status_index_key(tenant, job_id, status))
+        for k, v in metadata.items():
+            self.committer.delete(keys.metadata_index(tenant, k, v, job_id))
 
     def put_lease(self, lease: Lease) -> None:
         task_id = lease.task.task_id

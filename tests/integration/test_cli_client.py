@@ -94,8 +94,8 @@ def test_enqueue_get_cancel_result_delete(server):
 
 
 def test_errors_are_one_line_with_nonzero_exit(server, tmp_path):
-    p = silo("query", "SELECT 1", server=server, check=False)
-    assert p.returncode == 1 and p.stderr.startswith("silo: error: UNIMPLEMENTED:")
+    p = silo("query", "SELEC 1", server=server, check=False)
+    assert p.returncode == 1 and p.stderr.startswith("silo: error: INVALID_ARGUMENT: SQL error")
     assert p.stderr.strip().count("\n") == 0
     p = silo("enqueue", "--task-group", "g", "--payload", "{not json", server=server,
              check=False)

@@ -158,9 +158,7 @@ def test_typed_errors(server):
             with pytest.raises(FailedPrecondition, match="tenancy is disabled"):
                 await c.enqueue(1, g, tenant="acme")
             assert c.stats.wrong_shard_retries == c.stats.connectivity_retries == 0
-            # Query / ImportJobs are not implemented by this server yet.
-            with pytest.raises(Unimplemented):
-                await c.query("SELECT 1")
+            # ImportJobs is not implemented by this server yet.
             with pytest.raises(Unimplemented):
                 await c.import_jobs([ImportJob("imp-1", {"a": 1}, g)])
 
