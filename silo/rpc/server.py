@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -44,3 +47,35 @@ async def mark_serving(server: grpc.aio.Server) -> None:
     hs = server.health_servicer  # type: ignore[attr-defined]
     await hs.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await hs.set("", health_pb2.HealthCheckResponse.SERVING)
+
+
+def watch_storage(server: grpc.aio.Server, committers: list) -> None:
+    """Health answers NOT_SERVING while any shard's storage is stalled (a write past
+    its bound: full disk, unreachable object store), SERVING again once all recover.
+
+    `committers` are the shards' GroupCommitters; their `on_stall` hooks are set here."""
+    hs = server.health_servicer  # type: ignore[attr-defined]
+    stalled: set[int] = set()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def changed(key: int, is_stalled: bool) -> None:
+        before = bool(stalled)
+        if is_stalled:
+            stalled.add(key)
+        else:
+            stalled.discard(key)
+        if bool(stalled) == before:
+            return
+        status = (health_pb2.HealthCheckResponse.NOT_SERVING if stalled
+                  else health_pb2.HealthCheckResponse.SERVING)
+
+        async def publish() -> None:
+            await hs.set(SERVICE_NAME, status)
+            await hs.set("", status)
+
+        t = asyncio.ensure_future(publish())
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+
+    for c in committers:
+        c.on_stall = functools.partial(changed, id(c))

@@ -17,7 +17,7 @@ import uvloop
 
 from silo.cluster.shardmap import ShardMap
 from silo.config import Config
-from silo.rpc.server import build_server, mark_serving
+from silo.rpc.server import build_server, mark_serving, watch_storage
 from silo.rpc.service import SiloService
 from silo.runtime.forward import PeerServer
 from silo.runtime.node import Node
@@ -56,7 +56,8 @@ async def serve_worker(spec: WorkerSpec) -> int:
         ShardConfig(lease_ms=config.lease_ms, flush_interval_ms=config.flush_interval_ms,
                     commit_interval_ms=config.commit_interval_ms,
                     l0_sst_size_bytes=config.l0_sst_size_bytes,
-                    flush_on_commit=config.flush_on_commit),
+                    flush_on_commit=config.flush_on_commit,
+                    write_timeout_ms=config.write_timeout_ms),
         tenancy=config.tenancy,
         dev_mode=config.dev_mode,
         advertised_addr=spec.advertised_addr,
@@ -91,6 +92,7 @@ async def serve_worker(spec: WorkerSpec) -> int:
     server.add_insecure_port(spec.bind_addr)
     await server.start()
     await mark_serving(server)
+    watch_storage(server, [s.committer for s in node.shards.values()])
     log.info("worker %d (pid %d) serving %d shards", spec.index, os.getpid(), len(node.shards))
     if spec.ready_fd is not None:
         os.write(spec.ready_fd, bytes((spec.index,)))
