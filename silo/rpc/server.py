@@ -10,6 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from silo._proto import silo_pb2, silo_pb2_grpc
+from silo.rpc.admission import Admission, add_admitted_servicer
 from silo.rpc.service import SiloService
 
 SERVICE_NAME = silo_pb2.DESCRIPTOR.services_by_name["Silo"].full_name
@@ -31,9 +32,14 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def build_server(service: SiloService, max_message_bytes: int) -> grpc.aio.Server:
+def build_server(service: SiloService, max_message_bytes: int,
+                 admission: Admission | None = None) -> grpc.aio.Server:
     server = grpc.aio.server(options=server_options(max_message_bytes))
-    silo_pb2_grpc.add_SiloServicer_to_server(service, server)
+    if admission is None:
+        silo_pb2_grpc.add_SiloServicer_to_server(service, server)
+    else:
+        add_admitted_servicer(silo_pb2_grpc.add_SiloServicer_to_server, service, server,
+                              admission, service.check_auth if service.auth_token else None)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -49,9 +55,11 @@ async def mark_serving(server: grpc.aio.Server) -> None:
     await hs.set("", health_pb2.HealthCheckResponse.SERVING)
 
 
-def watch_storage(server: grpc.aio.Server, committers: list) -> None:
+def watch_storage(server: grpc.aio.Server, committers: list,
+                  admission: Admission | None = None) -> None:
     """Health answers NOT_SERVING while any shard's storage is stalled (a write past
-    its bound: full disk, unreachable object store), SERVING again once all recover.
+    its bound: full disk, unreachable object store), SERVING again once all recover;
+    meanwhile `admission` refuses writing calls before they stage anything.
 
     `committers` are the shards' GroupCommitters; their `on_stall` hooks are set here."""
     hs = server.health_servicer  # type: ignore[attr-defined]
@@ -66,6 +74,8 @@ def watch_storage(server: grpc.aio.Server, committers: list) -> None:
             stalled.discard(key)
         if bool(stalled) == before:
             return
+        if admission is not None:
+            admission.storage_stalled = bool(stalled)
         status = (health_pb2.HealthCheckResponse.NOT_SERVING if stalled
                   else health_pb2.HealthCheckResponse.SERVING)
 

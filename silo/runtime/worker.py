@@ -17,6 +17,7 @@ import uvloop
 
 from silo.cluster.shardmap import ShardMap
 from silo.config import Config
+from silo.rpc.admission import guard_dispatch, process_admission
 from silo.rpc.server import build_server, mark_serving, watch_storage
 from silo.rpc.service import SiloService
 from silo.runtime.forward import PeerServer
@@ -86,13 +87,14 @@ async def serve_worker(spec: WorkerSpec) -> int:
     path = spec.socket_paths[spec.index]
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # left by a crashed predecessor
-    peer_server = PeerServer(path, service.dispatch)
+    admission = process_admission(config.max_inflight_bytes)
+    peer_server = PeerServer(path, guard_dispatch(service.dispatch, admission))
     await peer_server.start()
-    server = build_server(service, config.max_message_bytes)
+    server = build_server(service, config.max_message_bytes, admission)
     server.add_insecure_port(spec.bind_addr)
     await server.start()
     await mark_serving(server)
-    watch_storage(server, [s.committer for s in node.shards.values()])
+    watch_storage(server, [s.committer for s in node.shards.values()], admission)
     log.info("worker %d (pid %d) serving %d shards", spec.index, os.getpid(), len(node.shards))
     if spec.ready_fd is not None:
         os.write(spec.ready_fd, bytes((spec.index,)))
