@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import random
 import time
 from dataclasses import dataclass, field
@@ -109,6 +110,10 @@ class MixedLoad:
             req = pb.EnqueueRequest(
                 shard=shard, tenant=t, task_group=GROUP, priority=50,
                 payload=pb.SerializedBytes(msgpack=b"\x80"),
+                # An attempt whose lease a crash lost (the lease reply never arrived)
+                # expires as WORKER_CRASHED; it is retried rather than failing the job.
+                retry_policy=pb.RetryPolicy(retry_count=3, initial_interval_ms=200,
+                                            max_interval_ms=1000, backoff_factor=2.0),
                 limits=[pb.Limit(concurrency=pb.ConcurrencyLimit(
                     key=f"k{n % 3}", max_concurrency=MAX_CONCURRENCY))])
             try:
@@ -162,21 +167,24 @@ class MixedLoad:
                 await asyncio.sleep(0.1)
 
 
+TERMINAL = ("JOB_STATUS_SUCCEEDED", "JOB_STATUS_FAILED", "JOB_STATUS_CANCELLED")
+
+
 def job_statuses(stub, acked: dict[str, str], shard_for) -> collections.Counter:
     """Status name of every acked job (synchronous stub); NOT_FOUND counts as lost."""
-    out: collections.Counter = collections.Counter()
-    for job_id, tenant in acked.items():
+
+    def one(item: tuple[str, str]) -> str:
+        job_id, tenant = item
         for _ in range(20):
             try:
                 j = stub.GetJob(pb.GetJobRequest(shard=shard_for(tenant), id=job_id,
                                                  tenant=tenant), timeout=10)
-                out[pb.JobStatus.Name(j.status)] += 1
-                break
+                return pb.JobStatus.Name(j.status)
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.NOT_FOUND:
-                    out["LOST"] += 1
-                    break
+                    return "LOST"
                 time.sleep(0.2)
-        else:
-            out["UNREADABLE"] += 1
-    return out
+        return "UNREADABLE"
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return collections.Counter(pool.map(one, acked.items()))
