@@ -41,12 +41,14 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     dev_mode: bool = False
     auth_token: str = ""
     max_message_bytes: int = 128 * MiB
+    max_inflight_bytes: int = 256 * MiB
     data_dir: str = "./silo-data"
     object_store_url: str = ""
     flush_interval_ms: int = 10
     commit_interval_ms: float = 0.0
     l0_sst_size_bytes: int = 16 * MiB
     flush_on_commit: bool = True
+    write_timeout_ms: int = 10_000
     shards: int = 8
     tenancy: bool = False
     lease_ms: int = 10_000
@@ -309,6 +311,13 @@ OPTIONS: tuple[Option, ...] = (
         "BYTES",
     ),
     Option(
+        "max_inflight_bytes",
+        "server.max_inflight_bytes",
+        _int(MiB, unit=" (1 MiB)"),
+        "request bytes a worker process holds at once; calls past it get RESOURCE_EXHAUSTED",
+        "BYTES",
+    ),
+    Option(
         "data_dir",
         "storage.data_dir",
         _path,
@@ -350,6 +359,13 @@ OPTIONS: tuple[Option, ...] = (
         _bool,
         "flush the WAL right after each group commit instead of at the next flush "
         "interval: durable acks in ~1-3 ms, one object-store write per commit",
+    ),
+    Option(
+        "write_timeout_ms",
+        "storage.write_timeout_ms",
+        _int(100, 600_000),
+        "a write not durable this long fails with UNAVAILABLE and health says NOT_SERVING",
+        "MS",
     ),
     Option(
         "shards",

@@ -19,8 +19,9 @@ from silo.cluster.shardmap import ShardMap
 from silo.config import Config
 from silo.observability import metrics, profiling, tracing
 from silo.query import settings as query_settings
+from silo.rpc.admission import guard_dispatch, process_admission
 from silo.rpc.query import add_query_service
-from silo.rpc.server import build_server, mark_serving
+from silo.rpc.server import build_server, mark_serving, watch_storage
 from silo.rpc.service import SiloService
 from silo.runtime.forward import PeerServer
 from silo.runtime.node import Node
@@ -62,7 +63,8 @@ async def serve_worker(spec: WorkerSpec) -> int:
         ShardConfig(lease_ms=config.lease_ms, flush_interval_ms=config.flush_interval_ms,
                     commit_interval_ms=config.commit_interval_ms,
                     l0_sst_size_bytes=config.l0_sst_size_bytes,
-                    flush_on_commit=config.flush_on_commit),
+                    flush_on_commit=config.flush_on_commit,
+                    write_timeout_ms=config.write_timeout_ms),
         tenancy=config.tenancy,
         dev_mode=config.dev_mode,
         advertised_addr=spec.advertised_addr,
@@ -92,14 +94,16 @@ async def serve_worker(spec: WorkerSpec) -> int:
     path = spec.socket_paths[spec.index]
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # left by a crashed predecessor
-    peer_server = PeerServer(path, service.dispatch)
+    admission = process_admission(config.max_inflight_bytes)
+    peer_server = PeerServer(path, guard_dispatch(service.dispatch, admission))
     await peer_server.start()
-    server = build_server(service, config.max_message_bytes)
+    server = build_server(service, config.max_message_bytes, admission)
     query_settings.configure(config)
     add_query_service(server, service)
     server.add_insecure_port(spec.bind_addr)
     await server.start()
     await mark_serving(server)
+    watch_storage(server, [s.committer for s in node.shards.values()], admission)
     log.info("worker %d (pid %d) serving %d shards", spec.index, os.getpid(), len(node.shards))
     if spec.ready_fd is not None:
         os.write(spec.ready_fd, bytes((spec.index,)))

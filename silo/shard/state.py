@@ -125,7 +125,7 @@ class ReadyQueue:
 
 class ShardConfig:
     __slots__ = ("lease_ms", "flush_interval_ms", "commit_interval_ms", "l0_sst_size_bytes",
-                 "info_cache_bytes", "flush_on_commit")
+                 "info_cache_bytes", "flush_on_commit", "write_timeout_ms")
 
     def __init__(
         self,
@@ -136,6 +136,7 @@ class ShardConfig:
         l0_sst_size_bytes: int = 16 << 20,
         info_cache_bytes: int = 16 << 20,
         flush_on_commit: bool = False,
+        write_timeout_ms: int = 10_000,
     ) -> None:
         self.lease_ms = lease_ms
         self.flush_interval_ms = flush_interval_ms
@@ -143,6 +144,7 @@ class ShardConfig:
         self.l0_sst_size_bytes = l0_sst_size_bytes
         self.info_cache_bytes = info_cache_bytes
         self.flush_on_commit = flush_on_commit
+        self.write_timeout_ms = write_timeout_ms
 
 
 class Shard:
@@ -167,6 +169,7 @@ class Shard:
             db, commit_interval_s=config.commit_interval_ms / 1000, on_seal=self._seal_counters
         )
         self.committer.flush_on_commit = config.flush_on_commit
+        self.committer.write_timeout_s = config.write_timeout_ms / 1000
         self.active: dict[tuple[str, str], ActiveJob] = {}
         self.tasks: dict[bytes, Task] = {}
         self.queues: dict[str, ReadyQueue] = {}
