@@ -16,6 +16,7 @@ from silo._proto import silo_query_ext_pb2 as ext
 from silo._proto import silo_query_ext_pb2_grpc as ext_grpc
 from silo.errors import SiloError
 from silo.query import cluster, engine, wire
+from silo.rpc import guard
 from silo.storage.db import StorageError
 
 
@@ -61,6 +62,8 @@ async def query_arrow(service, request, context):
     try:
         if service.auth_token:
             service.check_auth(context)
+        if isinstance(request, bytes):  # registered raw (silo.rpc.server): parse after auth
+            request = guard.parse_request(pb.QueryArrowRequest, "QueryArrow", request)
         try:
             shard = service.shard(request.shard)
         except _OwnedElsewhere as moved:

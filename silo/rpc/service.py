@@ -501,6 +501,7 @@ class SiloService(pb_grpc.SiloServicer):
             yield message
 
     QueryArrow.inner = query_rpc.query_arrow_forwarded  # type: ignore[attr-defined]
+    QueryArrow.raw_request = True  # type: ignore[attr-defined]
 
 
 def _unimplemented(name: str, why: str):
