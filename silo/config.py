@@ -54,6 +54,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "info"
     log_format: str = "text"
     processes: int = 0
+    webui_enabled: bool = True
+    webui_addr: str = "127.0.0.1:8080"
 
     def object_store_url_resolved(self) -> str:
         """The SlateDB object store URL; ``file://<abs data_dir>/objects`` when unset."""
@@ -380,6 +382,19 @@ OPTIONS: tuple[Option, ...] = (
         "worker processes, each pinned to one core and owning a disjoint set of shards "
         "(0 = one per core this process may run on, at most one per shard)",
         "N",
+    ),
+    Option(
+        "webui_enabled",
+        "webui.enabled",
+        _bool,
+        "serve the operator web UI (HTML pages and actions) from the server itself",
+    ),
+    Option(
+        "webui_addr",
+        "webui.addr",
+        _addr(allow_empty=False),
+        "web UI listen address HOST:PORT (port 0 = pick a free port)",
+        "HOST:PORT",
     ),
 )
 
