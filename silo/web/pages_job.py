@@ -14,7 +14,7 @@ from silo.cluster.shardmap import DEFAULT_TENANT
 from silo.web.app import BACKEND, PageError, bad_request, param, redirect, render, url
 from silo.web.backend import JOB_ACTIONS, Backend, BackendError
 from silo.web.pages_cluster import shard_id_param
-from silo.web.view import job_view
+from silo.web.view import JOB_STATUS, TERMINAL, job_view
 
 routes = web.RouteTableDef()
 
@@ -57,6 +57,13 @@ async def find_job(backend: Backend, job_id: str, shard: str, tenant: str):
     raise last
 
 
+def buttons(status: str) -> list[str]:
+    """The actions that make sense for a job in `status` (the server decides anyway)."""
+    if status in TERMINAL:
+        return ["restart"]
+    return ["cancel", "expedite"] if status == "scheduled" else ["cancel"]
+
+
 @routes.get("/job")
 async def job_page(request: web.Request) -> web.Response:
     backend = request.app[BACKEND]
@@ -69,7 +76,7 @@ async def job_page(request: web.Request) -> web.Response:
         raise
     return render(request, "job.html", title=f"Job {job_id}", job=job_view(job), shard=sid,
                   tenant=tenant, process=backend.node.owner_of.get(sid),
-                  actions=("cancel", "restart", "expedite"))
+                  actions=buttons(JOB_STATUS.get(job.status, "")))
 
 
 @routes.get("/job/delete")
