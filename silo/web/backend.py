@@ -10,6 +10,7 @@ status and message, which pages show as they are, with the matching HTTP status.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -87,11 +88,18 @@ class _Context:
         raise BackendError(code, details)
 
 
-class Backend:
-    """Calls SiloService methods by name, as an in-process client."""
+CALL_TIMEOUT_S = 10.0
 
-    def __init__(self, service: Any) -> None:
+
+class Backend:
+    """Calls SiloService methods by name, as an in-process client.
+
+    Every call has a deadline, like a client's: a page must answer (504) even when the
+    worker process that owns the shard is stuck."""
+
+    def __init__(self, service: Any, timeout_s: float = CALL_TIMEOUT_S) -> None:
         self.service = service
+        self.timeout_s = timeout_s
         token = getattr(service, "auth_token", "")
         # The operator already proved the token to the web UI; the call carries it on.
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -103,7 +111,12 @@ class Backend:
 
     async def call(self, method: str, request: Any) -> Any:
         ctx = _Context(self._metadata)
-        out = await getattr(self.service, method)(request, ctx)
+        try:
+            out = await asyncio.wait_for(getattr(self.service, method)(request, ctx),
+                                         self.timeout_s)
+        except TimeoutError:
+            raise BackendError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"{method} did not answer within {self.timeout_s:g} s") from None
         if ctx.code not in (None, grpc.StatusCode.OK):
             raise BackendError(ctx.code, ctx.details)
         return out

@@ -8,6 +8,8 @@ first and then the others (GetJob is a point lookup on each).
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from silo.cluster.shardmap import DEFAULT_TENANT
@@ -44,17 +46,30 @@ def _candidate_shards(backend: Backend, shard: str, tenant: str) -> list[str]:
 
 
 async def find_job(backend: Backend, job_id: str, shard: str, tenant: str):
-    """(shard id, GetJobResponse) or BackendError NOT_FOUND."""
-    last: BackendError | None = None
-    for sid in _candidate_shards(backend, shard, tenant):
-        try:
-            return sid, await backend.get_job(sid, job_id, tenant or None)
-        except BackendError as e:
-            if e.code.name != "NOT_FOUND" or "shard not found" in e.message:
-                raise
-            last = e
-    assert last is not None
-    raise last
+    """(shard id, GetJobResponse), or the BackendError of the first candidate shard.
+
+    The likeliest shard is asked first; the others (tenancy off only) all at once."""
+    first, *rest = _candidate_shards(backend, shard, tenant)
+    try:
+        return first, await backend.get_job(first, job_id, tenant or None)
+    except BackendError as e:
+        if not rest or not _missing(e):
+            raise
+        miss = e
+    answers = await asyncio.gather(*(backend.get_job(sid, job_id, tenant or None)
+                                     for sid in rest), return_exceptions=True)
+    for sid, got in zip(rest, answers, strict=True):
+        if not isinstance(got, BaseException):
+            return sid, got
+    for got in answers:
+        if isinstance(got, BaseException) and not (isinstance(got, BackendError)
+                                                    and _missing(got)):
+            raise got  # a shard that could not answer: say so rather than "not found"
+    raise miss
+
+
+def _missing(e: BackendError) -> bool:
+    return e.code.name == "NOT_FOUND" and "shard not found" not in e.message
 
 
 def buttons(status: str) -> list[str]:

@@ -239,3 +239,14 @@ def test_web_ui_can_be_turned_off(tmp_path):
     with Server(tmp_path / "d", "--no-webui-enabled", "--processes", "1") as s:
         assert s.web_addr == ""
         assert "webui=off" in next(x for x in s.log if "silo serving on" in x)
+
+
+def test_second_server_on_the_same_web_port_is_refused(srv, tmp_path):
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    r = subprocess.run([sys.executable, "-m", "silo", "serve", "--data-dir",
+                        str(tmp_path / "b"), "--grpc-addr", "127.0.0.1:0",
+                        "--webui-addr", srv.web_addr], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and f"cannot listen on {srv.web_addr}" in r.stderr

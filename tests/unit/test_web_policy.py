@@ -1,16 +1,23 @@
-"""The web UI's pure rules: sessions, CSRF tokens, origins, payload decoding, TOML."""
+"""The web UI's pure rules (sessions, CSRF tokens, origins, payload decoding, TOML) and
+its in-process backend against a stand-in service."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tomllib
 
+import grpc
 import msgspec
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from silo import errors
 from silo.config import OPTIONS, Config
+from silo.rpc.service import SiloService, rpc
 from silo.web import security
+from silo.web.backend import Backend, BackendError
 from silo.web.pages_auth import _safe_next
 from silo.web.view import decode_msgpack, fmt_duration, fmt_ms, to_toml
 
@@ -96,3 +103,47 @@ def test_config_toml_round_trips_and_redacts():
     doc = tomllib.loads(text)
     assert doc["server"]["auth_token"] == "<redacted>" and "s3cret" not in text
     assert doc["shards"]["count"] == 4 and doc["webui"]["addr"] == "127.0.0.1:8080"
+
+
+# ---- the in-process backend: the same rpc wrapper as a network call ------------------
+
+
+class _FakeService(SiloService):
+    def __init__(self) -> None:  # no node: these handlers never touch one
+        self.auth_token = "t"
+        self.node = None
+        self.seen: list[str] = []
+
+    @rpc
+    async def GetJob(self, request, context):
+        self.seen.append(request.id)
+        raise errors.job_not_found()
+
+    @rpc
+    async def CancelJob(self, request, context):
+        await asyncio.sleep(30)
+
+
+def test_backend_calls_go_through_the_rpc_wrapper_with_the_token():
+    svc = _FakeService()
+    with pytest.raises(BackendError) as e:
+        asyncio.run(Backend(svc).get_job("s", "j1", None))
+    assert svc.seen == ["j1"]  # the auth check passed: the web UI carries the token
+    assert (e.value.code, e.value.message, e.value.http_status) == (
+        grpc.StatusCode.NOT_FOUND, "job not found", 404)
+
+
+def test_backend_without_the_token_is_refused_by_the_service():
+    svc = _FakeService()
+    backend = Backend(svc)
+    backend._metadata = ()
+    with pytest.raises(BackendError) as e:
+        asyncio.run(backend.get_job("s", "j1", None))
+    assert e.value.code == grpc.StatusCode.UNAUTHENTICATED and svc.seen == []
+
+
+def test_backend_call_has_a_deadline():
+    with pytest.raises(BackendError) as e:
+        asyncio.run(Backend(_FakeService(), timeout_s=0.05).job_action("cancel", "s", "j",
+                                                                        None))
+    assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and e.value.http_status == 504
