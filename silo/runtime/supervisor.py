@@ -113,6 +113,9 @@ class Supervisor:
         if config.webui_enabled:  # reserved like the gRPC port; every worker serves it
             self.web_sock, web_host, web_port = reserve_port(config.webui_addr)
             web_addr = f"{web_host}:{web_port}"
+            # Imported once here (pure Python, no threads) so workers inherit it at fork
+            # instead of each paying ~0.5 s of CPU for aiohttp + jinja2 at start-up.
+            import silo.web.serve  # noqa: F401, PLC0415
         web_secret = secrets.token_bytes(32)
         shard_map, created = load_or_create(data_dir, config.shards)
         if not created and len(shard_map.entries) != config.shards:

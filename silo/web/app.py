@@ -110,8 +110,9 @@ def error_page(request: web.Request, status: int, title: str, message: str) -> w
     return render(request, "error.html", status=status, title=title, message=message)
 
 
-# Paths anyone may fetch: the login form and what it needs to display.
-PUBLIC = ("/login", "/static/")
+def _public(path: str) -> bool:
+    """Paths anyone may fetch: the login form and what it needs to display."""
+    return path == "/login" or path.startswith("/static/")
 
 
 @web.middleware
@@ -161,8 +162,7 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
 async def _guarded(request: web.Request, handler, secret: bytes) -> web.StreamResponse:
     app = request.app
     token = app[CONFIG].auth_token
-    public = request.path.startswith(PUBLIC)
-    if not public and not security.authenticated(
+    if not _public(request.path) and not security.authenticated(
             secret, token, request.cookies.get(security.SESSION_COOKIE),
             request.headers.get("Authorization")):
         if request.method in ("GET", "HEAD"):

@@ -137,3 +137,19 @@ def test_login_form_in_the_browser(driver, tmp_path):
         wait_text(driver, ".flash", "0 holder(s) dropped")
         assert console_errors(driver) == []
         assert screenshot_colours(driver) >= 3
+
+
+def test_pages_and_buttons_work_with_javascript_off(srv):
+    d = start_chromium(javascript=False)
+    try:
+        c = srv.client()
+        job_id = c.enqueue()
+        open_page(d, srv, "/")
+        assert not d.find_element(By.ID, "autorefresh").is_displayed()  # no script ran
+        assert len(d.find_elements(By.CSS_SELECTOR, "#shards tbody tr")) == 8
+        open_page(d, srv, f"/job?id={job_id}")
+        d.find_element(By.ID, "cancel").click()
+        wait_text(d, "#job-status", "cancelled")
+        assert c.get(job_id).status == pb.JOB_STATUS_CANCELLED
+    finally:
+        stop_chromium(d)
