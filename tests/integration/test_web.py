@@ -250,3 +250,36 @@ def test_second_server_on_the_same_web_port_is_refused(srv, tmp_path):
                         "--webui-addr", srv.web_addr], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and f"cannot listen on {srv.web_addr}" in r.stderr
+
+
+def test_web_ui_keeps_serving_while_a_worker_restarts(tmp_path):
+    """Every worker serves the port: with one killed, the other answers every page
+    (the dead one's counters shown as unavailable) until its replacement is back."""
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    with Server(tmp_path / "d", "--processes", "2") as s:
+        pid = s.proc.pid
+        victim = int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[1])
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+
+        def alive() -> bool:  # a zombie has closed its sockets already
+            try:
+                return "\tZ" not in Path(f"/proc/{victim}/status").read_text()
+            except FileNotFoundError:
+                return False
+
+        while alive():  # until then the kernel may still hand it a connection (reset)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        statuses = []
+        while True:
+            page = web(s).get("/")
+            statuses.append(page.status)
+            if page.status == 200 and "unavailable" not in page.body:
+                break
+            assert time.monotonic() < deadline, page.body[-500:]
+            time.sleep(0.05)
+        assert set(statuses) == {200}, statuses
