@@ -10,5 +10,15 @@ if [ ! -x .venv/bin/pytest ] || [ pyproject.toml -nt .venv/.installed-dev ]; the
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
   touch .venv/.installed-dev
 fi
+# The web UI browser tests drive Debian's chromium through chromium-driver (selenium).
+# Installed once, only when missing; if that is impossible those tests skip with a reason.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo -n"
+  if ! { $SUDO apt-get update -qq && \
+         DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver; \
+       } >/dev/null 2>&1; then
+    echo "test.sh: could not install chromium/chromium-driver; browser tests will be skipped" >&2
+  fi
+fi
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q "$@"

@@ -64,6 +64,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     max_concurrent_statements: int = 8
     slow_query_log_ms: int = 1000
     count_from_status_counters: bool = True
+    webui_enabled: bool = True
+    webui_addr: str = "127.0.0.1:8080"
 
     def object_store_url_resolved(self) -> str:
         """The SlateDB object store URL; ``file://<abs data_dir>/objects`` when unset."""
@@ -452,6 +454,19 @@ OPTIONS: tuple[Option, ...] = (
         "storage.count_from_status_counters",
         _bool,
         "answer an unfiltered per-tenant COUNT(*) over jobs from the status counters",
+    ),
+    Option(
+        "webui_enabled",
+        "webui.enabled",
+        _bool,
+        "serve the operator web UI (HTML pages and actions) from the server itself",
+    ),
+    Option(
+        "webui_addr",
+        "webui.addr",
+        _addr(allow_empty=False),
+        "web UI listen address HOST:PORT (port 0 = pick a free port)",
+        "HOST:PORT",
     ),
 )
 

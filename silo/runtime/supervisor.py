@@ -17,6 +17,7 @@ import ctypes
 import logging
 import mmap
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -109,6 +110,14 @@ class Supervisor:
         lock_fd = self.lock_fd = lock_data_dir(data_dir)
         port_sock, host, port = reserve_port(config.grpc_addr)
         self.port_sock = port_sock
+        self.web_sock, web_addr = None, ""
+        if config.webui_enabled:  # reserved like the gRPC port; every worker serves it
+            self.web_sock, web_host, web_port = reserve_port(config.webui_addr)
+            web_addr = f"{web_host}:{web_port}"
+            # Imported once here (pure Python, no threads) so workers inherit it at fork
+            # instead of each paying ~0.5 s of CPU for aiohttp + jinja2 at start-up.
+            import silo.web.serve  # noqa: F401, PLC0415
+        web_secret = secrets.token_bytes(32)
         shard_map, created = load_or_create(data_dir, config.shards)
         if not created and len(shard_map.entries) != config.shards:
             log.warning("data dir has %d shards; ignoring shards=%d (the shard map is kept)",
@@ -128,7 +137,8 @@ class Supervisor:
                                         for j in range(n)},
                           bind_addr=bind_addr,
                           advertised_addr=config.advertised_addr or bind_addr,
-                          node_id=node_id, counts=counts, ready_fd=ready_w)
+                          node_id=node_id, counts=counts, ready_fd=ready_w,
+                          web_addr=web_addr, web_secret=web_secret)
             for i in range(n)
         }
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -140,9 +150,11 @@ class Supervisor:
                 self.stop_workers()
                 return 1
             log.info("silo serving on %s (advertised %s) data_dir=%s shards=%d tenancy=%s "
-                     "dev_mode=%s processes=%d", bind_addr, config.advertised_addr or bind_addr,
-                     data_dir.resolve(), len(shard_map.entries),
-                     "on" if config.tenancy else "off", "on" if config.dev_mode else "off", n)
+                     "dev_mode=%s processes=%d webui=%s", bind_addr,
+                     config.advertised_addr or bind_addr, data_dir.resolve(),
+                     len(shard_map.entries), "on" if config.tenancy else "off",
+                     "on" if config.dev_mode else "off", n,
+                     f"http://{web_addr}" if web_addr else "off")
             events.startup_config(config)
             code = self.supervise()
             self.stop_workers()
@@ -150,6 +162,8 @@ class Supervisor:
             return code
         finally:
             port_sock.close()
+            if self.web_sock is not None:
+                self.web_sock.close()
             shutil.rmtree(self.sock_dir, ignore_errors=True)
             os.close(lock_fd)
 
@@ -168,6 +182,8 @@ class Supervisor:
                 os.close(self.ready_r)
                 os.close(self.lock_fd)  # the lock is the supervisor's alone
                 self.port_sock.close()
+                if self.web_sock is not None:
+                    self.web_sock.close()
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(0, {self.cpus[index % len(self.cpus)]})
                 code = run_worker(spec)

@@ -39,7 +39,7 @@ class WorkerSpec:
     def __init__(self, *, config: Config, index: int, shard_map: ShardMap,
                  owner_of: dict[str, int], socket_paths: dict[int, str], bind_addr: str,
                  advertised_addr: str, node_id: str, counts: mmap.mmap | None,
-                 ready_fd: int | None) -> None:
+                 ready_fd: int | None, web_addr: str = "", web_secret: bytes = b"") -> None:
         self.config = config
         self.index = index
         self.shard_map = shard_map
@@ -50,6 +50,8 @@ class WorkerSpec:
         self.node_id = node_id
         self.counts = counts
         self.ready_fd = ready_fd
+        self.web_addr = web_addr  # "" = no web UI; else reserved by the supervisor
+        self.web_secret = web_secret  # the same for every worker: see silo.web.security
 
 
 async def serve_worker(spec: WorkerSpec) -> int:
@@ -104,6 +106,12 @@ async def serve_worker(spec: WorkerSpec) -> int:
     await server.start()
     await mark_serving(server)
     watch_storage(server, [s.committer for s in node.shards.values()], admission)
+    web_ui = None
+    if spec.web_addr:
+        from silo.web.serve import WebUI  # noqa: PLC0415 - aiohttp only when serving the UI
+
+        web_ui = WebUI(service, config, spec.web_addr, spec.web_secret)
+        await web_ui.start()
     log.info("worker %d (pid %d) serving %d shards", spec.index, os.getpid(), len(node.shards))
     if spec.ready_fd is not None:
         os.write(spec.ready_fd, bytes((spec.index,)))
@@ -116,6 +124,8 @@ async def serve_worker(spec: WorkerSpec) -> int:
     for w in waits:
         w.cancel()
     flusher.cancel()
+    if web_ui is not None:
+        await web_ui.close()
     if fatal.is_set():
         # Calls on the failed shard already fail fast (UNAVAILABLE); give the others the
         # same drain as a graceful stop so they finish instead of being cancelled.

@@ -19,6 +19,7 @@ from silo._proto import silo_pb2_grpc as pb_grpc
 
 READY = re.compile(r"silo serving on (\S+)")
 METRICS = re.compile(r"metrics serving on (\S+)/metrics")
+WEBUI = re.compile(r"webui=http://(\S+)")
 MAX_MSG = 128 * 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MSG),
                    ("grpc.max_send_message_length", MAX_MSG)]
@@ -33,6 +34,7 @@ class Server:
         self.env = env or {}
         self.proc: subprocess.Popen[str] | None = None
         self.addr = ""
+        self.web_addr = ""  # HOST:PORT of the web UI, "" when it is off
         self.log: list[str] = []
         self._ready = threading.Event()
 
@@ -43,7 +45,8 @@ class Server:
         self._ready.clear()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "silo", "serve", "--data-dir", str(self.data_dir),
-             "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", *self.args],
+             "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0",
+             "--webui-addr", "127.0.0.1:0", *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         threading.Thread(target=self._pump, daemon=True).start()
         if not self._ready.wait(timeout):
@@ -60,6 +63,8 @@ class Server:
             m = READY.search(line)
             if m:
                 self.addr = m.group(1)
+                w = WEBUI.search(line)
+                self.web_addr = w.group(1) if w else ""
                 self._ready.set()
         self._ready.set()
 
