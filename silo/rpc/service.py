@@ -20,7 +20,7 @@ from silo._proto import silo_pb2 as pb
 from silo._proto import silo_pb2_grpc as pb_grpc
 from silo.cluster.shardmap import DEFAULT_TENANT, hash_tenant, in_range
 from silo.errors import SiloError
-from silo.rpc import convert
+from silo.rpc import convert, import_jobs
 from silo.runtime.node import Node
 from silo.shard import (
     cancel,
@@ -260,6 +260,10 @@ class SiloService(pb_grpc.SiloServicer):
         await expedite.expedite_job(s, self.tenant(s, request), request.id)
         return pb.ExpediteJobResponse()
 
+    @rpc
+    async def ImportJobs(self, request, context):
+        return await import_jobs.serve(self, request, _OwnedElsewhere)
+
     # ---- workers -------------------------------------------------------------------
 
     @rpc
@@ -448,7 +452,6 @@ def _unimplemented(name: str, why: str):
 _LATER = {
     "Query": "SQL queries arrive with the query engine",
     "QueryArrow": "SQL queries arrive with the query engine",
-    "ImportJobs": "job import is a later feature",
     "RequestSplit": "shard splits need a cluster coordinator",
     "GetSplitStatus": "shard splits need a cluster coordinator",
     "ConfigureShard": "placement rings need a cluster coordinator",

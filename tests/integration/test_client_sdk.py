@@ -158,11 +158,11 @@ def test_typed_errors(server):
             with pytest.raises(FailedPrecondition, match="tenancy is disabled"):
                 await c.enqueue(1, g, tenant="acme")
             assert c.stats.wrong_shard_retries == c.stats.connectivity_retries == 0
-            # Query / ImportJobs are not implemented by this server yet.
+            # Query is not implemented by this server yet; a bad import is a per-job result.
             with pytest.raises(Unimplemented):
                 await c.query("SELECT 1")
-            with pytest.raises(Unimplemented):
-                await c.import_jobs([ImportJob("imp-1", {"a": 1}, g)])
+            [r] = await c.import_jobs([ImportJob("imp-1", {"a": 1}, g, priority=100)])
+            assert not r.success and r.error == "priority must be between 0 and 99"
 
     arun(body)
 
