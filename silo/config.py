@@ -51,6 +51,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     tenancy: bool = False
     lease_ms: int = 10_000
     reaper_interval_ms: int = 1000
+    completed_job_expire_s: int = 0
+    terminal_job_expire_s: int = 0
     log_level: str = "info"
     log_format: str = "text"
     processes: int = 0
@@ -358,6 +360,22 @@ OPTIONS: tuple[Option, ...] = (
         _int(10, 60_000),
         "how often expired leases are reaped",
         "MS",
+    ),
+    Option(
+        "completed_job_expire_s",
+        "jobs.completed_job_expire_s",
+        _int(0),
+        "delete Succeeded jobs this many seconds after they finished (0 = keep forever)",
+        "S",
+        default_doc="0 (off)",
+    ),
+    Option(
+        "terminal_job_expire_s",
+        "jobs.terminal_job_expire_s",
+        _int(0),
+        "delete Failed and Cancelled jobs this many seconds after they ended (0 = keep forever)",
+        "S",
+        default_doc="0 (off)",
     ),
     Option(
         "log_level",

@@ -19,6 +19,7 @@ import uuid
 from silo.cluster.shardmap import ShardMap
 from silo.runtime.forward import PeerClient
 from silo.shard.reaper import reap_expired_leases
+from silo.shard.retention import expire_due
 from silo.shard.state import Shard, ShardConfig
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,10 @@ class Node:
                     await reap_expired_leases(shard)
                 except Exception:  # noqa: BLE001 - one shard's failure must not stop the others
                     log.exception("lease reaper failed on shard %s", shard.id)
+                try:
+                    await expire_due(shard)  # retention: finished jobs past their TTL
+                except Exception:  # noqa: BLE001
+                    log.exception("retention sweep failed on shard %s", shard.id)
                 self.publish(shard)
 
     async def close(self) -> None:

@@ -33,6 +33,8 @@ from silo.storage.records import (
     RUNNING,
     SCHEDULED,
     STATUS_NAMES,
+    SUCCEEDED,
+    TERMINAL,
     Attempt,
     FloatingLimitState,
     JobStatus,
@@ -106,7 +108,8 @@ class ReadyQueue:
 
 class ShardConfig:
     __slots__ = ("lease_ms", "flush_interval_ms", "commit_interval_ms", "l0_sst_size_bytes",
-                 "info_cache_bytes", "flush_on_commit")
+                 "info_cache_bytes", "flush_on_commit", "completed_job_expire_ms",
+                 "terminal_job_expire_ms")
 
     def __init__(
         self,
@@ -117,6 +120,8 @@ class ShardConfig:
         l0_sst_size_bytes: int = 16 << 20,
         info_cache_bytes: int = 16 << 20,
         flush_on_commit: bool = False,
+        completed_job_expire_ms: int = 0,
+        terminal_job_expire_ms: int = 0,
     ) -> None:
         self.lease_ms = lease_ms
         self.flush_interval_ms = flush_interval_ms
@@ -124,6 +129,15 @@ class ShardConfig:
         self.l0_sst_size_bytes = l0_sst_size_bytes
         self.info_cache_bytes = info_cache_bytes
         self.flush_on_commit = flush_on_commit
+        # Retention (0 = keep forever): Succeeded jobs, and Failed/Cancelled ones.
+        self.completed_job_expire_ms = completed_job_expire_ms
+        self.terminal_job_expire_ms = terminal_job_expire_ms
+
+    def expire_ms(self, kind: int) -> int:
+        """How long a job that ended with status `kind` is kept (0: forever)."""
+        if kind == SUCCEEDED:
+            return self.completed_job_expire_ms
+        return self.terminal_job_expire_ms if kind in TERMINAL else 0
 
 
 class Shard:
@@ -324,6 +338,19 @@ class Shard:
 
     def put_status(self, tenant: str, job_id: str, status: JobStatus) -> None:
         self.committer.put(keys.job_status(tenant, job_id), encode(status))
+        if status.kind in TERMINAL:
+            self.schedule_expiry(tenant, job_id, status)
+
+    def schedule_expiry(self, tenant: str, job_id: str, status: JobStatus) -> None:
+        """Stage the retention row of a job that just ended (nothing when retention is off).
+
+        The row is only a reminder: the sweeper (silo.shard.retention) deletes the job only
+        if it is still terminal and its own expiry is due, so a job restarted or
+        re-imported meanwhile is never deleted by an old row.
+        """
+        ttl = self.config.expire_ms(status.kind)
+        if ttl > 0:
+            self.committer.put(keys.expiry_index(status.changed_at_ms + ttl, tenant, job_id), b"")
 
     def put_lease(self, lease: Lease) -> None:
         task_id = lease.task.task_id
