@@ -47,6 +47,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     commit_interval_ms: float = 5.0
     l0_sst_size_bytes: int = 16 * MiB
     flush_on_commit: bool = True
+    compactor_poll_interval_ms: int = 5000
+    gc_interval_s: int = 30
+    gc_min_age_s: int = 30
+    gc_sst_min_age_s: int = 900
     shards: int = 8
     tenancy: bool = False
     lease_ms: int = 10_000
@@ -344,6 +348,34 @@ OPTIONS: tuple[Option, ...] = (
         _bool,
         "flush the WAL right after each group commit instead of at the next flush "
         "interval: durable acks in ~1-3 ms, one object-store write per commit",
+    ),
+    Option(
+        "compactor_poll_interval_ms",
+        "storage.compactor_poll_interval_ms",
+        _int(0, 3_600_000),
+        "how often SlateDB's compactor looks for L0 SSTs to merge (0 = no compactor)",
+        "MS",
+    ),
+    Option(
+        "gc_interval_s",
+        "storage.gc_interval_s",
+        _int(0, 86_400),
+        "how often SlateDB's garbage collector deletes obsolete objects (0 = never)",
+        "S",
+    ),
+    Option(
+        "gc_min_age_s",
+        "storage.gc_min_age_s",
+        _int(1, 30 * 86_400),
+        "minimum age of obsolete WAL objects, manifests and compactor files before deletion",
+        "S",
+    ),
+    Option(
+        "gc_sst_min_age_s",
+        "storage.gc_sst_min_age_s",
+        _int(1, 30 * 86_400),
+        "minimum age of SSTs no longer in the manifest before deletion",
+        "S",
     ),
     Option(
         "shards",

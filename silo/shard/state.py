@@ -109,7 +109,7 @@ class ReadyQueue:
 class ShardConfig:
     __slots__ = ("lease_ms", "flush_interval_ms", "commit_interval_ms", "l0_sst_size_bytes",
                  "info_cache_bytes", "flush_on_commit", "completed_job_expire_ms",
-                 "terminal_job_expire_ms")
+                 "terminal_job_expire_ms", "slatedb")
 
     def __init__(
         self,
@@ -122,6 +122,7 @@ class ShardConfig:
         flush_on_commit: bool = False,
         completed_job_expire_ms: int = 0,
         terminal_job_expire_ms: int = 0,
+        slatedb: dict[str, object] | None = None,
     ) -> None:
         self.lease_ms = lease_ms
         self.flush_interval_ms = flush_interval_ms
@@ -132,6 +133,8 @@ class ShardConfig:
         # Retention (0 = keep forever): Succeeded jobs, and Failed/Cancelled ones.
         self.completed_job_expire_ms = completed_job_expire_ms
         self.terminal_job_expire_ms = terminal_job_expire_ms
+        # Compactor / garbage collector settings (silo.storage.slatedb_settings).
+        self.slatedb = slatedb or {}
 
     def expire_ms(self, kind: int) -> int:
         """How long a job that ended with status `kind` is kept (0: forever)."""
@@ -198,6 +201,7 @@ class Shard:
             f"shards/{shard_id}",
             flush_interval_ms=config.flush_interval_ms,
             l0_sst_size_bytes=config.l0_sst_size_bytes,
+            extra_settings=config.slatedb,
         )
         shard = cls(shard_id, range_start, range_end, db, config, clock)
         await shard._rebuild()
