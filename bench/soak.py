@@ -124,7 +124,8 @@ def start_server(tmp: Path, store: Store, tree: Path, extra: list[str]) -> tuple
     log = open(tmp / "server.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "silo", "serve", "--data-dir", str(tmp / "data"), "--grpc-addr",
-         "127.0.0.1:0", "--shards", "1", "--processes", "1", *store.args, *extra],
+         "127.0.0.1:0", "--shards", "1", "--processes", "1", "--lease-ms", "60000",
+         *store.args, *extra],
         stdout=log, stderr=log, env=env, cwd=tree, start_new_session=True)
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -152,6 +153,8 @@ async def load(addr: str, rate: float, stop_at: float, counts: dict[str, int]) -
                 await stub.Enqueue(pb.EnqueueRequest(shard=shard, task_group=GROUP, priority=50,
                                                      payload=payload), timeout=30)
                 counts["enqueued"] += 1
+            except grpc.RpcError:
+                counts["errors"] += 1
             finally:
                 inflight.release()
 
@@ -170,16 +173,25 @@ async def load(addr: str, rate: float, stop_at: float, counts: dict[str, int]) -
             await asyncio.gather(*pending)
 
         async def finish(task: pb.Task) -> None:
-            await stub.ReportOutcome(pb.ReportOutcomeRequest(
-                shard=shard, task_id=task.id, success=pb.SerializedBytes(msgpack=b"\xc0")),
-                timeout=30)
-            await stub.DeleteJob(pb.DeleteJobRequest(shard=shard, id=task.job_id), timeout=30)
-            counts["deleted"] += 1
+            try:
+                await stub.ReportOutcome(pb.ReportOutcomeRequest(
+                    shard=shard, task_id=task.id, success=pb.SerializedBytes(msgpack=b"\xc0")),
+                    timeout=30)
+                await stub.DeleteJob(pb.DeleteJobRequest(shard=shard, id=task.job_id),
+                                     timeout=30)
+                counts["deleted"] += 1
+            except grpc.RpcError:
+                counts["errors"] += 1  # e.g. the lease expired on an overloaded machine
 
         async def worker() -> None:
             while time.monotonic() < stop_at + 5:
-                r = await stub.LeaseTasks(pb.LeaseTasksRequest(
-                    worker_id="soak", max_tasks=64, task_group=GROUP), timeout=30)
+                try:
+                    r = await stub.LeaseTasks(pb.LeaseTasksRequest(
+                        worker_id="soak", max_tasks=64, task_group=GROUP), timeout=30)
+                except grpc.RpcError:
+                    counts["errors"] += 1
+                    await asyncio.sleep(0.1)
+                    continue
                 if not r.tasks:
                     if time.monotonic() > stop_at:
                         return
@@ -223,7 +235,7 @@ def main() -> int:
     samples: list[dict] = []
     try:
         proc, addr = start_server(tmp, store, args.tree.resolve(), args.server_args)
-        counts = {"enqueued": 0, "deleted": 0}
+        counts = {"enqueued": 0, "deleted": 0, "errors": 0}
         t_start = time.monotonic()
         stop_at = t_start + args.minutes * 60
         seen: set[str] = set()
@@ -240,6 +252,7 @@ def main() -> int:
                 s = await asyncio.to_thread(sample, store, seen, t, t_prev)
                 s["t_s"] = round(t - t_start, 1)
                 s["deleted"] = counts["deleted"]
+                s["errors"] = counts["errors"]
                 samples.append(s)
                 d = s["by_dir"]
                 print(f"{s['t_s']:>6.0f} {s['deleted']:>7} {s['objects']:>8} "

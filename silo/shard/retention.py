@@ -9,11 +9,17 @@ it is still terminal and its own expiry (status change time + the TTL of its sta
 configured now) has passed; a job restarted or re-imported meanwhile keeps living, and one
 whose TTL was raised gets its row moved to the new time. Deletion is DeleteJob's path
 (attempts, info, status, cancel flag, counters) in one batch with the row's removal.
+
+Jobs that finished while retention was off (or before this release: layout 1 data) have
+no rows. The first sweep with retention on walks the job statuses once, in batches, and
+stages the missing rows; shard meta `expiry_indexed` records that it was done, and is
+cleared when a shard opens with retention off, so turning it on again re-indexes.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 
 from slatedb.uniffi import KeyRange
 
@@ -21,11 +27,14 @@ from silo.shard.delete import stage_delete
 from silo.shard.state import Shard
 from silo.storage import keys
 from silo.storage.db import StorageError
-from silo.storage.records import TERMINAL, job_status_decoder
+from silo.storage.records import TERMINAL, encode_i64, job_status_decoder
 
 log = logging.getLogger(__name__)
 
 SWEEP_BATCH = 1000  # rows per sweep and shard; the next sweep takes the rest
+INDEXED_META = "expiry_indexed"
+_FULL = KeyRange(start=None, start_inclusive=True, end=None, end_inclusive=False)
+_checked: weakref.WeakSet[Shard] = weakref.WeakSet()  # shards whose meta flag is settled
 
 
 def enabled(shard: Shard) -> bool:
@@ -53,6 +62,9 @@ async def due_rows(shard: Shard, now: int, limit: int = SWEEP_BATCH) -> list[byt
 
 async def expire_due(shard: Shard) -> int:
     """Delete the jobs whose retention has run out; return how many were deleted."""
+    if shard not in _checked:
+        await _settle_index(shard)
+        _checked.add(shard)
     if not enabled(shard):
         return 0
     now = shard.now()
@@ -82,3 +94,35 @@ async def expire_due(shard: Shard) -> int:
     if deleted:
         log.debug("shard %s: %d finished jobs expired", shard.id, deleted)
     return deleted
+
+
+async def _settle_index(shard: Shard) -> None:
+    """Index every finished job once when retention is on; forget that when it is off."""
+    meta = keys.shard_meta(INDEXED_META)
+    done = await shard.committer.get(meta) is not None
+    if not enabled(shard):
+        if done:
+            shard.committer.delete(meta)
+            await shard.committer.commit()
+        return
+    if done:
+        return
+    n = 0
+    try:
+        it = await shard.db.scan_prefix(keys.kind_prefix(keys.JOB_STATUS), _FULL)
+        while rows := await it.next_batch(SWEEP_BATCH):
+            for r in rows:
+                tenant, pos = keys.dec_str(r.key, 1)
+                job_id, _ = keys.dec_str(r.key, pos)
+                status = job_status_decoder.decode(r.value)
+                if status.kind in TERMINAL and (tenant, job_id) not in shard.active:
+                    shard.schedule_expiry(tenant, job_id, status)
+                    n += 1
+            await shard.committer.commit()
+    except StorageError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise StorageError(f"scan failed: {e}") from e
+    shard.committer.put(meta, encode_i64(1))
+    await shard.committer.commit()
+    log.info("shard %s: %d finished jobs given an expiry time", shard.id, n)

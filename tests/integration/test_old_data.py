@@ -7,7 +7,10 @@ tests/fixtures/make_layout1.py); it is copied so the test never changes the fixt
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
+
+import grpc
 
 from silo._proto import silo_pb2 as pb
 from tests.integration.harness import Server
@@ -44,4 +47,28 @@ def test_layout1_data_dir_opens_with_its_jobs(tmp_path):
         assert [t.job_id for t in tasks] == ["old-scheduled"]
         c.succeed(tasks[0])
         assert c.get("old-scheduled").status == pb.JOB_STATUS_SUCCEEDED
+        c.channel.close()
+
+
+def test_layout1_finished_jobs_expire_once_retention_is_on(tmp_path):
+    """Old finished jobs have no expiry rows; the first sweep gives them one."""
+    data = tmp_path / "data"
+    shutil.copytree(FIXTURE, data)
+    with Server(data, "--processes", "1", "--completed-job-expire-s", "1",
+                "--terminal-job-expire-s", "1", "--reaper-interval-ms", "100") as srv:
+        c = srv.client()
+        finished = [j for j, s in EXPECTED.items() if s != pb.JOB_STATUS_SCHEDULED]
+        deadline = time.monotonic() + 30
+        for job_id in finished:
+            while True:
+                try:
+                    c.get(job_id)
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.NOT_FOUND
+                    break
+                assert time.monotonic() < deadline, job_id
+                time.sleep(0.1)
+        for job_id, status in EXPECTED.items():
+            if status == pb.JOB_STATUS_SCHEDULED:
+                assert c.get(job_id).status == status
         c.channel.close()

@@ -189,3 +189,33 @@ def test_readers_racing_the_sweeper_see_the_whole_job_or_not_found():
         assert [await read(f"j{i}") for i in range(40)] == ["NOT_FOUND"] * 40
         assert s.total_jobs == 0 and not any(s.tenant_status.values())
     run(t)
+
+
+def test_jobs_finished_while_retention_was_off_get_indexed_when_it_is_turned_on(tmp_path):
+    url = (tmp_path / "store").as_uri()
+    sid = str(uuid.uuid4())
+
+    async def open_(clock, ttl):
+        return await Shard.open(sid, "", "", url, ShardConfig(
+            commit_interval_ms=0, flush_interval_ms=1, completed_job_expire_ms=ttl,
+            terminal_job_expire_ms=ttl), clock)
+
+    async def main():
+        clock = Clock()
+        s = await open_(clock, 0)
+        await finish(s, clock, "old")
+        assert await expire_due(s) == 0 and await expiry_rows(s) == []
+        await s.close()
+        s = await open_(clock, OK_TTL)  # retention turned on: "old" gets its row
+        await finish(s, clock, "new")
+        clock.t += OK_TTL
+        assert await expire_due(s) == 2
+        assert not await exists(s, "old") and not await exists(s, "new")
+        assert await s.db.get(keys.shard_meta("expiry_indexed")) is not None
+        await finish(s, clock, "kept")
+        await s.close()
+        s = await open_(clock, 0)  # off again: the flag goes, so a later "on" re-indexes
+        assert await expire_due(s) == 0
+        assert await s.db.get(keys.shard_meta("expiry_indexed")) is None
+        await s.close()
+    asyncio.run(main())
