@@ -228,20 +228,24 @@ async def _reimport(shard: Shard, tenant: str, job: ImportJob, info: JobInfo) ->
         del shard.active[(tenant, job_id)]
     shard.info_cache.discard(tenant, job_id)
     shard.committer.delete(keys.cancellation(tenant, job_id))
-    _enter(shard, tenant, info, status, now)
+    _enter(shard, tenant, info, status, now, old)
     shard.count_status(tenant, old_kind, status.kind)
     was_done, done = old_kind in TERMINAL, status.kind in TERMINAL
     shard.count_jobs(completed=int(done) - int(was_done))
     return status.kind
 
 
-def _enter(shard: Shard, tenant: str, info: JobInfo, status: JobStatus, now: int) -> None:
-    """Write the job's status; a Scheduled job starts its attempt's limit chain."""
-    shard.put_status(tenant, info.id, status)
+def _enter(shard: Shard, tenant: str, info: JobInfo, status: JobStatus, now: int,
+           old: JobStatus | None = None) -> None:
+    """Write the job's status (`old`: the status it replaces on a re-import, which the
+    status index needs to drop its old row); a
+    Scheduled job becomes active first (as in enqueue) and starts its limit chain."""
     if status.kind != SCHEDULED:
+        shard.put_status(tenant, info.id, status)
         return
     assert status.current_attempt is not None and status.next_attempt_starts_after_ms is not None
     job = shard.active[(tenant, info.id)] = ActiveJob(SCHEDULED)
+    shard.put_status(tenant, info.id, status)
     shard.info_cache.put(info)
     limit_chain.start_attempt(shard, job, tenant=tenant, job_id=info.id,
                               attempt=status.current_attempt, relative=status.current_attempt,
