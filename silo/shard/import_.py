@@ -237,9 +237,9 @@ async def _reimport(shard: Shard, tenant: str, job: ImportJob, info: JobInfo) ->
 
 def _enter(shard: Shard, tenant: str, info: JobInfo, status: JobStatus, now: int,
            old: JobStatus | None = None) -> None:
-    """Write the job's status (`old`: the status it replaces on a re-import, which the
-    status index needs to drop its old row); a
-    Scheduled job becomes active first (as in enqueue) and starts its limit chain."""
+    """Write the job's status; a Scheduled job becomes active first (as in enqueue) and
+    starts its limit chain. `old`: the status a re-import replaces, which the status
+    index needs to drop its old row."""
     if status.kind != SCHEDULED:
         shard.put_status(tenant, info.id, status)
         return
