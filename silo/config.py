@@ -50,7 +50,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     compactor_poll_interval_ms: int = 5000
     gc_interval_s: int = 30
     gc_min_age_s: int = 30
-    gc_sst_min_age_s: int = 900
+    gc_sst_min_age_s: int = 300
     shards: int = 8
     tenancy: bool = False
     lease_ms: int = 10_000

@@ -30,7 +30,7 @@ class StorageTuning(NamedTuple):
     compactor_poll_interval_ms: int = 5000  # 0: no compactor
     gc_interval_s: int = 30  # 0: no garbage collector
     gc_min_age_s: int = 30  # WAL objects, manifests, compactions files
-    gc_sst_min_age_s: int = 900  # SSTs no longer in the manifest
+    gc_sst_min_age_s: int = 300  # SSTs no longer in the manifest
 
 
 def _ms(n: int) -> str:
@@ -48,9 +48,8 @@ def slatedb_settings(t: StorageTuning) -> dict[str, object]:
         out["compactor_options.poll_interval"] = _ms(t.compactor_poll_interval_ms)
         out["compactor_options.worker.compactions_poll_interval"] = _ms(
             t.compactor_poll_interval_ms)
-        # The compactor pins the SSTs it reads with a checkpoint of this lifetime (SlateDB:
-        # 900 s); the GC cannot delete what a live checkpoint references, so the two ages
-        # move together.
+        # The compactor takes checkpoints of this lifetime (SlateDB: 900 s); the GC cannot
+        # delete what a live checkpoint references, so the two ages move together.
         out["compactor_options.checkpoint_lifetime"] = _s(t.gc_sst_min_age_s)
     else:
         out["compactor_options"] = None

@@ -57,8 +57,8 @@ def test_mapping_to_slatedb_keys():
     assert on["compactor_options.poll_interval"] == "5000ms"
     assert on["garbage_collector_options.wal_options.interval"] == "30s"
     assert on["garbage_collector_options.wal_options.min_age"] == "30s"
-    assert on["garbage_collector_options.compacted_options.min_age"] == "900s"
-    assert on["compactor_options.checkpoint_lifetime"] == "900s"
+    assert on["garbage_collector_options.compacted_options.min_age"] == "300s"
+    assert on["compactor_options.checkpoint_lifetime"] == "300s"
     off = slatedb_settings(StorageTuning(compactor_poll_interval_ms=0, gc_interval_s=0))
     assert off["compactor_options"] is None and off["garbage_collector_options"] is None
 
