@@ -47,6 +47,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     commit_interval_ms: float = 5.0
     l0_sst_size_bytes: int = 16 * MiB
     flush_on_commit: bool = True
+    l0_flush_interval_s: int = 30
     compactor_poll_interval_ms: int = 5000
     gc_interval_s: int = 30
     gc_min_age_s: int = 30
@@ -348,6 +349,14 @@ OPTIONS: tuple[Option, ...] = (
         _bool,
         "flush the WAL right after each group commit instead of at the next flush "
         "interval: durable acks in ~1-3 ms, one object-store write per commit",
+    ),
+    Option(
+        "l0_flush_interval_s",
+        "storage.l0_flush_interval_s",
+        _int(0, 86_400),
+        "write a shard's memtable to an L0 SST at least this often while it is written, so "
+        "WAL objects become garbage and a restart replays little (0 = only when full)",
+        "S",
     ),
     Option(
         "compactor_poll_interval_ms",

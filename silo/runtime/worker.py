@@ -62,7 +62,8 @@ async def serve_worker(spec: WorkerSpec) -> int:
                     terminal_job_expire_ms=config.terminal_job_expire_s * 1000,
                     slatedb=slatedb_settings(StorageTuning(
                         config.compactor_poll_interval_ms, config.gc_interval_s,
-                        config.gc_min_age_s, config.gc_sst_min_age_s))),
+                        config.gc_min_age_s, config.gc_sst_min_age_s)),
+                    l0_flush_interval_s=config.l0_flush_interval_s),
         tenancy=config.tenancy,
         dev_mode=config.dev_mode,
         advertised_addr=spec.advertised_addr,

@@ -109,7 +109,7 @@ class ReadyQueue:
 class ShardConfig:
     __slots__ = ("lease_ms", "flush_interval_ms", "commit_interval_ms", "l0_sst_size_bytes",
                  "info_cache_bytes", "flush_on_commit", "completed_job_expire_ms",
-                 "terminal_job_expire_ms", "slatedb")
+                 "terminal_job_expire_ms", "slatedb", "l0_flush_interval_s")
 
     def __init__(
         self,
@@ -123,6 +123,7 @@ class ShardConfig:
         completed_job_expire_ms: int = 0,
         terminal_job_expire_ms: int = 0,
         slatedb: dict[str, object] | None = None,
+        l0_flush_interval_s: float = 0,
     ) -> None:
         self.lease_ms = lease_ms
         self.flush_interval_ms = flush_interval_ms
@@ -135,6 +136,7 @@ class ShardConfig:
         self.terminal_job_expire_ms = terminal_job_expire_ms
         # Compactor / garbage collector settings (silo.storage.slatedb_settings).
         self.slatedb = slatedb or {}
+        self.l0_flush_interval_s = l0_flush_interval_s  # 0: only when SlateDB decides
 
     def expire_ms(self, kind: int) -> int:
         """How long a job that ended with status `kind` is kept (0: forever)."""
