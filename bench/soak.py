@@ -207,12 +207,15 @@ def sample(store: Store, seen: set[str], t: float, t_prev: float) -> dict:
     new = [k for k in objs if k not in seen]
     seen.update(new)
     by_dir = {d: 0 for d in DIRS}
-    for k in objs:
+    bytes_by_dir = {d: 0 for d in DIRS}
+    for k, size in objs.items():
         parts = k.split("/")
         for d in DIRS:
             if d in parts[:-1]:
                 by_dir[d] += 1
+                bytes_by_dir[d] += size
     return {"objects": len(objs), "bytes": sum(objs.values()), "by_dir": by_dir,
+            "bytes_by_dir": bytes_by_dir,
             "written_per_s": round(len(new) / max(t - t_prev, 1e-9), 1),
             "written_total": len(seen)}
 
@@ -244,7 +247,7 @@ def main() -> int:
             task = asyncio.create_task(load(addr, args.rate, stop_at, counts))
             t_prev = time.monotonic()
             print(f"{'t_s':>6} {'jobs':>7} {'objects':>8} {'MB':>7} {'wal':>6} {'sst':>5} "
-                  f"{'mfst':>5} {'cmpc':>5} {'put/s':>7}", flush=True)
+                  f"{'mfst':>5} {'cmpc':>5} {'put/s':>7} {'walMB':>6} {'sstMB':>6}", flush=True)
             while not task.done():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(task), args.sample_s)
@@ -257,8 +260,9 @@ def main() -> int:
                 d = s["by_dir"]
                 print(f"{s['t_s']:>6.0f} {s['deleted']:>7} {s['objects']:>8} "
                       f"{s['bytes'] / 1e6:>7.2f} {d['wal']:>6} {d['compacted']:>5} "
-                      f"{d['manifest']:>5} {d['compactions']:>5} {s['written_per_s']:>7.1f}",
-                      flush=True)
+                      f"{d['manifest']:>5} {d['compactions']:>5} {s['written_per_s']:>7.1f} "
+                      f"{s['bytes_by_dir']['wal'] / 1e6:>6.1f} "
+                      f"{s['bytes_by_dir']['compacted'] / 1e6:>6.1f}", flush=True)
                 t_prev = t
             task.result()
 
