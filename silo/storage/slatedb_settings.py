@@ -58,6 +58,10 @@ def slatedb_settings(t: StorageTuning) -> dict[str, object]:
                           ("compactions", t.gc_min_age_s), ("compacted", t.gc_sst_min_age_s)):
             out[f"garbage_collector_options.{part}_options.interval"] = _s(t.gc_interval_s)
             out[f"garbage_collector_options.{part}_options.min_age"] = _s(age)
+        # SlateDB 0.17's boundary files hold back manifest deletion (measured: every
+        # manifest from the first L0 flush on was kept, one more per flush/compaction).
+        # They coordinate with other readers of the database; a shard has none.
+        out["garbage_collector_options.boundary_files_enabled"] = False
     else:
         out["garbage_collector_options"] = None
     return out
