@@ -16,8 +16,8 @@ from silo import errors
 from silo._proto import silo_pb2 as pb
 from silo.rpc import convert
 from silo.shard import import_
-from silo.shard.enqueue import validate_metadata
 from silo.shard.state import Shard
+from silo.shard.validate import validate_job_fields
 from silo.storage.records import ATTEMPT_CANCELLED, ATTEMPT_FAILED, ATTEMPT_SUCCEEDED, FAILED
 
 _ATTEMPT_STATUS = {pb.ATTEMPT_STATUS_SUCCEEDED: ATTEMPT_SUCCEEDED,
@@ -35,18 +35,13 @@ class Service(Protocol):
     def tenant(self, shard: Shard, request) -> str: ...
 
 
-def validate_import_job(req: pb.ImportJobRequest) -> None:
-    """The per-job field checks of behaviour.md §1.2 ImportJobs (shard and tenant apart).
-
-    One function so a shared field validator can replace the checks in one place.
-    """
-    if not req.id:
+def validate_import_job(job: import_.ImportJob) -> None:
+    """The per-job field checks of behaviour.md §1.2 ImportJobs (shard and tenant apart):
+    enqueue's checks and bounds, without the task-group length check (as upstream)."""
+    if not job.id:
         raise errors.invalid("job id is required for import")
-    if not req.task_group:
-        raise errors.invalid("task_group is required")
-    if req.priority > 99:
-        raise errors.invalid("priority must be between 0 and 99")
-    validate_metadata(dict(req.metadata))
+    validate_job_fields(job.id, job.priority, job.task_group, job.metadata, job.limits,
+                        job.retry_policy, job.start_at_ms, max_task_group_chars=None)
 
 
 def job_from_pb(req: pb.ImportJobRequest) -> import_.ImportJob:
@@ -100,8 +95,11 @@ async def serve(service: Service, request: pb.ImportJobsRequest,
         for i in indexes:
             try:
                 tenant = service.tenant(shard, jobs[i])
-                validate_import_job(jobs[i])
-                groups.setdefault(tenant, []).append((i, job_from_pb(jobs[i])))
+                if not jobs[i].id:
+                    raise errors.invalid("job id is required for import")
+                job = job_from_pb(jobs[i])
+                validate_import_job(job)
+                groups.setdefault(tenant, []).append((i, job))
             except errors.SiloError as e:
                 results[i] = _refused(jobs[i].id, e)
         for tenant, group in groups.items():

@@ -16,12 +16,14 @@ import asyncio
 import contextlib
 import logging
 import struct
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
 import msgspec
 
 from silo.errors import SiloError
+from silo.observability import metrics, tracing
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +149,17 @@ class PeerClient:
 
     async def call(self, method: str, payload: bytes) -> bytes:
         """Send one call; return the reply bytes or raise the owner's status as SiloError."""
+        t0 = time.perf_counter()
+        try:
+            if tracing.ENABLED:
+                with tracing.span("forward", {"silo.peer": self.name, "rpc.method": method}):
+                    return await self._call(tracing.inject_method(method), payload)
+            return await self._call(method, payload)
+        finally:
+            metrics.FORWARDED.inc((method, self.name))
+            metrics.FORWARD_DURATION.observe((method,), time.perf_counter() - t0)
+
+    async def _call(self, method: str, payload: bytes) -> bytes:
         writer = await self._connect()
         self._next_id += 1
         req_id = self._next_id

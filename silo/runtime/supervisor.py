@@ -29,6 +29,7 @@ from pathlib import Path
 
 from silo.cluster.shardmap import load_or_create
 from silo.config import Config
+from silo.observability import events, metrics
 from silo.runtime.worker import WorkerSpec, run_worker
 
 log = logging.getLogger("silo")
@@ -115,6 +116,7 @@ class Supervisor:
         n = worker_count(config, len(shard_map.entries))
         owner_of = {e.shard_id: i % n for i, e in enumerate(shard_map.entries)}
         self.sock_dir = tempfile.mkdtemp(prefix="silo-")
+        metrics.start_supervisor(config, self.sock_dir)  # before any fork
         bind_addr = f"{host}:{port}"
         self.cpus = sorted(os.sched_getaffinity(0))
         counts = mmap.mmap(-1, 8 * len(shard_map.entries))
@@ -141,6 +143,7 @@ class Supervisor:
                      "dev_mode=%s processes=%d", bind_addr, config.advertised_addr or bind_addr,
                      data_dir.resolve(), len(shard_map.entries),
                      "on" if config.tenancy else "off", "on" if config.dev_mode else "off", n)
+            events.startup_config(config)
             code = self.supervise()
             self.stop_workers()
             log.info("silo stopped")
@@ -216,6 +219,7 @@ class Supervisor:
                 log.warning("worker %d (pid %d) %s; restarting in %.1f s",
                             index, pid, describe_status(status), delay)
                 self.respawn_at[index] = now + delay
+                events.worker_restarted(index, pid, describe_status(status), delay)
             for index, at in list(self.respawn_at.items()):
                 if time.monotonic() >= at and not self.stopping:
                     del self.respawn_at[index]

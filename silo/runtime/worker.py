@@ -17,6 +17,7 @@ import uvloop
 
 from silo.cluster.shardmap import ShardMap
 from silo.config import Config
+from silo.observability import metrics, profiling, tracing
 from silo.rpc.server import build_server, mark_serving
 from silo.rpc.service import SiloService
 from silo.runtime.forward import PeerServer
@@ -51,6 +52,9 @@ class WorkerSpec:
 
 async def serve_worker(spec: WorkerSpec) -> int:
     config = spec.config
+    metrics.start_worker(spec.index)
+    tracing.start_worker(spec.index)
+    profiling.allow_ptrace_from_parent()
     node = Node(
         spec.shard_map,
         config.object_store_url_resolved(),
@@ -75,6 +79,7 @@ async def serve_worker(spec: WorkerSpec) -> int:
         counts=spec.counts,
     )
     await node.open()
+    flusher = asyncio.create_task(metrics.flush_forever(node), name="silo-metrics")
     fatal = asyncio.Event()
 
     def storage_failed(e: BaseException) -> None:
@@ -109,6 +114,7 @@ async def serve_worker(spec: WorkerSpec) -> int:
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for w in waits:
         w.cancel()
+    flusher.cancel()
     if fatal.is_set():
         # Calls on the failed shard already fail fast (UNAVAILABLE); give the others the
         # same drain as a graceful stop so they finish instead of being cancelled.
@@ -120,6 +126,8 @@ async def serve_worker(spec: WorkerSpec) -> int:
     await server.stop(DRAIN_TIMEOUT_S)
     await peer_server.close()
     await node.close()
+    metrics.flush()
+    tracing.shutdown()
     log.info("worker %d stopped", spec.index)
     return 0
 
