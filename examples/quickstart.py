@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Quick start: enqueue a few jobs and process them with a worker.
 
-    scripts/serve.sh                                  # a server on 127.0.0.1:7450
-    python examples/quickstart.py [127.0.0.1:7450]    # in another shell
+    scripts/serve.sh                                         # a server on 127.0.0.1:7450
+    .venv/bin/python examples/quickstart.py [127.0.0.1:7450] # in another shell
 
 Against a server started with --tenancy, pass a tenant: ``--tenant acme``.
 """

@@ -15,6 +15,16 @@ from silo import __version__, cli_client, cli_import, cli_ops
 from silo.config import OPTIONS, ConfigError, load_config
 
 EXIT_BAD_CONFIG = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a tool killed by the closed pipe exits with
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as a JSON document when the command line asks for --json."""
+
+    def error(self, message: str):  # type: ignore[override]
+        if cli_client.json_errors:
+            self.exit(cli_client._fail(f"{self.prog}: {message}", 2, "USAGE"))
+        super().error(message)
 
 
 class Command(NamedTuple):
@@ -78,7 +88,7 @@ COMMANDS: dict[str, Command] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="silo",
         description="Silo: a durable background job queue server.",
         allow_abbrev=False,
@@ -94,6 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point for the ``silo`` console script; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cli_client.json_errors = "--json" in argv
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Output piped into `head` & co. that stopped reading: exit quietly, and keep
+        # the interpreter's final flush from printing a traceback on the closed pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -102,4 +127,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    cli_client.json_errors = bool(getattr(args, "json", False))
     return COMMANDS[args.command].run(args)

@@ -2,10 +2,12 @@
 
 Every command takes ``--server HOST:PORT`` (default ``$SILO_SERVER`` or 127.0.0.1:7450),
 ``--token``, ``--tls`` and ``--json`` (one JSON document on stdout, for scripts; readable
-tables otherwise). Jobs are addressed by id and ``--tenant``; the CLI routes to the right
-shard itself. Exit codes: 0 success, 1 error (one line on stderr: ``silo: error: CODE:
-message``), 2 usage error, 3 the job has not finished (``job result`` without ``--wait``,
-or ``--wait`` timed out).
+tables otherwise, where epoch-millisecond times also show as UTC dates). Jobs are
+addressed by id and ``--tenant``; the CLI routes to the right shard itself. Exit codes:
+0 success, 1 error (one line on stderr: ``silo: error: CODE: message``; with ``--json``
+the document ``{"error": {"code": ..., "message": ..., "exit_code": ...}}`` on stdout
+instead), 2 usage error, 3 the job has not finished (``job result`` without ``--wait``,
+or ``--wait`` timed out), 4 ``job result`` of a job that failed, 5 of one cancelled.
 
 Heavy imports (grpc, the client) happen inside the handlers so ``silo serve`` does not
 pay for them.
@@ -17,6 +19,7 @@ import argparse
 import asyncio
 import base64
 import dataclasses
+import datetime
 import enum
 import json
 import os
@@ -26,7 +29,15 @@ from typing import Any
 
 DEFAULT_SERVER = "127.0.0.1:7450"
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 EXIT_NOT_FINISHED = 3
+EXIT_JOB_FAILED = 4
+EXIT_JOB_CANCELLED = 5
+
+# Set from the parsed --json flag: errors then leave as one JSON document on stdout.
+json_errors = False
+# Epoch milliseconds from 2001 on read as times (smaller *_ms values are durations).
+_EPOCH_MS_FROM = 978_307_200_000
 
 
 # ---- shared plumbing -------------------------------------------------------------------
@@ -78,7 +89,22 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def _kv(pairs: list[tuple[str, Any]]) -> str:
     width = max(len(k) for k, _ in pairs)
-    return "\n".join(f"{k.ljust(width)}  {_show(v)}" for k, v in pairs)
+    return "\n".join(f"{k.ljust(width)}  {_show_field(k, v)}" for k, v in pairs)
+
+
+def _when(ms: Any) -> str:
+    """Epoch ms as ``1764579907123 (2025-12-01 09:05:07.123 UTC)``; other values as is."""
+    if isinstance(ms, bool) or not isinstance(ms, int) or ms < _EPOCH_MS_FROM:
+        return _show(ms)
+    try:
+        t = datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
+    except (OverflowError, OSError, ValueError):
+        return str(ms)
+    return f"{ms} ({t:%Y-%m-%d %H:%M:%S}.{ms % 1000:03d} UTC)"
+
+
+def _show_field(key: str, v: Any) -> str:
+    return _when(v) if key.endswith("_ms") else _show(v)
 
 
 def _show(v: Any) -> str:
@@ -91,8 +117,17 @@ def _show(v: Any) -> str:
     return json.dumps(_jsonable(v), ensure_ascii=False)
 
 
-def _fail(message: str, code: int = EXIT_ERROR) -> int:
-    print(f"silo: error: {message}", file=sys.stderr)
+# Error codes of the CLI itself (JSON only); gRPC status names also prefix the text line.
+_CLI_STATUSES = frozenset({"USAGE", "UNREACHABLE", "NOT_FINISHED", "TIMEOUT"})
+
+
+def _fail(message: str, code: int = EXIT_ERROR, status: str | None = None) -> int:
+    """Report an error (one line on stderr, or one JSON document with --json)."""
+    if json_errors:
+        _emit_json({"error": {"code": status, "message": message, "exit_code": code}})
+    else:
+        prefix = f"{status}: " if status and status not in _CLI_STATUSES else ""
+        print(f"silo: error: {prefix}{message}", file=sys.stderr)
     return code
 
 
@@ -114,13 +149,13 @@ def _run(args: argparse.Namespace, body: Callable[[Any], Coroutine[Any, Any, int
     try:
         return asyncio.run(main())
     except JobNotTerminal as e:
-        return _fail(str(e), EXIT_NOT_FINISHED)
+        return _fail(str(e), EXIT_NOT_FINISHED, "NOT_FINISHED")
     except TimeoutError as e:
-        return _fail(str(e) or "timed out", EXIT_NOT_FINISHED)
+        return _fail(str(e) or "timed out", EXIT_NOT_FINISHED, "TIMEOUT")
     except TopologyError as e:
-        return _fail(f"cannot reach the cluster at {args.server}: {e}")
+        return _fail(f"cannot reach the cluster at {args.server}: {e}", status="UNREACHABLE")
     except SiloError as e:
-        return _fail(f"{e.code_name}: {e.message}")
+        return _fail(e.message, status=e.code_name)
     except KeyboardInterrupt:
         return 130
 
@@ -208,8 +243,9 @@ def run_job(args: argparse.Namespace) -> int:
             if job.attempts:
                 print()
                 print(_table(["#", "TASK", "STATUS", "STARTED", "FINISHED", "ERROR"],
-                             [[a.attempt_number, a.task_id, _show(a.status), a.started_at_ms,
-                               a.finished_at_ms, a.error_code] for a in job.attempts]))
+                             [[a.attempt_number, a.task_id, _show(a.status),
+                               _when(a.started_at_ms), _when(a.finished_at_ms),
+                               a.error_code] for a in job.attempts]))
             return 0
         if action == "result":
             h = client.handle(args.id, args.tenant)
@@ -223,6 +259,11 @@ def run_job(args: argparse.Namespace) -> int:
                 _emit_json(doc)
             else:
                 print(_kv(list(doc.items())))
+            # A script can tell the outcome from the exit code alone.
+            if r.failed:
+                return EXIT_JOB_FAILED
+            if r.cancelled:
+                return EXIT_JOB_CANCELLED
             return 0
         method, done = _JOB_ACTIONS[action]
         await getattr(client, method)(args.id, args.tenant)
@@ -313,12 +354,12 @@ def run_enqueue(args: argparse.Namespace) -> int:
     try:
         payload = _read_payload(args.payload)
     except (OSError, ValueError) as e:
-        return _fail(f"bad --payload: {e}", 2)
+        return _fail(f"bad --payload: {e}", EXIT_USAGE, "USAGE")
     metadata = {}
     for item in args.metadata:
         k, sep, v = item.partition("=")
         if not sep:
-            return _fail(f"bad --metadata {item!r}: expected K=V", 2)
+            return _fail(f"bad --metadata {item!r}: expected K=V", EXIT_USAGE, "USAGE")
         metadata[k] = v
     start_at_ms = args.start_at_ms
     if start_at_ms is None and args.delay is not None:
@@ -340,29 +381,7 @@ def run_enqueue(args: argparse.Namespace) -> int:
     return _run(args, body)
 
 
-# ---- query / profile -------------------------------------------------------------------
-
-
-def configure_query(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sql", help="read-only SQL (the server must support Query)")
-    parser.add_argument("--tenant", default=None, help="routes to the tenant's shard")
-    _common(parser)
-
-
-def run_query(args: argparse.Namespace) -> int:
-    async def body(client) -> int:
-        r = await client.query(args.sql, args.tenant)
-        if args.json:
-            _emit_json({"columns": [{"name": n, "data_type": t} for n, t in r.columns],
-                        "rows": r.rows})
-            return 0
-        names = [n for n, _ in r.columns]
-        print(_table(names, [[_show(row.get(n)) if isinstance(row, dict) else _show(row)
-                              for n in names] for row in r.rows]))
-        print(f"({len(r.rows)} rows)")
-        return 0
-
-    return _run(args, body)
+# ---- profile -------------------------------------------------------------------
 
 
 def configure_profile(parser: argparse.ArgumentParser) -> None:
@@ -446,7 +465,7 @@ def run_worker(args: argparse.Namespace) -> int:
         handler = load_object(args.handler)
         refresh = load_object(args.refresh_handler) if args.refresh_handler else None
     except (ImportError, AttributeError, ValueError) as e:
-        return _fail(f"cannot load handler: {e}", 2)
+        return _fail(f"cannot load handler: {e}", EXIT_USAGE, "USAGE")
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
@@ -487,9 +506,9 @@ def run_worker(args: argparse.Namespace) -> int:
     try:
         return _run_loop(main())
     except TopologyError as e:
-        return _fail(f"cannot reach the cluster at {args.server}: {e}")
+        return _fail(f"cannot reach the cluster at {args.server}: {e}", status="UNREACHABLE")
     except SiloError as e:
-        return _fail(f"{e.code_name}: {e.message}")
+        return _fail(e.message, status=e.code_name)
 
 
 def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
@@ -501,6 +520,12 @@ def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
         return runner.run(coro)
 
 
+def _query_command():
+    from silo import cli_query  # noqa: PLC0415 - cli_query builds on this module
+
+    return cli_query.configure, cli_query.run
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
     "worker": ("run a worker: MODULE:FUNCTION handles the tasks of a task group",
@@ -509,6 +534,6 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
     "job": ("get, result, cancel, restart, expedite or delete a job", configure_job, run_job),
     "tenant": ("hash a tenant or locate its shard", configure_tenant, run_tenant),
     "cluster": ("cluster info: shards, ranges and owners", configure_cluster, run_cluster),
-    "query": ("run a SQL query on a tenant's shard", configure_query, run_query),
+    "query": ("run SQL on a tenant's shard, one shard or all shards", *_query_command()),
     "profile": ("capture a CPU profile of a server", configure_profile, run_profile),
 }

@@ -41,6 +41,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     dev_mode: bool = False
     auth_token: str = ""
     max_message_bytes: int = 128 * MiB
+    max_inflight_bytes: int = 256 * MiB
     data_dir: str = "./silo-data"
     object_store_url: str = ""
     flush_interval_ms: int = 10
@@ -52,6 +53,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     gc_interval_s: int = 30
     gc_min_age_s: int = 30
     gc_sst_min_age_s: int = 300
+    write_timeout_ms: int = 10_000
     shards: int = 8
     tenancy: bool = False
     lease_ms: int = 10_000
@@ -64,6 +66,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     metrics_enabled: bool = True
     metrics_addr: str = "127.0.0.1:9090"
     metrics_tenant_label: bool = False
+    statement_timeout_ms: int = 5000
+    max_result_bytes: int = 64 * MiB
+    max_concurrent_statements: int = 8
+    slow_query_log_ms: int = 1000
+    count_from_status_counters: bool = True
 
     def object_store_url_resolved(self) -> str:
         """The SlateDB object store URL; ``file://<abs data_dir>/objects`` when unset."""
@@ -311,6 +318,13 @@ OPTIONS: tuple[Option, ...] = (
         "BYTES",
     ),
     Option(
+        "max_inflight_bytes",
+        "server.max_inflight_bytes",
+        _int(MiB, unit=" (1 MiB)"),
+        "request bytes a worker process holds at once; calls past it get RESOURCE_EXHAUSTED",
+        "BYTES",
+    ),
+    Option(
         "data_dir",
         "storage.data_dir",
         _path,
@@ -390,6 +404,13 @@ OPTIONS: tuple[Option, ...] = (
         "S",
     ),
     Option(
+        "write_timeout_ms",
+        "storage.write_timeout_ms",
+        _int(100, 600_000),
+        "a write not durable this long fails with UNAVAILABLE and health says NOT_SERVING",
+        "MS",
+    ),
+    Option(
         "shards",
         "shards.count",
         _int(1, 4096),
@@ -456,6 +477,40 @@ OPTIONS: tuple[Option, ...] = (
         "metrics.tenant_label",
         _bool,
         "fill the tenant label of silo_jobs_enqueued_total (one series per tenant)",
+    ),
+    Option(
+        "statement_timeout_ms",
+        "server.statement_timeout_ms",
+        _int(0, 3_600_000),
+        "SQL statement timeout for Query/QueryArrow (0 = off)",
+        "MS",
+    ),
+    Option(
+        "max_result_bytes",
+        "server.max_result_bytes",
+        _int(0),
+        "largest unary Query result, Arrow in-memory bytes (0 = off)",
+        "BYTES",
+    ),
+    Option(
+        "max_concurrent_statements",
+        "server.max_concurrent_statements",
+        _int(0, 10_000),
+        "SQL statements running at once per shard; more are refused (0 = off)",
+        "N",
+    ),
+    Option(
+        "slow_query_log_ms",
+        "server.slow_query_log_ms",
+        _int(0),
+        "SQL statements slower than this are logged at WARN (0 = off)",
+        "MS",
+    ),
+    Option(
+        "count_from_status_counters",
+        "storage.count_from_status_counters",
+        _bool,
+        "answer an unfiltered per-tenant COUNT(*) over jobs from the status counters",
     ),
 )
 

@@ -588,17 +588,33 @@ class SiloClient:
         await asyncio.gather(*(one(t, idx) for t, idx in groups.items()))
         return [r for r in out if r is not None]
 
-    async def query(self, sql: str, tenant: str | None = None,
-                    params: Sequence[Any] | None = None) -> QueryResult:
-        """Run read-only SQL on the tenant's shard; rows are decoded msgpack maps."""
+    async def query(self, sql: str, *args: Any, tenant: str | None = None,
+                    params: Sequence[Any] | None = None, shard: str | None = None,
+                    all_shards: bool = False) -> QueryResult:
+        """Run read-only SQL on the tenant's shard (or a named shard, or every shard of
+        one server with ``all_shards``); ``$1, $2 …`` bind ``args`` (or ``params``).
+        Rows are decoded msgpack maps."""
+        from silo.client import query as q  # noqa: PLC0415
+
+        values = list(args) + list(params or ())
+        if all_shards:
+            return await q.query_all(self, sql, values)
+        if shard is not None:
+            return await q.query_shard(self, sql, values, shard)
         req = pb.QueryRequest(sql=sql)
         if tenant:
             req.tenant = tenant
-        if params:
-            req.parameters.extend(_query_param(p) for p in params)
+        req.parameters.extend(_query_param(p) for p in values)
         m = await self._routed(hash_tenant(tenant), "Query", req, tenant=tenant)
         return QueryResult([(c.name, c.data_type) for c in m.columns],
                            [decode_tolerant(r.msgpack) for r in m.rows])
+
+    async def query_arrow(self, sql: str, *args: Any, tenant: str | None = None,
+                          shard: str | None = None) -> Any:
+        """Run read-only SQL through QueryArrow; the result as a ``pyarrow.Table``."""
+        from silo.client import query as q  # noqa: PLC0415
+
+        return await q.query_arrow(self, sql, args, tenant=tenant, shard=shard)
 
     # ---- worker protocol ------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from silo.errors import SiloError
 from silo.observability import metrics, tracing
 from silo.observability.rpc import instrument_rpc
 from silo.rpc import convert, guard, import_jobs, ops
+from silo.rpc import query as query_rpc
 from silo.runtime.node import Node
 from silo.shard import (
     cancel,
@@ -495,6 +496,16 @@ class SiloService(pb_grpc.SiloServicer):
     async def DumpTasks(self, request, context):
         return await ops.dump_tasks(self, request)
 
+    @rpc
+    async def Query(self, request, context):
+        return await query_rpc.query(self, request)
+
+    async def QueryArrow(self, request, context):
+        async for message in query_rpc.query_arrow(self, request, context):
+            yield message
+
+    QueryArrow.inner = query_rpc.query_arrow_forwarded  # type: ignore[attr-defined]
+
 
 def _unimplemented(name: str, why: str):
     async def handler(self, request, context):
@@ -505,8 +516,6 @@ def _unimplemented(name: str, why: str):
 
 
 _LATER = {
-    "Query": "SQL queries arrive with the query engine",
-    "QueryArrow": "SQL queries arrive with the query engine",
     "RequestSplit": "shard splits need a cluster coordinator",
     "GetSplitStatus": "shard splits need a cluster coordinator",
     "ConfigureShard": "placement rings need a cluster coordinator",

@@ -18,7 +18,10 @@ import uvloop
 from silo.cluster.shardmap import ShardMap
 from silo.config import Config
 from silo.observability import metrics, profiling, tracing
-from silo.rpc.server import build_server, mark_serving
+from silo.query import settings as query_settings
+from silo.rpc.admission import guard_dispatch, process_admission
+from silo.rpc.query import add_query_service
+from silo.rpc.server import build_server, mark_serving, watch_storage
 from silo.rpc.service import SiloService
 from silo.runtime.forward import PeerServer
 from silo.runtime.node import Node
@@ -67,7 +70,8 @@ async def serve_worker(spec: WorkerSpec) -> int:
                     slatedb=slatedb_settings(StorageTuning(
                         config.compactor_poll_interval_ms, config.gc_interval_s,
                         config.gc_min_age_s, config.gc_sst_min_age_s)),
-                    l0_flush_interval_s=config.l0_flush_interval_s),
+                    l0_flush_interval_s=config.l0_flush_interval_s,
+                    write_timeout_ms=config.write_timeout_ms),
         tenancy=config.tenancy,
         dev_mode=config.dev_mode,
         advertised_addr=spec.advertised_addr,
@@ -97,12 +101,16 @@ async def serve_worker(spec: WorkerSpec) -> int:
     path = spec.socket_paths[spec.index]
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # left by a crashed predecessor
-    peer_server = PeerServer(path, service.dispatch)
+    admission = process_admission(config.max_inflight_bytes)
+    peer_server = PeerServer(path, guard_dispatch(service.dispatch, admission))
     await peer_server.start()
-    server = build_server(service, config.max_message_bytes)
+    server = build_server(service, config.max_message_bytes, admission)
+    query_settings.configure(config)
+    add_query_service(server, service)
     server.add_insecure_port(spec.bind_addr)
     await server.start()
     await mark_serving(server)
+    watch_storage(server, [s.committer for s in node.shards.values()], admission)
     log.info("worker %d (pid %d) serving %d shards", spec.index, os.getpid(), len(node.shards))
     if spec.ready_fd is not None:
         os.write(spec.ready_fd, bytes((spec.index,)))

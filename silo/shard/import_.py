@@ -175,6 +175,7 @@ async def _import_one(shard: Shard, tenant: str, job: ImportJob) -> int:
                        job.enqueue_time_ms if job.enqueue_time_ms > 0 else now, job.payload,
                        job.retry_policy, dict(job.metadata), list(job.limits), job.task_group)
         shard.committer.put(keys.job_info(tenant, job.id), encode(info))
+        shard.put_metadata_index(tenant, job.id, info.metadata)
         for i, a in enumerate(job.attempts, 1):
             shard.put_attempt(tenant, _attempt_record(job.id, i, a))
         status = decide_status(job.attempts, job.retry_policy, now, start)
@@ -241,11 +242,11 @@ def _enter(shard: Shard, tenant: str, info: JobInfo, status: JobStatus, now: int
     starts its limit chain. `old`: the status a re-import replaces, which the status
     index needs to drop its old row."""
     if status.kind != SCHEDULED:
-        shard.put_status(tenant, info.id, status)
+        shard.put_status(tenant, info.id, status, old)
         return
     assert status.current_attempt is not None and status.next_attempt_starts_after_ms is not None
     job = shard.active[(tenant, info.id)] = ActiveJob(SCHEDULED)
-    shard.put_status(tenant, info.id, status)
+    shard.put_status(tenant, info.id, status, old)
     shard.info_cache.put(info)
     limit_chain.start_attempt(shard, job, tenant=tenant, job_id=info.id,
                               attempt=status.current_attempt, relative=status.current_attempt,

@@ -54,7 +54,8 @@ async def restart_job(shard: Shard, tenant: str, job_id: str) -> None:
                              start_ms=start, limits=info.limits, now=now)
         shard.info_cache.put(info)
         shard.put_status(tenant, job_id, JobStatus(SCHEDULED, now, start, attempt,
-                                                   last_attempt=status.last_attempt))
+                                                   last_attempt=status.last_attempt),
+                         old=status)
         shard.count_status(tenant, status.kind, SCHEDULED)
         shard.count_jobs(completed=-1)
     await shard.committer.commit()

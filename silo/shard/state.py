@@ -63,10 +63,25 @@ def wall_clock_ms() -> int:
     return int(time.time() * 1000)
 
 
+_STATUS_KEY_PART = {kind: keys.enc_str(name) for kind, name in STATUS_NAMES.items()}
+_U64_MAX = (1 << 64) - 1
+
+
+def status_index_key(tenant: str, job_id: str, status: JobStatus) -> bytes:
+    """The 0x03 row of a job in this status: Scheduled by next-attempt time, else by
+    the time of the change. Equal to keys.status_index (inlined: it runs on every
+    transition)."""
+    ts = status.changed_at_ms
+    if status.kind == SCHEDULED and status.next_attempt_starts_after_ms is not None:
+        ts = status.next_attempt_starts_after_ms
+    return (b"\x03" + keys.enc_str(tenant) + _STATUS_KEY_PART[status.kind]
+            + (_U64_MAX - max(0, ts)).to_bytes(8, "big") + keys.enc_str(job_id))
+
+
 class ActiveJob:
     """A job that is Scheduled (with a pending task) or Running (with a lease)."""
 
-    __slots__ = ("kind", "task_key", "task_id", "request_key", "cancelled_at_ms")
+    __slots__ = ("kind", "task_key", "task_id", "request_key", "cancelled_at_ms", "index_key")
 
     def __init__(self, kind: int, task_key: bytes | None = None, task_id: str | None = None,
                  request_key: bytes | None = None):
@@ -75,6 +90,9 @@ class ActiveJob:
         self.task_id = task_id  # lease, while Running
         self.request_key = request_key  # parked as a concurrency waiter
         self.cancelled_at_ms: int | None = None
+        # The job's current status-index row (0x03), so a transition deletes it without
+        # reading the old status back from storage.
+        self.index_key: bytes | None = None
 
 
 class ConcurrencyQueue:
@@ -109,8 +127,9 @@ class ReadyQueue:
 
 class ShardConfig:
     __slots__ = ("lease_ms", "flush_interval_ms", "commit_interval_ms", "l0_sst_size_bytes",
-                 "info_cache_bytes", "flush_on_commit", "completed_job_expire_ms",
-                 "terminal_job_expire_ms", "slatedb", "l0_flush_interval_s")
+                 "info_cache_bytes", "flush_on_commit", "write_timeout_ms",
+                 "completed_job_expire_ms", "terminal_job_expire_ms", "slatedb",
+                 "l0_flush_interval_s")
 
     def __init__(
         self,
@@ -121,6 +140,7 @@ class ShardConfig:
         l0_sst_size_bytes: int = 16 << 20,
         info_cache_bytes: int = 16 << 20,
         flush_on_commit: bool = False,
+        write_timeout_ms: int = 10_000,
         completed_job_expire_ms: int = 0,
         terminal_job_expire_ms: int = 0,
         slatedb: dict[str, object] | None = None,
@@ -132,6 +152,7 @@ class ShardConfig:
         self.l0_sst_size_bytes = l0_sst_size_bytes
         self.info_cache_bytes = info_cache_bytes
         self.flush_on_commit = flush_on_commit
+        self.write_timeout_ms = write_timeout_ms
         # Retention (0 = keep forever): Succeeded jobs, and Failed/Cancelled ones.
         self.completed_job_expire_ms = completed_job_expire_ms
         self.terminal_job_expire_ms = terminal_job_expire_ms
@@ -168,6 +189,7 @@ class Shard:
             db, commit_interval_s=config.commit_interval_ms / 1000, on_seal=self._seal_counters
         )
         self.committer.flush_on_commit = config.flush_on_commit
+        self.committer.write_timeout_s = config.write_timeout_ms / 1000
         self.active: dict[tuple[str, str], ActiveJob] = {}
         self.tasks: dict[bytes, Task] = {}
         self.queues: dict[str, ReadyQueue] = {}
@@ -231,9 +253,14 @@ class Shard:
         if created is None:
             self.created_at_ms = self.clock()
             self.committer.put(keys.shard_meta("created_at_ms"), encode_i64(self.created_at_ms))
+            self.committer.put(keys.shard_meta("layout_version"),
+                               encode_i64(keys.LAYOUT_VERSION))
             await self.committer.commit()
         else:
             self.created_at_ms = decode_i64(created)
+            from silo.shard.indexes import backfill_if_needed  # noqa: PLC0415 - builds on us
+
+            await backfill_if_needed(self)
         n_tasks = 0
         for k, v in await scan_prefix(db, keys.kind_prefix(keys.TASK)):
             task = task_decoder.decode(v)
@@ -267,6 +294,9 @@ class Shard:
                 if c is not None:
                     job.cancelled_at_ms = cancellation_decoder.decode(c).cancelled_at_ms
                 self.active[(task.tenant, task.job_id)] = job
+        from silo.shard.indexes import load_index_keys  # noqa: PLC0415
+
+        await load_index_keys(self)
         log.debug(
             "shard %s opened: %d pending tasks, %d leases, %d jobs (%.0f ms)",
             self.id,
@@ -303,6 +333,7 @@ class Shard:
         self._dirty_shard_counters = True
         self.created_at_ms = self.clock()
         self.committer.put(keys.shard_meta("created_at_ms"), encode_i64(self.created_at_ms))
+        self.committer.put(keys.shard_meta("layout_version"), encode_i64(keys.LAYOUT_VERSION))
         await self.committer.commit()
         self.tenant_status.clear()
         return len(rows)
@@ -345,8 +376,25 @@ class Shard:
                 q.forget(self.tasks)
         return task
 
-    def put_status(self, tenant: str, job_id: str, status: JobStatus) -> None:
+    def put_status(self, tenant: str, job_id: str, status: JobStatus,
+                   old: JobStatus | None = None) -> None:
+        """Write a job's status and move its status-index row in the same batch.
+
+        The old row is the active job's remembered one; a job that is not active
+        (terminal → restart, import over a terminal job) must pass its `old` status.
+        """
         self.committer.put(keys.job_status(tenant, job_id), encode(status))
+        new_key = status_index_key(tenant, job_id, status)
+        job = self.active.get((tenant, job_id))
+        if old is not None:
+            old_key: bytes | None = status_index_key(tenant, job_id, old)
+        else:
+            old_key = job.index_key if job is not None else None
+        if old_key is not None and old_key != new_key:
+            self.committer.delete(old_key)
+        self.committer.put(new_key, b"")
+        if job is not None:
+            job.index_key = new_key
         if status.kind in TERMINAL:
             self.schedule_expiry(tenant, job_id, status)
 
@@ -360,6 +408,20 @@ class Shard:
         ttl = self.config.expire_ms(status.kind)
         if ttl > 0:
             self.committer.put(keys.expiry_index(status.changed_at_ms + ttl, tenant, job_id), b"")
+
+    def put_metadata_index(self, tenant: str, job_id: str, metadata: dict[str, str]) -> None:
+        """Index a new job's metadata (0x04), in the batch that writes its info."""
+        for k, v in metadata.items():
+            self.committer.put(keys.metadata_index(tenant, k, v, job_id), b"")
+
+    def drop_status(self, tenant: str, job_id: str, status: JobStatus | None,
+                    metadata: dict[str, str]) -> None:
+        """Delete a job's status row and every index row pointing at it (DeleteJob)."""
+        self.committer.delete(keys.job_status(tenant, job_id))
+        if status is not None:
+            self.committer.delete(status_index_key(tenant, job_id, status))
+        for k, v in metadata.items():
+            self.committer.delete(keys.metadata_index(tenant, k, v, job_id))
 
     def put_lease(self, lease: Lease) -> None:
         task_id = lease.task.task_id

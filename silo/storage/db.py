@@ -19,6 +19,7 @@ runs after another one staged its writes reads what that one wrote, durable or n
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -109,11 +110,15 @@ def _fill_generic(batch: WriteBatch, writes: dict[bytes, bytes | None]) -> None:
 
 
 class _Batch:
-    __slots__ = ("writes", "future", "ops")
+    __slots__ = ("writes", "future", "ops", "acked", "timer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.writes: dict[bytes, bytes | None] = {}
+        # `future` is the storage outcome (set by the writer); `acked` is what the
+        # operations await: the same outcome, or StorageError once the write bound passes.
         self.future: asyncio.Future[None] = loop.create_future()
+        self.acked: asyncio.Future[None] = loop.create_future()
+        self.timer: asyncio.TimerHandle | None = None
         self.ops = 0
 
 
@@ -148,6 +153,12 @@ class GroupCommitter:
         self.batches_written = 0
         self.ops_written = 0
         self.name = ""  # the shard id, for metrics and events
+        # A write not durable within this bound fails its waiters (UNAVAILABLE) instead
+        # of hanging them; the write itself carries on and lands if storage comes back.
+        self.write_timeout_s = 10.0
+        self.stalled_since: float | None = None  # monotonic time the bound first passed
+        # Called with True when storage stalls, False when a write is durable again.
+        self.on_stall: Callable[[bool], None] | None = None
 
     # ---- staging (synchronous; call from the shard's loop) ----------------
 
@@ -164,6 +175,7 @@ class GroupCommitter:
             elif self._interval > 0:
                 self._loop.call_later(self._interval, self._hand_off, b)
             # else: handed off by _kick when the commit in flight is durable
+            self._arm_write_bound(b)
         return b
 
     def _idle(self) -> bool:
@@ -187,8 +199,47 @@ class GroupCommitter:
         b = self._batch()
         b.ops += 1
         if tracing.ENABLED:
-            return tracing.awaiting("storage.commit", asyncio.shield(b.future))
-        return asyncio.shield(b.future)
+            return tracing.awaiting("storage.commit", asyncio.shield(b.acked))
+        return asyncio.shield(b.acked)
+
+    # ---- the write bound (full disk, stuck object store) -----------------------
+
+    def _arm_write_bound(self, b: _Batch) -> None:
+        """Fail b's waiters if b is not durable within write_timeout_s. While storage is
+        stalled, new batches fail at once: their waiters would only queue behind it."""
+        delay = 0.0 if self.stalled_since is not None else self.write_timeout_s
+        b.timer = self._loop.call_later(delay, self._write_bound_passed, b)
+        b.future.add_done_callback(functools.partial(self._settled, b))
+
+    def _settled(self, b: _Batch, fut: asyncio.Future[None]) -> None:
+        if b.timer is not None:
+            b.timer.cancel()
+        exc = StorageError("write cancelled") if fut.cancelled() else fut.exception()
+        if not b.acked.done():
+            if exc is None:
+                b.acked.set_result(None)
+            else:
+                b.acked.set_exception(exc)
+        if exc is None and self.stalled_since is not None:
+            stalled_s = time.monotonic() - self.stalled_since
+            self.stalled_since = None
+            log.warning("shard storage recovered: writes durable again after %.1f s", stalled_s)
+            if self.on_stall is not None:
+                self.on_stall(False)
+
+    def _write_bound_passed(self, b: _Batch) -> None:
+        if b.acked.done():
+            return
+        if self.stalled_since is None:
+            self.stalled_since = time.monotonic()
+            log.error("shard storage stalled: a write is not durable after %.1f s (disk full "
+                      "or object store unreachable?); failing writes with UNAVAILABLE until "
+                      "it recovers", self.write_timeout_s)
+            if self.on_stall is not None:
+                self.on_stall(True)
+        b.acked.set_exception(StorageError(
+            f"write not durable within {self.write_timeout_s:g} s (storage stalled)"))
+        b.acked.exception()  # retrieved: a batch may have no waiter left
 
     def _hand_off(self, b: _Batch) -> None:
         if self._staged is b:

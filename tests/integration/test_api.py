@@ -327,7 +327,7 @@ def test_expedite_restart_and_lease_task(client):
 
 def test_later_rpcs_answer_unimplemented(client):
     with pytest.raises(grpc.RpcError) as e:
-        client.stub.Query(pb.QueryRequest(shard=client.shard_for(None), sql="select 1"))
+        client.stub.RequestSplit(pb.RequestSplitRequest(shard_id=client.shard_for(None)))
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "not implemented yet" in e.value.details()
 

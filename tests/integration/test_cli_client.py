@@ -78,8 +78,9 @@ def test_enqueue_get_cancel_result_delete(server):
     assert "not in a terminal state (status: Scheduled)" in p.stderr
     assert silo_json("job", "cancel", jid, server=server) == {
         "id": jid, "tenant": None, "action": "cancel", "ok": True}
-    res = silo_json("job", "result", jid, server=server)
-    assert res["status"] == "Cancelled" and res["result"] is None
+    p = silo("job", "result", jid, "--json", server=server, check=False)
+    res = json.loads(p.stdout)
+    assert res["status"] == "Cancelled" and res["result"] is None and p.returncode == 5
     p = silo("job", "cancel", jid, server=server, check=False)
     assert p.returncode == 1
     assert p.stderr.strip() == "silo: error: FAILED_PRECONDITION: job is already cancelled"
@@ -94,8 +95,8 @@ def test_enqueue_get_cancel_result_delete(server):
 
 
 def test_errors_are_one_line_with_nonzero_exit(server, tmp_path):
-    p = silo("query", "SELECT 1", server=server, check=False)
-    assert p.returncode == 1 and p.stderr.startswith("silo: error: UNIMPLEMENTED:")
+    p = silo("query", "SELEC 1", server=server, check=False)
+    assert p.returncode == 1 and p.stderr.startswith("silo: error: INVALID_ARGUMENT: SQL error")
     assert p.stderr.strip().count("\n") == 0
     p = silo("enqueue", "--task-group", "g", "--payload", "{not json", server=server,
              check=False)

@@ -1,0 +1,422 @@
+"""Reading a shard's rows for one Scan (see plan.py), narrowed by the indexes.
+
+Scan strategy, first match wins (behaviour.md §7): exact job ids (point reads) →
+metadata key = value (0x04 rows of that value) → metadata key prefix (0x04 range) →
+status words (0x03 rows; Waiting and Scheduled split the Scheduled rows at now) →
+every job of the tenant(s). A tenant equality always narrows; without one the tenants
+are those with jobs on the shard (from the status counters), so id and index reads
+stay point/range reads. A jobs scan that needs no column beyond tenant, shard_id and
+status_kind (an unfiltered COUNT(*), GROUP BY status_kind) is answered from the status
+counters when allowed (count_from_status_counters).
+
+Storage is read in slices (256 rows per await, point reads in groups of 256) and
+in-memory state is copied once then converted in slices, so a large scan yields the
+event loop between slices instead of stalling it. Rows are read from the database as
+applied: every acknowledged write is; an operation still in flight may or may not be
+seen, as with any snapshot-free read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Iterable
+
+import msgspec
+import pyarrow as pa
+from slatedb.uniffi import KeyRange
+
+from silo.query.plan import Scan
+from silo.query.schema import TABLES
+from silo.shard.state import Shard
+from silo.storage import keys
+from silo.storage.records import (
+    SCHEDULED,
+    STATUS_NAMES,
+    CheckRateLimit,
+    ConcurrencyLimit,
+    FloatingConcurrencyLimit,
+    JobInfo,
+    JobStatus,
+    RateLimit,
+    RefreshFloatingLimit,
+    RequestTicket,
+    RunAttempt,
+    decode_i64,
+    job_info_decoder,
+    job_status_decoder,
+)
+
+SLICE = 256
+POINT_GROUP = 256
+# Job rows are decoded on the loop in chunks with a yield in between: a chunk costs
+# about a millisecond, less than a GIL hand-off to a decoding thread would (5 ms
+# switch interval) for every wake-up of the hot path.
+BUILD_CHUNK = 256
+_ALL = KeyRange(start=None, start_inclusive=True, end=None, end_inclusive=False)
+_INFO_COLUMNS = frozenset({"priority", "enqueue_time_ms", "payload", "task_group", "metadata",
+                           "limits"})
+_STATUS_COLUMNS = frozenset({"status_kind", "status_changed_at_ms", "current_attempt",
+                             "next_attempt_starts_after_ms"})
+_json = msgspec.json.Encoder()
+_any_msgpack = msgspec.msgpack.Decoder()
+
+
+async def _rows(db, start: bytes, end: bytes | None) -> AsyncIterator[list]:
+    """Rows with start <= key < end, a slice per await."""
+    it = await db.scan(KeyRange(start=start, start_inclusive=True, end=end,
+                                end_inclusive=False))
+    while True:
+        batch = await it.next_batch(SLICE)
+        if not batch:
+            return
+        yield batch
+
+
+async def _prefix_rows(db, prefix: bytes) -> AsyncIterator[list]:
+    async for batch in _rows(db, prefix, keys.prefix_end(prefix)):
+        yield batch
+
+
+async def _gets(db, ks: list[bytes]) -> list[bytes | None]:
+    out: list[bytes | None] = []
+    for i in range(0, len(ks), POINT_GROUP):
+        out += await asyncio.gather(*(db.get(k) for k in ks[i : i + POINT_GROUP]))
+    return out
+
+
+def shard_tenants(shard: Shard) -> list[str]:
+    """Tenants with at least one job on the shard (the status counters are complete)."""
+    return sorted({t for (t, _), n in shard.tenant_status.items() if n > 0})
+
+
+# ---- jobs ------------------------------------------------------------------------
+
+
+def status_word(status: JobStatus, now: int) -> str:
+    """The status_kind shown: a Scheduled job that is due is Waiting (§7)."""
+    if status.kind == SCHEDULED:
+        nxt = status.next_attempt_starts_after_ms
+        return "Waiting" if nxt is None or nxt <= now else "Scheduled"
+    return STATUS_NAMES[status.kind]
+
+
+def payload_json(payload: bytes) -> str | None:
+    try:
+        return _json.encode(_any_msgpack.decode(payload)).decode()
+    except (msgspec.DecodeError, msgspec.EncodeError, TypeError, ValueError):
+        return None
+
+
+def limits_json(info: JobInfo) -> str:
+    out = []
+    for lim in info.limits:
+        if isinstance(lim, ConcurrencyLimit):
+            out.append({"limit_type": "Concurrency", "key": lim.key,
+                        "value": lim.max_concurrency})
+        elif isinstance(lim, RateLimit):
+            out.append({"limit_type": "Rate", "key": lim.name, "value": lim.limit})
+        elif isinstance(lim, FloatingConcurrencyLimit):
+            out.append({"limit_type": "Floating Concurrency", "key": lim.key,
+                        "value": lim.default_max_concurrency})
+    return _json.encode(out).decode()
+
+
+class _JobRows:
+    """Column lists for the jobs table, filled one job at a time."""
+
+    def __init__(self, shard_id: str, columns: set[str], now: int) -> None:
+        self.shard_id = shard_id
+        self.now = now
+        self.cols = {name: [] for name in TABLES["jobs"].names}
+        self.want = columns
+        self.seen: set[tuple[str, str]] = set()
+
+    def add(self, tenant: str, job_id: str, status: JobStatus | None, info: JobInfo | None
+            ) -> None:
+        if (tenant, job_id) in self.seen:
+            return
+        self.seen.add((tenant, job_id))
+        c, w = self.cols, self.want
+        c["shard_id"].append(self.shard_id)
+        c["tenant"].append(tenant)
+        c["id"].append(job_id)
+        if status is not None:
+            c["status_kind"].append(status_word(status, self.now))
+            c["status_changed_at_ms"].append(status.changed_at_ms)
+            c["current_attempt"].append(status.current_attempt)
+            c["next_attempt_starts_after_ms"].append(status.next_attempt_starts_after_ms)
+        else:
+            for name in _STATUS_COLUMNS:
+                c[name].append(None)
+        if info is not None:
+            c["priority"].append(info.priority)
+            c["enqueue_time_ms"].append(info.enqueue_time_ms)
+            c["payload"].append(payload_json(info.payload) if "payload" in w else None)
+            c["task_group"].append(info.task_group)
+            c["metadata"].append(list(info.metadata.items()) if "metadata" in w else None)
+            c["limits"].append(limits_json(info) if "limits" in w else None)
+        else:
+            for name in _INFO_COLUMNS:
+                c[name].append(None)
+
+    def table(self) -> pa.Table:
+        schema = TABLES["jobs"]
+        return pa.table([pa.array(self.cols[f.name], type=f.type) for f in schema],
+                        schema=schema)
+
+
+def _needed(scan: Scan) -> set[str]:
+    return set(TABLES[scan.table].names) if scan.columns is None else set(scan.columns)
+
+
+def _counter_answerable(scan: Scan, allow: bool) -> bool:
+    """Nothing but tenant (and status_kind) is needed and nothing else narrows: the
+    rows can be synthesised from the status counters."""
+    return (allow and _needed(scan) <= {"tenant", "shard_id", "status_kind"}
+            and not scan.other_filters and scan.ids is None and scan.meta_exact is None
+            and scan.meta_prefix is None)
+
+
+async def _counted_rows(shard: Shard, scan: Scan, tenants: list[str], now: int) -> pa.Table:
+    """One row per job with only shard_id, tenant and status_kind filled, from the
+    status counters; Scheduled is split into Waiting and (future) Scheduled by counting
+    the future rows of the status index (usually the few)."""
+    counts: list[tuple[str, str, int]] = []
+    wanted = set(tenants)
+    for (t, status), n in sorted(shard.tenant_status.items()):
+        if t not in wanted or n <= 0:
+            continue
+        if status == STATUS_NAMES[SCHEDULED]:
+            future = 0
+            if "status_kind" in _needed(scan):
+                base = keys.status_index_prefix(t, status)
+                async for batch in _rows(shard.db, base, keys.status_index(t, status, now, "")):
+                    future += len(batch)
+            future = min(future, n)
+            counts += [(t, "Scheduled", future), (t, "Waiting", n - future)]
+        else:
+            counts.append((t, status, n))
+    if scan.statuses is not None:
+        counts = [c for c in counts if c[1] in scan.statuses]
+    counts = [c for c in counts if c[2] > 0]
+    n_rows = sum(c[2] for c in counts)
+    tenant_col = pa.array(list(itertools.chain.from_iterable(
+        itertools.repeat(t, n) for t, _, n in counts)), type=pa.utf8())
+    status_col = pa.array(list(itertools.chain.from_iterable(
+        itertools.repeat(st, n) for _, st, n in counts)), type=pa.utf8())
+    schema = TABLES["jobs"]
+    fill = {"shard_id": pa.array([shard.id] * n_rows, type=pa.utf8()), "tenant": tenant_col,
+            "status_kind": status_col}
+    return pa.table([fill.get(f.name, pa.nulls(n_rows, f.type)) for f in schema],
+                    schema=schema)
+
+
+async def _index_job_ids(shard: Shard, scan: Scan, tenants: Iterable[str], now: int
+                         ) -> list[tuple[str, str]] | None:
+    """(tenant, job_id) candidates from ids or an index; None: no index applies."""
+    db = shard.db
+    out: list[tuple[str, str]] = []
+    if scan.ids is not None:
+        return [(t, i) for t in tenants for i in sorted(scan.ids)]
+    if scan.meta_exact is not None or scan.meta_prefix is not None:
+        for t in tenants:
+            if scan.meta_exact is not None:
+                prefix = keys.metadata_index_prefix(t, *scan.meta_exact)
+            else:
+                assert scan.meta_prefix is not None
+                prefix = keys.metadata_value_prefix(t, *scan.meta_prefix)
+            async for batch in _prefix_rows(db, prefix):
+                out += [(t, keys.decode_metadata_index(r.key)[3]) for r in batch]
+        return out
+    if scan.statuses is not None:
+        for t in tenants:
+            for word in sorted(scan.statuses):
+                if word in ("Waiting", "Scheduled"):
+                    base = keys.status_index_prefix(t, "Scheduled")
+                    split = keys.status_index(t, "Scheduled", now, "")
+                    start, end = (split, keys.prefix_end(base)) if word == "Waiting" else (
+                        base, split)
+                    rows = _rows(db, start, end)
+                else:
+                    rows = _prefix_rows(db, keys.status_index_prefix(t, word))
+                async for batch in rows:
+                    out += [(t, keys.decode_status_index(r.key)[3]) for r in batch]
+        return out
+    return None
+
+
+async def read_jobs(shard: Shard, scan: Scan, now: int, *, count_from_counters: bool
+                    ) -> pa.Table:
+    need = _needed(scan)
+    tenants = sorted(scan.tenants) if scan.tenants is not None else shard_tenants(shard)
+    if _counter_answerable(scan, count_from_counters):
+        return await _counted_rows(shard, scan, tenants, now)
+    need_info = bool(need & _INFO_COLUMNS)
+    db = shard.db
+    # First the raw rows, paired by their (tenant, job_id) key suffix, which the status
+    # and info keys share; then decoding into Arrow, a chunk at a time.
+    raw: list[tuple[bytes, bytes | None, bytes | None]] = []
+    candidates = await _index_job_ids(shard, scan, tenants, now)
+    if candidates is not None:
+        for i in range(0, len(candidates), POINT_GROUP):
+            part = candidates[i : i + POINT_GROUP]
+            status_keys = [keys.job_status(t, j) for t, j in part]
+            raw_status = await _gets(db, status_keys)
+            raw_info = (await _gets(db, [keys.job_info(t, j) for t, j in part]) if need_info
+                        else [None] * len(part))
+            for k, rs, ri in zip(status_keys, raw_status, raw_info, strict=True):
+                if rs is None and ri is None:
+                    continue  # deleted (or never existed)
+                if need_info and ri is None:
+                    continue
+                raw.append((k[1:], rs, ri))
+    else:
+        for t in tenants:
+            suffix = keys.enc_str(t)
+            statuses: dict[bytes, bytes] = {}
+            async for batch in _prefix_rows(db, keys.kind_prefix(keys.JOB_STATUS) + suffix):
+                for r in batch:
+                    statuses[r.key[1:]] = r.value
+            if not need_info:
+                raw += [(k, v, None) for k, v in statuses.items()]
+                continue
+            async for batch in _prefix_rows(db, keys.kind_prefix(keys.JOB_INFO) + suffix):
+                raw += [(r.key[1:], statuses.get(r.key[1:]), r.value) for r in batch]
+    parts = []
+    for i in range(0, len(raw), BUILD_CHUNK):
+        parts.append(_build_jobs(shard.id, need, now, raw[i : i + BUILD_CHUNK]))
+        await asyncio.sleep(0)  # let Enqueue/LeaseTasks in between chunks
+    if not parts:
+        return _build_jobs(shard.id, need, now, [])
+    return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+
+def _build_jobs(shard_id: str, need: set[str], now: int,
+                raw: list[tuple[bytes, bytes | None, bytes | None]]) -> pa.Table:
+    rows = _JobRows(shard_id, need, now)
+    for suffix, rs, ri in raw:
+        tenant, pos = keys.dec_str(suffix, 0)
+        job_id, _ = keys.dec_str(suffix, pos)
+        rows.add(tenant, job_id, job_status_decoder.decode(rs) if rs is not None else None,
+                 job_info_decoder.decode(ri) if ri is not None else None)
+    return rows.table()
+
+
+# ---- tasks, queues and counts (from memory, plus the holder rows) ------------------
+
+
+def _variant(task) -> str:
+    if isinstance(task, RunAttempt):
+        return "RunAttempt"
+    if isinstance(task, RequestTicket):
+        return "RequestTicket"
+    if isinstance(task, CheckRateLimit):
+        return "CheckRateLimit"
+    return "RefreshFloatingLimit"
+
+
+async def read_tasks(shard: Shard, scan: Scan) -> pa.Table:
+    if scan.task_groups is not None:
+        items = []
+        for g in sorted(scan.task_groups):
+            for q in (shard.queues.get(g), shard.refresh_queues.get(g)):
+                if q is not None:
+                    items += [(k, shard.tasks[k]) for k in set(q.heap) if k in shard.tasks]
+    else:
+        items = list(shard.tasks.items())
+    cols: dict[str, list] = {n: [] for n in TABLES["tasks"].names}
+    for i in range(0, len(items), SLICE):
+        for k, task in items[i : i + SLICE]:
+            group, start, priority, job_id, attempt, tenant = keys.decode_task(k)
+            if scan.tenants is not None and task.tenant not in scan.tenants:
+                continue
+            refresh = isinstance(task, RefreshFloatingLimit)
+            cols["shard_id"].append(shard.id)
+            cols["tenant"].append(task.tenant)
+            cols["task_group"].append(group)
+            cols["start_time_ms"].append(start)
+            cols["priority"].append(priority)
+            cols["job_id"].append(None if refresh else job_id)
+            cols["attempt"].append(None if refresh else attempt)
+            cols["variant_type"].append(_variant(task))
+            cols["task_id"].append(task.task_id)
+            cols["held_queues"].append(
+                _json.encode([] if refresh else list(task.held_queues)).decode())
+        await asyncio.sleep(0)
+    schema = TABLES["tasks"]
+    return pa.table([pa.array(cols[f.name], type=f.type) for f in schema], schema=schema)
+
+
+async def read_queues(shard: Shard, scan: Scan) -> pa.Table:
+    tenants = sorted(scan.tenants) if scan.tenants is not None else None
+    cols: dict[str, list] = {n: [] for n in TABLES["queues"].names}
+
+    def row(tenant, queue, entry, task_id, job_id, priority, ts) -> None:
+        for name, v in zip(TABLES["queues"].names,
+                           (shard.id, tenant, queue, entry, task_id, job_id, priority, ts),
+                           strict=True):
+            cols[name].append(v)
+
+    prefixes = ([keys.kind_prefix(keys.CONCURRENCY_HOLDER) + keys.enc_str(t) for t in tenants]
+                if tenants is not None else [keys.kind_prefix(keys.CONCURRENCY_HOLDER)])
+    for prefix in prefixes:
+        async for batch in _prefix_rows(shard.db, prefix):
+            for r in batch:
+                tenant, queue, task_id = keys.decode_concurrency_holder(r.key)
+                lease = shard.leases.get(task_id)
+                job_id = (lease.task.job_id if lease is not None
+                          and isinstance(lease.task, RunAttempt) else None)
+                row(tenant, queue, "holder", task_id, job_id, None, decode_i64(r.value))
+    for ticket in list(shard.requests.values()):
+        if tenants is None or ticket.tenant in tenants:
+            row(ticket.tenant, ticket.queue, "requester", ticket.task_id, ticket.job_id,
+                ticket.priority, ticket.start_ms)
+    schema = TABLES["queues"]
+    return pa.table([pa.array(cols[f.name], type=f.type) for f in schema], schema=schema)
+
+
+def read_tenant_counts(shard: Shard, scan: Scan) -> pa.Table:
+    rows = [(t, s, n) for (t, s), n in sorted(shard.tenant_status.items())
+            if n and (scan.tenants is None or t in scan.tenants)]
+    schema = TABLES["tenant_counts"]
+    return pa.table([pa.array([shard.id] * len(rows), type=pa.utf8()),
+                     pa.array([r[0] for r in rows], type=pa.utf8()),
+                     pa.array([r[1] for r in rows], type=pa.utf8()),
+                     pa.array([r[2] for r in rows], type=pa.int64())], schema=schema)
+
+
+def read_queue_counts(shard: Shard, scan: Scan) -> pa.Table:
+    stats: dict[tuple[str, str], list] = {}
+    for (t, q), cq in list(shard.conc.items()):
+        stats.setdefault((t, q), [0, 0, None, None])[0] = len(cq.holders)
+    for ticket in list(shard.requests.values()):
+        s = stats.setdefault((ticket.tenant, ticket.queue), [0, 0, None, None])
+        s[1] += 1
+        lim = ticket.limits[ticket.limit_index]
+        if isinstance(lim, ConcurrencyLimit):
+            s[2], s[3] = lim.max_concurrency, "Fixed"
+    for (t, q), st in list(shard.floating.items()):
+        s = stats.setdefault((t, q), [0, 0, None, None])
+        s[2], s[3] = st.current_max, "Floating"
+    rows = [(k, v) for k, v in sorted(stats.items())
+            if (scan.tenants is None or k[0] in scan.tenants) and (v[0] or v[1] or v[3])]
+    schema = TABLES["queue_counts"]
+    data = [[shard.id] * len(rows), [k[0] for k, _ in rows], [k[1] for k, _ in rows],
+            [v[0] for _, v in rows], [v[1] for _, v in rows], [v[2] for _, v in rows],
+            [v[3] for _, v in rows]]
+    return pa.table([pa.array(d, type=f.type) for d, f in zip(data, schema, strict=True)],
+                    schema=schema)
+
+
+async def read_table(shard: Shard, scan: Scan, now: int, *, count_from_counters: bool
+                     ) -> pa.Table:
+    if scan.table == "jobs":
+        return await read_jobs(shard, scan, now, count_from_counters=count_from_counters)
+    if scan.table == "tasks":
+        return await read_tasks(shard, scan)
+    if scan.table == "queues":
+        return await read_queues(shard, scan)
+    if scan.table == "tenant_counts":
+        return read_tenant_counts(shard, scan)
+    return read_queue_counts(shard, scan)

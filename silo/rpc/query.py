@@ -1,0 +1,104 @@
+"""Query, QueryArrow (silo.v1) and SiloQuery.QueryAll (our extension) over gRPC.
+
+Routing and errors are those of every shard RPC (silo.rpc.service); the tenant field
+of Query/QueryArrow is ignored (behaviour.md §1.2: the SQL filters by tenant itself).
+A call for a shard of another worker process is forwarded there: QueryArrow's
+forwarded form returns all its IPC messages in one reply (ArrowBatches), relayed
+here as the stream.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from silo._proto import silo_pb2 as pb
+from silo._proto import silo_query_ext_pb2 as ext
+from silo._proto import silo_query_ext_pb2_grpc as ext_grpc
+from silo.errors import SiloError
+from silo.query import cluster, engine, wire
+from silo.storage.db import StorageError
+
+
+def _response(table, cls):
+    return cls(columns=[pb.ColumnInfo(name=n, data_type=t) for n, t in wire.columns(table.schema)],
+               rows=[pb.SerializedBytes(msgpack=r) for r in wire.rows(table)],
+               row_count=table.num_rows)
+
+
+async def query(service, request) -> pb.QueryResponse:
+    """The body of Query: one statement over the named shard."""
+    shard = service.shard(request.shard)
+    params = cluster.params_from_pb(request.parameters)
+    table = await engine.query_shard(shard, request.sql, params)
+    engine.check_result_size(table)
+    return _response(table, pb.QueryResponse)
+
+
+async def query_arrow_forwarded(service, request, _context) -> object:
+    """QueryArrow as served for another worker process of this node (one reply)."""
+    shard = service.shard(request.shard)
+    params = cluster.params_from_pb(request.parameters)
+    if request.tenant == cluster.SCAN_MARKER:
+        planned = engine.plan(request.sql, params)
+        return cluster.shard_tables_message(
+            await engine.read_shard(shard, planned, shard.now()))
+    table = await engine.query_shard(shard, request.sql, params)
+    return ext.ArrowBatches(ipc_data=wire.ipc_messages(table))
+
+
+async def _abort(context, e: Exception) -> None:
+    if isinstance(e, SiloError):
+        if e.trailers:
+            context.set_trailing_metadata(e.trailers)
+        await context.abort(e.code, e.message)
+    await context.abort(grpc.StatusCode.UNAVAILABLE, f"shard storage unavailable: {e}")
+
+
+async def query_arrow(service, request, context):
+    """The body of QueryArrow: stream one IPC message per result batch."""
+    from silo.rpc.service import _OwnedElsewhere  # noqa: PLC0415 - service imports us
+
+    try:
+        if service.auth_token:
+            service.check_auth(context)
+        try:
+            shard = service.shard(request.shard)
+        except _OwnedElsewhere as moved:
+            out = await service.node.peers[moved.owner].call(
+                "QueryArrow", request.SerializeToString())
+            messages = list(ext.ArrowBatches.FromString(out).ipc_data)
+        else:
+            params = cluster.params_from_pb(request.parameters)
+            table = await engine.query_shard(shard, request.sql, params)
+            messages = wire.ipc_messages(table)
+    except (SiloError, StorageError) as e:
+        await _abort(context, e)
+        return
+    for m in messages:
+        yield pb.ArrowIpcMessage(ipc_data=m)
+
+
+class SiloQueryService(ext_grpc.SiloQueryServicer):
+    """siloext.query.v1.SiloQuery: statements over every shard of the node."""
+
+    def __init__(self, service) -> None:
+        self.service = service
+
+    async def QueryAll(self, request, context):  # noqa: N802 - gRPC method name
+        try:
+            if self.service.auth_token:
+                self.service.check_auth(context)
+            params = cluster.params_from_pb(request.parameters)
+            table = await cluster.query_all(self.service.node, request.sql, params)
+            engine.check_result_size(table)
+        except (SiloError, StorageError) as e:
+            await _abort(context, e)
+            return None
+        resp = _response(table, ext.QueryAllResponse)
+        resp.shard_count = cluster.shard_count(self.service.node)
+        return resp
+
+
+def add_query_service(server: grpc.aio.Server, service) -> None:
+    """Serve siloext.query.v1.SiloQuery next to silo.v1.Silo on the same port."""
+    ext_grpc.add_SiloQueryServicer_to_server(SiloQueryService(service), server)

@@ -1,0 +1,109 @@
+"""The query indexes at shard open: backfill an older layout, remember active rows.
+
+Layout 1 data dirs (the first release) have no status index (0x03) or metadata index
+(0x04). The first open with this release derives both from the job status (0x02) and
+job info (0x01) rows, in batches so a large shard does not build one huge write, then
+records `layout_version = 2` in the batch of the last rows: a crash mid-way redoes the
+backfill from the start, which only rewrites the same empty rows.
+
+Active jobs remember their current 0x03 row (ActiveJob.index_key) so that a
+transition deletes it without a read; at open it is loaded from the index itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from slatedb.uniffi import KeyRange
+
+from silo.storage import keys
+from silo.storage.records import (
+    RUNNING,
+    SCHEDULED,
+    STATUS_NAMES,
+    decode_i64,
+    encode_i64,
+    job_info_decoder,
+    job_status_decoder,
+)
+
+if TYPE_CHECKING:
+    from silo.shard.state import Shard
+
+log = logging.getLogger(__name__)
+
+_FULL_RANGE = KeyRange(start=None, start_inclusive=True, end=None, end_inclusive=False)
+
+BACKFILL_BATCH = 5000  # rows staged per durable batch while backfilling
+
+
+async def _scan_batches(db, prefix: bytes, batch: int = 1024):
+    it = await db.scan_prefix(prefix, _FULL_RANGE)
+    while True:
+        rows = await it.next_batch(batch)
+        if not rows:
+            return
+        yield rows
+
+
+async def layout_version(shard: Shard) -> int:
+    raw = await shard.committer.get(keys.shard_meta("layout_version"))
+    return 1 if raw is None else decode_i64(raw)
+
+
+async def backfill_if_needed(shard: Shard) -> int:
+    """Write the index rows a layout-1 shard lacks; return how many were written."""
+    if await layout_version(shard) >= keys.LAYOUT_VERSION:
+        return 0
+    from silo.shard.state import status_index_key  # noqa: PLC0415 - state imports us lazily
+
+    t0 = time.perf_counter()
+    log.info("shard %s: layout 1 found, backfilling the query indexes", shard.id)
+    c = shard.committer
+    written = staged = 0
+
+    async def flush_if_full() -> None:
+        nonlocal staged
+        if staged >= BACKFILL_BATCH:
+            await c.commit()
+            staged = 0
+            log.info("shard %s: backfill progress: %d index rows", shard.id, written)
+
+    async for rows in _scan_batches(shard.db, keys.kind_prefix(keys.JOB_STATUS)):
+        for r in rows:
+            tenant, pos = keys.dec_str(r.key, 1)
+            job_id, _ = keys.dec_str(r.key, pos)
+            c.put(status_index_key(tenant, job_id, job_status_decoder.decode(r.value)), b"")
+            written += 1
+            staged += 1
+        await flush_if_full()
+    async for rows in _scan_batches(shard.db, keys.kind_prefix(keys.JOB_INFO)):
+        for r in rows:
+            info = job_info_decoder.decode(r.value)
+            for k, v in info.metadata.items():
+                c.put(keys.metadata_index(info.tenant, k, v, info.id), b"")
+                written += 1
+                staged += 1
+        await flush_if_full()
+    c.put(keys.shard_meta("layout_version"), encode_i64(keys.LAYOUT_VERSION))
+    await c.commit()
+    log.info("shard %s: backfill done: %d index rows in %.0f ms", shard.id, written,
+             (time.perf_counter() - t0) * 1000)
+    return written
+
+
+async def load_index_keys(shard: Shard) -> None:
+    """Point every active job at its current 0x03 row (read from the index)."""
+    tenants = {t for (t, s), n in shard.tenant_status.items()
+               if n > 0 and s in (STATUS_NAMES[SCHEDULED], STATUS_NAMES[RUNNING])}
+    active = shard.active
+    for tenant in sorted(tenants):
+        for status in (SCHEDULED, RUNNING):
+            prefix = keys.status_index_prefix(tenant, STATUS_NAMES[status])
+            async for rows in _scan_batches(shard.db, prefix):
+                for r in rows:
+                    job = active.get((tenant, keys.decode_status_index(r.key)[3]))
+                    if job is not None and job.kind == status:
+                        job.index_key = r.key
