@@ -55,3 +55,28 @@ def test_retention_is_off_by_default(tmp_path):
         assert c.get(jid).status == pb.JOB_STATUS_SUCCEEDED
         assert _counters(c) == (1, 1)
         c.channel.close()
+
+
+def test_jobs_expiring_while_queries_read_them(tmp_path):
+    """Queries running through the expiry see each job whole or not at all, and the
+    status index forgets the expired jobs (COUNT and the rows agree, then reach 0)."""
+    import msgspec  # noqa: PLC0415
+
+    with Server(tmp_path / "d", "--completed-job-expire-s", "1", "--reaper-interval-ms", "50",
+                "--shards", "1") as srv:
+        c = srv.client()
+        _finish(c, 30, "q")
+        shard = c.shard_for(None)
+        deadline = time.monotonic() + 30
+        while True:
+            r = c.stub.Query(pb.QueryRequest(
+                shard=shard, sql="SELECT id, status_kind FROM jobs WHERE status_kind = 'Succeeded'"),
+                timeout=30)
+            rows = [msgspec.msgpack.decode(x.msgpack) for x in r.rows]
+            assert all(row["status_kind"] == "Succeeded" and row["id"] for row in rows)
+            n = c.stub.Query(pb.QueryRequest(shard=shard, sql="SELECT COUNT(*) AS n FROM jobs"),
+                             timeout=30)
+            if not rows and msgspec.msgpack.decode(n.rows[0].msgpack)["n"] == 0:
+                break
+            assert time.monotonic() < deadline, len(rows)
+        c.channel.close()
