@@ -48,11 +48,18 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     commit_interval_ms: float = 0.0
     l0_sst_size_bytes: int = 16 * MiB
     flush_on_commit: bool = True
+    l0_flush_interval_s: int = 30
+    compactor_poll_interval_ms: int = 5000
+    gc_interval_s: int = 30
+    gc_min_age_s: int = 30
+    gc_sst_min_age_s: int = 300
     write_timeout_ms: int = 10_000
     shards: int = 8
     tenancy: bool = False
     lease_ms: int = 10_000
     reaper_interval_ms: int = 1000
+    completed_job_expire_s: int = 0
+    terminal_job_expire_s: int = 0
     log_level: str = "info"
     log_format: str = "text"
     processes: int = 0
@@ -363,6 +370,42 @@ OPTIONS: tuple[Option, ...] = (
         "interval: durable acks in ~1-3 ms, one object-store write per commit",
     ),
     Option(
+        "l0_flush_interval_s",
+        "storage.l0_flush_interval_s",
+        _int(0, 86_400),
+        "write a shard's memtable to an L0 SST at least this often while it is written, so "
+        "WAL objects become garbage and a restart replays little (0 = only when full)",
+        "S",
+    ),
+    Option(
+        "compactor_poll_interval_ms",
+        "storage.compactor_poll_interval_ms",
+        _int(0, 3_600_000),
+        "how often SlateDB's compactor looks for L0 SSTs to merge (0 = no compactor)",
+        "MS",
+    ),
+    Option(
+        "gc_interval_s",
+        "storage.gc_interval_s",
+        _int(0, 86_400),
+        "how often SlateDB's garbage collector deletes obsolete objects (0 = never)",
+        "S",
+    ),
+    Option(
+        "gc_min_age_s",
+        "storage.gc_min_age_s",
+        _int(1, 30 * 86_400),
+        "minimum age of obsolete WAL objects, manifests and compactor files before deletion",
+        "S",
+    ),
+    Option(
+        "gc_sst_min_age_s",
+        "storage.gc_sst_min_age_s",
+        _int(1, 30 * 86_400),
+        "minimum age of SSTs no longer in the manifest before deletion",
+        "S",
+    ),
+    Option(
         "write_timeout_ms",
         "storage.write_timeout_ms",
         _int(100, 600_000),
@@ -384,6 +427,22 @@ OPTIONS: tuple[Option, ...] = (
         _int(10, 60_000),
         "how often expired leases are reaped",
         "MS",
+    ),
+    Option(
+        "completed_job_expire_s",
+        "jobs.completed_job_expire_s",
+        _int(0),
+        "delete Succeeded jobs this many seconds after they finished (0 = keep forever)",
+        "S",
+        default_doc="0 (off)",
+    ),
+    Option(
+        "terminal_job_expire_s",
+        "jobs.terminal_job_expire_s",
+        _int(0),
+        "delete Failed and Cancelled jobs this many seconds after they ended (0 = keep forever)",
+        "S",
+        default_doc="0 (off)",
     ),
     Option(
         "log_level",

@@ -24,7 +24,7 @@ from silo.cluster.shardmap import DEFAULT_TENANT, hash_tenant, in_range
 from silo.errors import SiloError
 from silo.observability import metrics, tracing
 from silo.observability.rpc import instrument_rpc
-from silo.rpc import convert, guard, ops
+from silo.rpc import convert, guard, import_jobs, ops
 from silo.rpc import query as query_rpc
 from silo.runtime.node import Node
 from silo.shard import (
@@ -299,6 +299,10 @@ class SiloService(pb_grpc.SiloServicer):
         await expedite.expedite_job(s, self.tenant(s, request), request.id)
         return pb.ExpediteJobResponse()
 
+    @rpc
+    async def ImportJobs(self, request, context):
+        return await import_jobs.serve(self, request, _OwnedElsewhere)
+
     # ---- workers -------------------------------------------------------------------
 
     @rpc
@@ -513,7 +517,6 @@ def _unimplemented(name: str, why: str):
 
 
 _LATER = {
-    "ImportJobs": "job import is a later feature",
     "RequestSplit": "shard splits need a cluster coordinator",
     "GetSplitStatus": "shard splits need a cluster coordinator",
     "ConfigureShard": "placement rings need a cluster coordinator",

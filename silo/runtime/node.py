@@ -20,7 +20,9 @@ import uuid
 from silo.cluster.shardmap import ShardMap
 from silo.observability import events, metrics
 from silo.runtime.forward import PeerClient
+from silo.shard.memtable_flush import maybe_flush_memtable
 from silo.shard.reaper import reap_expired_leases
+from silo.shard.retention import expire_due
 from silo.shard.state import Shard, ShardConfig
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,14 @@ class Node:
                     log.exception("lease reaper failed on shard %s", shard.id)
                 metrics.REAPER_SCANS.inc(labels)
                 metrics.REAPER_DURATION.observe(labels, time.perf_counter() - t0)
+                try:
+                    await expire_due(shard)  # retention: finished jobs past their TTL
+                except Exception:  # noqa: BLE001
+                    log.exception("retention sweep failed on shard %s", shard.id)
+                try:
+                    await maybe_flush_memtable(shard)  # WAL objects become garbage
+                except Exception:  # noqa: BLE001
+                    log.exception("memtable flush failed on shard %s", shard.id)
                 self.publish(shard)
 
     async def close(self) -> None:

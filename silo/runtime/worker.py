@@ -26,6 +26,7 @@ from silo.rpc.service import SiloService
 from silo.runtime.forward import PeerServer
 from silo.runtime.node import Node
 from silo.shard.state import ShardConfig
+from silo.storage.slatedb_settings import StorageTuning, slatedb_settings
 
 log = logging.getLogger("silo.worker")
 
@@ -66,6 +67,12 @@ async def serve_worker(spec: WorkerSpec) -> int:
                     commit_interval_ms=config.commit_interval_ms,
                     l0_sst_size_bytes=config.l0_sst_size_bytes,
                     flush_on_commit=config.flush_on_commit,
+                    completed_job_expire_ms=config.completed_job_expire_s * 1000,
+                    terminal_job_expire_ms=config.terminal_job_expire_s * 1000,
+                    slatedb=slatedb_settings(StorageTuning(
+                        config.compactor_poll_interval_ms, config.gc_interval_s,
+                        config.gc_min_age_s, config.gc_sst_min_age_s)),
+                    l0_flush_interval_s=config.l0_flush_interval_s,
                     write_timeout_ms=config.write_timeout_ms),
         tenancy=config.tenancy,
         dev_mode=config.dev_mode,

@@ -34,6 +34,8 @@ from silo.storage.records import (
     RUNNING,
     SCHEDULED,
     STATUS_NAMES,
+    SUCCEEDED,
+    TERMINAL,
     Attempt,
     FloatingLimitState,
     JobStatus,
@@ -125,7 +127,9 @@ class ReadyQueue:
 
 class ShardConfig:
     __slots__ = ("lease_ms", "flush_interval_ms", "commit_interval_ms", "l0_sst_size_bytes",
-                 "info_cache_bytes", "flush_on_commit", "write_timeout_ms")
+                 "info_cache_bytes", "flush_on_commit", "write_timeout_ms",
+                 "completed_job_expire_ms", "terminal_job_expire_ms", "slatedb",
+                 "l0_flush_interval_s")
 
     def __init__(
         self,
@@ -137,6 +141,10 @@ class ShardConfig:
         info_cache_bytes: int = 16 << 20,
         flush_on_commit: bool = False,
         write_timeout_ms: int = 10_000,
+        completed_job_expire_ms: int = 0,
+        terminal_job_expire_ms: int = 0,
+        slatedb: dict[str, object] | None = None,
+        l0_flush_interval_s: float = 0,
     ) -> None:
         self.lease_ms = lease_ms
         self.flush_interval_ms = flush_interval_ms
@@ -145,6 +153,18 @@ class ShardConfig:
         self.info_cache_bytes = info_cache_bytes
         self.flush_on_commit = flush_on_commit
         self.write_timeout_ms = write_timeout_ms
+        # Retention (0 = keep forever): Succeeded jobs, and Failed/Cancelled ones.
+        self.completed_job_expire_ms = completed_job_expire_ms
+        self.terminal_job_expire_ms = terminal_job_expire_ms
+        # Compactor / garbage collector settings (silo.storage.slatedb_settings).
+        self.slatedb = slatedb or {}
+        self.l0_flush_interval_s = l0_flush_interval_s  # 0: only when SlateDB decides
+
+    def expire_ms(self, kind: int) -> int:
+        """How long a job that ended with status `kind` is kept (0: forever)."""
+        if kind == SUCCEEDED:
+            return self.completed_job_expire_ms
+        return self.terminal_job_expire_ms if kind in TERMINAL else 0
 
 
 class Shard:
@@ -207,6 +227,7 @@ class Shard:
             f"shards/{shard_id}",
             flush_interval_ms=config.flush_interval_ms,
             l0_sst_size_bytes=config.l0_sst_size_bytes,
+            extra_settings=config.slatedb,
         )
         shard = cls(shard_id, range_start, range_end, db, config, clock)
         await shard._rebuild()
@@ -374,6 +395,19 @@ class Shard:
         self.committer.put(new_key, b"")
         if job is not None:
             job.index_key = new_key
+        if status.kind in TERMINAL:
+            self.schedule_expiry(tenant, job_id, status)
+
+    def schedule_expiry(self, tenant: str, job_id: str, status: JobStatus) -> None:
+        """Stage the retention row of a job that just ended (nothing when retention is off).
+
+        The row is only a reminder: the sweeper (silo.shard.retention) deletes the job only
+        if it is still terminal and its own expiry is due, so a job restarted or
+        re-imported meanwhile is never deleted by an old row.
+        """
+        ttl = self.config.expire_ms(status.kind)
+        if ttl > 0:
+            self.committer.put(keys.expiry_index(status.changed_at_ms + ttl, tenant, job_id), b"")
 
     def put_metadata_index(self, tenant: str, job_id: str, metadata: dict[str, str]) -> None:
         """Index a new job's metadata (0x04), in the batch that writes its info."""

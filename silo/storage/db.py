@@ -68,9 +68,12 @@ def split_store_url(url: str) -> tuple[str, str]:
 
 
 async def open_database(
-    store_url: str, name: str, *, flush_interval_ms: int, l0_sst_size_bytes: int
+    store_url: str, name: str, *, flush_interval_ms: int, l0_sst_size_bytes: int,
+    extra_settings: dict[str, object] | None = None,
 ):
-    """Open (or create) the database `name` under the object store at store_url."""
+    """Open (or create) the database `name` under the object store at store_url.
+
+    extra_settings: SlateDB settings by dotted key (silo.storage.slatedb_settings)."""
     ffi.apply(hold_gil=True)
     root, base = split_store_url(store_url)
     store = ObjectStore.resolve(root)
@@ -78,6 +81,8 @@ async def open_database(
     settings = Settings.default()
     settings.set("flush_interval", json.dumps(f"{flush_interval_ms}ms"))
     settings.set("l0_sst_size_bytes", json.dumps(l0_sst_size_bytes))
+    for key, value in (extra_settings or {}).items():
+        settings.set(key, json.dumps(value))
     builder = DbBuilder(path, store)
     builder.with_settings(settings)
     recorder = METRICS_RECORDERS[name] = DefaultMetricsRecorder()

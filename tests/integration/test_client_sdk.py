@@ -30,7 +30,6 @@ from silo.client import (
     SiloClient,
     Unauthenticated,
     Unavailable,
-    Unimplemented,
 )
 from silo.client.sync import SyncSiloClient
 from silo.worker import Worker
@@ -158,9 +157,9 @@ def test_typed_errors(server):
             with pytest.raises(FailedPrecondition, match="tenancy is disabled"):
                 await c.enqueue(1, g, tenant="acme")
             assert c.stats.wrong_shard_retries == c.stats.connectivity_retries == 0
-            # ImportJobs is not implemented by this server yet.
-            with pytest.raises(Unimplemented):
-                await c.import_jobs([ImportJob("imp-1", {"a": 1}, g)])
+            # A bad import is a per-job result, not an error.
+            [r] = await c.import_jobs([ImportJob("imp-1", {"a": 1}, g, priority=100)])
+            assert not r.success and r.error == "priority must be between 0 and 99"
 
     arun(body)
 

@@ -27,7 +27,9 @@ async def _enqueue_all(addr: str, shard: str, n: int) -> list[str]:
 
 
 def test_acknowledged_jobs_survive_kill_9(tmp_path):
-    srv = Server(tmp_path / "data", "--lease-ms", "1000", "--reaper-interval-ms", "100")
+    # 3 s leases: the five leased jobs must still be Running when the restarted server
+    # (which now also starts SlateDB's GC at open) answers the first GetJob.
+    srv = Server(tmp_path / "data", "--lease-ms", "3000", "--reaper-interval-ms", "100")
     with srv:
         c = srv.client()
         shard = c.shard_for(None)
@@ -37,7 +39,7 @@ def test_acknowledged_jobs_survive_kill_9(tmp_path):
         c.channel.close()
     assert len(acked) == 2000
     running_ids = {t.job_id for t in running}
-    with Server(tmp_path / "data", "--lease-ms", "1000", "--reaper-interval-ms", "100") as srv2:
+    with Server(tmp_path / "data", "--lease-ms", "3000", "--reaper-interval-ms", "100") as srv2:
         c2 = srv2.client()
         assert c2.shard_for(None) == shard  # same shard map, same shard ids
         for i, jid in enumerate(acked):
@@ -47,7 +49,7 @@ def test_acknowledged_jobs_survive_kill_9(tmp_path):
             assert job.status == expected, jid
         info = c2.stub.GetNodeInfo(pb.GetNodeInfoRequest())
         assert sum(s.total_jobs for s in info.owned_shards) == 2000
-        # The dead worker's leases expire (1 s) and the reaper fails them as WORKER_CRASHED.
+        # The dead worker's leases expire (3 s) and the reaper fails them as WORKER_CRASHED.
         deadline = time.time() + 15
         pending = set(running_ids)
         while pending and time.time() < deadline:

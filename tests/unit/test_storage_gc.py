@@ -1,0 +1,125 @@
+"""SlateDB's compactor and garbage collector actually reclaim a shard's objects.
+
+A shard on a local object store (tmp dir) writes one WAL object per commit; with short
+test intervals, WAL objects flushed to L0, SSTs compacted away and old manifests are
+deleted (files counted in the store), and with the GC off nothing is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+
+from silo.shard import delete, enqueue, lease, outcome
+from silo.shard.memtable_flush import maybe_flush_memtable
+from silo.shard.state import Shard, ShardConfig
+from silo.storage.slatedb_settings import StorageTuning, slatedb_settings
+
+FAST = StorageTuning(compactor_poll_interval_ms=100, gc_interval_s=1, gc_min_age_s=1,
+                     gc_sst_min_age_s=2)
+
+
+def files(root: Path) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for p in root.rglob("*"):
+        if p.is_file():
+            out.setdefault(p.parent.name, set()).add(p.name)
+    return out
+
+
+async def churn(s: Shard, n: int) -> None:
+    """n jobs through enqueue -> lease -> success -> delete, one commit each step."""
+    for i in range(n):
+        jid = await enqueue.enqueue(s, tenant="-", job_id=f"j{i}", priority=50, start_at_ms=0,
+                                    retry_policy=None, payload=b"\xa8" + b"x" * 512, limits=[],
+                                    metadata={}, task_group="g")
+        [lt] = await lease.lease_tasks(s, "w", 1, "g")
+        await outcome.report_outcome(s, lt.lease.task.task_id, outcome.Success(b""))
+        await delete.delete_job(s, "-", jid)
+
+
+def run(tmp_path: Path, tuning: StorageTuning, body):
+    async def main():
+        s = await Shard.open(str(uuid.uuid4()), "", "", (tmp_path / "store").as_uri(),
+                             ShardConfig(commit_interval_ms=0, flush_interval_ms=1,
+                                         flush_on_commit=True, l0_sst_size_bytes=32 << 10,
+                                         slatedb=slatedb_settings(tuning)))
+        try:
+            return await body(s, tmp_path / "store")
+        finally:
+            await s.close()
+    return asyncio.run(main())
+
+
+def test_mapping_to_slatedb_keys():
+    on = slatedb_settings(StorageTuning())
+    assert on["compactor_options.poll_interval"] == "5000ms"
+    assert on["garbage_collector_options.wal_options.interval"] == "30s"
+    assert on["garbage_collector_options.wal_options.min_age"] == "30s"
+    assert on["garbage_collector_options.compacted_options.min_age"] == "300s"
+    assert on["compactor_options.checkpoint_lifetime"] == "300s"
+    assert on["garbage_collector_options.boundary_files_enabled"] is False
+    off = slatedb_settings(StorageTuning(compactor_poll_interval_ms=0, gc_interval_s=0))
+    assert off["compactor_options"] is None and off["garbage_collector_options"] is None
+
+
+def test_gc_deletes_wal_objects_compacted_ssts_and_manifests(tmp_path):
+    async def body(s, root):
+        seen: dict[str, set[str]] = {}
+
+        def look() -> dict[str, set[str]]:
+            now = files(root)
+            for d, names in now.items():
+                seen.setdefault(d, set()).update(names)
+            return now
+        for _ in range(6):  # ~600 commits: ~600 WAL objects, L0 flushes, compactions
+            await churn(s, 25)
+            look()
+        assert len(seen["wal"]) > 500
+        deadline = time.monotonic() + 90
+        while True:
+            now = look()
+            gone = {d: seen[d] - now.get(d, set()) for d in ("wal", "compacted", "manifest")}
+            if (len(gone["wal"]) > 400 and gone["compacted"] and gone["manifest"]
+                    and len(now.get("manifest", ())) <= 3):
+                break
+            assert time.monotonic() < deadline, {d: len(v) for d, v in gone.items()}
+            await asyncio.sleep(0.5)
+        assert s.total_jobs == 0  # and the shard still works
+        await churn(s, 3)
+    run(tmp_path, FAST, body)
+
+
+def test_nothing_is_deleted_with_the_gc_off(tmp_path):
+    async def body(s, root):
+        await churn(s, 40)
+        written = files(root)
+        await asyncio.sleep(3)  # many times the FAST intervals
+        now = files(root)
+        assert all(written[d] <= now.get(d, set()) for d in written)
+    run(tmp_path, FAST._replace(gc_interval_s=0), body)
+
+
+def test_memtable_goes_to_l0_every_interval_while_written_and_not_when_idle(tmp_path):
+    async def main():
+        url = (tmp_path / "store").as_uri()
+        s = await Shard.open(str(uuid.uuid4()), "", "", url, ShardConfig(
+            commit_interval_ms=0, flush_interval_ms=1, flush_on_commit=True,
+            l0_flush_interval_s=0.05))
+        try:
+            assert await maybe_flush_memtable(s) is False  # first look only records
+            await churn(s, 5)
+            assert "compacted" not in files(tmp_path / "store")  # 16 MiB memtable: no L0
+            await asyncio.sleep(0.06)
+            assert await maybe_flush_memtable(s) is True
+            assert len(files(tmp_path / "store")["compacted"]) == 1
+            await asyncio.sleep(0.06)
+            assert await maybe_flush_memtable(s) is False  # nothing written since
+            s.config.l0_flush_interval_s = 3600
+            await churn(s, 1)
+            assert await maybe_flush_memtable(s) is False  # interval not over yet
+        finally:
+            await s.close()
+    asyncio.run(main())
