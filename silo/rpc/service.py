@@ -21,6 +21,7 @@ from silo._proto import silo_pb2_grpc as pb_grpc
 from silo.cluster.shardmap import DEFAULT_TENANT, hash_tenant, in_range
 from silo.errors import SiloError
 from silo.rpc import convert
+from silo.runtime import forward
 from silo.runtime.node import Node
 from silo.shard import (
     cancel,
@@ -64,6 +65,7 @@ def rpc(fn):
         try:
             if self.auth_token:
                 self.check_auth(context)
+            forward.enter_call(context)
             try:
                 return await fn(self, request, context)
             except _OwnedElsewhere as e:
@@ -117,10 +119,15 @@ class SiloService(pb_grpc.SiloServicer):
             raise errors.shard_unavailable("shard is opening")
         raise _OwnedElsewhere(owner)
 
-    async def dispatch(self, method: str, payload: bytes):
-        """Serve a call forwarded by another process (see silo.runtime.forward)."""
+    async def dispatch(self, method: str, payload: bytes, meta: forward.Forwarded):
+        """Serve a call forwarded by another process (see silo.runtime.forward).
+
+        The owner applies every rule itself, as for a direct call: the caller's token is
+        checked here, tenancy in the handler, dev mode in `_reset_local`."""
         _FORWARDED.set(True)
         try:
+            if self.auth_token:
+                self.check_auth(meta)
             if method.endswith("@local"):
                 out = await self._LOCAL[method](self, pb.LeaseTasksRequest.FromString(payload)
                                                 if method == "LeaseTasks@local" else None)
@@ -406,6 +413,9 @@ class SiloService(pb_grpc.SiloServicer):
         return pb.ResetShardsResponse(shards_reset=n)
 
     async def _reset_local(self, _request) -> pb.ResetShardsResponse:
+        if not self.node.dev_mode:  # checked again here: a peer's word is not enough
+            raise SiloError(grpc.StatusCode.PERMISSION_DENIED,
+                            "ResetShards is only available in dev mode")
         for s in self.node.shards.values():
             await s.wipe()
             self.node.publish(s)

@@ -42,6 +42,8 @@ class Node:
         owner_of: dict[str, int] | None = None,
         peer_paths: dict[int, str] | None = None,
         counts: mmap.mmap | None = None,
+        peer_secret: bytes = b"",
+        forward_timeout_ms: int = 5000,
     ) -> None:
         self.node_id = node_id or str(uuid.uuid4())
         self.shard_map = shard_map
@@ -54,8 +56,8 @@ class Node:
         self.index = index
         # Every shard is ours unless the supervisor says otherwise (single process).
         self.owner_of = owner_of or {e.shard_id: index for e in shard_map.entries}
-        self.peers = {i: PeerClient(p, f"w{i}") for i, p in (peer_paths or {}).items()
-                      if i != index}
+        self.peers = {i: PeerClient(p, f"w{i}", peer_secret, forward_timeout_ms / 1000)
+                      for i, p in (peer_paths or {}).items() if i != index}
         self.slot = {e.shard_id: i for i, e in enumerate(shard_map.entries)}
         self.counts = counts
         self.shards: dict[str, Shard] = {}

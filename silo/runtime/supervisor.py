@@ -29,6 +29,7 @@ from pathlib import Path
 
 from silo.cluster.shardmap import load_or_create
 from silo.config import Config
+from silo.runtime.forward import new_secret
 from silo.runtime.worker import WorkerSpec, run_worker
 
 log = logging.getLogger("silo")
@@ -114,7 +115,10 @@ class Supervisor:
                         len(shard_map.entries), config.shards)
         n = worker_count(config, len(shard_map.entries))
         owner_of = {e.shard_id: i % n for i, e in enumerate(shard_map.entries)}
-        self.sock_dir = tempfile.mkdtemp(prefix="silo-")
+        self.sock_dir = tempfile.mkdtemp(prefix="silo-")  # mode 0700: ours alone
+        os.chmod(self.sock_dir, 0o700)
+        log.info("worker sockets in %s", self.sock_dir)
+        secret = new_secret()  # inherited by the workers in memory only
         bind_addr = f"{host}:{port}"
         self.cpus = sorted(os.sched_getaffinity(0))
         counts = mmap.mmap(-1, 8 * len(shard_map.entries))
@@ -126,7 +130,7 @@ class Supervisor:
                                         for j in range(n)},
                           bind_addr=bind_addr,
                           advertised_addr=config.advertised_addr or bind_addr,
-                          node_id=node_id, counts=counts, ready_fd=ready_w)
+                          node_id=node_id, counts=counts, ready_fd=ready_w, secret=secret)
             for i in range(n)
         }
         for sig in (signal.SIGTERM, signal.SIGINT):

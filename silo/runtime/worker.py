@@ -35,7 +35,7 @@ class WorkerSpec:
     def __init__(self, *, config: Config, index: int, shard_map: ShardMap,
                  owner_of: dict[str, int], socket_paths: dict[int, str], bind_addr: str,
                  advertised_addr: str, node_id: str, counts: mmap.mmap | None,
-                 ready_fd: int | None) -> None:
+                 ready_fd: int | None, secret: bytes = b"") -> None:
         self.config = config
         self.index = index
         self.shard_map = shard_map
@@ -46,6 +46,7 @@ class WorkerSpec:
         self.node_id = node_id
         self.counts = counts
         self.ready_fd = ready_fd
+        self.secret = secret  # authenticates sibling workers on the Unix sockets
 
 
 async def serve_worker(spec: WorkerSpec) -> int:
@@ -66,6 +67,7 @@ async def serve_worker(spec: WorkerSpec) -> int:
         owner_of=spec.owner_of,
         peer_paths=spec.socket_paths,
         counts=spec.counts,
+        peer_secret=spec.secret,
     )
     await node.open()
     fatal = asyncio.Event()
@@ -85,7 +87,7 @@ async def serve_worker(spec: WorkerSpec) -> int:
     path = spec.socket_paths[spec.index]
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # left by a crashed predecessor
-    peer_server = PeerServer(path, service.dispatch)
+    peer_server = PeerServer(path, service.dispatch, spec.secret)
     await peer_server.start()
     server = build_server(service, config.max_message_bytes)
     server.add_insecure_port(spec.bind_addr)
