@@ -54,6 +54,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "info"
     log_format: str = "text"
     processes: int = 0
+    forward_timeout_ms: int = 5000
+    liveness_interval_ms: int = 1000
+    liveness_misses: int = 10
 
     def object_store_url_resolved(self) -> str:
         """The SlateDB object store URL; ``file://<abs data_dir>/objects`` when unset."""
@@ -379,6 +382,29 @@ OPTIONS: tuple[Option, ...] = (
         _int(0, 256),
         "worker processes, each pinned to one core and owning a disjoint set of shards "
         "(0 = one per core this process may run on, at most one per shard)",
+        "N",
+    ),
+    Option(
+        "forward_timeout_ms",
+        "server.forward_timeout_ms",
+        _int(100, 600_000),
+        "longest wait for another worker process to answer a forwarded call "
+        "(then UNAVAILABLE); the caller's own deadline is passed on and shortens it",
+        "MS",
+    ),
+    Option(
+        "liveness_interval_ms",
+        "server.liveness_interval_ms",
+        _int(50, 60_000),
+        "how often the supervisor pings each worker process's event loop",
+        "MS",
+    ),
+    Option(
+        "liveness_misses",
+        "server.liveness_misses",
+        _int(2, 10_000),
+        "missed pings in a row after which a worker is killed and restarted "
+        "(from 2 missed it counts as unresponsive: health NOT_SERVING, LeaseTasks skips it)",
         "N",
     ),
 )

@@ -299,6 +299,8 @@ class SiloService(pb_grpc.SiloServicer):
                                        task_group=request.task_group)
             if owner == self.node.index:
                 got = await self._lease_local(sub)
+            elif not self.node.peer_ready(owner):
+                continue  # stopped, restarting or silent: its shards wait, others serve
             else:
                 try:
                     got = pb.LeaseTasksResponse.FromString(await self.node.peers[owner].call(

@@ -234,10 +234,13 @@ class PeerClient:
     """One multiplexed connection to another worker's PeerServer, reconnected on demand."""
 
     def __init__(self, path: str, name: str, secret: bytes = b"",
-                 timeout_s: float = 5.0) -> None:
+                 timeout_s: float = 5.0,
+                 unresponsive: Callable[[], bool] | None = None) -> None:
         self.path = path
         self.name = name
         self.timeout_s = timeout_s
+        self._unresponsive = unresponsive  # the supervisor saw it miss liveness pings
+        self.silent = False  # our last call timed out and nothing was heard since
         self._secret = secret
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -283,6 +286,7 @@ class PeerClient:
             while True:
                 body = await _read_frame(reader)
                 req_id, code, message, trailers, out = _reply_decoder.decode(body)
+                self.silent = False
                 fut = self._pending.pop(req_id, None)
                 if fut is not None and not fut.done():
                     fut.set_result((code, message, tuple(trailers), out))
@@ -302,6 +306,8 @@ class PeerClient:
 
         Waits at most `timeout_s` (default: this client's `timeout_s`) and never past the
         public call's deadline; the owner is told the earlier of the two."""
+        if self._unresponsive is not None and self._unresponsive():
+            raise self._unavailable("it stopped answering liveness pings")
         meta = _CALL.get()
         limit = self.timeout_s if timeout_s is None else timeout_s
         now = time.monotonic()
@@ -343,6 +349,7 @@ class PeerClient:
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"deadline exceeded waiting for owner process {self.name}"))
         else:
+            self.silent = True
             fut.set_exception(self._unavailable(f"no answer within {limit * 1000:.0f} ms"))
 
     @staticmethod

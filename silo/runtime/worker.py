@@ -19,13 +19,17 @@ from silo.cluster.shardmap import ShardMap
 from silo.config import Config
 from silo.rpc.server import build_server, mark_serving
 from silo.rpc.service import SiloService
+from silo.runtime.control import DRAINED, READY, WorkerControl
 from silo.runtime.forward import PeerServer
+from silo.runtime.health import follow_node_health
 from silo.runtime.node import Node
+from silo.runtime.status import ProcessTable
 from silo.shard.state import ShardConfig
 
 log = logging.getLogger("silo.worker")
 
 DRAIN_TIMEOUT_S = 10.0
+CLOSE_WAIT_S = 30.0  # a drained worker waits this long at most for the supervisor's CLOSE
 STORAGE_FAILED = 70  # exit status: a shard's storage failed; the supervisor restarts us
 
 
@@ -35,7 +39,7 @@ class WorkerSpec:
     def __init__(self, *, config: Config, index: int, shard_map: ShardMap,
                  owner_of: dict[str, int], socket_paths: dict[int, str], bind_addr: str,
                  advertised_addr: str, node_id: str, counts: mmap.mmap | None,
-                 ready_fd: int | None, secret: bytes = b"") -> None:
+                 secret: bytes = b"", table: ProcessTable | None = None) -> None:
         self.config = config
         self.index = index
         self.shard_map = shard_map
@@ -45,12 +49,18 @@ class WorkerSpec:
         self.advertised_addr = advertised_addr
         self.node_id = node_id
         self.counts = counts
-        self.ready_fd = ready_fd
         self.secret = secret  # authenticates sibling workers on the Unix sockets
+        self.table = table  # the supervisor's view of every process (read only here)
+        self.control_fd: int | None = None  # this worker's end of its control socketpair
 
 
 async def serve_worker(spec: WorkerSpec) -> int:
+    """Serve until told to stop. The stop is two-phase, coordinated by the supervisor:
+    DRAIN stops public calls and finishes those in flight (they may still forward to
+    peers, which keep serving forwarded calls), DRAINED is reported, and only on CLOSE,
+    once every worker has drained, are forwarded calls finished and the shards closed."""
     config = spec.config
+    control = WorkerControl(spec.control_fd) if spec.control_fd is not None else None
     node = Node(
         spec.shard_map,
         config.object_store_url_resolved(),
@@ -68,6 +78,8 @@ async def serve_worker(spec: WorkerSpec) -> int:
         peer_paths=spec.socket_paths,
         counts=spec.counts,
         peer_secret=spec.secret,
+        forward_timeout_ms=config.forward_timeout_ms,
+        table=spec.table,
     )
     await node.open()
     fatal = asyncio.Event()
@@ -93,27 +105,42 @@ async def serve_worker(spec: WorkerSpec) -> int:
     server.add_insecure_port(spec.bind_addr)
     await server.start()
     await mark_serving(server)
+    health = (asyncio.create_task(follow_node_health(server, spec.table))
+              if spec.table is not None else None)
+    # Hook: a metrics endpoint for this worker would start here (it may read
+    # spec.table.snapshot() for the supervisor's restart counts).
     log.info("worker %d (pid %d) serving %d shards", spec.index, os.getpid(), len(node.shards))
-    if spec.ready_fd is not None:
-        os.write(spec.ready_fd, bytes((spec.index,)))
-    stop = asyncio.Event()
+    if control is not None:
+        control.send(READY)
+    stop = control.drain if control is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    # SIGTERM to this worker alone drains it like the supervisor's DRAIN; SIGINT is the
+    # terminal's Ctrl-C, sent to every process of the group: the supervisor coordinates.
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(fatal.wait())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for w in waits:
         w.cancel()
+    if health is not None:
+        health.cancel()
+    await server.stop(DRAIN_TIMEOUT_S)  # public calls: no new ones, those in flight end
     if fatal.is_set():
-        # Calls on the failed shard already fail fast (UNAVAILABLE); give the others the
+        # Calls on the failed shard already fail fast (UNAVAILABLE); the others got the
         # same drain as a graceful stop so they finish instead of being cancelled.
-        await server.stop(DRAIN_TIMEOUT_S)
-        await peer_server.close()
+        await peer_server.close(grace_s=1.0)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(node.close(), 5.0)
         return STORAGE_FAILED
-    await server.stop(DRAIN_TIMEOUT_S)
-    await peer_server.close()
+    if control is not None:
+        control.send(DRAINED)
+        # Peers may still be draining calls that forward to our shards: serve them
+        # until the supervisor says every worker has drained.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(control.close.wait(), CLOSE_WAIT_S)
+        control.stop()
+    await peer_server.close(grace_s=DRAIN_TIMEOUT_S)
     await node.close()
     log.info("worker %d stopped", spec.index)
     return 0

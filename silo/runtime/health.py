@@ -1,0 +1,32 @@
+"""gRPC health (grpc.health.v1) of one worker, kept in step with the whole node.
+
+Any process of the node can answer a health check (they share the port), so each
+reports NOT_SERVING while any process is down, restarting, unresponsive or stopping,
+as the supervisor's process table says; SERVING again once every process serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from silo.rpc.server import SERVICE_NAME
+from silo.runtime.status import ProcessTable
+
+POLL_S = 0.1
+
+
+async def follow_node_health(server: grpc.aio.Server, table: ProcessTable) -> None:
+    """Run until cancelled: mirror the node's state into this server's health service."""
+    hs = server.health_servicer  # type: ignore[attr-defined]
+    last: int | None = None
+    while True:
+        status = (health_pb2.HealthCheckResponse.SERVING if table.all_serving()
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        if status != last:
+            await hs.set(SERVICE_NAME, status)
+            await hs.set("", status)
+            last = status
+        await asyncio.sleep(POLL_S)
