@@ -47,6 +47,7 @@ MAX_FRAME = 1 << 30
 HANDSHAKE_FRAME = 64
 HANDSHAKE_TIMEOUT_S = 5.0
 NONCE_BYTES = 16
+SILENT_SKIP_S = 2.0
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 Reply = tuple[int, str, tuple[tuple[str, str], ...], bytes]
@@ -240,7 +241,7 @@ class PeerClient:
         self.name = name
         self.timeout_s = timeout_s
         self._unresponsive = unresponsive  # the supervisor saw it miss liveness pings
-        self.silent = False  # our last call timed out and nothing was heard since
+        self._silent_until = 0.0  # after a call timed out: skip it (LeaseTasks) a while
         self._secret = secret
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -276,6 +277,12 @@ class PeerClient:
             raise ValueError("the socket's owner is not a worker of this server")
         writer.write(_raw_frame(_mac(self._secret, b"C", server_nonce, client_nonce)))
 
+    @property
+    def silent(self) -> bool:
+        """A recent call timed out and nothing was heard from the owner since; optional
+        calls (LeaseTasks) skip it for SILENT_SKIP_S, then try it again."""
+        return self._silent_until > 0 and time.monotonic() < self._silent_until
+
     def _unavailable(self, why: str) -> SiloError:
         return SiloError(grpc.StatusCode.UNAVAILABLE,
                          f"shard not ready: owner process {self.name} is unavailable: {why}")
@@ -286,7 +293,7 @@ class PeerClient:
             while True:
                 body = await _read_frame(reader)
                 req_id, code, message, trailers, out = _reply_decoder.decode(body)
-                self.silent = False
+                self._silent_until = 0.0
                 fut = self._pending.pop(req_id, None)
                 if fut is not None and not fut.done():
                     fut.set_result((code, message, tuple(trailers), out))
@@ -349,7 +356,7 @@ class PeerClient:
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"deadline exceeded waiting for owner process {self.name}"))
         else:
-            self.silent = True
+            self._silent_until = time.monotonic() + SILENT_SKIP_S
             fut.set_exception(self._unavailable(f"no answer within {limit * 1000:.0f} ms"))
 
     @staticmethod

@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import msgspec
@@ -273,3 +274,45 @@ def test_an_unusable_start_is_one_line_exit_2_and_leaves_no_lock_file(tmp_path, 
     assert len(lines) == 1 and lines[0].startswith("silo: ") and named in lines[0], r.stderr
     if data.is_dir():
         assert not (data / "silo.lock").exists()
+
+
+def break_shards(data: Path, shard_ids: list[str]) -> None:
+    """Write a record these shards cannot rebuild from (a malformed counter key), so a
+    worker owning one fails while opening it."""
+    from slatedb.uniffi import DbBuilder, ObjectStore
+
+    async def corrupt(sid: str) -> None:
+        path = str((data / "objects" / "shards" / sid).resolve()).lstrip("/")
+        db = await DbBuilder(path, ObjectStore.resolve("file:///")).build()
+        await db.put(b"\xf0\xff\xfe", b"x")
+        await db.flush()
+        await db.shutdown()
+
+    for sid in shard_ids:
+        asyncio.run(corrupt(sid))
+
+
+def test_a_worker_that_cannot_start_is_retried_while_the_others_serve(tmp_path):
+    with Server(tmp_path / "d", "--processes", str(PROCS), "--shards", "2") as srv:
+        owners = [o.shard_id for o in srv.client().owners]
+    break_shards(tmp_path / "d", [owners[1]])  # worker 1's only shard
+    with Server(tmp_path / "d", "--processes", str(PROCS)) as srv:
+        wait_for(lambda: sum("restarting it in" in x for x in srv.log) >= 2,
+                 what="worker 1 restarted twice")
+        assert srv.proc.poll() is None
+        c = srv.client()
+        assert c.shard_for(None) in owners
+        assert any("worker 1" in x and "restarting it in 1.0 s" in x
+                   for x in srv.log)
+        c.channel.close()
+
+
+def test_the_server_gives_up_only_when_no_worker_can_start(tmp_path):
+    with Server(tmp_path / "d", "--processes", str(PROCS), "--shards", "2") as srv:
+        owners = [o.shard_id for o in srv.client().owners]
+    break_shards(tmp_path / "d", owners)
+    r = serve_fails(tmp_path, "--data-dir", str(tmp_path / "d"), "--grpc-addr",
+                    "127.0.0.1:0", "--processes", str(PROCS))
+    assert r.returncode == 1
+    assert "no worker could start; giving up" in r.stderr
+    assert not (tmp_path / "d" / "silo.lock").exists()
