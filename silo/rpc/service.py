@@ -15,13 +15,13 @@ import uuid
 
 import grpc
 
+import silo.runtime.forward as forward
 from silo import errors
 from silo._proto import silo_pb2 as pb
 from silo._proto import silo_pb2_grpc as pb_grpc
 from silo.cluster.shardmap import DEFAULT_TENANT, hash_tenant, in_range
 from silo.errors import SiloError
 from silo.rpc import convert
-from silo.runtime import forward
 from silo.runtime.node import Node
 from silo.shard import (
     cancel,
@@ -63,9 +63,9 @@ def rpc(fn):
     @functools.wraps(fn)
     async def handler(self: SiloService, request, context: grpc.aio.ServicerContext):
         try:
+            forward.enter_call(context)  # refused while draining; auth/deadline go along
             if self.auth_token:
                 self.check_auth(context)
-            forward.enter_call(context)
             try:
                 return await fn(self, request, context)
             except _OwnedElsewhere as e:

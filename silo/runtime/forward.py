@@ -83,8 +83,21 @@ _CALL: contextvars.ContextVar[Forwarded | None] = contextvars.ContextVar("silo_c
                                                                          default=None)
 
 
+_stopping = False
+
+
+def stop_admitting() -> None:
+    """This process is draining: new public calls get UNAVAILABLE (which clients retry
+    elsewhere or later) instead of racing the server's shutdown (CANCELLED)."""
+    global _stopping
+    _stopping = True
+
+
 def enter_call(context: grpc.aio.ServicerContext | None) -> None:
-    """Remember the public call's auth header and deadline for the calls it forwards."""
+    """Admit a public call (refused while draining) and remember its auth header and
+    deadline for the calls it forwards."""
+    if _stopping:
+        raise SiloError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry")
     if context is None:
         return
     auth = ""

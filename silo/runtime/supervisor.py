@@ -57,7 +57,7 @@ UNRESPONSIVE_MISSES = 2
 
 def backoff_s(failures: int) -> float:
     """Delay before restarting a worker that died `failures` times in a row (≥ 1)."""
-    return min(BACKOFF_MIN_S * 2 ** (max(1, failures) - 1), BACKOFF_MAX_S)
+    return min(BACKOFF_MIN_S * 2 ** min(max(1, failures) - 1, 32), BACKOFF_MAX_S)
 
 
 def reserve_port(addr: str) -> tuple[socket.socket, str, int]:
@@ -153,6 +153,7 @@ class Slot:
         self.failures = 0  # deaths in a row, for the back-off
         self.restarts = 0
         self.respawn_at: float | None = None
+        self.spawned_at = 0.0
         self.awaiting_pong = False
         self.missed = 0
         self.kill_cause = ""
@@ -274,6 +275,7 @@ class Supervisor:
         slot.pid, slot.ctl = pid, ours
         slot.ready = slot.drained = slot.awaiting_pong = False
         slot.missed, slot.kill_cause, slot.respawn_at = 0, "", None
+        slot.spawned_at = time.monotonic()
         self._publish(slot, status.STARTING)
         if self.stopping:
             self._send(slot, control.DRAIN)
@@ -380,8 +382,17 @@ class Supervisor:
         """One liveness round: count a miss for each worker that has not answered the
         previous ping; mark it unresponsive, then kill it, past the thresholds."""
         limit = self.config.liveness_misses
+        now = time.monotonic()
         for slot in self.slots.values():
-            if slot.pid is None or not slot.ready or slot.kill_cause:
+            if slot.pid is None or slot.kill_cause:
+                continue
+            if not slot.ready:
+                if now - slot.spawned_at > START_TIMEOUT_S:
+                    slot.kill_cause = f"not serving within {START_TIMEOUT_S:.0f} s of its start"
+                    log.error("worker %d (pid %d) is %s; killing it", slot.index, slot.pid,
+                              slot.kill_cause)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(slot.pid, signal.SIGKILL)
                 continue
             if slot.awaiting_pong:
                 slot.missed += 1

@@ -13,12 +13,14 @@ import mmap
 import os
 import signal
 
+import grpc
 import uvloop
 
 from silo.cluster.shardmap import ShardMap
 from silo.config import Config
 from silo.rpc.server import build_server, mark_serving
 from silo.rpc.service import SiloService
+from silo.runtime import forward
 from silo.runtime.control import DRAINED, READY, WorkerControl
 from silo.runtime.forward import PeerServer
 from silo.runtime.health import follow_node_health
@@ -29,6 +31,7 @@ from silo.shard.state import ShardConfig
 log = logging.getLogger("silo.worker")
 
 DRAIN_TIMEOUT_S = 10.0
+LAME_DUCK_S = 0.3  # new public calls answered UNAVAILABLE before the gRPC server stops
 CLOSE_WAIT_S = 30.0  # a drained worker waits this long at most for the supervisor's CLOSE
 STORAGE_FAILED = 70  # exit status: a shard's storage failed; the supervisor restarts us
 
@@ -125,6 +128,7 @@ async def serve_worker(spec: WorkerSpec) -> int:
         w.cancel()
     if health is not None:
         health.cancel()
+    await lame_duck(server)
     await server.stop(DRAIN_TIMEOUT_S)  # public calls: no new ones, those in flight end
     if fatal.is_set():
         # Calls on the failed shard already fail fast (UNAVAILABLE); the others got the
@@ -144,6 +148,17 @@ async def serve_worker(spec: WorkerSpec) -> int:
     await node.close()
     log.info("worker %d stopped", spec.index)
     return 0
+
+
+async def lame_duck(server: grpc.aio.Server) -> None:
+    """Before the gRPC server stops: say NOT_SERVING and answer new calls UNAVAILABLE
+    for a moment, so clients move off this process instead of having calls that reach
+    it during the shutdown cancelled."""
+    forward.stop_admitting()
+    hs = server.health_servicer  # type: ignore[attr-defined]
+    with contextlib.suppress(Exception):
+        await hs.enter_graceful_shutdown()
+    await asyncio.sleep(LAME_DUCK_S)
 
 
 def run_worker(spec: WorkerSpec) -> int:

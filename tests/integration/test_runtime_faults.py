@@ -158,8 +158,20 @@ def test_a_worker_that_stops_answering_is_replaced(tmp_path):
         assert "stopped answering" in lines and "liveness pings" in lines
         assert re.search(r"worker 1 \(pid \d+\) killed by signal 9 \(SIGKILL\) after missing",
                          lines)
-        assert c.get(before, tenant=t1).status == pb.JOB_STATUS_SCHEDULED
+        assert get_retrying(c, before, t1).status == pb.JOB_STATUS_SCHEDULED
         c.channel.close()
+
+
+def get_retrying(c, job_id: str, tenant: str):
+    """GetJob, retried on UNAVAILABLE (our connection may have been to the killed process)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return c.get(job_id, tenant=tenant)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 # ---- shutdown and start-up edges -----------------------------------------------------
