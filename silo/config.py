@@ -404,7 +404,8 @@ OPTIONS: tuple[Option, ...] = (
         "server.liveness_misses",
         _int(2, 10_000),
         "missed pings in a row after which a worker is killed and restarted "
-        "(from 2 missed it counts as unresponsive: health NOT_SERVING, LeaseTasks skips it)",
+        "(silent for ~3 s, at least 2 pings, it counts as unresponsive: health "
+        "NOT_SERVING, LeaseTasks skips it)",
         "N",
     ),
 )

@@ -26,6 +26,7 @@ import ctypes
 import errno
 import hashlib
 import logging
+import math
 import mmap
 import os
 import select
@@ -52,7 +53,14 @@ STOP_TIMEOUT_S = 40.0
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
 STABLE_S = 60.0  # a worker up this long after its last restart starts a fresh back-off
-UNRESPONSIVE_MISSES = 2
+UNRESPONSIVE_S = 3.0  # silent this long (and ≥ 2 pings) = unresponsive
+
+
+def unresponsive_after(interval_s: float, kill_after: int) -> int:
+    """Missed pings after which a worker counts as unresponsive: about UNRESPONSIVE_S of
+    silence, at least 2 pings (one late pong under load is not a fault), at most the
+    count that gets it killed."""
+    return min(kill_after, max(2, math.ceil(UNRESPONSIVE_S / interval_s)))
 
 
 def backoff_s(failures: int) -> float:
@@ -382,6 +390,7 @@ class Supervisor:
         """One liveness round: count a miss for each worker that has not answered the
         previous ping; mark it unresponsive, then kill it, past the thresholds."""
         limit = self.config.liveness_misses
+        flag_at = unresponsive_after(self.config.liveness_interval_ms / 1000, limit)
         now = time.monotonic()
         for slot in self.slots.values():
             if slot.pid is None or slot.kill_cause:
@@ -396,7 +405,7 @@ class Supervisor:
                 continue
             if slot.awaiting_pong:
                 slot.missed += 1
-                if slot.missed == UNRESPONSIVE_MISSES:
+                if slot.missed == flag_at:
                     log.warning("worker %d (pid %d) missed %d liveness pings; unresponsive",
                                 slot.index, slot.pid, slot.missed)
                     self._publish(slot, status.UNRESPONSIVE)

@@ -179,10 +179,10 @@ def get_retrying(c, job_id: str, tenant: str):
 
 def test_sigterm_lets_in_flight_forwarded_calls_finish(tmp_path):
     """Calls in flight when SIGTERM arrives, forwarded to the other worker and waiting
-    on a long group commit there, all finish OK; the server exits 0, no traceback."""
+    there for a slow WAL flush (6 s), all finish OK; the server exits 0, no traceback."""
     srv = Server(tmp_path / "d", "--processes", str(PROCS), "--tenancy", "--shards", "4",
-                 "--commit-interval-ms", "1000", "--flush-interval-ms", "1000",
-                 "--no-flush-on-commit")
+                 "--commit-interval-ms", "1000", "--flush-interval-ms", "6000",
+                 "--no-flush-on-commit", "--forward-timeout-ms", "60000")
     with srv:
         c = connect_to_worker(srv, 0)
         theirs = owned_by(c, 1)
@@ -203,7 +203,7 @@ def test_sigterm_lets_in_flight_forwarded_calls_finish(tmp_path):
             calls = [asyncio.ensure_future(stub.Enqueue(pb.EnqueueRequest(
                 shard=c.shard_for(tenants[k % 4]), tenant=tenants[k % 4], task_group="term",
                 id=f"term-{k}"), timeout=60)) for k in range(16)]
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(2.0)  # received by the server even on a loaded machine
             in_flight = [k for k, f in enumerate(calls) if not f.done()]
             srv.proc.send_signal(signal.SIGTERM)
             done = await asyncio.gather(*calls, return_exceptions=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from silo.runtime import status
-from silo.runtime.supervisor import BACKOFF_MAX_S, backoff_s
+from silo.runtime.supervisor import BACKOFF_MAX_S, backoff_s, unresponsive_after
 
 
 def test_backoff_doubles_from_half_a_second_and_is_capped():
@@ -36,3 +36,9 @@ def test_process_table_is_shared_with_forked_children():
     assert os.read(r, 1) == b"1"
     os.waitpid(pid, 0)
     assert t.state(2) == status.DOWN
+
+
+def test_unresponsive_after_about_three_seconds_of_silence():
+    assert unresponsive_after(1.0, 10) == 3
+    assert unresponsive_after(2.0, 10_000) == 2  # never after a single late pong
+    assert unresponsive_after(0.1, 5) == 5  # never later than the kill
