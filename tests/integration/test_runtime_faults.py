@@ -328,3 +328,20 @@ def test_the_server_gives_up_only_when_no_worker_can_start(tmp_path):
     assert r.returncode == 1
     assert "no worker could start; giving up" in r.stderr
     assert not (tmp_path / "d" / "silo.lock").exists()
+
+
+def test_sigterm_to_one_worker_restarts_only_that_worker(tmp_path):
+    with Server(tmp_path / "d", "--processes", str(PROCS), "--tenancy", "--shards", "4") as srv:
+        c = srv.client()
+        t1 = tenant_on(c, owned_by(c, 1))
+        before = c.enqueue(tenant=t1)
+        healthy, victim = serving_pid(srv, 0), serving_pid(srv, 1)
+        mark = len(srv.log)
+        os.kill(victim, signal.SIGTERM)
+        wait_for(lambda: serving_pid(srv, 1, after=mark) not in (None, victim),
+                 timeout=60, what="worker 1 back")
+        lines = "".join(srv.log[mark:])
+        assert "worker 1 stopped" in lines and "exited with status 0" in lines
+        assert srv.proc.poll() is None and serving_pid(srv, 0) == healthy
+        assert get_retrying(c, before, t1).status == pb.JOB_STATUS_SCHEDULED
+        c.channel.close()
