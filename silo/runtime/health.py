@@ -16,14 +16,24 @@ from silo.rpc.server import SERVICE_NAME
 from silo.runtime.status import ProcessTable
 
 POLL_S = 0.1
+ARM_S = 5.0
 
 
 async def follow_node_health(server: grpc.aio.Server, table: ProcessTable) -> None:
-    """Run until cancelled: mirror the node's state into this server's health service."""
+    """Run until cancelled: mirror the node's state into this server's health service.
+
+    This worker said SERVING when it started (`mark_serving`); that stands until the
+    whole node has been seen serving (or ARM_S passed), so a client checking health
+    just after the start line never sees NOT_SERVING while the last READY is on its way
+    through the supervisor. From then on the table decides."""
     hs = server.health_servicer  # type: ignore[attr-defined]
-    last: int | None = None
+    last = health_pb2.HealthCheckResponse.SERVING
+    armed_at = asyncio.get_running_loop().time() + ARM_S
+    armed = False
     while True:
-        status = (health_pb2.HealthCheckResponse.SERVING if table.all_serving()
+        serving = table.all_serving()
+        armed = armed or serving or asyncio.get_running_loop().time() >= armed_at
+        status = (health_pb2.HealthCheckResponse.SERVING if serving or not armed
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         if status != last:
             await hs.set(SERVICE_NAME, status)
