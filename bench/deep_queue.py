@@ -34,7 +34,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import load  # noqa: E402  (bench/load.py: server management, client processes, /proc helpers)
+import common  # noqa: E402  (server management, /proc helpers)
+import load  # noqa: E402  (bench/load.py: its scenarios and CLI)
+import load_client  # noqa: E402
+import load_report  # noqa: E402
 
 REF_DEPTH = 1_000
 SETTLE_CORES = 0.15  # the server counts as idle below this CPU use (cores, over 0.5 s)
@@ -61,7 +64,7 @@ def server_rss(pid: int, owner: int | None = None) -> list[dict[str, Any]]:
     """RSS of the supervisor and each worker process (its children, in pid order, i.e.
     the order the supervisor forked them); `owner` = index of the deep shard's worker."""
     rows = [{"role": "supervisor", "pid": pid, **rss_kb(pid)}]
-    for i, kid in enumerate(sorted(load.proc_children(pid))):
+    for i, kid in enumerate(sorted(common.proc_children(pid))):
         role = f"worker {i}" + (" (owns the deep shard)" if i == owner else "")
         rows.append({"role": role, "pid": kid, **rss_kb(kid)})
     return rows
@@ -94,9 +97,9 @@ def settle(pid: int) -> float:
     returns the seconds waited (at most SETTLE_MAX_S)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < SETTLE_MAX_S:
-        a = load.tree_cpu_s(pid)
+        a = common.tree_cpu_s(pid)
         time.sleep(0.5)
-        b = load.tree_cpu_s(pid)
+        b = common.tree_cpu_s(pid)
         if a is None or b is None or (b - a) / 0.5 < SETTLE_CORES:
             break
     return round(time.monotonic() - t0, 2)
@@ -113,10 +116,10 @@ def probe(target: str, samples: int, pid: int, call_timeout: float) -> dict[str,
     lat_us: list[float] = []
     tasks = []
     empty = 0
-    cpu0 = load.tree_cpu_by_pid(pid)
+    cpu0 = common.tree_cpu_by_pid(pid)
     with grpc.insecure_channel(target) as ch:
         stub = pb_grpc.SiloStub(ch)
-        req = pb.LeaseTasksRequest(worker_id=WORKER_ID, max_tasks=1, task_group=load.TASK_GROUP)
+        req = pb.LeaseTasksRequest(worker_id=WORKER_ID, max_tasks=1, task_group=load_client.TASK_GROUP)
         stub.GetClusterInfo(pb.GetClusterInfoRequest(), timeout=call_timeout)  # connect first
         for _ in range(samples):
             t = time.perf_counter()
@@ -126,7 +129,7 @@ def probe(target: str, samples: int, pid: int, call_timeout: float) -> dict[str,
                 tasks.extend(resp.tasks)
             else:
                 empty += 1
-        cpu1 = load.tree_cpu_by_pid(pid)
+        cpu1 = common.tree_cpu_by_pid(pid)
         ok = b"\x81\xa2ok\xc3"  # msgpack {"ok": True}
         futs = []
         for task in tasks:
@@ -142,7 +145,7 @@ def probe(target: str, samples: int, pid: int, call_timeout: float) -> dict[str,
             except grpc.RpcError:
                 report_errors += 1
     by_proc = sorted(((p, c - cpu0.get(p, 0.0)) for p, c in cpu1.items()), key=lambda x: -x[1])
-    return {"calls": samples, "empty": empty, "latency_ms": load.percentiles_ms(lat_us),
+    return {"calls": samples, "empty": empty, "latency_ms": common.percentiles_ms(lat_us),
             "mean_ms": round(sum(lat_us) / len(lat_us) / 1000, 3) if lat_us else None,
             "server_cpu_ms_by_process": {str(p): round(c * 1000, 1) for p, c in by_proc if c > 0},
             "reported": len(tasks) - report_errors, "report_errors": report_errors}
@@ -157,7 +160,7 @@ def first_lease(target: str, deadline: float, call_timeout: float) -> dict[str, 
     from silo._proto import silo_pb2_grpc as pb_grpc
 
     out: dict[str, Any] = {"first_ok_t": None, "first_task_t": None, "attempts": 0, "errors": {}}
-    req = pb.LeaseTasksRequest(worker_id=WORKER_ID, max_tasks=1, task_group=load.TASK_GROUP)
+    req = pb.LeaseTasksRequest(worker_id=WORKER_ID, max_tasks=1, task_group=load_client.TASK_GROUP)
     with grpc.insecure_channel(target) as ch:
         stub = pb_grpc.SiloStub(ch)
         task = None
@@ -187,7 +190,7 @@ def first_lease(target: str, deadline: float, call_timeout: float) -> dict[str, 
     return out
 
 
-def fill(largs_base: list[str], n: int, target: str, server: load.ServerProc, label: str) -> dict[str, Any]:
+def fill(largs_base: list[str], n: int, target: str, server: common.ServerProc, label: str) -> dict[str, Any]:
     largs = load.parse_args([*largs_base, "--backlog", str(max(1, n))])
     return load.run_scenario("fill", largs, target, server.pid, server, label)
 
@@ -245,25 +248,25 @@ def print_report(rep: dict[str, Any]) -> None:
     for key, label in (("fill_ref", "pre-fill to 1,000"), ("fill_deep", "pre-fill to depth")):
         f = r.get(key)
         if f:
-            rows.append((label, f"{f.get('filled', 0):,} jobs in {load.fmt(f.get('fill_s'), ' s')}"
-                         f" = {load.fmt(f.get('fill_per_s'))} enqueues/s,"
-                         f" server CPU {load.fmt(f.get('server_cpu_us_per_enqueue'), ' µs')}/Enqueue,"
+            rows.append((label, f"{f.get('filled', 0):,} jobs in {load_report.fmt(f.get('fill_s'), ' s')}"
+                         f" = {load_report.fmt(f.get('fill_per_s'))} enqueues/s,"
+                         f" server CPU {load_report.fmt(f.get('server_cpu_us_per_enqueue'), ' µs')}/Enqueue,"
                          f" errors {f.get('error_total', 0)}"))
     if r.get("fill_rate_first_last_10s"):
         a, b = r["fill_rate_first_last_10s"]
-        rows.append(("  enqueue rate, first / last 10 s", f"{load.fmt(a)} / {load.fmt(b)} per s"))
+        rows.append(("  enqueue rate, first / last 10 s", f"{load_report.fmt(a)} / {load_report.fmt(b)} per s"))
     for key, label in (("probe_ref", "LeaseTasks at 1,000 queued"),
                        ("probe_deep", "LeaseTasks at depth"),
                        ("probe_restarted", "LeaseTasks after restart")):
         p = r.get(key)
         if p:
             depth = r.get(key.replace("probe", "depth"))
-            rows.append((label, load.lat_str(p["latency_ms"]) + f"  (mean {load.fmt(p['mean_ms'])} ms,"
+            rows.append((label, load_report.lat_str(p["latency_ms"]) + f"  (mean {load_report.fmt(p['mean_ms'])} ms,"
                          f" {p['calls']} calls, {p['empty']} empty"
                          + (f", {depth:,} queued" if depth is not None else "") + ")"))
     if r.get("lease_growth"):
         g = r["lease_growth"]
-        rows.append(("  depth / 1,000 queued", f"p50 x{load.fmt(g['p50_ratio'])}  p99 x{load.fmt(g['p99_ratio'])}"
+        rows.append(("  depth / 1,000 queued", f"p50 x{load_report.fmt(g['p50_ratio'])}  p99 x{load_report.fmt(g['p99_ratio'])}"
                      f"  -> {g['verdict']}"))
     for key, label in (("rss_deep", "RSS at depth"), ("rss_restarted", "RSS after restart")):
         if r.get(key):
@@ -274,10 +277,10 @@ def print_report(rep: dict[str, Any]) -> None:
         rows.append(("data dir at depth", f"{r['data_dir_bytes'] / 2**20:,.0f} MB"))
     rs = r.get("restart")
     if rs:
-        rows.append(("SIGTERM -> exited", f"{load.fmt(rs.get('stop_s'), ' s')} (exit code {rs.get('exit_code')})"))
-        rows.append(("start -> ready line", load.fmt(rs.get("ready_s"), " s")))
-        rows.append(("start -> first LeaseTasks OK", load.fmt(rs.get("first_ok_s"), " s")))
-        rows.append(("start -> first task leased", load.fmt(rs.get("first_task_s"), " s")))
+        rows.append(("SIGTERM -> exited", f"{load_report.fmt(rs.get('stop_s'), ' s')} (exit code {rs.get('exit_code')})"))
+        rows.append(("start -> ready line", load_report.fmt(rs.get("ready_s"), " s")))
+        rows.append(("start -> first LeaseTasks OK", load_report.fmt(rs.get("first_ok_s"), " s")))
+        rows.append(("start -> first task leased", load_report.fmt(rs.get("first_task_s"), " s")))
     if r.get("fatal"):
         rows.append(("FAILED", r["fatal"]))
     rows.append(("server exit code", str(r.get("server_exit_code"))))
@@ -289,7 +292,7 @@ def print_report(rep: dict[str, Any]) -> None:
 
 def run(a: argparse.Namespace, rep: dict[str, Any]) -> None:
     r = rep["results"]
-    server = load.ServerProc(server_args(a), "silo")
+    server = common.ServerProc(server_args(a), "silo")
     largs_base = ["--procs", str(a.procs), "--concurrency", str(a.concurrency),
                   "--fill-timeout", str(a.fill_timeout), "--call-timeout", str(a.call_timeout)]
     try:
@@ -375,11 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     rep: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": load.machine_info(),
+        "machine": common.machine_info(),
         "config": {"jobs": a.jobs, "ref_depth": REF_DEPTH, "samples": a.samples, "procs": a.procs,
                    "concurrency": a.concurrency, "flush_interval_ms": a.flush_interval_ms,
                    "shards": a.shards, "tenancy": False,
-                   "server_processes": load.server_processes(argparse.Namespace(
+                   "server_processes": common.server_processes(argparse.Namespace(
                        processes=a.processes, shards=a.shards)),
                    "argv": sys.argv},
         "results": {},
@@ -393,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     try:
         run(a, rep)
-        if load._interrupted:
+        if common._interrupted:
             raise KeyboardInterrupt
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

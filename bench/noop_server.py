@@ -12,7 +12,9 @@ It answers the RPCs that `bench/load.py` sends, with no storage and no state mac
 - LeaseTasks: pops up to max_tasks jobs of the requested task group from that deque
   and returns them as Tasks shaped like the real server's (same fields, same payload), so
   the response sizes match;
-- ReportOutcome: OK, whatever the task id.
+- ReportOutcome: OK, whatever the task id;
+- GetJob: a Scheduled job with the asked id and a small payload, shaped like the real
+  server's answer (for bench/h2load.py's GetJob capacity run).
 
 The gRPC server is built exactly like the real one: uvloop, `grpc.aio.server` with
 `silo.rpc.server.server_options(max message bytes)`, and the same garbage-collector
@@ -127,6 +129,12 @@ class NoopSilo(pb_grpc.SiloServicer):
     async def ReportOutcome(self, request, context):
         self.reported += 1
         return pb.ReportOutcomeResponse()
+
+    async def GetJob(self, request, context):
+        return pb.GetJobResponse(id=request.id, priority=50, enqueue_time_ms=1,
+                                 payload=pb.SerializedBytes(msgpack=b"\xc0"),
+                                 status=pb.JOB_STATUS_SCHEDULED, status_changed_at_ms=1,
+                                 task_group="bench")
 
 
 async def serve(bind_addr: str, max_message_bytes: int, index: int, ready_fd: int) -> int:

@@ -10,7 +10,14 @@
 #   2. bench/limits.py: concurrency-limit grant latency and limited vs unlimited
 #      throughput (4 tenants x per-tenant key max 100);
 #   3. bench/deep_queue.py --jobs 200000: LeaseTasks latency at depth vs 1,000 queued,
-#      SIGTERM and restart-to-serving time, RSS of each server process.
+#      SIGTERM and restart-to-serving time, RSS of each server process;
+#   4. bench/stream.py: the streaming extension through the SDK (EnqueueMany + worker
+#      stream) beside the same SDK on the unary API, 16 tenants: saturation and 500/s;
+#   5. bench/h2load.py: server capacity for Enqueue and GetJob driven by h2load (Debian
+#      nghttp2-client, installed with apt-get when missing), ours beside the no-op.
+# Every figure comes with its placement (server CPU of each process: SO_REUSEPORT
+# spreads connections, not calls, so a ratio skewed by where the kernel put the
+# connections shows here) and the machine's other busy CPU.
 # Then prints one summary table and writes bench/results/suite-<UTC stamp>.json (machine,
 # versions, config, figures; the three full reports inside). Each step's own JSON, table
 # and progress log are kept in bench/results/<UTC stamp>/. bench/results/ is git-ignored.
@@ -21,7 +28,7 @@
 #   DURATION=8        load.py measured window per scenario, seconds (warm-up 2 s)
 #   DEEP_JOBS=200000  deep_queue.py depth; the issue's 1,000,000 takes about 7 minutes
 #                     of pre-fill alone on 2 cores, so it is a separate command
-#   SKIP=...          comma list of steps to leave out: load, limits, deep
+#   SKIP=...          comma list of steps to leave out: load, limits, deep, stream, h2load
 #   PEERS=1           also install (bench/peers/setup.sh: Redis, PostgreSQL, BullMQ,
 #                     procrastinate) and run the peers on the same workload, printing
 #                     ours/peer ratios against this run's load.py figures (~2 more min)
@@ -95,6 +102,12 @@ fi
 if ! skipped deep && (( ! stopping )); then
     run_step deep "$PYTHON" -u bench/deep_queue.py --jobs "$DEEP_JOBS" --json "$out/deep_queue.json"
 fi
+if ! skipped stream && (( ! stopping )); then
+    run_step stream "$PYTHON" -u bench/stream.py --duration "$DURATION" --json "$out/stream.json"
+fi
+if ! skipped h2load && (( ! stopping )); then
+    run_step h2load "$PYTHON" -u bench/h2load.py --json "$out/h2load.json"
+fi
 if [[ "${PEERS:-0}" == 1 ]] && ! skipped load && (( ! stopping )); then
     run_step peers bash -c "bash bench/peers/setup.sh && \"$PYTHON\" -u bench/peers/run.py \
         --ours-json '$out/load.json' --json '$out/peers.json'"
@@ -145,6 +158,7 @@ def num(v, unit="", nd=0):
 
 
 lr, mr, dr = load("load.json"), load("limits.json"), load("deep_queue.json")
+sr, hr = load("stream.json"), load("h2load.json")
 first = lr or mr or dr or {}
 rows = []  # (scenario, figure, ours, no-op, ratio)
 
@@ -164,6 +178,9 @@ if lr:
         if "fatal" in r:
             add(name, "FAILED", r["fatal"][:60])
             continue
+        add(name, "placement (server cores per process)",
+            " + ".join(f"{x:.2f}" for x in r.get("server_cpu_cores_by_process") or []),
+            " + ".join(f"{x:.2f}" for x in b.get("server_cpu_cores_by_process") or []))
         if name == "enqueue":
             add(name, "durable enqueues/s", num(r["enqueue_per_s"]), num(b.get("enqueue_per_s")), pct)
             add(name, "Enqueue p50 / p99 ms", f"{num(g(r, 'enqueue_latency_ms', 'p50'), nd=1)} / {num(g(r, 'enqueue_latency_ms', 'p99'), nd=1)}",
@@ -235,6 +252,29 @@ if dr:
         if res.get(key):
             add("deep queue", label, " + ".join(f"{(x['rss_kb'] or 0) / 1024:,.0f}" for x in res[key]))
 
+if sr:
+    for r in sr.get("results") or []:
+        name = f"{r['scenario']} ({r['protocol']})"
+        lat = r.get("enqueue_to_handler_start_ms") or {}
+        add("stream", f"{name} jobs/s, {r['tenants']} tenants", num(r.get("jobs_per_s")))
+        add("stream", f"{name} server CPU / job", num(r.get("server_cpu_us_per_job"), " µs"))
+        add("stream", f"{name} enqueue→handler p50 / p99 ms",
+            f"{num(lat.get('p50'), nd=1)} / {num(lat.get('p99'), nd=1)}")
+        add("stream", f"{name} placement (cores per process)",
+            " + ".join(f"{x:.2f}" for x in g(r, "cpu", "server_cores_by_process") or []))
+        other.append(g(r, "cpu", "other_cpu_cores"))
+if hr:
+    for method in ("Enqueue", "GetJob"):
+        o, n = g(hr, "silo", method) or {}, g(hr, "noop", method) or {}
+        ratio = (num(100 * o["calls_per_s"] / n["calls_per_s"], " %") if o.get("calls_per_s")
+                 and n.get("calls_per_s") else "")
+        add("h2load", f"{method} calls/s", num(o.get("calls_per_s")), num(n.get("calls_per_s")), ratio)
+        add("h2load", f"{method} server CPU / call", num(o.get("server_cpu_us_per_call"), " µs"),
+            num(n.get("server_cpu_us_per_call"), " µs"))
+        add("h2load", f"{method} placement (cores per process)",
+            " + ".join(f"{x:.2f}" for x in g(o, "cpu", "server_cores_by_process") or []),
+            " + ".join(f"{x:.2f}" for x in g(n, "cpu", "server_cores_by_process") or []))
+        other += [g(o, "cpu", "other_cpu_cores"), g(n, "cpu", "other_cpu_cores")]
 machine = dict(first.get("machine") or {})
 machine["versions"] = {p: ver(p) for p in ("grpcio", "protobuf", "uvloop", "slatedb", "msgspec", "xxhash", "silo-server")}
 other = [x for x in other if x is not None]
@@ -251,7 +291,7 @@ doc = {
     },
     "figures": [{"scenario": s, "figure": f, "ours": o, "noop": n, "ratio": r} for s, f, o, n, r in rows],
     "max_other_cpu_cores": max(other) if other else None,
-    "reports": {"load": lr, "limits": mr, "deep_queue": dr},
+    "reports": {"load": lr, "limits": mr, "deep_queue": dr, "stream": sr, "h2load": hr},
     "files": str(out),
 }
 summary.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")

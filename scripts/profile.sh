@@ -12,9 +12,16 @@ cd "$(dirname "$0")/.."
 SECONDS_TO_RECORD=${1:-10}
 OUT=${2:-profiles}
 SUP=${3:-$(pgrep -o -f 'silo serve' || true)}
-PYSPY=${PYSPY:-$( [ -x .venv/bin/py-spy ] && echo .venv/bin/py-spy || command -v py-spy || true)}
 if [ -z "$SUP" ]; then echo "profile: no running 'silo serve' found" >&2; exit 2; fi
-if [ -z "$PYSPY" ]; then echo "profile: py-spy not found (install with: pip install py-spy)" >&2; exit 2; fi
+# py-spy: $PYSPY, else ./.venv/bin/py-spy, else next to the server's own python, else PATH
+SERVER_BIN=$(dirname "$(readlink -f "/proc/$SUP/exe" 2>/dev/null || echo /nonexistent)")
+PYSPY=${PYSPY:-$( [ -x .venv/bin/py-spy ] && echo .venv/bin/py-spy || { [ -x "$SERVER_BIN/py-spy" ] && echo "$SERVER_BIN/py-spy"; } || command -v py-spy || true)}
+if [ -z "$PYSPY" ]; then
+  echo "profile: py-spy not found. Install it into the server's environment with" >&2
+  echo "  .venv/bin/pip install py-spy      (or: pip install py-spy / pipx install py-spy)" >&2
+  echo "or capture a profile through the server instead: silo profile --duration 10 -o cpu.pprof" >&2
+  exit 2
+fi
 WORKERS=$(cat "/proc/$SUP/task/$SUP/children" 2>/dev/null || true)
 if [ -z "$WORKERS" ]; then echo "profile: supervisor $SUP has no worker processes" >&2; exit 2; fi
 mkdir -p "$OUT"

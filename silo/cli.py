@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from silo import __version__, cli_client
+from silo import __version__, cli_client, cli_ops
 from silo.config import OPTIONS, ConfigError, load_config
 
 EXIT_BAD_CONFIG = 2
@@ -72,6 +72,7 @@ COMMANDS: dict[str, Command] = {
     "serve": Command("run the Silo server", _configure_serve, _run_serve),
     # Client-side commands (worker, enqueue, job, tenant, cluster, query, profile).
     **{name: Command(*spec) for name, spec in cli_client.COMMANDS.items()},
+    **{name: Command(*spec) for name, spec in cli_ops.COMMANDS.items()},  # operator commands
 }
 
 

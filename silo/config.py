@@ -44,7 +44,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: str = "./silo-data"
     object_store_url: str = ""
     flush_interval_ms: int = 10
-    commit_interval_ms: float = 5.0
+    commit_interval_ms: float = 0.0
     l0_sst_size_bytes: int = 16 * MiB
     flush_on_commit: bool = True
     shards: int = 8
@@ -54,6 +54,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "info"
     log_format: str = "text"
     processes: int = 0
+    metrics_enabled: bool = True
+    metrics_addr: str = "127.0.0.1:9090"
+    metrics_tenant_label: bool = False
     forward_timeout_ms: int = 5000
     liveness_interval_ms: int = 1000
     liveness_misses: int = 10
@@ -329,7 +332,7 @@ OPTIONS: tuple[Option, ...] = (
         "commit_interval_ms",
         "storage.commit_interval_ms",
         _float(0, 1000),
-        "group-commit window: RPC writes gathered this long go to SlateDB as one batch",
+        "group-commit cap: longest a batch waits behind a commit in flight (0 = adaptive, no cap)",
         "MS",
     ),
     Option(
@@ -383,6 +386,20 @@ OPTIONS: tuple[Option, ...] = (
         "worker processes, each pinned to one core and owning a disjoint set of shards "
         "(0 = one per core this process may run on, at most one per shard)",
         "N",
+    ),
+    Option("metrics_enabled", "metrics.enabled", _bool, "serve Prometheus metrics"),
+    Option(
+        "metrics_addr",
+        "metrics.addr",
+        _addr(allow_empty=False),
+        "Prometheus /metrics listen address HOST:PORT (port 0 = pick a free port)",
+        "HOST:PORT",
+    ),
+    Option(
+        "metrics_tenant_label",
+        "metrics.tenant_label",
+        _bool,
+        "fill the tenant label of silo_jobs_enqueued_total (one series per tenant)",
     ),
     Option(
         "forward_timeout_ms",

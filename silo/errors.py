@@ -13,6 +13,18 @@ import grpc
 
 Code = grpc.StatusCode
 
+# Longest caller-given value an error message quotes; longer ones are cut (a 1 MB id
+# echoed back would turn the answer into RESOURCE_EXHAUSTED).
+MAX_ECHO_CHARS = 128
+# Longest message any error carries.
+MAX_MESSAGE_CHARS = 1024
+
+
+def clip(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """A value for an error message, cut to `limit` characters plus "…"."""
+    s = str(value)
+    return s if len(s) <= limit else s[:limit] + "…"
+
 
 class SiloError(Exception):
     """An error answered to the caller as a gRPC status; nothing was changed."""
@@ -47,7 +59,7 @@ def lease_owner_mismatch() -> SiloError:
 
 
 def job_already_exists(job_id: str) -> SiloError:
-    return SiloError(Code.ALREADY_EXISTS, f"job already exists with id {job_id}")
+    return SiloError(Code.ALREADY_EXISTS, f"job already exists with id {clip(job_id)}")
 
 
 def job_already_cancelled() -> SiloError:
@@ -60,7 +72,7 @@ def job_already_terminal() -> SiloError:
 
 def cannot(verb: str, job_id: str, reason: str, status_name: str) -> SiloError:
     return SiloError(
-        Code.FAILED_PRECONDITION, f"cannot {verb} job {job_id}: {reason} (status: {status_name})"
+        Code.FAILED_PRECONDITION, f"cannot {verb} job {clip(job_id)}: {reason} (status: {status_name})"
     )
 
 

@@ -28,6 +28,13 @@ and the worker then reports Cancelled whatever the handler returns. A lost lease
 not found" / "lease owner mismatch") sets the signal too, and nothing is reported.
 :meth:`Worker.stop` stops polling, waits for running handlers up to its timeout, then
 drops the rest (their leases simply expire).
+
+When the server offers Silo's streaming extension (silostream.v1, see
+silo.client.stream) and ``stream`` is not False, the worker does not poll: it opens one
+push stream per server, which delivers tasks into free slots the moment they are ready;
+outcomes and heartbeats travel on that stream (falling back to the unary calls if it
+breaks), and on stop the tasks that arrive after stopping are given back at once. Against
+a server without the extension (e.g. upstream Silo) it polls as described above.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from typing import Any
 
 from silo.client.client import SiloClient
 from silo.client.errors import DuplicateTaskDelivery, LeaseLost, SiloError
+from silo.client.stream import WorkStream, supports_stream
 from silo.client.types import (
     Cancelled,
     Failure,
@@ -58,6 +66,7 @@ from silo.client.types import (
     Task,
     encode,
 )
+from silo.worker_stream import StreamingWorker
 
 __all__ = ["Cancelled", "Failure", "RefreshContext", "Success", "TaskCancelled",
            "TaskContext", "Worker", "WorkerStats", "HANDLER_ERROR", "REFRESH_HANDLER_ERROR"]
@@ -194,7 +203,7 @@ def _is_async_callable(fn: Any) -> bool:
         getattr(fn, "__call__", None))  # noqa: B004
 
 
-class Worker:
+class Worker(StreamingWorker):
     """Runs ``handler`` for the tasks of ``task_group``; see the module docstring."""
 
     def __init__(
@@ -211,6 +220,7 @@ class Worker:
         worker_id: str | None = None,
         refresh_handler: Callable[[RefreshContext], Any] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
+        stream: bool | None = None,
     ) -> None:
         if concurrency < 1 or pollers < 1:
             raise ValueError("concurrency and pollers must be >= 1")
@@ -237,6 +247,9 @@ class Worker:
         self._slot_freed: asyncio.Event | None = None
         self._server_rr = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.use_stream = stream  # None: when the server offers it
+        self._streams: list[WorkStream] = []
+        self._task_stream: dict[str, WorkStream] = {}
 
     # ---- state -------------------------------------------------------------------------
 
@@ -274,7 +287,14 @@ class Worker:
                 and self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=self.concurrency, thread_name_prefix="silo-worker")
-        await self.client.get_topology()
+        topo = await self.client.get_topology()
+        if self.use_stream is not False and topo is not None:
+            addrs = sorted({s.grpc_addr for s in topo.shards})
+            if addrs and all([await supports_stream(self.client, a) for a in addrs]):
+                share = max(1, self.concurrency // len(addrs))
+                self._poller_tasks = [asyncio.ensure_future(self._stream_loop(a, share))
+                                      for a in addrs]
+                return
         self._poller_tasks = [asyncio.ensure_future(self._poll_loop(i))
                               for i in range(self.pollers)]
 
@@ -302,6 +322,9 @@ class Worker:
                 for p in pending:
                     p.cancel()
                 await asyncio.wait(pending, timeout=1.0)
+        streams, self._streams = self._streams, []
+        for ws in streams:
+            await ws.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
@@ -384,8 +407,11 @@ class Worker:
 
     def _release(self, task_id: str, counted: bool) -> None:
         self._executions.pop(task_id, None)
+        ws = self._task_stream.pop(task_id, None)
         if counted:
             self._inflight -= 1
+            if ws is not None:
+                ws.add_slots(1)
             if self._slot_freed is not None:
                 self._slot_freed.set()
 
@@ -418,7 +444,7 @@ class Worker:
             if ex.settled:
                 return
             try:
-                cancelled = await self.client.heartbeat(self.worker_id, task_id, shard, tenant)
+                cancelled = await self._heartbeat(task_id, shard, tenant)
             except LeaseLost as e:
                 if not ex.settled:
                     log.info("worker %s: lost the lease of task %s: %s", self.worker_id,
@@ -485,7 +511,7 @@ class Worker:
             except (TypeError, ValueError, OverflowError) as e:
                 outcome = Failure(outcome.code, {"message": f"unencodable failure data: {e}"})
         try:
-            await self.client.report_outcome(task.id, task.shard, outcome, task.tenant_id)
+            await self._report_outcome(task, outcome)
         except LeaseLost as e:
             self.stats.lease_lost += 1
             log.info("worker %s: task %s lease lost before its outcome was reported: %s",

@@ -37,9 +37,11 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 import servers  # noqa: E402  (bench/peers/servers.py)
+from common import busy_pct, machine_cpu, percentiles_ms, trees_cpu_s  # noqa: E402
+from report import SCENARIOS, print_table, ratios  # noqa: E402  (bench/peers/report.py)
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT_S = 120.0
 
 # name -> (server kind, redis mode, driver, what an acknowledged enqueue means)
@@ -51,60 +53,7 @@ PEERS: dict[str, tuple[str, str | None, str, str]] = {
     "procrastinate": ("postgres", None, "procrastinate",
                       "durable: PostgreSQL COMMIT, synchronous_commit=on, fsync=on"),
 }
-SCENARIOS = ("enqueue", "e2e")
 
-
-# ---------------------------------------------------------------------------
-# /proc
-# ---------------------------------------------------------------------------
-
-
-def proc_cpu_s(pid: int) -> float | None:
-    """utime+stime of a process and of its reaped children (cutime+cstime), seconds."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2:].split()
-    return sum(int(x) for x in fields[11:15]) / CLK_TCK
-
-
-def tree_cpu_s(pids: list[int]) -> float:
-    """CPU seconds of these processes and all their live descendants."""
-    seen: set[int] = set()
-    total = 0.0
-    stack = list(pids)
-    while stack:
-        p = stack.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        c = proc_cpu_s(p)
-        if c is None:
-            continue
-        total += c
-        with contextlib.suppress(OSError):
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with contextlib.suppress(OSError), open(f"/proc/{p}/task/{tid}/children") as f:
-                    stack.extend(int(x) for x in f.read().split())
-    return total
-
-
-def machine_cpu() -> tuple[float, float]:
-    """(busy, total) jiffies of all cores (iowait counts as idle)."""
-    with open("/proc/stat") as f:
-        vals = [int(x) for x in f.readline().split()[1:]]
-    idle = vals[3] + vals[4]
-    total = sum(vals[:8])
-    return float(total - idle), float(total)
-
-
-def busy_pct(seconds: float = 1.0) -> float:
-    b0, t0 = machine_cpu()
-    time.sleep(seconds)
-    b1, t1 = machine_cpu()
-    return round(100 * (b1 - b0) / max(1.0, t1 - t0), 1)
 
 
 def wait_idle(args: argparse.Namespace, label: str) -> float:
@@ -120,24 +69,6 @@ def wait_idle(args: argparse.Namespace, label: str) -> float:
         print(f"[{label}] WARNING: machine {busy:.0f} % busy before the start: figures skewed",
               file=sys.stderr, flush=True)
     return busy
-
-
-# ---------------------------------------------------------------------------
-# statistics
-# ---------------------------------------------------------------------------
-
-
-def percentiles_ms(samples_us: list[int]) -> dict[str, float | None]:
-    keys = ("p50", "p90", "p99", "max")
-    if not samples_us:
-        return dict.fromkeys(keys)
-    s = sorted(samples_us)
-    n = len(s)
-
-    def pick(q: float) -> float:  # nearest rank, as bench/load.py
-        return round(s[max(0, min(n - 1, int(q * n + 0.999999) - 1))] / 1000.0, 3)
-
-    return {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99), "max": round(s[-1] / 1000.0, 3)}
 
 
 # ---------------------------------------------------------------------------
@@ -249,13 +180,13 @@ def run_clients(peer: str, scenario: str, srv: servers.Server, args: argparse.Na
         pids = [c.proc.pid for c in clients]
 
         def snap() -> dict[str, Any]:
-            return {"t": time.monotonic(), "server": tree_cpu_s([srv.pid]),
-                    "clients": tree_cpu_s(pids), "machine": machine_cpu()}
+            return {"t": time.monotonic(), "server": trees_cpu_s([srv.pid]),
+                    "clients": trees_cpu_s(pids), "machine": machine_cpu()}
 
         s0 = s1 = None
         tick = start_mono + 1.0
         last_t, last = start_mono, (0, 0, 0)
-        last_srv = tree_cpu_s([srv.pid])
+        last_srv = trees_cpu_s([srv.pid])
         progress = []
         while s1 is None:
             nxt = min(x for x in (tick, win_start if s0 is None else None, win_end) if x is not None)
@@ -267,7 +198,7 @@ def run_clients(peer: str, scenario: str, srv: servers.Server, args: argparse.Na
                 s1 = snap()
             if now >= tick:
                 tot = tuple(sum(c.tick.get(k, 0) for c in clients) for k in ("enq", "done", "err"))
-                srv_cpu = tree_cpu_s([srv.pid])
+                srv_cpu = trees_cpu_s([srv.pid])
                 dtt = now - last_t
                 mid = now - dtt / 2
                 phase = "warmup" if mid < win_start else ("measure" if mid < win_end else "drain")
@@ -465,141 +396,6 @@ def ours_figures(path: Path) -> dict[str, Any]:
     }
 
 
-RATIO_FIGURES = (
-    ("enqueue", "enqueue_per_s", None, "durable enqueues/s"),
-    ("enqueue", "enqueue_latency_ms", "p50", "Enqueue latency p50"),
-    ("enqueue", "enqueue_latency_ms", "p99", "Enqueue latency p99"),
-    ("enqueue", "server_cpu_us_per_enqueue", None, "server CPU per Enqueue"),
-    ("e2e", "jobs_per_s", None, "completed jobs/s"),
-    ("e2e", "e2e_latency_ms", "p50", "enqueue→complete p50"),
-    ("e2e", "e2e_latency_ms", "p99", "enqueue→complete p99"),
-    ("e2e", "server_cpu_us_per_job", None, "server CPU per job"),
-)
-
-
-def pick(d: dict[str, Any] | None, key: str, sub: str | None) -> float | None:
-    if not d:
-        return None
-    v = d.get(key)
-    if sub is not None:
-        v = (v or {}).get(sub)
-    return v
-
-
-def ratios(ours: dict[str, Any], peers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for peer, res in peers.items():
-        r = {}
-        for scen, key, sub, _ in RATIO_FIGURES:
-            a = pick(ours.get(scen), key, sub)
-            b = pick(res.get(scen), key, sub)
-            r[f"{scen}.{key}{'.' + sub if sub else ''}"] = (
-                round(a / b, 3) if (a is not None and b) else None)
-        out[peer] = r
-    return out
-
-
-# ---------------------------------------------------------------------------
-# report
-# ---------------------------------------------------------------------------
-
-
-def fmt(v: Any, unit: str = "") -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        v = f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.1f}"
-    elif isinstance(v, int):
-        v = f"{v:,}"
-    return f"{v}{unit}"
-
-
-def lat(d: dict[str, Any] | None, keys: tuple[str, ...] = ("p50", "p99")) -> str:
-    if not d:
-        return "n/a"
-    return " / ".join(fmt(d.get(k)) for k in keys) + " ms"
-
-
-def print_table(report: dict[str, Any]) -> None:
-    peers = report["peers"]
-    ours = report.get("ours")
-    cols = list(peers)
-    head = ["figure"] + cols + (["ours"] if ours else [])
-    rows: list[list[str]] = []
-
-    def row(name: str, fn, ours_val: str | None = None) -> None:
-        rows.append([name] + [fn(peers[p]) for p in cols] + ([ours_val or ""] if ours else []))
-
-    row("ack is durable", lambda r: r.get("durability", "").split(":")[0],
-        "yes" if ours else None)
-    if any("enqueue" in r for r in peers.values()):
-        o = (ours or {}).get("enqueue") or {}
-        row("enqueues/s (enqueue)",
-            lambda r: fmt(pick(r.get("enqueue"), "enqueue_per_s", None)), fmt(o.get("enqueue_per_s")))
-        row("enqueue latency p50 / p99", lambda r: lat((r.get("enqueue") or {}).get(
-            "enqueue_latency_ms")), lat(o.get("enqueue_latency_ms")))
-        row("server CPU per enqueue", lambda r: fmt(pick(r.get("enqueue"),
-            "server_cpu_us_per_enqueue", None), " µs"), fmt(o.get("server_cpu_us_per_enqueue"), " µs"))
-        row("server / loadgen CPU (cores)", lambda r: (
-            f"{fmt(pick(r.get('enqueue'), 'server_cpu_cores', None))} / "
-            f"{fmt(pick(r.get('enqueue'), 'loadgen_cpu_cores', None))}"),
-            f"{fmt(o.get('server_cpu_cores'))} / {fmt(o.get('loadgen_cpu_cores'))}")
-        row("other busy CPU (cores)", lambda r: fmt(pick(r.get("enqueue"), "other_cpu_cores", None)),
-            fmt(o.get("other_cpu_cores")))
-    if any("e2e" in r for r in peers.values()):
-        o = (ours or {}).get("e2e") or {}
-        row("completed jobs/s (e2e)", lambda r: fmt(pick(r.get("e2e"), "jobs_per_s", None)),
-            fmt(o.get("jobs_per_s")))
-        row("enqueue→complete p50 / p99", lambda r: lat((r.get("e2e") or {}).get(
-            "e2e_latency_ms")), lat(o.get("e2e_latency_ms")))
-        row("e2e enqueues/s; backlog at end", lambda r: (
-            f"{fmt(pick(r.get('e2e'), 'enqueue_per_s', None))}; "
-            f"{fmt(pick(r.get('e2e'), 'backlog_at_end', None))}"),
-            f"{fmt(o.get('enqueue_per_s'))}; {fmt(o.get('backlog_at_end'))}")
-        row("e2e enqueue latency p50 / p99", lambda r: lat((r.get("e2e") or {}).get(
-            "enqueue_latency_ms")), lat(o.get("enqueue_latency_ms")))
-        row("server CPU per job", lambda r: fmt(pick(r.get("e2e"), "server_cpu_us_per_job", None),
-                                                " µs"), fmt(o.get("server_cpu_us_per_job"), " µs"))
-        row("server / loadgen CPU (cores)", lambda r: (
-            f"{fmt(pick(r.get('e2e'), 'server_cpu_cores', None))} / "
-            f"{fmt(pick(r.get('e2e'), 'loadgen_cpu_cores', None))}"),
-            f"{fmt(o.get('server_cpu_cores'))} / {fmt(o.get('loadgen_cpu_cores'))}")
-        row("other busy CPU (cores)", lambda r: fmt(pick(r.get("e2e"), "other_cpu_cores", None)),
-            fmt(o.get("other_cpu_cores")))
-    row("failed calls", lambda r: fmt(sum((r.get(s) or {}).get("error_total", 0) for s in SCENARIOS)),
-        fmt(sum((ours.get(s) or {}).get("error_total") or 0 for s in SCENARIOS)) if ours else None)
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-    print()
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
-    if ours and report.get("ratios"):
-        print("\nours / peer (rates: > 1 = ours faster; latency and CPU: < 1 = ours lower)")
-        rh = ["figure"] + cols
-        rrows = []
-        for scen, key, sub, name in RATIO_FIGURES:
-            k = f"{scen}.{key}{'.' + sub if sub else ''}"
-            rrows.append([name] + [("n/a" if (v := report["ratios"][p].get(k)) is None else f"{v:.2f}")
-                                   for p in cols])
-        rw = [max(len(r[i]) for r in rrows + [rh]) for i in range(len(rh))]
-        print("  ".join(h.ljust(w) for h, w in zip(rh, rw, strict=True)))
-        print("  ".join("-" * w for w in rw))
-        for r in rrows:
-            print("  ".join(c.ljust(w) for c, w in zip(r, rw, strict=True)))
-    for p in cols:
-        for s in SCENARIOS:
-            r = peers[p].get(s) or {}
-            for prob in r.get("problems", []):
-                print(f"  {p}/{s}: {prob}")
-            for m, n in list(r.get("error_messages", {}).items())[:5]:
-                print(f"  {p}/{s}: {n} x {m}")
-        if peers[p].get("error"):
-            print(f"  {p}: {peers[p]['error']}")
-
-
-# ---------------------------------------------------------------------------
-# main
 # ---------------------------------------------------------------------------
 
 

@@ -448,6 +448,38 @@ class SiloClient:
     ) -> JobHandle:
         """Create a job; ``payload`` is msgpack-encoded. Runs from ``start_at_ms`` /
         ``start_at`` (default: now). Raises JobAlreadyExists for a duplicate ``id``."""
+        req = self.enqueue_request(payload, task_group, id=id, priority=priority,
+                                   start_at_ms=start_at_ms, start_at=start_at,
+                                   retry_policy=retry_policy, limits=limits, tenant=tenant,
+                                   metadata=metadata)
+        resp = await self._routed(hash_tenant(tenant), "Enqueue", req, op="enqueue",
+                                  job_id=id, tenant=tenant)
+        return JobHandle(self, resp.id, tenant or None)
+
+    async def enqueue_many(self, jobs: Iterable[dict[str, Any]]) -> list[JobHandle | SiloError]:
+        """Create many jobs; each item holds :meth:`enqueue`'s arguments as a dict
+        (``payload`` and ``task_group`` required). One result per job, in order: its
+        handle (the job is durable) or the typed error it failed with. Uses the
+        server's EnqueueMany (silostream.v1) when offered, else one Enqueue per job."""
+        from silo.client.stream import enqueue_many  # noqa: PLC0415 - it builds on this module
+
+        return await enqueue_many(self, list(jobs))
+
+    def enqueue_request(
+        self,
+        payload: Any,
+        task_group: str,
+        *,
+        id: str | None = None,
+        priority: int = 50,
+        start_at_ms: int | None = None,
+        start_at: _dt.datetime | None = None,
+        retry_policy: RetryPolicy | None = None,
+        limits: Iterable[Limit] | None = None,
+        tenant: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> pb.EnqueueRequest:
+        """The EnqueueRequest of :meth:`enqueue` (its ``shard`` is set when routed)."""
         if start_at_ms is None:
             start_at_ms = int(start_at.timestamp() * 1000) if start_at is not None else now_ms()
         req = pb.EnqueueRequest(id=id or "", priority=priority, start_at_ms=start_at_ms,
@@ -461,9 +493,7 @@ class SiloClient:
             req.tenant = tenant
         if metadata:
             req.metadata.update(metadata)
-        resp = await self._routed(hash_tenant(tenant), "Enqueue", req, op="enqueue",
-                                  job_id=id, tenant=tenant)
-        return JobHandle(self, resp.id, tenant or None)
+        return req
 
     def _job_req(self, cls: Any, job_id: str, tenant: str | None) -> Any:
         req = cls(id=job_id)

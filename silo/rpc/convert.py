@@ -18,6 +18,7 @@ from silo.storage.records import (
 )
 
 DEFAULT_TENANT = "-"
+_I64_MAX = (1 << 63) - 1
 
 
 def payload_bytes(sb: pb.SerializedBytes) -> bytes:
@@ -106,7 +107,8 @@ def job_to_pb(view: JobView) -> pb.GetJobResponse:
     if info.retry_policy is not None:
         m.retry_policy.CopyFrom(retry_policy_to_pb(info.retry_policy))
     if status.next_attempt_starts_after_ms is not None:
-        m.next_attempt_starts_after_ms = status.next_attempt_starts_after_ms
+        # Saturated: a record written before back-off math was bounded may exceed int64.
+        m.next_attempt_starts_after_ms = min(status.next_attempt_starts_after_ms, _I64_MAX)
     if view.result is not None:
         m.result.msgpack = view.result
     return m

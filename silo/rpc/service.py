@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import hmac
 import logging
 import random
 import uuid
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -21,7 +23,9 @@ from silo._proto import silo_pb2 as pb
 from silo._proto import silo_pb2_grpc as pb_grpc
 from silo.cluster.shardmap import DEFAULT_TENANT, hash_tenant, in_range
 from silo.errors import SiloError
-from silo.rpc import convert
+from silo.observability import metrics, tracing
+from silo.observability.rpc import instrument_rpc
+from silo.rpc import convert, guard, ops
 from silo.runtime.node import Node
 from silo.shard import (
     cancel,
@@ -59,6 +63,7 @@ def rpc(fn):
     shard lives elsewhere, and turn SiloError/StorageError into gRPC statuses."""
     name = fn.__name__
     response_type = getattr(pb, _METHODS[name].output_type.name)
+    request_type = getattr(pb, _METHODS[name].input_type.name)
 
     @functools.wraps(fn)
     async def handler(self: SiloService, request, context: grpc.aio.ServicerContext):
@@ -66,6 +71,8 @@ def rpc(fn):
             forward.enter_call(context)  # refused while draining; auth/deadline go along
             if self.auth_token:
                 self.check_auth(context)
+            if isinstance(request, bytes):  # registered raw (silo.rpc.server): parse after auth
+                request = guard.parse_request(request_type, name, request)
             try:
                 return await fn(self, request, context)
             except _OwnedElsewhere as e:
@@ -74,15 +81,27 @@ def rpc(fn):
         except SiloError as e:
             if e.trailers:
                 context.set_trailing_metadata(e.trailers)
-            await context.abort(e.code, e.message)
+            await context.abort(e.code, guard.bounded(e.message))
         except StorageError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"shard storage unavailable: {e}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                guard.bounded(f"shard storage unavailable: {e}"))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # a bug: answer INTERNAL (not UNKNOWN), log it rate-limited
+            guard.unexpected("%s raised %r", name, e, exc_info=e)
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"internal error in {name}: {type(e).__name__}")
 
     handler.inner = fn  # type: ignore[attr-defined]
-    return handler
+    handler.raw_request = True  # type: ignore[attr-defined]
+    return instrument_rpc(name, handler)
 
 
 class SiloService(pb_grpc.SiloServicer):
+    # Forwarded calls added by extensions (silo.rpc.stream): method → fn(service, payload)
+    # returning the reply bytes.
+    EXTRA_LOCAL: dict[str, Callable[..., Awaitable[bytes]]] = {}
+
     def __init__(self, node: Node, *, auth_token: str = "") -> None:
         self.node = node
         self.auth_token = auth_token
@@ -95,7 +114,7 @@ class SiloService(pb_grpc.SiloServicer):
                 if isinstance(v, bytes) or not v.isascii():
                     raise SiloError(grpc.StatusCode.UNAUTHENTICATED,
                                     "invalid authorization header")
-                if v != f"Bearer {self.auth_token}":
+                if not hmac.compare_digest(v.encode(), f"Bearer {self.auth_token}".encode()):
                     raise SiloError(grpc.StatusCode.UNAUTHENTICATED, "invalid auth token")
                 return
         raise SiloError(grpc.StatusCode.UNAUTHENTICATED, "missing authorization header")
@@ -111,7 +130,7 @@ class SiloService(pb_grpc.SiloServicer):
         try:
             uuid.UUID(shard_id)
         except ValueError:
-            raise errors.invalid(f"invalid shard ID: {shard_id}") from None
+            raise errors.invalid(f"invalid shard ID: {errors.clip(shard_id)}") from None
         owner = self.node.owner_of.get(shard_id)
         if owner is None:
             raise errors.shard_not_found()
@@ -124,10 +143,22 @@ class SiloService(pb_grpc.SiloServicer):
 
         The owner applies every rule itself, as for a direct call: the caller's token is
         checked here, tenancy in the handler, dev mode in `_reset_local`."""
+        if self.auth_token:
+            self.check_auth(meta)
+        if tracing.ENABLED:
+            method, parent = tracing.split_method(method)
+            with tracing.server_span(f"forwarded {method}", parent):
+                return await self._dispatch(method, payload)
+        return await self._dispatch(method, payload)
+
+    async def _dispatch(self, method: str, payload: bytes):
+        if method.startswith("ops."):  # silo.rpc.ops's per-process halves
+            return 0, "", (), await ops.serve_local(self, method, payload)
         _FORWARDED.set(True)
         try:
-            if self.auth_token:
-                self.check_auth(meta)
+            extra = self.EXTRA_LOCAL.get(method)
+            if extra is not None:
+                return 0, "", (), await extra(self, payload)
             if method.endswith("@local"):
                 out = await self._LOCAL[method](self, pb.LeaseTasksRequest.FromString(payload)
                                                 if method == "LeaseTasks@local" else None)
@@ -137,6 +168,12 @@ class SiloService(pb_grpc.SiloServicer):
                 out = await fn(self, request_type.FromString(payload), None)
         except StorageError as e:
             raise SiloError(grpc.StatusCode.UNAVAILABLE, f"shard storage unavailable: {e}") from e
+        except SiloError:
+            raise
+        except Exception as e:  # a bug: INTERNAL to the caller, one throttled log line
+            guard.unexpected("forwarded %s raised %r", method, e, exc_info=e)
+            raise SiloError(grpc.StatusCode.INTERNAL,
+                            f"internal error in {method}: {type(e).__name__}") from e
         return 0, "", (), out.SerializeToString()
 
     def tenant(self, shard: Shard, request) -> str:
@@ -217,6 +254,7 @@ class SiloService(pb_grpc.SiloServicer):
             payload=request.payload.msgpack, limits=convert.limits_from_pb(request.limits),
             metadata=dict(request.metadata), task_group=request.task_group)
         self.node.publish(s)
+        metrics.job_enqueued(s.id, tenant)
         return pb.EnqueueResponse(id=job_id)
 
     @rpc
@@ -337,6 +375,7 @@ class SiloService(pb_grpc.SiloServicer):
             if remaining <= 0:
                 break
             got = await lease.lease_tasks(s, request.worker_id, remaining, request.task_group)
+            metrics.POLLS.inc((s.id, request.task_group))
             if got:
                 self.node.publish(s)
             lease_ms = s.config.lease_ms
@@ -346,6 +385,8 @@ class SiloService(pb_grpc.SiloServicer):
                 else:
                     out.tasks.append(convert.task_to_pb(t, s.id, lease_ms))
                     remaining -= 1
+                    metrics.task_leased(s.id, t.info.task_group, t.lease.task.relative_attempt,
+                                        t.info.enqueue_time_ms, t.lease.started_at_ms)
         return out
 
     @rpc
@@ -372,6 +413,7 @@ class SiloService(pb_grpc.SiloServicer):
             o = outcome.Cancelled()
         await outcome.report_outcome(s, request.task_id, o)
         self.node.publish(s)
+        metrics.job_completed(s.id, kind)
         return pb.ReportOutcomeResponse()
 
     @rpc
@@ -434,27 +476,40 @@ class SiloService(pb_grpc.SiloServicer):
         try:
             uuid.UUID(request.shard)
         except ValueError:
-            raise errors.invalid(f"invalid shard ID: {request.shard}") from None
+            raise errors.invalid(f"invalid shard ID: {errors.clip(request.shard)}") from None
         return pb.ForceReleaseShardResponse(released=True)  # single node: nothing to release
 
     @rpc
     async def FlushShard(self, request, context):
-        s = self.node.shards.get(request.shard)
-        if s is None:
-            self.shard(request.shard)  # invalid id → IA
-            raise SiloError(grpc.StatusCode.NOT_FOUND, f"shard {request.shard} not found on this node")
-        await s.committer.commit()
-        await s.db.flush()
-        return pb.FlushShardResponse(status=f"flushed shard {s.id}")
+        return await ops.flush(self, request)
+
+    @rpc
+    async def CompactShard(self, request, context):
+        return await ops.compact(self, request)
+
+    @rpc
+    async def GetShardStorageInfo(self, request, context):
+        return await ops.storage_info(self, request)
+
+    @rpc
+    async def CpuProfile(self, request, context):
+        return await ops.cpu_profile(self, request)
+
+    @rpc
+    async def HeapProfile(self, request, context):
+        return await ops.heap_profile(self, request)
+
+    @rpc
+    async def DumpTasks(self, request, context):
+        return await ops.dump_tasks(self, request)
 
 
 def _unimplemented(name: str, why: str):
     async def handler(self, request, context):
-        e = errors.unimplemented(name, why)
-        await context.abort(e.code, e.message)
+        raise errors.unimplemented(name, why)
 
     handler.__name__ = name
-    return handler
+    return rpc(handler)  # auth first, like every Silo RPC
 
 
 _LATER = {
@@ -464,11 +519,6 @@ _LATER = {
     "RequestSplit": "shard splits need a cluster coordinator",
     "GetSplitStatus": "shard splits need a cluster coordinator",
     "ConfigureShard": "placement rings need a cluster coordinator",
-    "CompactShard": "storage admin is a later feature",
-    "GetShardStorageInfo": "storage admin is a later feature",
-    "CpuProfile": "use `py-spy` against the server process",
-    "HeapProfile": "heap profiling is a later feature",
-    "DumpTasks": "task dumps are a later feature",
 }
 for _name, _why in _LATER.items():
     setattr(SiloService, _name, _unimplemented(_name, _why))

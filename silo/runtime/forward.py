@@ -39,6 +39,7 @@ import grpc
 import msgspec
 
 from silo.errors import SiloError
+from silo.observability import metrics, tracing
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +327,17 @@ class PeerClient:
 
         Waits at most `timeout_s` (default: this client's `timeout_s`) and never past the
         public call's deadline; the owner is told the earlier of the two."""
+        t0 = time.perf_counter()
+        try:
+            if tracing.ENABLED:
+                with tracing.span("forward", {"silo.peer": self.name, "rpc.method": method}):
+                    return await self._call(tracing.inject_method(method), payload, timeout_s)
+            return await self._call(method, payload, timeout_s)
+        finally:
+            metrics.FORWARDED.inc((method, self.name))
+            metrics.FORWARD_DURATION.observe((method,), time.perf_counter() - t0)
+
+    async def _call(self, method: str, payload: bytes, timeout_s: float | None) -> bytes:
         if self._unresponsive is not None and self._unresponsive():
             raise self._unavailable("it stopped answering liveness pings")
         meta = _CALL.get()

@@ -14,9 +14,11 @@ import contextlib
 import logging
 import mmap
 import struct
+import time
 import uuid
 
 from silo.cluster.shardmap import ShardMap
+from silo.observability import events, metrics
 from silo.runtime.forward import PeerClient
 from silo.runtime.status import SERVING, UNRESPONSIVE, ProcessTable
 from silo.shard.reaper import reap_expired_leases
@@ -87,9 +89,16 @@ class Node:
 
     async def open(self) -> None:
         by_id = self.shard_map.by_id
-        opened = await asyncio.gather(*(
-            Shard.open(sid, by_id[sid].range_start, by_id[sid].range_end, self.store_url,
-                       self.shard_config) for sid in self.owned))
+
+        async def open_one(sid: str) -> Shard:
+            t0 = time.perf_counter()
+            s = await Shard.open(sid, by_id[sid].range_start, by_id[sid].range_end,
+                                 self.store_url, self.shard_config)
+            s.committer.name = sid
+            events.shard_opened(s, time.perf_counter() - t0)
+            return s
+
+        opened = await asyncio.gather(*(open_one(sid) for sid in self.owned))
         for s in opened:
             self.shards[s.id] = s
             self.publish(s)
@@ -122,10 +131,15 @@ class Node:
         while True:
             await asyncio.sleep(self.reaper_interval_s)
             for shard in list(self.shards.values()):
+                labels = (shard.id,)
+                t0 = time.perf_counter()
                 try:
-                    await reap_expired_leases(shard)
+                    metrics.REAPER_REAPED.inc(labels, await reap_expired_leases(shard))
                 except Exception:  # noqa: BLE001 - one shard's failure must not stop the others
+                    metrics.REAPER_ERRORS.inc(labels)
                     log.exception("lease reaper failed on shard %s", shard.id)
+                metrics.REAPER_SCANS.inc(labels)
+                metrics.REAPER_DURATION.observe(labels, time.perf_counter() - t0)
                 self.publish(shard)
 
     async def close(self) -> None:
@@ -135,6 +149,11 @@ class Node:
                 await self._reaper
         for p in self.peers.values():
             await p.close()
-        await asyncio.gather(*(s.close() for s in self.shards.values()),
+        async def close_one(s: Shard) -> None:
+            t0 = time.perf_counter()
+            await s.close()
+            events.shard_closed(s.id, time.perf_counter() - t0)
+
+        await asyncio.gather(*(close_one(s) for s in self.shards.values()),
                              return_exceptions=True)
         self.shards.clear()

@@ -30,6 +30,7 @@ class _JsonFormatter(logging.Formatter):
                "logger": record.name, "msg": record.getMessage()}
         if self.worker is not None:
             doc["worker"] = self.worker
+        doc.update(getattr(record, "silo_fields", ()))  # structured events (observability)
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(doc).decode()

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from silo.cluster.shardmap import load_or_create
 from silo.config import Config
+from silo.observability import events, metrics
 from silo.runtime import control, status
 from silo.runtime.checks import StartupError, fail, run_checks
 from silo.runtime.forward import new_secret
@@ -210,6 +211,7 @@ class Supervisor:
             owner_of = {e.shard_id: i % n for i, e in enumerate(shard_map.entries)}
             self.sock_dir = make_socket_dir(data_dir)
             log.info("worker sockets in %s", self.sock_dir)
+            metrics.start_supervisor(config, self.sock_dir)  # before any fork
             bind_addr = f"{host}:{port}"
             self.cpus = sorted(os.sched_getaffinity(0))
             counts = mmap.mmap(-1, 8 * len(shard_map.entries))
@@ -239,6 +241,7 @@ class Supervisor:
                      config.advertised_addr or bind_addr, data_dir.resolve(),
                      len(shard_map.entries), "on" if config.tenancy else "off",
                      "on" if config.dev_mode else "off", n)
+            events.startup_config(config)
             self.supervise()
             self.stop_workers()
             log.info("silo stopped")
@@ -379,6 +382,7 @@ class Supervisor:
                     "failure%s in a row)", slot.index, pid, cause, delay, slot.restarts,
                     slot.failures, "" if slot.failures == 1 else "s")
         slot.respawn_at = now + delay
+        events.worker_restarted(slot.index, pid or 0, cause, delay)
 
     def _respawn_due(self) -> None:
         now = time.monotonic()

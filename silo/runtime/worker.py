@@ -18,6 +18,7 @@ import uvloop
 
 from silo.cluster.shardmap import ShardMap
 from silo.config import Config
+from silo.observability import metrics, profiling, tracing
 from silo.rpc.server import build_server, mark_serving
 from silo.rpc.service import SiloService
 from silo.runtime import forward
@@ -64,6 +65,9 @@ async def serve_worker(spec: WorkerSpec) -> int:
     once every worker has drained, are forwarded calls finished and the shards closed."""
     config = spec.config
     control = WorkerControl(spec.control_fd) if spec.control_fd is not None else None
+    metrics.start_worker(spec.index)
+    tracing.start_worker(spec.index)
+    profiling.allow_ptrace_from_parent()
     node = Node(
         spec.shard_map,
         config.object_store_url_resolved(),
@@ -85,6 +89,7 @@ async def serve_worker(spec: WorkerSpec) -> int:
         table=spec.table,
     )
     await node.open()
+    flusher = asyncio.create_task(metrics.flush_forever(node), name="silo-metrics")
     fatal = asyncio.Event()
 
     def storage_failed(e: BaseException) -> None:
@@ -110,8 +115,8 @@ async def serve_worker(spec: WorkerSpec) -> int:
     await mark_serving(server)
     health = (asyncio.create_task(follow_node_health(server, spec.table))
               if spec.table is not None else None)
-    # Hook: a metrics endpoint for this worker would start here (it may read
-    # spec.table.snapshot() for the supervisor's restart counts).
+    # spec.table (node.table) holds the supervisor's view of every process, restart
+    # counts included (ProcessTable.restarts / snapshot), for metrics to export.
     log.info("worker %d (pid %d) serving %d shards", spec.index, os.getpid(), len(node.shards))
     if control is not None:
         control.send(READY)
@@ -126,6 +131,7 @@ async def serve_worker(spec: WorkerSpec) -> int:
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for w in waits:
         w.cancel()
+    flusher.cancel()
     if health is not None:
         health.cancel()
     await lame_duck(server)
@@ -146,6 +152,8 @@ async def serve_worker(spec: WorkerSpec) -> int:
         control.stop()
     await peer_server.close(grace_s=DRAIN_TIMEOUT_S)
     await node.close()
+    metrics.flush()
+    tracing.shutdown()
     log.info("worker %d stopped", spec.index)
     return 0
 

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from silo import errors
 from silo.ids import new_id
+from silo.observability import tracing
 from silo.shard import limits as limit_chain
-from silo.shard.limits import validate_limits
 from silo.shard.state import ActiveJob, Shard
+from silo.shard.validate import (  # noqa: F401  (re-exported for older callers)
+    MAX_JOB_ID_CHARS,
+    MAX_TASK_GROUP_CHARS,
+    validate_job_fields,
+    validate_metadata,
+)
 from silo.storage import keys
 from silo.storage.records import (
     SCHEDULED,
@@ -17,39 +23,17 @@ from silo.storage.records import (
     encode,
 )
 
-MAX_JOB_ID_CHARS = 128
-MAX_TASK_GROUP_CHARS = 64
-MAX_METADATA_ENTRIES = 16
-MAX_METADATA_KEY_CHARS = 64  # keys must be shorter
-MAX_METADATA_VALUE_BYTES = 65535  # values must be shorter
-
-
-def validate_metadata(metadata: dict[str, str]) -> None:
-    if len(metadata) > MAX_METADATA_ENTRIES:
-        raise errors.invalid(f"metadata has too many entries (max {MAX_METADATA_ENTRIES})")
-    for k, v in metadata.items():
-        if len(k) >= MAX_METADATA_KEY_CHARS:
-            raise errors.invalid("metadata key too long (must be < 64 chars)")
-        if len(v.encode()) >= MAX_METADATA_VALUE_BYTES:
-            raise errors.invalid("metadata value too long (must be < u16::MAX bytes)")
-
 
 def validate_job(
-    job_id: str, priority: int, task_group: str, metadata: dict[str, str], limits: list[Limit]
+    job_id: str, priority: int, task_group: str, metadata: dict[str, str], limits: list[Limit],
+    retry_policy: RetryPolicy | None = None, start_at_ms: int = 0,
 ) -> None:
-    """The checks of behaviour.md §1.2 Enqueue, in its order, plus our own caps."""
-    if priority > 99:
-        raise errors.invalid("priority must be between 0 and 99")
-    validate_metadata(metadata)
-    if not task_group:
-        raise errors.invalid("task_group is required")
-    if len(task_group) > MAX_TASK_GROUP_CHARS:
-        raise errors.invalid("task_group too long (must be <= 64 chars)")
-    if len(job_id) > MAX_JOB_ID_CHARS:
-        raise errors.invalid(f"job id too long (must be <= {MAX_JOB_ID_CHARS} chars)")
-    validate_limits(limits)
+    """The checks of behaviour.md §1.2 Enqueue, in its order, plus our own bounds."""
+    validate_job_fields(job_id, priority, task_group, metadata, limits, retry_policy,
+                        start_at_ms)
 
 
+@tracing.traced("enqueue")
 async def enqueue(
     shard: Shard,
     *,
@@ -64,7 +48,7 @@ async def enqueue(
     task_group: str,
 ) -> str:
     """Store a new job as Scheduled with attempt 1 pending; return its id once durable."""
-    validate_job(job_id, priority, task_group, metadata, limits)
+    validate_job(job_id, priority, task_group, metadata, limits, retry_policy, start_at_ms)
     info = JobInfo(job_id or new_id(), tenant, priority, start_at_ms, payload, retry_policy,
                    metadata, limits, task_group)
     if not job_id:

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
 from typing import NamedTuple
+
+import msgspec
 
 from silo import errors
 from silo.ids import new_id
+from silo.observability import tracing
 from silo.shard import limits
 from silo.shard.state import ActiveJob, Shard
+from silo.shard.validate import validate_worker_id
 from silo.storage import keys
 from silo.storage.records import (
     RUNNING,
@@ -30,6 +35,8 @@ from silo.storage.records import (
     job_info_decoder,
     job_status_decoder,
 )
+
+log = logging.getLogger(__name__)
 
 
 class LeasedTask(NamedTuple):
@@ -60,16 +67,24 @@ async def _with_infos(shard: Shard, leases: list[Lease]) -> list[LeasedTask]:
                 for i in missing]
         *raw, _ = await asyncio.gather(*gets, shard.committer.commit())
         for i, r in zip(missing, raw, strict=True):
-            infos[i] = job_info_decoder.decode(r)
+            try:
+                infos[i] = job_info_decoder.decode(r)
+            except (TypeError, msgspec.DecodeError) as exc:
+                # Not delivered: the lease expires and the reaper ends the attempt.
+                log.error("job %s: its info record is unreadable: %r",
+                          leases[i].task.job_id, exc)
     else:
         await shard.committer.commit()
-    return [LeasedTask(ls, info) for ls, info in zip(leases, infos, strict=True)]
+    return [LeasedTask(ls, info) for ls, info in zip(leases, infos, strict=True)
+            if info is not None]
 
 
+@tracing.traced("dequeue")
 async def lease_tasks(shard: Shard, worker_id: str, max_tasks: int, task_group: str
                       ) -> list[LeasedTask]:
     """Lease up to max_tasks due tasks of task_group in ready order, plus every due
     floating-limit refresh task of the group (not counted). Never scans storage."""
+    validate_worker_id(worker_id)
     if max_tasks <= 0:
         return []
     now = shard.now()
@@ -82,16 +97,27 @@ async def lease_tasks(shard: Shard, worker_id: str, max_tasks: int, task_group: 
         if not due:
             break
         key, task = due[0]
-        job = shard.active[(task.tenant, task.job_id)]
+        job = shard.active.get((task.tenant, task.job_id))
+        if job is None:  # an orphan task (no live job): its delete is staged; free its slots
+            log.warning("dropping task %s of job %s: the job is not active",
+                        task.task_id, task.job_id)
+            limits.release(shard, task.tenant, list(task.held_queues), task.task_id, now)
+            continue
         job.task_key = None
-        if isinstance(task, RunAttempt):
-            taken.append(_start_lease(shard, job, task, worker_id, key[q.prefix_len + 8], now))
-        elif isinstance(task, RequestTicket):
-            # A limit-chain step came due: run it here. What it produces (a RunAttempt
-            # due now) goes on this heap and can be leased by this same call.
-            limits.resume_ticket(shard, job, task, now)
-        else:
-            limits.check_rate_limit(shard, job, task, now)
+        # One job's step failing must not affect the others leased in this call: a
+        # failing step ends its own job Failed (limits.fail_broken_chain) and we go on.
+        try:
+            if isinstance(task, RunAttempt):
+                taken.append(_start_lease(shard, job, task, worker_id,
+                                          key[q.prefix_len + 8], now))
+            elif isinstance(task, RequestTicket):
+                # A limit-chain step came due: run it here. What it produces (a RunAttempt
+                # due now) goes on this heap and can be leased by this same call.
+                limits.resume_ticket(shard, job, task, now)
+            else:
+                limits.check_rate_limit(shard, job, task, now)
+        except Exception as exc:
+            limits.fail_broken_chain(shard, job, task, now, exc)
     if not taken and not refreshes:
         return []
     return await _with_infos(shard, taken) + [LeasedTask(ls, None) for ls in refreshes]
@@ -127,6 +153,7 @@ async def lease_task(shard: Shard, tenant: str, job_id: str, worker_id: str) -> 
     """Lease one named job now, even if it is future-scheduled; bypasses limits."""
     if not worker_id:
         raise errors.invalid("worker_id is required")
+    validate_worker_id(worker_id)
     job = shard.active.get((tenant, job_id))
     if job is None:
         raw = await shard.committer.get(keys.job_status(tenant, job_id))

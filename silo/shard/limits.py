@@ -22,11 +22,14 @@ here is synchronous and stages its writes; callers await the batch.
 from __future__ import annotations
 
 import heapq
+import logging
 
 from silo import errors
 from silo.ids import new_id
+from silo.observability import metrics, tracing
 from silo.shard import ratelimit
 from silo.shard.state import ActiveJob, Shard
+from silo.shard.validate import validate_limits  # noqa: F401  (re-exported)
 from silo.storage import keys
 from silo.storage.records import (
     ATTEMPT_FAILED,
@@ -47,7 +50,12 @@ from silo.storage.records import (
     encode_i64,
 )
 
+log = logging.getLogger(__name__)
+
 RATE_LIMITED = "RATE_LIMITED"
+# Error code of an attempt failed because a step of its limit chain raised (a record the
+# server cannot process, e.g. stored before Enqueue validated its numbers).
+BROKEN_CHAIN = "INVALID_JOB"
 
 
 class Chain:
@@ -94,19 +102,6 @@ class Chain:
                          self.attempt, self.tenant)
 
 
-def validate_limits(limits: list[Limit]) -> None:
-    for limit in limits:
-        if isinstance(limit, ConcurrencyLimit) and limit.max_concurrency <= 0:
-            raise errors.invalid("concurrency limit max_concurrency must be >= 1")
-        if isinstance(limit, FloatingConcurrencyLimit) and limit.default_max_concurrency <= 0:
-            raise errors.invalid("floating limit default_max_concurrency must be >= 1")
-        if isinstance(limit, RateLimit):
-            if limit.limit <= 0 or limit.duration_ms <= 0:
-                raise errors.invalid("rate limit needs limit >= 1 and duration_ms >= 1")
-            if not limit.name:
-                raise errors.invalid("rate limit name is required")
-
-
 def start_attempt(shard: Shard, job: ActiveJob, *, tenant: str, job_id: str, attempt: int,
                   relative: int, task_group: str, priority: int, start_ms: int,
                   limits: list[Limit], now: int, retry: bool = False) -> None:
@@ -136,6 +131,7 @@ def walk(shard: Shard, job: ActiveJob, chain: Chain, index: int, now: int,
                 floating_state(shard, chain.tenant, limit, now)
             if not join_queue and len(q.holders) < capacity(shard, chain.tenant, limit):
                 hold(shard, chain.tenant, queue, chain.task_id, now)
+                metrics.CONC_GRANTED.inc((shard.id, "immediate"))
                 chain.held.append(queue)
                 continue
             park(shard, job, chain, i, queue)
@@ -193,6 +189,7 @@ def unpark(shard: Shard, key: bytes) -> RequestTicket | None:
     return ticket
 
 
+@tracing.traced("concurrency.release", when=lambda shard, tenant, queues, *a: bool(queues))
 def release(shard: Shard, tenant: str, queues: list[str], task_id: str, now: int) -> None:
     """Free the slots an attempt held and grant each queue's waiters."""
     for queue in queues:
@@ -203,6 +200,7 @@ def release(shard: Shard, tenant: str, queues: list[str], task_id: str, now: int
         grant(shard, tenant, queue, now)
 
 
+@tracing.traced("concurrency.grant")
 def grant(shard: Shard, tenant: str, queue: str, now: int) -> int:
     """Grant waiters of one queue in order while the head waiter's own max allows."""
     q = shard.conc.get((tenant, queue))
@@ -226,10 +224,15 @@ def grant(shard: Shard, tenant: str, queue: str, now: int) -> int:
             continue  # stale waiter: nothing to resume
         hold(shard, tenant, queue, ticket.task_id, now)
         granted += 1
-        walk(shard, job, Chain.of(ticket, list(ticket.held_queues) + [queue]),
-             ticket.limit_index + 1, now)
-    if not q.waiting and not q.holders:
+        try:
+            walk(shard, job, Chain.of(ticket, list(ticket.held_queues) + [queue]),
+                 ticket.limit_index + 1, now)
+        except Exception as exc:  # one broken waiter must not stop the others' grants
+            fail_broken_chain(shard, job, ticket, now, exc, granting=queue)
+    if not q.waiting and not q.holders and shard.conc.get((tenant, queue)) is q:
         del shard.conc[(tenant, queue)]
+    if granted:
+        metrics.CONC_GRANTED.inc((shard.id, "scanned"), granted)
     return granted
 
 
@@ -364,14 +367,11 @@ def check_rate_limit(shard: Shard, job: ActiveJob, step, now: int) -> None:
     if policy.max_retries > 0 and step.retry_count >= policy.max_retries:
         _fail_rate_limited(shard, job, step, now)
         return
-    backoff = min(policy.initial_backoff_ms * policy.backoff_multiplier ** step.retry_count,
-                  policy.max_backoff_ms)
-    reset = decision.reset_ms
-    at = reset if now < reset < now + policy.max_backoff_ms else now + int(backoff)
+    at = ratelimit.next_check_ms(policy, step.retry_count, decision.reset_ms, now)
     chain = Chain.of(step)
     nxt = chain.rate_check(step.limit_index, step.retry_count + 1)
     # Re-queued at the retry time; the chain's own start time is kept inside it.
-    key = keys.task(chain.task_group, max(at, now + 1), chain.priority, chain.job_id,
+    key = keys.task(chain.task_group, at, chain.priority, chain.job_id,
                     chain.attempt, chain.tenant)
     shard.add_task(key, nxt)
     job.task_key = key
@@ -389,6 +389,52 @@ def _fail_rate_limited(shard: Shard, job: ActiveJob, step, now: int) -> None:
     shard.count_status(tenant, SCHEDULED, FAILED)
     shard.count_jobs(completed=1)
     release(shard, tenant, list(step.held_queues), step.task_id, now)
+
+
+def fail_broken_chain(shard: Shard, job: ActiveJob, step, now: int, exc: BaseException,
+                      granting: str | None = None) -> None:
+    """A step of this job's limit chain raised: end the job Failed (code INVALID_JOB)
+    instead of leaving it half-moved, and give back whatever the step had taken.
+
+    Whatever the partial step staged is undone or superseded here: a lease or a new
+    pending task is dropped, every slot the attempt's task id may hold on the job's
+    concurrency keys is freed, and the status is written Failed. `granting` is the queue
+    whose grant loop called us (it goes on granting by itself). Never raises.
+    """
+    tenant, job_id, task_id = step.tenant, step.job_id, step.task_id
+    log.error("job %s (tenant %s) failed: its limit chain cannot be processed: %r",
+              job_id, tenant, exc, exc_info=exc)
+    if shard.leases.get(task_id) is not None:
+        shard.drop_lease(task_id)
+    if job.task_key is not None:
+        shard.remove_task(job.task_key)
+        job.task_key = None
+    if job.request_key is not None:
+        unpark(shard, job.request_key)
+        job.request_key = None
+    queues = list(dict.fromkeys(
+        list(getattr(step, "held_queues", None) or [])
+        + [lim.key for lim in (getattr(step, "limits", None) or [])
+           if isinstance(lim, ConcurrencyLimit | FloatingConcurrencyLimit)]))
+    text = errors.clip(f"the job's limit chain cannot be processed: {exc!r}")
+    attempt = getattr(step, "attempt", 0)
+    shard.put_attempt(tenant, Attempt(job_id, attempt, getattr(step, "relative_attempt", 0),
+                                      task_id, ATTEMPT_FAILED, now, now, None, BROKEN_CHAIN,
+                                      encode(text)))
+    shard.put_status(tenant, job_id, JobStatus(FAILED, now, last_attempt=attempt))
+    if shard.active.get((tenant, job_id)) is job:
+        del shard.active[(tenant, job_id)]
+    shard.info_cache.discard(tenant, job_id)
+    shard.count_status(tenant, job.kind, FAILED)
+    shard.count_jobs(completed=1)
+    for queue in queues:
+        q = shard.conc.get((tenant, queue))
+        if q is not None:
+            q.holders.discard(task_id)
+        shard.committer.delete(keys.concurrency_holder(tenant, queue, task_id))
+    for queue in queues:
+        if queue != granting:
+            grant(shard, tenant, queue, now)
 
 
 def abandon_pending(shard: Shard, tenant: str, job: ActiveJob, now: int) -> list[str]:

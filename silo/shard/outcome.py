@@ -13,6 +13,7 @@ from typing import NamedTuple
 import msgspec
 
 from silo import errors
+from silo.observability import tracing
 from silo.shard import limits, retry
 from silo.shard.state import ActiveJob, Shard
 from silo.storage import keys
@@ -54,6 +55,7 @@ Outcome = Success | Failure | Cancelled
 _msgpack = msgspec.msgpack.Encoder()
 
 
+@tracing.traced("report_outcome")
 async def report_outcome(shard: Shard, task_id: str, outcome: Outcome) -> None:
     """Apply a worker's outcome for the attempt leased as task_id."""
     lease = shard.leases.get(task_id)

@@ -11,6 +11,7 @@ import heapq
 import logging
 
 from silo import errors
+from silo.observability import events
 from silo.shard import limits
 from silo.shard.outcome import Cancelled, crash_outcome, finish_attempt
 from silo.shard.state import Shard
@@ -46,8 +47,8 @@ async def reap_expired_leases(shard: Shard) -> int:
         except errors.SiloError:
             continue  # the worker reported while we read the job
         reaped += 1
-        log.info("lease of task %s (job %s attempt %d, worker %s) expired",
-                 task.task_id, task.job_id, task.attempt, lease.worker_id)
+        events.lease_expired(shard.id, task.task_id, task.job_id, task.attempt,
+                             lease.worker_id)
     if reaped:
         await shard.committer.commit()
     return reaped

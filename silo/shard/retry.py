@@ -1,9 +1,15 @@
-"""Retry back-off: pure functions, the exact math Silo's clients and tests expect."""
+"""Retry back-off: pure functions, the exact math Silo's clients and tests expect.
+
+Saturating: whatever numbers a stored policy carries (NaN, inf, 1e308, huge or negative
+intervals — Enqueue rejects them now, older records may still hold them), the delay is
+an int in [0, MAX_INTERVAL_MS], so `now + delay` always fits the int64 time fields.
+"""
 
 from __future__ import annotations
 
 import math
 
+from silo.shard.validate import MAX_INTERVAL_MS
 from silo.storage.records import RetryPolicy
 
 _U64 = (1 << 64) - 1
@@ -29,16 +35,21 @@ def retry_delay_ms(policy: RetryPolicy, failures_so_far: int, failure_time_ms: i
     rounded again), capped at max_interval_ms. The first retry therefore waits
     initial × factor, not initial.
     """
+    cap = min(max(0, policy.max_interval_ms), MAX_INTERVAL_MS)
     try:
         raw = policy.initial_interval_ms * policy.backoff_factor**failures_so_far
-    except OverflowError:
+    except (OverflowError, ZeroDivisionError):
         raw = math.inf
-    if not math.isfinite(raw) or raw >= policy.max_interval_ms * 2 + 1:
-        return max(0, policy.max_interval_ms)  # capped whatever the jitter
+    if raw != raw:  # NaN (e.g. 0 × inf)
+        return cap
+    if raw >= cap * 2 + 1:
+        return cap  # capped whatever the jitter (also catches inf)
+    if raw <= 0:
+        return 0
     delay = _round(raw)
     if policy.randomize_interval:
         delay = _round(delay * jitter_factor(failure_time_ms, failures_so_far))
-    return max(0, min(delay, policy.max_interval_ms))
+    return max(0, min(delay, cap))
 
 
 def should_retry(policy: RetryPolicy | None, failures_so_far: int) -> bool:

@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from silo.shard.info_cache import InfoCache
+from silo.shard.ready import ReadySignal
 from silo.storage import keys
 from silo.storage.db import GroupCommitter, open_database, scan_prefix
 from silo.storage.records import (
@@ -113,7 +114,7 @@ class ShardConfig:
         *,
         lease_ms: int = 10_000,
         flush_interval_ms: int = 10,
-        commit_interval_ms: float = 5.0,
+        commit_interval_ms: float = 0.0,
         l0_sst_size_bytes: int = 16 << 20,
         info_cache_bytes: int = 16 << 20,
         flush_on_commit: bool = False,
@@ -166,6 +167,7 @@ class Shard:
         self._dirty_shard_counters = False
         self._dirty_tenant_status: set[tuple[str, str]] = set()
         self._locks: dict[tuple[str, str], list] = {}
+        self.ready = ReadySignal()  # wakes worker streams (silo.rpc.stream)
 
     # ---- opening -------------------------------------------------------------
 
@@ -245,7 +247,7 @@ class Shard:
                 if c is not None:
                     job.cancelled_at_ms = cancellation_decoder.decode(c).cancelled_at_ms
                 self.active[(task.tenant, task.job_id)] = job
-        log.info(
+        log.debug(
             "shard %s opened: %d pending tasks, %d leases, %d jobs (%.0f ms)",
             self.id,
             n_tasks,
@@ -295,6 +297,7 @@ class Shard:
         if q is None:
             q = queues[task.task_group] = ReadyQueue(task.task_group)
         heapq.heappush(q.heap, key)
+        self.ready.notify(task.task_group)
 
     def concurrency_queue(self, tenant: str, queue: str) -> ConcurrencyQueue:
         q = self.conc.get((tenant, queue))

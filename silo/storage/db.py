@@ -2,10 +2,15 @@
 
 The committer is the only writer of a shard's database. State-machine operations stage
 their puts/deletes synchronously (so the in-memory state and the staged writes change
-together, with no await in between) and then await the batch's durability. Everything
-staged within `commit_interval` goes to SlateDB as one WriteBatch and one
-`await_durable`, so concurrent RPCs share the WAL flush (group commit) and each RPC
-answers only after its own write is durable.
+together, with no await in between) and then await the batch's durability. The commit
+is adaptive: when no commit is in flight, what is staged goes to SlateDB at the end of
+the current event-loop pass; while one is in flight (written, not yet durable), new
+writes gather and go as the next batch the moment it is durable. So a lone RPC pays no
+window and a loaded shard writes large batches, with no interval to tune. An optional
+cap (`commit_interval`, > 0) bounds how long a gathered batch waits behind an in-flight
+commit: past it the batch is written anyway (pipelined behind the one in flight). Each
+batch is one WriteBatch and one durability wait, shared by all its RPCs (group commit);
+each RPC answers only after its own write is durable.
 
 Reads go through `get`, which sees staged and in-flight writes first: an operation that
 runs after another one staged its writes reads what that one wrote, durable or not yet.
@@ -16,11 +21,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlparse
 
 from slatedb.uniffi import (
     DbBuilder,
+    DefaultMetricsRecorder,
     FlushOptions,
     FlushType,
     KeyRange,
@@ -29,12 +36,17 @@ from slatedb.uniffi import (
     WriteBatch,
 )
 
+from silo.observability import events, metrics, tracing
 from silo.storage import ffi
 
 log = logging.getLogger(__name__)
 
 _WAL_FLUSH = FlushOptions(flush_type=FlushType.WAL)
 _FULL_RANGE = KeyRange(start=None, start_inclusive=True, end=None, end_inclusive=False)
+
+
+# database name → SlateDB's own metrics of it, sampled by silo.observability.metrics
+METRICS_RECORDERS: dict[str, DefaultMetricsRecorder] = {}
 
 
 class StorageError(Exception):
@@ -67,6 +79,8 @@ async def open_database(
     settings.set("l0_sst_size_bytes", json.dumps(l0_sst_size_bytes))
     builder = DbBuilder(path, store)
     builder.with_settings(settings)
+    recorder = METRICS_RECORDERS[name] = DefaultMetricsRecorder()
+    builder.with_metrics_recorder(recorder)
     return await builder.build()
 
 
@@ -128,6 +142,7 @@ class GroupCommitter:
         self._closed = False
         self.batches_written = 0
         self.ops_written = 0
+        self.name = ""  # the shard id, for metrics and events
 
     # ---- staging (synchronous; call from the shard's loop) ----------------
 
@@ -139,11 +154,22 @@ class GroupCommitter:
         b = self._staged
         if b is None:
             b = self._staged = _Batch(self._loop)
-            if self._interval > 0:
-                self._loop.call_later(self._interval, self._hand_off, b)
-            else:
+            if self._idle():
                 self._loop.call_soon(self._hand_off, b)
+            elif self._interval > 0:
+                self._loop.call_later(self._interval, self._hand_off, b)
+            # else: handed off by _kick when the commit in flight is durable
         return b
+
+    def _idle(self) -> bool:
+        """No commit in flight: nothing handed to the writer and not yet durable."""
+        return not self._inflight and not self._unconfirmed and self._durability_task is None
+
+    def _kick(self) -> None:
+        """The commit in flight finished: send what gathered meanwhile, now."""
+        b = self._staged
+        if b is not None and self._idle():
+            self._hand_off(b)
 
     def put(self, key: bytes, value: bytes) -> None:
         self._batch().writes[key] = value
@@ -155,6 +181,8 @@ class GroupCommitter:
         """The durability of everything staged so far (and of this operation)."""
         b = self._batch()
         b.ops += 1
+        if tracing.ENABLED:
+            return tracing.awaiting("storage.commit", asyncio.shield(b.future))
         return asyncio.shield(b.future)
 
     def _hand_off(self, b: _Batch) -> None:
@@ -221,6 +249,7 @@ class GroupCommitter:
                 self._inflight.remove(b)
                 if self._last_handle is None:
                     b.future.set_result(None)
+                    self._kick()
                     continue
                 self._unconfirmed.append((self._last_handle, b))
                 if self._durability_task is None:
@@ -236,11 +265,13 @@ class GroupCommitter:
                 self._inflight.remove(b)
                 if not b.future.done():
                     b.future.set_exception(StorageError(f"write failed: {e}"))
+                self._kick()
                 continue
             self._inflight.remove(b)
             self._last_handle = handle
             self.batches_written += 1
             self.ops_written += b.ops
+            metrics.COMMIT_BATCH_OPS.observe((self.name,), b.ops)
             self._unconfirmed.append((handle, b))
             if self._durability_task is None:
                 self._durability_task = asyncio.create_task(self._confirm_durability())
@@ -255,6 +286,7 @@ class GroupCommitter:
                 handle = self._unconfirmed[-1][0]
                 batches = [b for _, b in self._unconfirmed]
                 self._unconfirmed.clear()
+                t0 = time.perf_counter()
                 try:
                     if self.flush_on_commit:
                         # Flush the WAL now rather than at the next flush_interval tick:
@@ -263,6 +295,7 @@ class GroupCommitter:
                         await self._db.flush_with_options(_WAL_FLUSH)
                     else:
                         await handle.await_durable()
+                    metrics.COMMIT_DURABLE_WAIT.observe((self.name,), time.perf_counter() - t0)
                 except Exception as e:  # noqa: BLE001
                     log.error("shard durability wait failed: %s", e)
                     self._fail(e)
@@ -275,10 +308,12 @@ class GroupCommitter:
                         b.future.set_result(None)
         finally:
             self._durability_task = None
+            self._kick()
 
     def _fail(self, e: BaseException) -> None:
         first = self._failed is None
         self._failed = e
+        events.storage_error(self.name, e)
         if first and self.on_failure is not None:
             self.on_failure(e)
 

@@ -18,6 +18,7 @@ from silo._proto import silo_pb2 as pb
 from silo._proto import silo_pb2_grpc as pb_grpc
 
 READY = re.compile(r"silo serving on (\S+)")
+METRICS = re.compile(r"metrics serving on (\S+)/metrics")
 MAX_MSG = 128 * 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MSG),
                    ("grpc.max_send_message_length", MAX_MSG)]
@@ -42,7 +43,7 @@ class Server:
         self._ready.clear()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "silo", "serve", "--data-dir", str(self.data_dir),
-             "--grpc-addr", "127.0.0.1:0", *self.args],
+             "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         threading.Thread(target=self._pump, daemon=True).start()
         if not self._ready.wait(timeout):
@@ -85,6 +86,15 @@ class Server:
             self.stop()
         finally:
             self.kill()
+
+    @property
+    def metrics_url(self) -> str:
+        """http://HOST:PORT/metrics of this server (from its start-up log)."""
+        for line in self.log:
+            m = METRICS.search(line)
+            if m:
+                return f"http://{m.group(1)}/metrics"
+        raise LookupError("the server logged no metrics address")
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.addr, options=CHANNEL_OPTIONS)

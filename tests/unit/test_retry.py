@@ -52,3 +52,27 @@ def test_retry_budget_and_last_attempt():
     assert not should_retry(None, 1)
     assert is_last_attempt(p, 3) and not is_last_attempt(p, 2)
     assert is_last_attempt(None, 1)
+
+
+_ANY_FLOAT = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
+    [1e308, -1e308, float("nan"), float("inf"), -0.0])
+_ANY_INT = st.integers(-(2**63), 2**63 - 1)
+
+
+@given(_ANY_INT, _ANY_INT, st.booleans(), _ANY_FLOAT, st.integers(1, 2**32),
+       st.integers(0, 2**62))
+def test_delay_saturates_for_any_stored_numbers(initial, max_interval, rnd, factor, n, t):
+    """Records written before Enqueue validated numbers must not break the retry math."""
+    from silo.shard.validate import MAX_INTERVAL_MS
+
+    p = RetryPolicy(3, initial, max_interval, rnd, factor)
+    d = retry_delay_ms(p, n, t)
+    assert isinstance(d, int)
+    assert 0 <= d <= MAX_INTERVAL_MS
+
+
+def test_poison_policies_give_a_capped_delay():
+    assert retry_delay_ms(policy(backoff_factor=float("nan")), 1, 0) == 60_000
+    assert retry_delay_ms(policy(backoff_factor=1e308), 3, 0) == 60_000
+    assert retry_delay_ms(policy(initial_interval_ms=2**62, max_interval_ms=2**63 - 1), 1, 0) \
+        < 2**63 - 2_000_000_000_000

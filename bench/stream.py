@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""Stream-protocol scenarios through the Python SDK, beside the same ones on the unary API.
+
+    PYTHONPATH=. .venv/bin/python bench/stream.py [--scenario saturation,steady|all]
+        [--protocol stream,unary] [--tenants 16] [--procs 2] [--duration 10] [--json F]
+
+Each client process runs one SiloClient: enqueuers (SiloClient.enqueue_many, which is
+one EnqueueMany per call on a server that offers silostream.v1 and one Enqueue per job
+with --protocol unary) and one silo.worker.Worker (a push stream, or LeaseTasks polling
+with --protocol unary) whose handler does nothing. Jobs are spread over --tenants
+tenants.
+
+* saturation: closed loop (each process keeps at most --backlog jobs not yet done):
+  durable jobs/s end to end (outcome acknowledged), server CPU per job.
+* steady: --rate jobs/s (one EnqueueMany per 10 ms tick and process): latency from the
+  enqueue call to the handler starting (p50/p99), server CPU per job.
+
+Server CPU, its placement over the worker processes, the load generator's CPU and the
+machine's other busy CPU come from bench/common.py's CpuWindow. Targets (issue 12):
+saturation >= 6,000 jobs/s at <= 150 us server CPU per job; steady 500/s p50 <= 3 ms,
+p99 <= 10 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import CpuWindow, ServerProc, machine_info, percentiles_ms
+
+TASK_GROUP = "bench-stream"
+TARGETS = {"jobs_per_s": 6000.0, "server_cpu_us_per_job": 150.0, "p50_ms": 3.0,
+           "p99_ms": 10.0}
+TICK_S = 0.01
+
+
+def client_main(slot: int, cfg: dict[str, Any], q: Any) -> None:
+    import uvloop
+
+    q.put((slot, uvloop.run(client(slot, cfg))))
+
+
+async def client(slot: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    from silo.client import SiloClient
+    from silo.worker import Worker
+
+    tenants = [f"tenant-{i}" for i in range(cfg["tenants"])] or [None]
+    t_start, t_end = cfg["window"]
+    lat_us: list[float] = []
+    counts = {"enqueued": 0, "enq_errors": 0}
+
+    async def handler(ctx):
+        sent = ctx.task.metadata.get("t")
+        now = time.time()
+        if sent and t_start <= now < t_end:
+            lat_us.append((now - float(sent)) * 1e6)
+
+    stream = cfg["protocol"] == "stream"
+    async with SiloClient([cfg["target"]], topology_refresh_interval_s=0) as c:
+        worker = Worker(c, TASK_GROUP, handler, concurrency=cfg["slots"], stream=stream,
+                        poll_interval=0.005, tasks_per_poll=16)
+        if not stream:
+            c.__dict__["_stream_support"] = {cfg["target"]: False}  # unary EnqueueMany too
+        await worker.start()
+        i = 0
+
+        def batch(n: int) -> list[dict[str, Any]]:
+            nonlocal i
+            out = []
+            for _ in range(n):
+                t = tenants[i % len(tenants)]
+                i += 1
+                out.append({"payload": None, "task_group": TASK_GROUP, "tenant": t,
+                            "metadata": {"t": repr(time.time())}})
+            return out
+
+        async def send(n: int) -> None:
+            res = await c.enqueue_many(batch(n))
+            ok = sum(1 for r in res if not isinstance(r, Exception))
+            counts["enqueued"] += ok
+            counts["enq_errors"] += len(res) - ok
+
+        end = t_end + 0.5
+        if cfg["scenario"] == "saturation":
+            async def enqueuer() -> None:
+                while time.time() < end:
+                    if counts["enqueued"] - worker.stats.succeeded > cfg["backlog"]:
+                        await asyncio.sleep(0.002)
+                        continue
+                    await send(cfg["batch"])
+            await asyncio.gather(*(enqueuer() for _ in range(cfg["enqueuers"])))
+        else:
+            per_tick = cfg["rate"] / cfg["procs"] * TICK_S
+            owed = 0.0
+            nxt = time.time()
+            pending: set[asyncio.Task[None]] = set()
+            while nxt < end:
+                owed += per_tick
+                n = int(owed)
+                owed -= n
+                if n:
+                    t = asyncio.ensure_future(send(n))
+                    pending.add(t)
+                    t.add_done_callback(pending.discard)
+                nxt += TICK_S
+                await asyncio.sleep(max(0.0, nxt - time.time()))
+            if pending:
+                await asyncio.wait(pending)
+        # completions inside the window, sampled at its bounds
+        done = worker.stats.succeeded
+        await worker.stop(timeout=10)
+        return {"lat_us": lat_us, "done": done, "counts": counts,
+                "stats": {k: getattr(worker.stats, k) for k in ("polls", "empty_polls",
+                                                                 "succeeded", "errors")}}
+
+
+
+
+def run(args: argparse.Namespace, scenario: str, protocol: str) -> dict[str, Any]:
+    server = ServerProc(args)
+    target = server.start()
+    try:
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        t0 = time.time() + 3.0 + args.warmup  # spawn + warm-up before the window
+        cfg = {"target": target, "tenants": args.tenants, "protocol": protocol,
+               "scenario": scenario, "window": (t0, t0 + args.duration), "slots": args.slots,
+               "backlog": args.backlog, "batch": args.batch, "enqueuers": args.enqueuers,
+               "rate": args.rate, "procs": args.procs}
+        procs = [ctx.Process(target=client_main, args=(i, cfg, q)) for i in range(args.procs)]
+        for p in procs:
+            p.start()
+        cpu = CpuWindow(server.pid, [p.pid for p in procs if p.pid])
+        time.sleep(max(0.0, t0 - time.time()))
+        before = server_done(target, args)
+        cpu.start()
+        time.sleep(args.duration)
+        w = cpu.stop()
+        after = server_done(target, args)
+        results = [q.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(30)
+    finally:
+        server.stop()
+        server.cleanup()
+    lat = [x for _, r in results for x in r["lat_us"]]
+    jobs = after - before
+    return {
+        "scenario": scenario, "protocol": protocol, "tenants": args.tenants,
+        "jobs_per_s": round(jobs / w["wall_s"], 1),
+        "server_cpu_us_per_job": round(w["server_cpu_s"] / max(jobs, 1) * 1e6, 1),
+        "enqueue_to_handler_start_ms": percentiles_ms(lat),
+        "cpu": w,
+        "clients": [r["stats"] | r["counts"] for _, r in sorted(results)],
+    }
+
+
+def server_done(target: str, args: argparse.Namespace) -> int:
+    """Completed jobs of every shard (GetNodeInfo), i.e. durable outcomes."""
+    import grpc
+
+    from silo._proto import silo_pb2 as pb
+    from silo._proto import silo_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as ch:
+        info = pb_grpc.SiloStub(ch).GetNodeInfo(pb.GetNodeInfoRequest(), timeout=10)
+    return sum(s.completed_jobs for s in info.owned_shards)
+
+
+def verdict(v: float | None, target: float, higher: bool) -> str:
+    if v is None:
+        return ""
+    ok = v >= target if higher else v <= target
+    return f"[target {'≥' if higher else '≤'} {target:,.0f}: {'met' if ok else 'MISSED'}]"
+
+
+def report(r: dict[str, Any]) -> None:
+    c = r["cpu"]
+    lat = r["enqueue_to_handler_start_ms"]
+    print(f"== {r['scenario']} / {r['protocol']} ({r['tenants']} tenants) " + "=" * 30)
+    print(f"  completed jobs/s        {r['jobs_per_s']:,.1f}  "
+          + (verdict(r["jobs_per_s"], TARGETS["jobs_per_s"], True)
+             if r["scenario"] == "saturation" and r["protocol"] == "stream" else ""))
+    print(f"  server CPU / job        {r['server_cpu_us_per_job']:,.1f} µs  "
+          + (verdict(r["server_cpu_us_per_job"], TARGETS["server_cpu_us_per_job"], False)
+             if r["protocol"] == "stream" else ""))
+    print(f"  enqueue→handler start   p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  "
+          f"max {lat['max']} ms  "
+          + (verdict(lat["p50"], TARGETS["p50_ms"], False) + " "
+             + verdict(lat["p99"], TARGETS["p99_ms"], False)
+             if r["scenario"] == "steady" and r["protocol"] == "stream" else ""))
+    print(f"  server CPU              {c['server_cores']:.2f} cores, by process "
+          + " + ".join(f"{x:.2f}" for x in c["server_cores_by_process"]))
+    print(f"  loadgen CPU             {c['loadgen_cores']:.2f} cores")
+    print(f"  machine busy            {c['machine_busy_pct']:.1f} %   other busy CPU "
+          f"{c['other_cpu_cores']:.2f} cores")
+    print(f"  clients                 {r['clients']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--scenario", default="all", help="saturation,steady or all")
+    ap.add_argument("--protocol", default="stream,unary")
+    ap.add_argument("--tenants", type=int, default=16)
+    ap.add_argument("--procs", type=int, default=2, help="client processes")
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--rate", type=float, default=500.0, help="steady: jobs/s in total")
+    ap.add_argument("--slots", type=int, default=256, help="worker concurrency per process")
+    ap.add_argument("--backlog", type=int, default=4000)
+    ap.add_argument("--batch", type=int, default=128, help="saturation: jobs per EnqueueMany")
+    ap.add_argument("--enqueuers", type=int, default=2, help="saturation: per process")
+    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--processes", type=int, default=0)
+    ap.add_argument("--flush-interval-ms", type=int, default=10)
+    ap.add_argument("--silo-bin")
+    ap.add_argument("--server-arg", action="append", default=[])
+    ap.add_argument("--keep-data", action="store_true")
+    ap.add_argument("--json", metavar="FILE")
+    args = ap.parse_args(argv)
+    scenarios = ["saturation", "steady"] if args.scenario == "all" else args.scenario.split(",")
+    out = {"machine": machine_info(), "results": []}
+    for s in scenarios:
+        for p in args.protocol.split(","):
+            r = run(args, s, p)
+            report(r)
+            out["results"].append(r)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""What one worker process contributes to CpuProfile, HeapProfile and DumpTasks.
+
+* CPU: the worker starts `py-spy record --nonblocking` on its own pid as a subprocess
+  (never pausing the interpreter, so the worker keeps serving) and returns the parsed
+  samples. Under Yama `ptrace_scope` 1 only an ancestor may ptrace a process; every
+  worker therefore declares the supervisor as its tracer at start
+  (`prctl(PR_SET_PTRACER, supervisor)`), which admits the supervisor's descendants — the
+  py-spy that a worker starts is one of them.
+* Heap: tracemalloc over the window; the allocations still alive at its end, by stack.
+* Tasks: every asyncio task's coroutine stack and every thread's Python stack.
+
+One CPU or heap profile runs at a time per process; a second caller waits its turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import io
+import linecache
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import traceback
+import tracemalloc
+from pathlib import Path
+
+PR_SET_PTRACER = 0x59616D61  # "Yama"
+HEAP_FRAMES = 32
+
+_one_at_a_time = asyncio.Lock()
+
+
+class ProfilerMissing(Exception):
+    """py-spy is not installed next to this Python nor on PATH."""
+
+
+def allow_ptrace_from_parent() -> None:
+    """Let the supervisor and its descendants (py-spy started by any worker) ptrace this
+    worker under Yama ptrace_scope 1, where only ancestors may otherwise attach."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PTRACER, os.getppid(), 0, 0, 0)
+
+
+def py_spy_path() -> str | None:
+    beside = Path(sys.executable).parent / "py-spy"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("py-spy")
+
+
+def clamp(value: int, default: int, lo: int, hi: int) -> int:
+    """behaviour.md §1.2: 0 means the default, anything else is clamped to [lo, hi]."""
+    return default if value == 0 else max(lo, min(hi, value))
+
+
+def parse_raw(text: str) -> list[tuple[list[tuple[str, str, int]], int]]:
+    """py-spy's `--format raw` (collapsed stacks: `f (file:line);g (file:line) N`)."""
+    out = []
+    for line in text.splitlines():
+        stack_text, _, count = line.rpartition(" ")
+        if not stack_text or not count.isdigit():
+            continue
+        frames = []
+        for part in stack_text.split(";"):
+            name, _, where = part.rpartition(" (")
+            filename, _, lineno = where.rstrip(")").rpartition(":")
+            if not name:  # no location: py-spy prints the bare name
+                name, filename, lineno = part, "", "0"
+            frames.append((name, filename, int(lineno) if lineno.isdigit() else 0))
+        out.append((frames, int(count)))
+    return out
+
+
+async def cpu_samples(duration_s: int, rate: int) -> list[tuple[list, int]]:
+    """Sample this process with py-spy for duration_s at rate Hz; (stack, count) pairs."""
+    exe = py_spy_path()
+    if exe is None:
+        raise ProfilerMissing("py-spy not found next to the server's python or on PATH "
+                              "(install it with: pip install py-spy)")
+    async with _one_at_a_time:
+        with tempfile.TemporaryDirectory(prefix="silo-prof-") as tmp:
+            out = os.path.join(tmp, "raw.txt")
+            proc = await asyncio.create_subprocess_exec(
+                exe, "record", "--pid", str(os.getpid()), "--duration", str(duration_s),
+                "--rate", str(rate), "--format", "raw", "--nonblocking", "--output", out,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            _, err = await proc.communicate()
+            if proc.returncode != 0 or not os.path.exists(out):
+                raise RuntimeError(f"py-spy failed (exit {proc.returncode}): "
+                                   f"{err.decode(errors='replace').strip()[-400:]}")
+            with open(out) as f:
+                return parse_raw(f.read())
+
+
+async def heap_samples(duration_s: int) -> list[tuple[list, int, int]]:
+    """Allocations made during the window and still alive at its end:
+    (stack root-first, objects, bytes)."""
+    async with _one_at_a_time:
+        was_tracing = tracemalloc.is_tracing()
+        if not was_tracing:
+            tracemalloc.start(HEAP_FRAMES)
+        try:
+            await asyncio.sleep(duration_s)
+            snapshot = tracemalloc.take_snapshot()
+        finally:
+            if not was_tracing:
+                tracemalloc.stop()
+    snapshot = snapshot.filter_traces((tracemalloc.Filter(False, tracemalloc.__file__),))
+    out = []
+    for stat in snapshot.statistics("traceback"):
+        frames = [(_frame_name(fr.filename, fr.lineno), fr.filename, fr.lineno)
+                  for fr in stat.traceback]  # oldest first, like py-spy's root-first
+        out.append((frames, stat.count, stat.size))
+    return out
+
+
+def _frame_name(filename: str, lineno: int) -> str:
+    """tracemalloc frames carry no function name: name them by file, line and source."""
+    src = linecache.getline(filename, lineno).strip()
+    return f"{os.path.basename(filename)}:{lineno} {src[:60]}".rstrip()
+
+
+def dump_tasks(label: str) -> tuple[str, int]:
+    """Text of every asyncio task's stack and every thread's stack; (text, task count)."""
+    buf = io.StringIO()
+    try:
+        tasks = sorted(asyncio.all_tasks(), key=lambda t: t.get_name())
+    except RuntimeError:
+        tasks = []
+    buf.write(f"=== {label} (pid {os.getpid()}): {len(tasks)} asyncio tasks ===\n")
+    for t in tasks:
+        buf.write(f"--- task {t.get_name()!r} {t.get_coro()!r}\n")
+        frames = t.get_stack()
+        if frames:
+            for line in traceback.format_list(
+                    [(f.f_code.co_filename, f.f_lineno, f.f_code.co_name, None) for f in frames]):
+                buf.write(line)
+        else:
+            buf.write("  (no Python frames: not started or waiting in C)\n")
+    names = {th.ident: th.name for th in threading.enumerate()}
+    frames_by_thread = sys._current_frames()
+    buf.write(f"=== {label}: {len(frames_by_thread)} threads ===\n")
+    for ident, frame in frames_by_thread.items():
+        buf.write(f"--- thread {names.get(ident, '?')!r} ({ident})\n")
+        buf.write("".join(traceback.format_stack(frame)))
+    return buf.getvalue(), len(tasks)

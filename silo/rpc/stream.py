@@ -1,0 +1,172 @@
+"""The silostream.v1.SiloStream service: EnqueueMany and the push-based worker stream.
+
+An extension beside silo.v1.Silo, for clients that want fewer RPCs per job. Every item
+goes through the very handler its unary twin uses (SiloService's Enqueue,
+ReportOutcome, Heartbeat, ReportRefreshOutcome), so validation, tenant rules, routing
+and error codes are the unary API's; an item for a shard of another worker process is
+forwarded to it exactly like the unary call would be. The worker stream itself lives in
+silo.rpc.work_session; the calls its relays make to other processes are registered
+here as forwarded `…@local` methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import msgspec
+
+from silo import errors
+from silo._proto import silo_pb2 as pb
+from silo._proto import silo_stream_pb2 as spb
+from silo._proto import silo_stream_pb2_grpc as spb_grpc
+from silo.errors import SiloError
+from silo.rpc.service import _METHODS, SiloService, _OwnedElsewhere
+from silo.runtime import forward
+from silo.shard import give_back
+from silo.shard.ready import wait_due
+from silo.storage.db import StorageError
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = spb.DESCRIPTOR.services_by_name["SiloStream"].full_name
+
+_wait_args = msgspec.msgpack.Decoder(tuple[str, str, int])
+_give_back_args = msgspec.msgpack.Decoder(tuple[str, str, str])
+_cancel_args = msgspec.msgpack.Decoder(list[tuple[str, str, str, str]])
+_cancel_reply = msgspec.msgpack.Decoder(list[str])
+_encoder = msgspec.msgpack.Encoder()
+
+
+def status_of(e: BaseException) -> spb.Status:
+    """The gRPC status the unary call would have ended with."""
+    if isinstance(e, SiloError):
+        return spb.Status(code=e.code.value[0], message=e.message)
+    if isinstance(e, StorageError):
+        return spb.Status(code=grpc.StatusCode.UNAVAILABLE.value[0],
+                          message=f"shard storage unavailable: {e}")
+    log.exception("stream item failed", exc_info=e)
+    return spb.Status(code=grpc.StatusCode.INTERNAL.value[0], message=str(e))
+
+
+async def call_unary(svc: SiloService, name: str, request):
+    """Run a silo.v1 handler for one item, here or in the shard's owner process."""
+    fn = getattr(type(svc), name).inner
+    try:
+        return await fn(svc, request, None)
+    except _OwnedElsewhere as e:
+        out = await svc.node.peers[e.owner].call(name, request.SerializeToString())
+        return getattr(pb, _METHODS[name].output_type.name).FromString(out)
+
+
+# ---- calls a worker stream makes to the process owning a shard ---------------------------
+
+
+async def _stream_wait_local(svc: SiloService, payload: bytes) -> bytes:
+    """Wait until one of this process's shards (or the named one) has a due task."""
+    task_group, shard_id, timeout_ms = _wait_args.decode(payload)
+    if shard_id:
+        s = svc.node.shards.get(shard_id)
+        if s is None:
+            raise errors.shard_unavailable("shard is opening")
+        shards = [s]
+    else:
+        shards = list(svc.node.shards.values())
+    return b"\x01" if await wait_due(shards, task_group, timeout_ms / 1000) else b"\x00"
+
+
+async def _give_back_local(svc: SiloService, payload: bytes) -> bytes:
+    shard_id, worker_id, task_id = _give_back_args.decode(payload)
+    s = svc.node.shards.get(shard_id)
+    if s is None:
+        raise errors.shard_unavailable("shard is opening")
+    await give_back.give_back(s, worker_id, task_id)
+    svc.node.publish(s)
+    return b""
+
+
+def cancelled_here(svc: SiloService, tasks: list[tuple[str, str, str, str]]) -> list[str]:
+    """Of (shard, tenant, job id, task id) on this process's shards: the task ids whose
+    job has a cancel request."""
+    out = []
+    for shard_id, tenant, job_id, task_id in tasks:
+        s = svc.node.shards.get(shard_id)
+        job = s.active.get((tenant, job_id)) if s is not None else None
+        if job is not None and job.cancelled_at_ms is not None:
+            out.append(task_id)
+    return out
+
+
+async def _cancelled_local(svc: SiloService, payload: bytes) -> bytes:
+    return _encoder.encode(cancelled_here(svc, _cancel_args.decode(payload)))
+
+
+SiloService.EXTRA_LOCAL.update({
+    "StreamWait@local": _stream_wait_local,
+    "StreamGiveBack@local": _give_back_local,
+    "StreamCancelled@local": _cancelled_local,
+})
+
+
+async def cancelled_at(svc: SiloService, owner: int, tasks: list[tuple[str, str, str, str]]
+                       ) -> list[str]:
+    out = await svc.node.peers[owner].call("StreamCancelled@local", _encoder.encode(tasks))
+    return _cancel_reply.decode(out)
+
+
+async def stream_wait(svc: SiloService, owner: int, task_group: str, shard_id: str,
+                      timeout_ms: int) -> bool:
+    out = await svc.node.peers[owner].call(
+        "StreamWait@local", _encoder.encode((task_group, shard_id, timeout_ms)))
+    return out == b"\x01"
+
+
+async def give_back_task(svc: SiloService, worker_id: str, shard_id: str, task_id: str) -> None:
+    """Give back one unstarted task, wherever its shard lives."""
+    s = svc.node.shards.get(shard_id)
+    if s is not None:
+        await give_back.give_back(s, worker_id, task_id)
+        svc.node.publish(s)
+        return
+    try:
+        svc.shard(shard_id)
+    except _OwnedElsewhere as e:
+        await svc.node.peers[e.owner].call(
+            "StreamGiveBack@local", _encoder.encode((shard_id, worker_id, task_id)))
+
+
+# ---- the service ---------------------------------------------------------------------------
+
+
+class SiloStreamService(spb_grpc.SiloStreamServicer):
+    def __init__(self, svc: SiloService) -> None:
+        self.svc = svc
+
+    async def _auth(self, context: grpc.aio.ServicerContext) -> None:
+        try:
+            forward.enter_call(context)  # the token and deadline go with forwarded calls
+            if self.svc.auth_token:
+                self.svc.check_auth(context)
+        except SiloError as e:
+            await context.abort(e.code, e.message)
+
+    async def EnqueueMany(self, request, context):
+        await self._auth(context)
+
+        async def one(job: pb.EnqueueRequest) -> spb.EnqueueResult:
+            try:
+                return spb.EnqueueResult(id=(await call_unary(self.svc, "Enqueue", job)).id)
+            except (SiloError, StorageError) as e:
+                return spb.EnqueueResult(error=status_of(e))
+            except Exception as e:  # noqa: BLE001 - one bad job must not fail the others
+                return spb.EnqueueResult(error=status_of(e))
+
+        results = await asyncio.gather(*(one(j) for j in request.jobs))
+        return spb.EnqueueManyResponse(results=results)
+
+    async def Work(self, request_iterator, context):
+        from silo.rpc.work_session import WorkSession  # noqa: PLC0415 - it builds on this module
+
+        await self._auth(context)
+        await WorkSession(self.svc, context).run()

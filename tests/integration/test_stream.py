@@ -1,0 +1,323 @@
+"""The streaming extension (silostream.v1) against the real server: EnqueueMany and the
+push-based worker stream, over raw gRPC so each rule is seen on the wire.
+
+Server: tenancy on, 4 shards over 2 worker processes, 1 s leases, reaper every 100 ms.
+Waits are on stream messages or job states with generous deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+import pytest
+
+from silo._proto import silo_pb2 as pb
+from silo._proto import silo_pb2_grpc as pb_grpc
+from silo._proto import silo_stream_pb2 as spb
+from silo._proto import silo_stream_pb2_grpc as spb_grpc
+from tests.integration.harness import Server, hash_tenant
+
+TENANTS = [f"t{i}" for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    with Server(tmp_path_factory.mktemp("sdata"), "--tenancy", "--shards", "4",
+                "--processes", "2", "--lease-ms", "1000", "--reaper-interval-ms", "100") as s:
+        yield s
+
+
+def arun(coro, timeout: float = 60.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def group() -> str:
+    return "st-" + uuid.uuid4().hex[:8]
+
+
+class Conn:
+    """One grpc.aio channel with both stubs and the shard map."""
+
+    def __init__(self, addr: str) -> None:
+        self.ch = grpc.aio.insecure_channel(addr)
+        self.silo = pb_grpc.SiloStub(self.ch)
+        self.stream = spb_grpc.SiloStreamStub(self.ch)
+        self.owners: list[pb.ShardOwner] = []
+
+    async def __aenter__(self) -> Conn:
+        info = await self.silo.GetClusterInfo(pb.GetClusterInfoRequest())
+        self.owners = sorted(info.shard_owners, key=lambda o: o.range_start)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.ch.close()
+
+    def shard_for(self, tenant: str) -> str:
+        h = hash_tenant(tenant)
+        return [o.shard_id for o in self.owners if o.range_start <= h][-1]
+
+    def job(self, tenant: str, g: str, **kw) -> pb.EnqueueRequest:
+        req = pb.EnqueueRequest(shard=self.shard_for(tenant), tenant=tenant, task_group=g,
+                                **kw)
+        req.payload.msgpack = b"\xc0"
+        return req
+
+    async def enqueue(self, tenant: str, g: str, **kw) -> str:
+        return (await self.silo.Enqueue(self.job(tenant, g, **kw))).id
+
+    async def status(self, tenant: str, job_id: str) -> pb.GetJobResponse:
+        return await self.silo.GetJob(pb.GetJobRequest(
+            shard=self.shard_for(tenant), id=job_id, tenant=tenant))
+
+    def work(self, g: str, slots: int, worker: str = "w1"):
+        call = self.stream.Work()
+        first = spb.WorkerUp()
+        first.subscribe.worker_id = worker
+        first.subscribe.task_group = g
+        first.subscribe.slots = slots
+        return call, first
+
+
+async def read_tasks(call, n: int, timeout: float = 15.0) -> list[pb.Task]:
+    out: list[pb.Task] = []
+    async with asyncio.timeout(timeout):
+        while len(out) < n:
+            msg = await call.read()
+            assert msg is not grpc.aio.EOF
+            out.extend(msg.tasks)
+    return out
+
+
+async def read_until(call, pred, timeout: float = 15.0) -> spb.WorkerDown:
+    async with asyncio.timeout(timeout):
+        while True:
+            msg = await call.read()
+            assert msg is not grpc.aio.EOF
+            if pred(msg):
+                return msg
+
+
+async def until(pred, timeout: float = 15.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await pred():
+            await asyncio.sleep(0.05)
+
+
+def success(t: pb.Task) -> pb.ReportOutcomeRequest:
+    r = pb.ReportOutcomeRequest(shard=t.shard, task_id=t.id, tenant_id=t.tenant_id)
+    r.success.msgpack = b"\xc0"
+    return r
+
+
+# ---- EnqueueMany ------------------------------------------------------------------------
+
+
+def test_enqueue_many_answers_each_job_with_its_id_or_its_enqueue_error(srv):
+    async def body():
+        async with Conn(srv.addr) as c:
+            g = group()
+            dup = uuid.uuid4().hex
+            jobs = [c.job(t, g) for t in TENANTS]
+            jobs.append(c.job("t1", g, id=dup))
+            jobs.append(c.job("t1", g, id=dup))  # the same id twice in one call
+            jobs.append(c.job("t2", g, priority=100))
+            bad_tenant = c.job("t3", g)
+            bad_tenant.tenant = "t4" if c.shard_for("t4") != c.shard_for("t3") else "zz-other"
+            jobs.append(bad_tenant)
+            resp = await c.stream.EnqueueMany(spb.EnqueueManyRequest(jobs=jobs))
+            res = list(resp.results)
+            assert len(res) == len(jobs)
+            assert all(r.WhichOneof("result") == "id" for r in res[:16])
+            dup_results = sorted(r.WhichOneof("result") for r in res[16:18])
+            assert dup_results == ["error", "id"]
+            err = next(r.error for r in res[16:18] if r.WhichOneof("result") == "error")
+            assert err.code == grpc.StatusCode.ALREADY_EXISTS.value[0]
+            assert res[18].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            assert "priority" in res[18].error.message
+            if c.shard_for(bad_tenant.tenant) != bad_tenant.shard:
+                assert res[19].error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+            for t, r in zip(TENANTS, res[:16], strict=True):  # durable and visible
+                st = await c.status(t, r.id)
+                assert st.status == pb.JOB_STATUS_SCHEDULED
+
+    arun(body())
+
+
+# ---- the worker stream -------------------------------------------------------------------
+
+
+def test_a_task_enqueued_after_subscribing_is_pushed_without_any_lease_call(srv):
+    async def body():
+        async with Conn(srv.addr) as c:
+            g = group()
+            call, first = c.work(g, slots=4)
+            await call.write(first)
+            await asyncio.sleep(0.2)  # the subscription is parked waiting, nothing queued
+            job_id = await c.enqueue("t5", g)
+            (task,) = await read_tasks(call, 1)
+            assert task.job_id == job_id and task.task_group == g and task.lease_ms == 1000
+            st = await c.status("t5", job_id)
+            assert st.status == pb.JOB_STATUS_RUNNING
+            call.cancel()
+
+    arun(body())
+
+
+def test_one_stream_receives_tasks_from_every_shard_of_the_node(srv):
+    async def body():
+        async with Conn(srv.addr) as c:
+            g = group()
+            call, first = c.work(g, slots=64)
+            await call.write(first)
+            for t in TENANTS:
+                await c.enqueue(t, g)
+            tasks = await read_tasks(call, len(TENANTS))
+            assert {t.shard for t in tasks} == {o.shard_id for o in c.owners}
+            call.cancel()
+
+    arun(body())
+
+
+def test_no_more_tasks_than_free_slots(srv):
+    async def body():
+        async with Conn(srv.addr) as c:
+            g = group()
+            for t in TENANTS[:6]:
+                await c.enqueue(t, g)
+            call, first = c.work(g, slots=2)
+            await call.write(first)
+            tasks = await read_tasks(call, 2)
+            assert len(tasks) == 2
+            extra = asyncio.ensure_future(call.read())
+            # (short: the 1 s leases must not expire meanwhile)
+            done, _ = await asyncio.wait([extra], timeout=0.3)
+            assert not done, "a task beyond the free slots was pushed"
+            # One outcome + one slot back: exactly one more task.
+            await call.write(spb.WorkerUp(outcomes=[success(tasks[0])], add_slots=1))
+            got: list[pb.Task] = []
+            acks: list[spb.Ack] = []
+            async with asyncio.timeout(15):
+                while not (got and acks):
+                    msg = await extra
+                    extra = asyncio.ensure_future(call.read())
+                    got.extend(msg.tasks)
+                    acks.extend(msg.acks)
+            assert len(got) == 1 and got[0].id not in {t.id for t in tasks}
+            assert acks[0].kind == spb.Ack.OUTCOME and not acks[0].HasField("error")
+            extra.cancel()
+            call.cancel()
+
+    arun(body())
+
+
+def test_outcome_and_heartbeat_flow_up_and_are_acked_with_the_unary_codes(srv):
+    async def body():
+        async with Conn(srv.addr) as c:
+            g = group()
+            a = await c.enqueue("t6", g)
+            b = await c.enqueue("t7", g)
+            call, first = c.work(g, slots=2)
+            await call.write(first)
+            tasks = {t.job_id: t for t in await read_tasks(call, 2)}
+            ta, tb = tasks[a], tasks[b]
+            hb = pb.HeartbeatRequest(shard=tb.shard, worker_id="w1", task_id=tb.id,
+                                     tenant_id=tb.tenant_id)
+            wrong = pb.HeartbeatRequest(shard=tb.shard, worker_id="other", task_id=tb.id,
+                                        tenant_id=tb.tenant_id)
+            await call.write(spb.WorkerUp(outcomes=[success(ta)], heartbeats=[hb]))
+            acks: dict[int, spb.Ack] = {}
+            async with asyncio.timeout(15):
+                while len(acks) < 2:
+                    msg = await call.read()
+                    acks.update({k.kind: k for k in msg.acks})
+            assert not acks[spb.Ack.OUTCOME].HasField("error")
+            assert not acks[spb.Ack.HEARTBEAT].HasField("error")
+            assert not acks[spb.Ack.HEARTBEAT].cancelled
+            assert (await c.status("t6", a)).status == pb.JOB_STATUS_SUCCEEDED
+            # The same errors as the unary calls: a second outcome, a foreign heartbeat.
+            await call.write(spb.WorkerUp(outcomes=[success(ta)], heartbeats=[wrong]))
+            acks = {}
+            async with asyncio.timeout(15):
+                while len(acks) < 2:
+                    msg = await call.read()
+                    acks.update({k.kind: k for k in msg.acks})
+            assert acks[spb.Ack.OUTCOME].error.code == grpc.StatusCode.NOT_FOUND.value[0]
+            assert acks[spb.Ack.OUTCOME].error.message == "lease not found"
+            assert acks[spb.Ack.HEARTBEAT].error.code == \
+                grpc.StatusCode.FAILED_PRECONDITION.value[0]
+            assert acks[spb.Ack.HEARTBEAT].error.message == "lease owner mismatch"
+            # Cancel flows down (a heartbeat first: the lease is only 1 s).
+            await c.silo.Heartbeat(hb)
+            await c.silo.CancelJob(pb.CancelJobRequest(shard=tb.shard, id=b, tenant="t7"))
+            msg = await read_until(call, lambda m: bool(m.cancelled))
+            assert msg.cancelled[0].task_id == tb.id
+            await call.write(spb.WorkerUp(heartbeats=[hb]))
+            msg = await read_until(call, lambda m: bool(m.acks))
+            assert msg.acks[0].cancelled and msg.acks[0].cancelled_at_ms > 0
+            call.cancel()
+
+    arun(body())
+
+
+def test_a_cut_stream_leaves_its_leases_to_expire_and_the_job_is_retried(srv):
+    async def body():
+        async with Conn(srv.addr) as c:
+            g = group()
+            job_id = await c.enqueue("t8", g, retry_policy=pb.RetryPolicy(
+                retry_count=2, initial_interval_ms=1, max_interval_ms=1, backoff_factor=1.0))
+            call, first = c.work(g, slots=1)
+            await call.write(first)
+            (task,) = await read_tasks(call, 1)
+            assert task.attempt_number == 1
+            call.cancel()  # cut mid-flight: the worker may be running it
+            call2, first2 = c.work(g, slots=1, worker="w2")
+            await call2.write(first2)
+            (again,) = await read_tasks(call2, 1)  # after the 1 s lease expired
+            assert again.job_id == job_id and again.attempt_number == 2
+            st = await c.status("t8", job_id)
+            assert st.attempts[0].status == pb.ATTEMPT_STATUS_FAILED if st.attempts else True
+            call2.cancel()
+
+    arun(body())
+
+
+def test_stop_then_give_back_returns_unstarted_tasks_at_once_without_an_attempt(srv):
+    async def body():
+        async with Conn(srv.addr) as c:
+            g = group()
+            job_id = await c.enqueue("t9", g)
+            call, first = c.work(g, slots=1)
+            await call.write(first)
+            (task,) = await read_tasks(call, 1)
+            await call.write(spb.WorkerUp(stop=True))
+            await read_until(call, lambda m: m.stopped)
+            await call.write(spb.WorkerUp(give_back=[spb.TaskRef(
+                shard=task.shard, task_id=task.id, tenant_id="t9")]))
+            msg = await read_until(call, lambda m: bool(m.acks))
+            assert msg.acks[0].kind == spb.Ack.GIVE_BACK and not msg.acks[0].HasField("error")
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
+            assert await call.code() == grpc.StatusCode.OK
+            st = await c.status("t9", job_id)
+            assert st.status == pb.JOB_STATUS_SCHEDULED
+            # Leasable at once, same attempt number (no attempt was counted).
+            leased = await c.silo.LeaseTasks(pb.LeaseTasksRequest(
+                shard=task.shard, worker_id="w3", max_tasks=1, task_group=g))
+            assert [t.job_id for t in leased.tasks] == [job_id]
+            assert leased.tasks[0].attempt_number == 1
+
+    arun(body())
+
+
+def test_a_subscription_without_task_group_is_invalid(srv):
+    async def body():
+        async with Conn(srv.addr) as c:
+            call, first = c.work("", slots=1)
+            await call.write(first)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await call.read()
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    arun(body())
