@@ -73,6 +73,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     count_from_status_counters: bool = True
     webui_enabled: bool = True
     webui_addr: str = "127.0.0.1:8080"
+    forward_timeout_ms: int = 5000
+    liveness_interval_ms: int = 1000
+    liveness_misses: int = 10
 
     def object_store_url_resolved(self) -> str:
         """The SlateDB object store URL; ``file://<abs data_dir>/objects`` when unset."""
@@ -526,6 +529,30 @@ OPTIONS: tuple[Option, ...] = (
         _addr(allow_empty=False),
         "web UI listen address HOST:PORT (port 0 = pick a free port)",
         "HOST:PORT",
+    ),
+    Option(
+        "forward_timeout_ms",
+        "server.forward_timeout_ms",
+        _int(100, 600_000),
+        "longest wait for another worker process to answer a forwarded call "
+        "(then UNAVAILABLE); the caller's own deadline is passed on and shortens it",
+        "MS",
+    ),
+    Option(
+        "liveness_interval_ms",
+        "server.liveness_interval_ms",
+        _int(50, 60_000),
+        "how often the supervisor pings each worker process's event loop",
+        "MS",
+    ),
+    Option(
+        "liveness_misses",
+        "server.liveness_misses",
+        _int(2, 10_000),
+        "missed pings in a row after which a worker is killed and restarted "
+        "(silent for ~3 s, at least 2 pings, it counts as unresponsive: health "
+        "NOT_SERVING, LeaseTasks skips it)",
+        "N",
     ),
 )
 

@@ -13,7 +13,7 @@ import tempfile
 import pytest
 import uvloop
 
-from silo.runtime.forward import PeerClient, PeerServer
+from silo.runtime.forward import PeerClient, PeerServer, new_secret
 
 BATCH = 2000
 IN_FLIGHT = 64
@@ -23,15 +23,16 @@ IN_FLIGHT = 64
 def test_forwarded_call_round_trip(benchmark):
     payload = b"x" * 200
 
-    async def echo(method: str, data: bytes):
+    async def echo(method: str, data: bytes, meta):
         return 0, "", (), data
 
     loop = uvloop.new_event_loop()
     d = tempfile.mkdtemp(prefix="silo-fwd-")
     path = os.path.join(d, "w.sock")
-    server = PeerServer(path, echo)
+    secret = new_secret()
+    server = PeerServer(path, echo, secret)
     loop.run_until_complete(server.start())
-    client = PeerClient(path, "w0")
+    client = PeerClient(path, "w0", secret)
 
     async def batch():
         sem = asyncio.Semaphore(IN_FLIGHT)

@@ -103,12 +103,14 @@ async def mark_serving(server: grpc.aio.Server) -> None:
 
 
 def watch_storage(server: grpc.aio.Server, committers: list,
-                  admission: Admission | None = None) -> None:
+                  admission: Admission | None = None, *, publish: bool = True) -> None:
     """Health answers NOT_SERVING while any shard's storage is stalled (a write past
     its bound: full disk, unreachable object store), SERVING again once all recover;
     meanwhile `admission` refuses writing calls before they stage anything.
 
-    `committers` are the shards' GroupCommitters; their `on_stall` hooks are set here."""
+    `committers` are the shards' GroupCommitters; their `on_stall` hooks are set here.
+    With publish=False only `admission` is told: whoever follows the node's health
+    (silo.runtime.health) reads `admission.storage_stalled` and publishes it."""
     hs = server.health_servicer  # type: ignore[attr-defined]
     stalled: set[int] = set()
     tasks: set[asyncio.Task[None]] = set()
@@ -123,14 +125,16 @@ def watch_storage(server: grpc.aio.Server, committers: list,
             return
         if admission is not None:
             admission.storage_stalled = bool(stalled)
+        if not publish:
+            return
         status = (health_pb2.HealthCheckResponse.NOT_SERVING if stalled
                   else health_pb2.HealthCheckResponse.SERVING)
 
-        async def publish() -> None:
+        async def set_health() -> None:
             await hs.set(SERVICE_NAME, status)
             await hs.set("", status)
 
-        t = asyncio.ensure_future(publish())
+        t = asyncio.ensure_future(set_health())
         tasks.add(t)
         t.add_done_callback(tasks.discard)
 

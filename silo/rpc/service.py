@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+import silo.runtime.forward as forward
 from silo import errors
 from silo._proto import silo_pb2 as pb
 from silo._proto import silo_pb2_grpc as pb_grpc
@@ -68,6 +69,7 @@ def rpc(fn):
     @functools.wraps(fn)
     async def handler(self: SiloService, request, context: grpc.aio.ServicerContext):
         try:
+            forward.enter_call(context)  # refused while draining; auth/deadline go along
             if self.auth_token:
                 self.check_auth(context)
             if isinstance(request, bytes):  # registered raw (silo.rpc.server): parse after auth
@@ -137,8 +139,13 @@ class SiloService(pb_grpc.SiloServicer):
             raise errors.shard_unavailable("shard is opening")
         raise _OwnedElsewhere(owner)
 
-    async def dispatch(self, method: str, payload: bytes):
-        """Serve a call forwarded by another process (see silo.runtime.forward)."""
+    async def dispatch(self, method: str, payload: bytes, meta: forward.Forwarded):
+        """Serve a call forwarded by another process (see silo.runtime.forward).
+
+        The owner applies every rule itself, as for a direct call: the caller's token is
+        checked here, tenancy in the handler, dev mode in `_reset_local`."""
+        if self.auth_token:
+            self.check_auth(meta)
         if tracing.ENABLED:
             method, parent = tracing.split_method(method)
             with tracing.server_span(f"forwarded {method}", parent):
@@ -335,6 +342,8 @@ class SiloService(pb_grpc.SiloServicer):
                                        task_group=request.task_group)
             if owner == self.node.index:
                 got = await self._lease_local(sub)
+            elif not self.node.peer_ready(owner):
+                continue  # stopped, restarting or silent: its shards wait, others serve
             else:
                 try:
                     got = pb.LeaseTasksResponse.FromString(await self.node.peers[owner].call(
@@ -453,6 +462,9 @@ class SiloService(pb_grpc.SiloServicer):
         return pb.ResetShardsResponse(shards_reset=n)
 
     async def _reset_local(self, _request) -> pb.ResetShardsResponse:
+        if not self.node.dev_mode:  # checked again here: a peer's word is not enough
+            raise SiloError(grpc.StatusCode.PERMISSION_DENIED,
+                            "ResetShards is only available in dev mode")
         for s in self.node.shards.values():
             await s.wipe()
             self.node.publish(s)

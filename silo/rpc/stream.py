@@ -23,6 +23,7 @@ from silo._proto import silo_stream_pb2 as spb
 from silo._proto import silo_stream_pb2_grpc as spb_grpc
 from silo.errors import SiloError
 from silo.rpc.service import _METHODS, SiloService, _OwnedElsewhere
+from silo.runtime import forward
 from silo.shard import give_back
 from silo.shard.ready import wait_due
 from silo.storage.db import StorageError
@@ -143,11 +144,12 @@ class SiloStreamService(spb_grpc.SiloStreamServicer):
         self.svc = svc
 
     async def _auth(self, context: grpc.aio.ServicerContext) -> None:
-        if self.svc.auth_token:
-            try:
+        try:
+            forward.enter_call(context)  # the token and deadline go with forwarded calls
+            if self.svc.auth_token:
                 self.svc.check_auth(context)
-            except SiloError as e:
-                await context.abort(e.code, e.message)
+        except SiloError as e:
+            await context.abort(e.code, e.message)
 
     async def EnqueueMany(self, request, context):
         await self._auth(context)

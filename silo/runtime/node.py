@@ -20,6 +20,7 @@ import uuid
 from silo.cluster.shardmap import ShardMap
 from silo.observability import events, metrics
 from silo.runtime.forward import PeerClient
+from silo.runtime.status import SERVING, UNRESPONSIVE, ProcessTable
 from silo.shard.memtable_flush import maybe_flush_memtable
 from silo.shard.reaper import reap_expired_leases
 from silo.shard.retention import expire_due
@@ -46,6 +47,9 @@ class Node:
         owner_of: dict[str, int] | None = None,
         peer_paths: dict[int, str] | None = None,
         counts: mmap.mmap | None = None,
+        peer_secret: bytes = b"",
+        forward_timeout_ms: int = 5000,
+        table: ProcessTable | None = None,
     ) -> None:
         self.node_id = node_id or str(uuid.uuid4())
         self.shard_map = shard_map
@@ -58,12 +62,28 @@ class Node:
         self.index = index
         # Every shard is ours unless the supervisor says otherwise (single process).
         self.owner_of = owner_of or {e.shard_id: index for e in shard_map.entries}
-        self.peers = {i: PeerClient(p, f"w{i}") for i, p in (peer_paths or {}).items()
-                      if i != index}
+        self.table = table  # the supervisor's view of every process, when supervised
+        self.peers = {i: PeerClient(p, f"w{i}", peer_secret, forward_timeout_ms / 1000,
+                                    unresponsive=self._unresponsive_check(i))
+                      for i, p in (peer_paths or {}).items() if i != index}
         self.slot = {e.shard_id: i for i, e in enumerate(shard_map.entries)}
         self.counts = counts
         self.shards: dict[str, Shard] = {}
         self._reaper: asyncio.Task[None] | None = None
+
+    def _unresponsive_check(self, index: int):
+        table = self.table
+        if table is None:
+            return None
+        return lambda: table.state(index) == UNRESPONSIVE
+
+    def peer_ready(self, index: int) -> bool:
+        """Whether process `index` is worth asking now: serving, as far as the supervisor
+        knows, and not silent on our last call to it (LeaseTasks skips it otherwise)."""
+        if self.table is not None and self.table.state(index) != SERVING:
+            return False
+        peer = self.peers.get(index)
+        return peer is not None and not peer.silent
 
     @property
     def owned(self) -> list[str]:

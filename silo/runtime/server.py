@@ -3,6 +3,7 @@ lock, GC tuning, and the `run_server` entry point of `silo serve`."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gc
 import logging
@@ -47,18 +48,43 @@ def setup_logging(level: str, fmt: str, worker: int | None = None) -> None:
 
 
 def lock_data_dir(data_dir: Path) -> int:
-    """Hold an exclusive lock on the data dir for the life of the process."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    """Hold an exclusive lock on the data dir for the life of the process.
+
+    The lock file is removed when the server exits (`unlock_data_dir`), so a locker
+    checks that the file it locked is still the one at the path (else it raced with an
+    exiting server and locked an unlinked file) and tries again."""
+    from silo.runtime.checks import StartupError  # noqa: PLC0415 - avoid an import cycle
+
+    path = data_dir / LOCK_FILE
+    for _ in range(10):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StartupError(f"storage.data_dir (SILO_DATA_DIR / --data-dir): cannot "
+                               f"create {str(path)!r}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StartupError(f"data dir {data_dir} is in use by another silo server"
+                               ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
         os.close(fd)
-        print(f"silo: data dir {data_dir} is in use by another silo server", file=sys.stderr)
-        raise SystemExit(2) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
+    raise StartupError(f"data dir {data_dir}: cannot take its lock file")
+
+
+def unlock_data_dir(data_dir: Path, fd: int) -> None:
+    """Remove the lock file (still holding the lock), then release it."""
+    with contextlib.suppress(OSError):
+        os.unlink(data_dir / LOCK_FILE)
+    os.close(fd)
 
 
 def tune_gc() -> None:

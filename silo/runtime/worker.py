@@ -13,6 +13,7 @@ import mmap
 import os
 import signal
 
+import grpc
 import uvloop
 
 from silo.cluster.shardmap import ShardMap
@@ -23,14 +24,20 @@ from silo.rpc.admission import guard_dispatch, process_admission
 from silo.rpc.query import add_query_service
 from silo.rpc.server import build_server, mark_serving, watch_storage
 from silo.rpc.service import SiloService
+from silo.runtime import forward
+from silo.runtime.control import DRAINED, READY, WorkerControl
 from silo.runtime.forward import PeerServer
+from silo.runtime.health import follow_node_health
 from silo.runtime.node import Node
+from silo.runtime.status import ProcessTable
 from silo.shard.state import ShardConfig
 from silo.storage.slatedb_settings import StorageTuning, slatedb_settings
 
 log = logging.getLogger("silo.worker")
 
 DRAIN_TIMEOUT_S = 10.0
+LAME_DUCK_S = 0.3  # new public calls answered UNAVAILABLE before the gRPC server stops
+CLOSE_WAIT_S = 30.0  # a drained worker waits this long at most for the supervisor's CLOSE
 STORAGE_FAILED = 70  # exit status: a shard's storage failed; the supervisor restarts us
 
 
@@ -40,7 +47,8 @@ class WorkerSpec:
     def __init__(self, *, config: Config, index: int, shard_map: ShardMap,
                  owner_of: dict[str, int], socket_paths: dict[int, str], bind_addr: str,
                  advertised_addr: str, node_id: str, counts: mmap.mmap | None,
-                 ready_fd: int | None, web_addr: str = "", web_secret: bytes = b"") -> None:
+                 secret: bytes = b"", table: ProcessTable | None = None,
+                 web_addr: str = "", web_secret: bytes = b"") -> None:
         self.config = config
         self.index = index
         self.shard_map = shard_map
@@ -50,13 +58,20 @@ class WorkerSpec:
         self.advertised_addr = advertised_addr
         self.node_id = node_id
         self.counts = counts
-        self.ready_fd = ready_fd
+        self.secret = secret  # authenticates sibling workers on the Unix sockets
+        self.table = table  # the supervisor's view of every process (read only here)
+        self.control_fd: int | None = None  # this worker's end of its control socketpair
         self.web_addr = web_addr  # "" = no web UI; else reserved by the supervisor
         self.web_secret = web_secret  # the same for every worker: see silo.web.security
 
 
 async def serve_worker(spec: WorkerSpec) -> int:
+    """Serve until told to stop. The stop is two-phase, coordinated by the supervisor:
+    DRAIN stops public calls and finishes those in flight (they may still forward to
+    peers, which keep serving forwarded calls), DRAINED is reported, and only on CLOSE,
+    once every worker has drained, are forwarded calls finished and the shards closed."""
     config = spec.config
+    control = WorkerControl(spec.control_fd) if spec.control_fd is not None else None
     metrics.start_worker(spec.index)
     tracing.start_worker(spec.index)
     profiling.allow_ptrace_from_parent()
@@ -83,6 +98,9 @@ async def serve_worker(spec: WorkerSpec) -> int:
         owner_of=spec.owner_of,
         peer_paths=spec.socket_paths,
         counts=spec.counts,
+        peer_secret=spec.secret,
+        forward_timeout_ms=config.forward_timeout_ms,
+        table=spec.table,
     )
     await node.open()
     flusher = asyncio.create_task(metrics.flush_forever(node), name="silo-metrics")
@@ -104,7 +122,7 @@ async def serve_worker(spec: WorkerSpec) -> int:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # left by a crashed predecessor
     admission = process_admission(config.max_inflight_bytes)
-    peer_server = PeerServer(path, guard_dispatch(service.dispatch, admission))
+    peer_server = PeerServer(path, guard_dispatch(service.dispatch, admission), spec.secret)
     await peer_server.start()
     server = build_server(service, config.max_message_bytes, admission)
     query_settings.configure(config)
@@ -112,7 +130,15 @@ async def serve_worker(spec: WorkerSpec) -> int:
     server.add_insecure_port(spec.bind_addr)
     await server.start()
     await mark_serving(server)
-    watch_storage(server, [s.committer for s in node.shards.values()], admission)
+    # Health is NOT_SERVING while any process of the node is down or this process's
+    # storage is stalled: the node follower publishes both when there is a table.
+    watch_storage(server, [s.committer for s in node.shards.values()], admission,
+                  publish=spec.table is None)
+    health = (asyncio.create_task(follow_node_health(
+                  server, spec.table, stalled=lambda: admission.storage_stalled))
+              if spec.table is not None else None)
+    # spec.table (node.table) holds the supervisor's view of every process, restart
+    # counts included (ProcessTable.restarts / snapshot), for metrics to export.
     web_ui = None
     if spec.web_addr:
         from silo.web.serve import WebUI  # noqa: PLC0415 - aiohttp only when serving the UI
@@ -120,34 +146,57 @@ async def serve_worker(spec: WorkerSpec) -> int:
         web_ui = WebUI(service, config, spec.web_addr, spec.web_secret)
         await web_ui.start()
     log.info("worker %d (pid %d) serving %d shards", spec.index, os.getpid(), len(node.shards))
-    if spec.ready_fd is not None:
-        os.write(spec.ready_fd, bytes((spec.index,)))
-    stop = asyncio.Event()
+    if control is not None:
+        control.send(READY)
+    stop = control.drain if control is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    # SIGTERM to this worker alone drains it like the supervisor's DRAIN; SIGINT is the
+    # terminal's Ctrl-C, sent to every process of the group: the supervisor coordinates.
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(fatal.wait())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for w in waits:
         w.cancel()
     flusher.cancel()
+    if health is not None:
+        health.cancel()
+    await lame_duck(server)
+    await server.stop(DRAIN_TIMEOUT_S)  # public calls: no new ones, those in flight end
     if web_ui is not None:
         await web_ui.close()
     if fatal.is_set():
-        # Calls on the failed shard already fail fast (UNAVAILABLE); give the others the
+        # Calls on the failed shard already fail fast (UNAVAILABLE); the others got the
         # same drain as a graceful stop so they finish instead of being cancelled.
-        await server.stop(DRAIN_TIMEOUT_S)
-        await peer_server.close()
+        await peer_server.close(grace_s=1.0)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(node.close(), 5.0)
         return STORAGE_FAILED
-    await server.stop(DRAIN_TIMEOUT_S)
-    await peer_server.close()
+    if control is not None:
+        control.send(DRAINED)
+        # Peers may still be draining calls that forward to our shards: serve them
+        # until the supervisor says every worker has drained.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(control.close.wait(), CLOSE_WAIT_S)
+        control.stop()
+    await peer_server.close(grace_s=DRAIN_TIMEOUT_S)
     await node.close()
     metrics.flush()
     tracing.shutdown()
     log.info("worker %d stopped", spec.index)
     return 0
+
+
+async def lame_duck(server: grpc.aio.Server) -> None:
+    """Before the gRPC server stops: say NOT_SERVING and answer new calls UNAVAILABLE
+    for a moment, so clients move off this process instead of having calls that reach
+    it during the shutdown cancelled."""
+    forward.stop_admitting()
+    hs = server.health_servicer  # type: ignore[attr-defined]
+    with contextlib.suppress(Exception):
+        await hs.enter_graceful_shutdown()
+    await asyncio.sleep(LAME_DUCK_S)
 
 
 def run_worker(spec: WorkerSpec) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -255,23 +256,52 @@ def test_fenced_shard_storage_restarts_its_worker(tmp_path):
         c.channel.close()
 
 
-def test_crash_looping_worker_makes_the_server_give_up(tmp_path):
-    srv = Server(tmp_path / "d", "--processes", str(PROCS))
+def serving_pid(srv: Server, index: int, after: int = 0) -> int | None:
+    """The pid in the newest 'worker N (pid P) serving' line, ignoring lines before `after`."""
+    pat = re.compile(rf"worker {index} \(pid (\d+)\) serving")
+    for line in reversed(srv.log[after:]):
+        m = pat.search(line)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def test_crash_looping_worker_is_restarted_with_growing_back_off_others_serve(tmp_path):
+    srv = Server(tmp_path / "d", "--processes", str(PROCS), "--tenancy", "--shards", "4")
     with srv:
-        for _ in range(5):
-            pids = worker_pids(srv)
-            victim = pids[-1]
+        c = srv.client()
+        tenants = tenants_covering_all_shards(c, per_shard=1)
+        healthy = serving_pid(srv, 0)
+        for k in range(5):
+            mark = len(srv.log)
+            victim = serving_pid(srv, 1)
             os.kill(victim, signal.SIGKILL)
-            deadline = time.time() + 20
-            while time.time() < deadline and srv.proc.poll() is None:
-                now = worker_pids(srv)
-                if victim not in now and len(now) == PROCS:
-                    break
+            if k == 4:
+                break
+            deadline = time.time() + 60
+            while serving_pid(srv, 1, after=mark) is None:
+                assert time.time() < deadline and srv.proc.poll() is None
                 time.sleep(0.05)
-        assert srv.proc.wait(30) == 1
-        assert any("giving up" in x for x in srv.log)
-        assert not worker_pids_alive(pids)
-
-
-def worker_pids_alive(pids: list[int]) -> bool:
-    return any(Path(f"/proc/{p}").exists() for p in pids)
+        deadline = time.time() + 30
+        restarts = []
+        while len(restarts) < 5:
+            assert time.time() < deadline, "".join(srv.log[-20:])
+            restarts = [x for x in srv.log if "restarting it in" in x]
+            time.sleep(0.05)
+        assert all("worker 1" in x and "killed by signal 9 (SIGKILL)" in x for x in restarts)
+        delays = [float(re.search(r"restarting it in ([\d.]+) s", x).group(1))
+                  for x in restarts]
+        assert delays == [0.5, 1.0, 2.0, 4.0, 8.0]
+        # Still up, the healthy worker untouched and serving its shards meanwhile; the
+        # failing one's shards answer UNAVAILABLE (retryable) until it is back.
+        assert srv.proc.poll() is None and serving_pid(srv, 0) == healthy
+        assert Path(f"/proc/{healthy}").exists()
+        served = 0
+        for t in tenants:
+            try:
+                c.enqueue(tenant=t)
+                served += 1
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
+        assert served >= 1
+        c.channel.close()
