@@ -90,15 +90,15 @@ class Admission:
                          f"({self.max_bytes}); retry with back-off")
 
 
-def guard_dispatch(dispatch: Callable[[str, bytes], Awaitable], admission: Admission):
+def guard_dispatch(dispatch: Callable[..., Awaitable], admission: Admission):
     """The peer-socket dispatcher behind the same bound (forwarded calls' bytes)."""
 
     @functools.wraps(dispatch)
-    async def guarded(method: str, payload: bytes):
+    async def guarded(method: str, payload: bytes, *rest):
         n = len(payload)
         admission.check(method.partition("@")[0], n)
         try:
-            return await dispatch(method, payload)
+            return await dispatch(method, payload, *rest)
         finally:
             admission.release(n)
 
