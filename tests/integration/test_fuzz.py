@@ -30,6 +30,9 @@ from tests.integration.harness import Server
 SERVICE = pb.DESCRIPTOR.services_by_name["Silo"]
 METHODS = list(SERVICE.methods)
 CALL_TIMEOUT = 15.0
+# CpuProfile/HeapProfile block for their duration (0 ⇒ 30 s, up to 300 s, as upstream):
+# the fuzzer gives them a short deadline and only checks how they end.
+SLOW_BY_DESIGN = {"CpuProfile": 1.0, "HeapProfile": 1.0}
 TENANTS = ["acme", "globex", "t-3", "initech", "umbrella"]
 GROUPS = ["g", "h"]
 JOB_IDS = ["j1", "j2", "j3"]
@@ -185,12 +188,13 @@ def call(server: Server, method, body: bytes) -> tuple[grpc.StatusCode, str]:
     """Send one request (raw bytes); return the status it ended with."""
     path = f"/{SERVICE.full_name}/{method.name}"
     ch = channel(server)
+    timeout = SLOW_BY_DESIGN.get(method.name, CALL_TIMEOUT)
     try:
         if method.server_streaming:
-            for _ in ch.unary_stream(path)(body, timeout=CALL_TIMEOUT):
+            for _ in ch.unary_stream(path)(body, timeout=timeout):
                 pass
         else:
-            ch.unary_unary(path)(body, timeout=CALL_TIMEOUT)
+            ch.unary_unary(path)(body, timeout=timeout)
     except grpc.RpcError as e:
         return e.code(), e.details() or ""
     return grpc.StatusCode.OK, ""
