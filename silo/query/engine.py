@@ -28,6 +28,7 @@ from datafusion import SessionConfig, SessionContext, SQLOptions
 
 from silo import errors
 from silo.errors import SiloError
+from silo.observability import metrics
 from silo.query import settings as query_settings
 from silo.query.plan import Scan, canonicalise_status_literals, scans_of, tables_named
 from silo.query.scan import read_table
@@ -165,16 +166,19 @@ def admitted(shard_ids: list[str]) -> Iterator[None]:
     if cap > 0:
         for sid in shard_ids:
             if _running.get(sid, 0) >= cap:
+                metrics.QUERY_REJECTED.inc((sid, "max_concurrent_statements"))
                 raise SiloError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"too many concurrent SQL statements on shard {sid} "
                                 f"(max_concurrent_statements = {cap})")
     for sid in shard_ids:
         _running[sid] = _running.get(sid, 0) + 1
+        metrics.QUERY_INFLIGHT.set((sid,), _running[sid])
     try:
         yield
     finally:
         for sid in shard_ids:
             _running[sid] -= 1
+            metrics.QUERY_INFLIGHT.set((sid,), _running[sid])
             if not _running[sid]:
                 del _running[sid]
 
@@ -200,6 +204,8 @@ async def run_statement(
             else:
                 result = await pipeline()
         except TimeoutError:
+            for sid in shard_ids:
+                metrics.QUERY_CANCELLED.inc((sid, "statement_timeout"))
             raise SiloError(grpc.StatusCode.DEADLINE_EXCEEDED,
                             f"SQL statement timed out after {s.statement_timeout_ms} ms "
                             "(statement_timeout_ms)") from None

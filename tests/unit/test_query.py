@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 
 from silo.errors import SiloError
+from silo.observability import metrics
 from silo.query import engine, scan, settings
 from silo.query.engine import query_shard
 from silo.shard import cancel, lease, outcome
@@ -265,6 +266,7 @@ def test_limits_timeout_size_concurrency_and_slow_log(monkeypatch, caplog):
         with engine.admitted([s.id]), pytest.raises(SiloError) as e:
             await q(s, "SELECT 1")
         assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert metrics.QUERY_REJECTED.pending.get((s.id, "max_concurrent_statements"), 0) >= 1
         assert await q(s, "SELECT 1 AS one") == [{"one": 1}]  # slot given back
         monkeypatch.setattr(settings, "SETTINGS", settings.QuerySettings(
             statement_timeout_ms=1))
@@ -279,6 +281,7 @@ def test_limits_timeout_size_concurrency_and_slow_log(monkeypatch, caplog):
         with pytest.raises(SiloError) as e:
             await q(s, "SELECT 1")
         assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert metrics.QUERY_CANCELLED.pending.get((s.id, "statement_timeout"), 0) >= 1
         monkeypatch.setattr(settings, "SETTINGS", settings.QuerySettings(slow_query_log_ms=1))
         long_sql = "SELECT 1 AS x " + " " * 600 + "-- end"
         with caplog.at_level(logging.WARNING, logger="silo.query.engine"):
