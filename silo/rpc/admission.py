@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from silo.errors import SiloError
+from silo.rpc.memtrim import Trimmer, trim_threshold
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class Admission:
     flight, so no valid message (up to max_message_bytes) is refused forever."""
 
     __slots__ = ("max_bytes", "inflight", "peak", "admitted", "rejected", "_logged_at",
-                 "storage_stalled")
+                 "storage_stalled", "high", "on_drained")
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -53,6 +54,9 @@ class Admission:
         self.admitted = 0
         self.rejected = 0
         self._logged_at = -_LOG_EVERY_S
+        # Peak since in-flight bytes were last zero; reported to on_drained (memory trim).
+        self.high = 0
+        self.on_drained: Callable[[int], None] | None = None
 
     def try_acquire(self, n: int) -> bool:
         if self.inflight and self.inflight + n > self.max_bytes:
@@ -62,10 +66,16 @@ class Admission:
         self.admitted += 1
         if self.inflight > self.peak:
             self.peak = self.inflight
+        if self.inflight > self.high:
+            self.high = self.inflight
         return True
 
     def release(self, n: int) -> None:
         self.inflight -= n
+        if self.inflight == 0 and self.high:
+            high, self.high = self.high, 0
+            if self.on_drained is not None:
+                self.on_drained(high)
 
     def check(self, method: str, n: int) -> None:
         """Admit a call of n request bytes or raise the SiloError that refuses it."""
@@ -106,5 +116,8 @@ def guard_dispatch(dispatch: Callable[..., Awaitable], admission: Admission):
 
 
 def process_admission(max_inflight_bytes: int) -> Admission:
-    """The one Admission of a worker process (public port and peer socket share it)."""
-    return Admission(max_inflight_bytes)
+    """The one Admission of a worker process (public port and peer socket share it); it
+    gives freed memory back to the OS after a big burst (silo.rpc.memtrim)."""
+    admission = Admission(max_inflight_bytes)
+    admission.on_drained = Trimmer(trim_threshold(max_inflight_bytes)).drained
+    return admission

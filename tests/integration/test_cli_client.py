@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from tests.integration.harness import hash_tenant
+from tests.integration.harness import Server, hash_tenant
 
 
 def silo(*args: str, server=None, check: bool = True, timeout: float = 30,
@@ -113,10 +113,14 @@ def test_errors_are_one_line_with_nonzero_exit(server, tmp_path):
 
 HANDLER_MODULE = textwrap.dedent("""
     import asyncio
+    import os
 
     async def handle(ctx):
         if ctx.payload.get("slow"):
             await asyncio.sleep(1.0)
+        gate = ctx.payload.get("gate")
+        while gate and not os.path.exists(gate):  # runs until the test opens the gate
+            await asyncio.sleep(0.05)
         return {"doubled": ctx.payload["n"] * 2}
 """)
 
@@ -151,9 +155,18 @@ class WorkerProcess:
                 self._cond.wait(left)
 
 
-def test_worker_command_processes_jobs_and_stops_gracefully_on_sigterm(server, tmp_path):
+def test_worker_command_processes_jobs_and_stops_gracefully_on_sigterm(tmp_path):
+    # Its own server with a long lease: the shared one's 1 s lease can expire under load
+    # while the slow task runs. The slow task runs until the test opens its gate, so the
+    # test always sees it Running, and SIGTERM always lands mid-task.
+    with Server(tmp_path / "d", "--lease-ms", "30000") as server:
+        _worker_sigterm_scenario(server, tmp_path)
+
+
+def _worker_sigterm_scenario(server, tmp_path) -> None:
     (tmp_path / "jobs_mod.py").write_text(HANDLER_MODULE)
     g = group()
+    gate = tmp_path / "gate"
     w = WorkerProcess(server, tmp_path, "jobs_mod:handle", "--task-group", g,
                       "--poll-interval", "0.05", "--heartbeat-interval", "0.3")
     try:
@@ -165,13 +178,16 @@ def test_worker_command_processes_jobs_and_stops_gracefully_on_sigterm(server, t
                             "--poll-interval", "0.05", server=server)
             assert res["status"] == "Succeeded" and res["result"] == {"doubled": 2 * n}
         # SIGTERM while a slow task runs: the worker lets it finish, then exits 0.
-        slow = silo_json("enqueue", "-g", g, "-p", '{"n": 5, "slow": true}',
+        slow = silo_json("enqueue", "-g", g, "-p", json.dumps({"n": 5, "gate": str(gate)}),
                          server=server)["id"]
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while silo_json("job", "get", slow, server=server)["status"] != "Running":
-            assert time.monotonic() < deadline
+            assert time.monotonic() < deadline, "the slow job never started"
             time.sleep(0.05)
         w.proc.send_signal(signal.SIGTERM)
+        w.wait_for("silo worker: stopping", timeout=30)
+        assert w.proc.poll() is None  # still finishing the running task
+        gate.touch()
         assert w.proc.wait(30) == 0
         w.wait_for("silo worker: stopped (4 succeeded")
         res = silo_json("job", "result", slow, server=server)
