@@ -51,8 +51,9 @@ async def _abort(context, e: Exception) -> None:
     if isinstance(e, SiloError):
         if e.trailers:
             context.set_trailing_metadata(e.trailers)
-        await context.abort(e.code, e.message)
-    await context.abort(grpc.StatusCode.UNAVAILABLE, f"shard storage unavailable: {e}")
+        await context.abort(e.code, guard.bounded(e.message))
+    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                        guard.bounded(f"shard storage unavailable: {e}"))
 
 
 async def query_arrow(service, request, context):

@@ -22,6 +22,7 @@ from silo._proto import silo_pb2 as pb
 from silo._proto import silo_stream_pb2 as spb
 from silo._proto import silo_stream_pb2_grpc as spb_grpc
 from silo.errors import SiloError
+from silo.rpc import guard
 from silo.rpc.service import _METHODS, SiloService, _OwnedElsewhere
 from silo.runtime import forward
 from silo.shard import give_back
@@ -149,7 +150,7 @@ class SiloStreamService(spb_grpc.SiloStreamServicer):
             if self.svc.auth_token:
                 self.svc.check_auth(context)
         except SiloError as e:
-            await context.abort(e.code, e.message)
+            await context.abort(e.code, guard.bounded(e.message))
 
     async def EnqueueMany(self, request, context):
         await self._auth(context)

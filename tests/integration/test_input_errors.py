@@ -73,3 +73,18 @@ def test_a_huge_shard_id_is_not_echoed(client):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, rpc
         assert e.value.details().startswith("invalid shard ID: xxx")
         assert len(e.value.details()) < 200
+
+
+def test_sql_errors_do_not_echo_a_huge_statement(client):
+    """The engine quotes the statement in its parse error; Query and QueryArrow (a
+    streaming handler outside the rpc wrapper) both cut it to the message bound."""
+    shard = client.shard_for(None)
+    sql = "y" * 5000
+    with pytest.raises(grpc.RpcError) as e:
+        client.stub.Query(pb.QueryRequest(shard=shard, sql=sql), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(e.value.details()) <= 1100
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.stub.QueryArrow(pb.QueryArrowRequest(shard=shard, sql=sql), timeout=10))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("SQL error") and len(e.value.details()) <= 1100
