@@ -185,6 +185,17 @@ def fetch_topology(target: str, timeout: float = 10.0) -> list[tuple[str, str, s
         raise RuntimeError("GetClusterInfo returned no owned shard")
     return owners
 
+def add_server_args(ap: argparse.ArgumentParser) -> None:
+    """The flags every scenario script passes to the `silo serve` it starts."""
+    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--processes", type=int, default=0)
+    ap.add_argument("--flush-interval-ms", type=int, default=10)
+    ap.add_argument("--silo-bin")
+    ap.add_argument("--server-arg", action="append", default=[])
+    ap.add_argument("--keep-data", action="store_true")
+    ap.add_argument("--json", metavar="FILE")
+
+
 def server_processes(args: argparse.Namespace) -> int:
     """Worker processes of a self-started `silo serve`, as it resolves --processes 0
     (one per core we may run on, at most one per shard); the no-op server gets as many."""

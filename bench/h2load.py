@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import CpuWindow, ServerProc, machine_info, shard_for
+from common import CpuWindow, ServerProc, add_server_args, machine_info, shard_for
 
 FINISHED_RE = re.compile(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s")
 REQUESTS_RE = re.compile(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, "
@@ -169,13 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--streams", type=int, default=16, help="concurrent streams per connection")
     ap.add_argument("--tenants", type=int, default=0, help=">0: tenancy on, tenant-0")
-    ap.add_argument("--shards", type=int, default=8)
-    ap.add_argument("--processes", type=int, default=0)
-    ap.add_argument("--flush-interval-ms", type=int, default=10)
-    ap.add_argument("--silo-bin")
-    ap.add_argument("--server-arg", action="append", default=[])
-    ap.add_argument("--keep-data", action="store_true")
-    ap.add_argument("--json", metavar="FILE")
+    add_server_args(ap)
     args = ap.parse_args(argv)
     h2load = ensure_h2load()
     rep = {"machine": machine_info(),

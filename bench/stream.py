@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import CpuWindow, ServerProc, machine_info, percentiles_ms
+from common import CpuWindow, ServerProc, add_server_args, machine_info, percentiles_ms
 
 TASK_GROUP = "bench-stream"
 TARGETS = {"jobs_per_s": 6000.0, "server_cpu_us_per_job": 150.0, "p50_ms": 3.0,
@@ -216,13 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backlog", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=128, help="saturation: jobs per EnqueueMany")
     ap.add_argument("--enqueuers", type=int, default=2, help="saturation: per process")
-    ap.add_argument("--shards", type=int, default=8)
-    ap.add_argument("--processes", type=int, default=0)
-    ap.add_argument("--flush-interval-ms", type=int, default=10)
-    ap.add_argument("--silo-bin")
-    ap.add_argument("--server-arg", action="append", default=[])
-    ap.add_argument("--keep-data", action="store_true")
-    ap.add_argument("--json", metavar="FILE")
+    add_server_args(ap)
     args = ap.parse_args(argv)
     scenarios = ["saturation", "steady"] if args.scenario == "all" else args.scenario.split(",")
     out = {"machine": machine_info(), "results": []}
