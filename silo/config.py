@@ -73,6 +73,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     count_from_status_counters: bool = True
     webui_enabled: bool = True
     webui_addr: str = "127.0.0.1:8080"
+    webui_public_origin: str = ""
+    webui_trust_forwarded: bool = False
     forward_timeout_ms: int = 5000
     liveness_interval_ms: int = 1000
     liveness_misses: int = 10
@@ -229,6 +231,19 @@ def _token(raw: object) -> str:
     if not isinstance(raw, str) or any(not "!" <= ch <= "~" for ch in raw):
         raise _Bad("must be printable ASCII without spaces")
     return raw
+
+
+_ORIGIN_RE = re.compile(r"https?://(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(:[0-9]{1,5})?")
+
+
+def _origin(raw: object) -> str:
+    expect = "must be empty or an origin like https://silo.example.com[:PORT] (no path)"
+    if not isinstance(raw, str):
+        raise _Bad(expect)
+    value = raw.strip().rstrip("/").lower()
+    if value and not _ORIGIN_RE.fullmatch(value):
+        raise _Bad(expect)
+    return value
 
 
 # --- the option table ----------------------------------------------------------------------
@@ -529,6 +544,22 @@ OPTIONS: tuple[Option, ...] = (
         _addr(allow_empty=False),
         "web UI listen address HOST:PORT (port 0 = pick a free port)",
         "HOST:PORT",
+    ),
+    Option(
+        "webui_public_origin",
+        "webui.public_origin",
+        _origin,
+        "the web UI's address as browsers see it behind a reverse proxy "
+        "(scheme://host[:port]); forms posted from it pass the origin check",
+        "ORIGIN",
+        default_doc="none",
+    ),
+    Option(
+        "webui_trust_forwarded",
+        "webui.trust_forwarded",
+        _bool,
+        "check a form's origin against X-Forwarded-Host/X-Forwarded-Proto (set only "
+        "when a proxy you run always sets them)",
     ),
     Option(
         "forward_timeout_ms",

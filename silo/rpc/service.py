@@ -23,7 +23,7 @@ from silo._proto import silo_pb2 as pb
 from silo._proto import silo_pb2_grpc as pb_grpc
 from silo.cluster.shardmap import DEFAULT_TENANT, hash_tenant, in_range
 from silo.errors import SiloError
-from silo.observability import metrics, tracing
+from silo.observability import metrics, rates, tracing
 from silo.observability.rpc import instrument_rpc
 from silo.rpc import convert, guard, import_jobs, ops
 from silo.rpc import query as query_rpc
@@ -256,6 +256,7 @@ class SiloService(pb_grpc.SiloServicer):
             metadata=dict(request.metadata), task_group=request.task_group)
         self.node.publish(s)
         metrics.job_enqueued(s.id, tenant)
+        rates.enqueued(request.task_group)
         return pb.EnqueueResponse(id=job_id)
 
     @rpc
@@ -416,9 +417,11 @@ class SiloService(pb_grpc.SiloServicer):
             o = outcome.Failure(request.failure.code, request.failure.data.msgpack)
         else:
             o = outcome.Cancelled()
+        lease = s.leases.get(request.task_id)
         await outcome.report_outcome(s, request.task_id, o)
         self.node.publish(s)
         metrics.job_completed(s.id, kind)
+        rates.completed(getattr(lease.task, "task_group", "") if lease is not None else "")
         return pb.ReportOutcomeResponse()
 
     @rpc

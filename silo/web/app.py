@@ -170,7 +170,13 @@ async def _guarded(request: web.Request, handler, secret: bytes) -> web.StreamRe
         return error_page(request, 401, "Login required",
                           "this server needs its auth token; log in first")
     if request.method == "POST":
-        if not security.same_origin(request.headers.get("Origin"), request.host):
+        config = app[CONFIG]
+        trust = config.webui_trust_forwarded
+        if not security.same_origin(
+                request.headers.get("Origin"), request.host,
+                public_origin=config.webui_public_origin,
+                forwarded_host=request.headers.get("X-Forwarded-Host") if trust else None,
+                forwarded_proto=request.headers.get("X-Forwarded-Proto") if trust else None):
             return error_page(request, 403, "Forbidden", "cross-origin form refused")
         form = await request.post()
         request["form"] = form
@@ -184,7 +190,16 @@ async def _guarded(request: web.Request, handler, secret: bytes) -> web.StreamRe
 
 
 def build_app(backend: Backend, config: Config, secret: bytes) -> web.Application:
-    from silo.web import pages_auth, pages_cluster, pages_job, pages_tenant  # noqa: PLC0415
+    from silo.web import (  # noqa: PLC0415
+        pages_auth,
+        pages_cluster,
+        pages_groups,
+        pages_job,
+        pages_jobs,
+        pages_queues,
+        pages_sql,
+        pages_tenant,
+    )
 
     app = web.Application(middlewares=[guard], client_max_size=1024 * 1024)
     app[BACKEND] = backend
@@ -194,7 +209,8 @@ def build_app(backend: Backend, config: Config, secret: bytes) -> web.Applicatio
         loader=jinja2.FileSystemLoader(HERE / "templates"),
         autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
         lstrip_blocks=True)
-    for module in (pages_cluster, pages_job, pages_tenant, pages_auth):
+    for module in (pages_cluster, pages_job, pages_jobs, pages_queues, pages_groups,
+                   pages_tenant, pages_sql, pages_auth):
         app.router.add_routes(module.routes)
     app.router.add_static("/static/", HERE / "static", append_version=False)
     return app

@@ -14,8 +14,11 @@ import asyncio
 from typing import Any
 
 import grpc
+import pyarrow as pa
 
 from silo._proto import silo_pb2 as pb
+from silo.errors import SiloError
+from silo.storage.db import StorageError
 
 # gRPC status → the HTTP status of the page that shows it.
 HTTP_STATUS = {
@@ -120,6 +123,39 @@ class Backend:
         if ctx.code not in (None, grpc.StatusCode.OK):
             raise BackendError(ctx.code, ctx.details)
         return out
+
+    def as_caller(self) -> None:
+        """Calls this task forwards to other worker processes (the cluster query's shard
+        reads, the task-group figures) carry the token, as a client's call's would."""
+        from silo.runtime import forward  # noqa: PLC0415
+
+        forward.enter_call(_Context(self._metadata))
+
+    async def query_all(self, sql: str, params: list | None = None) -> pa.Table:
+        """One SQL statement over every shard of the node (silo.query.cluster), with
+        parameters bound by the engine ($1..$n), never formatted into the text."""
+        from silo.query import cluster  # noqa: PLC0415 - the engine loads on first use
+
+        try:
+            self.as_caller()
+            return await asyncio.wait_for(cluster.query_all(self.node, sql, params or []),
+                                          self.timeout_s)
+        except SiloError as e:
+            raise BackendError(e.code, e.message) from None
+        except StorageError as e:
+            raise BackendError(grpc.StatusCode.UNAVAILABLE,
+                               f"shard storage unavailable: {e}") from None
+        except TimeoutError:
+            raise BackendError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"the query did not answer within {self.timeout_s:g} s") from None
+
+    async def query_shard(self, shard: str, sql: str, params: list | None = None
+                          ) -> pb.QueryResponse:
+        """One statement over one shard, through the Query RPC (forwarded to its owner)."""
+        from silo.query import cluster  # noqa: PLC0415
+
+        return await self.call("Query", pb.QueryRequest(
+            shard=shard, sql=sql, parameters=cluster.params_to_pb(params or [])))
 
     # ---- the calls pages make ------------------------------------------------------
 

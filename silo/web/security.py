@@ -11,6 +11,10 @@ way everywhere. A server restart makes a new secret, which logs everyone out.
 - CSRF: each browser gets a random HttpOnly `silo_csrf` cookie; every form carries
   HMAC(secret, that cookie). A cross-site page can neither read the cookie nor the
   form, so it cannot make a valid POST. A mismatched Origin header is refused too.
+- Origin behind a reverse proxy: the browser's Origin names the proxy's address, which
+  need not be the Host the proxy sends on. `webui.public_origin` names that address;
+  with `webui.trust_forwarded`, X-Forwarded-Proto/Host name it per request (only a
+  proxy that always overwrites them makes that safe).
 """
 
 from __future__ import annotations
@@ -68,11 +72,28 @@ def csrf_ok(secret: bytes, nonce: str | None, field: str | None) -> bool:
     return hmac.compare_digest(field, csrf_token(secret, nonce))
 
 
-def same_origin(origin: str | None, host: str | None) -> bool:
-    """A browser's Origin header, when it sends one, must name this very host."""
+def _first(header: str | None) -> str:
+    """The first value of a forwarded header (proxies append theirs after a comma)."""
+    return (header or "").split(",")[0].strip().lower()
+
+
+def same_origin(origin: str | None, host: str | None, *, public_origin: str = "",
+                forwarded_host: str | None = None, forwarded_proto: str | None = None
+                ) -> bool:
+    """A browser's Origin header, when it sends one, must name this very host, or the
+    configured public origin, or (only when the caller trusts them, i.e. passes them)
+    the origin the X-Forwarded-* headers describe."""
     if not origin:
         return True  # older browsers and non-browser clients: the token decides
+    origin = origin.strip().rstrip("/").lower()
+    if public_origin and origin == public_origin:
+        return True
+    fwd_host = _first(forwarded_host)
+    if fwd_host:
+        proto = _first(forwarded_proto) or "http"
+        if proto in ("http", "https") and origin == f"{proto}://{fwd_host}":
+            return True
     if not host:
         return False
     scheme, _, rest = origin.partition("://")
-    return scheme in ("http", "https") and rest == host
+    return scheme in ("http", "https") and rest == host.lower()
