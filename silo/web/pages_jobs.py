@@ -13,11 +13,14 @@ from aiohttp import web
 
 from silo.web import joblist
 from silo.web.app import BACKEND, bad_request, param, render, url
+from silo.web.backend import BackendError
 from silo.web.view import fmt_ms
 
 routes = web.RouteTableDef()
 
 MAX_ID = 128
+# The engine gave up (statement timeout, admission): the form stays, with a hint.
+TOO_BIG = {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
 MAX_TEXT = 256
 
 
@@ -83,15 +86,21 @@ async def jobs_page(request: web.Request) -> web.Response:
     cursor = _cursor(request)
     sql, params = joblist.build(f, cursor, per_page + 1)
     t0 = time.perf_counter()
-    table = await backend.query_all(sql, params)
+    error, status = "", 200
+    try:
+        found = (await backend.query_all(sql, params)).to_pylist()
+    except BackendError as e:
+        if e.code.name not in TOO_BIG:
+            raise
+        found, error, status = [], str(e), e.http_status
     took = (time.perf_counter() - t0) * 1000
-    rows, older, newer = joblist.page_of(table.to_pylist(), cursor, per_page)
+    rows, older, newer = joblist.page_of(found, cursor, per_page)
     for r in rows:
         r["enqueued"] = fmt_ms(r["enqueue_time_ms"])
         r["changed"] = fmt_ms(r["status_changed_at_ms"])
     q = filter_query(f, per_page)
     return render(
-        request, "jobs.html", title="Jobs", rows=rows, f=f, q=q, per_page=per_page,
+        request, "jobs.html", status=status, title="Jobs", error=error, rows=rows, f=f, q=q, per_page=per_page,
         statuses=joblist.STATUSES, took_ms=f"{took:.1f}",
         older_url=url("/jobs", **q, older=older.encode()) if older else "",
         newer_url=url("/jobs", **q, newer=newer.encode()) if newer else "",

@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from silo.query import wire
 from silo.web.app import BACKEND, bad_request, param, render
 from silo.web.backend import BackendError
 from silo.web.pages_cluster import shard_id_param
@@ -47,7 +48,7 @@ def cell(v: Any) -> str | None:
 
 
 def _from_table(table) -> tuple[list[tuple[str, str]], list[list[str | None]], int]:
-    cols = [(f.name, str(f.type)) for f in table.schema]
+    cols = wire.columns(table.schema)  # the type names the Query RPC reports
     head = table.slice(0, MAX_ROWS).to_pylist()
     rows = [[cell(r[name]) for name, _ in cols] for r in head]
     return cols, rows, table.num_rows

@@ -1,6 +1,7 @@
 """The web UI in a real browser (headless Debian chromium via selenium): every page
-renders with no console error and a non-blank screenshot; Cancel, Restart and Delete
-work through the buttons; the login form works. SILO_WEB_SCREENSHOTS=DIR saves the
+renders with no console error and a non-blank screenshot; the job list filters
+through its form, the SQL console runs a query; Cancel, Restart and Delete work
+through the buttons; the login form works; reading pages work with JavaScript off. SILO_WEB_SCREENSHOTS=DIR saves the
 overview and a job page there (docs/ holds the committed ones)."""
 
 from __future__ import annotations
@@ -102,6 +103,42 @@ def test_every_page_renders_without_console_errors(driver, srv):
     assert "Not found" in driver.find_element(By.TAG_NAME, "h1").text
 
 
+def test_every_new_page_filter_and_console(driver, srv):
+    """Jobs (filtered through the form), SQL console, queues, one queue, task groups
+    with their chart: each renders with no console error and a non-blank screenshot."""
+    c = srv.client()
+    lim = [pb.Limit(concurrency=pb.ConcurrencyLimit(key="browser-q", max_concurrency=1))]
+    wanted = c.enqueue(task_group="listing", metadata={"customer": "zeta"}, limits=lim)
+    c.enqueue(task_group="listing", metadata={"customer": "omega"}, limits=lim)
+    shots = os.environ.get("SILO_WEB_SCREENSHOTS")
+    open_page(driver, srv, "/jobs")
+    driver.find_element(By.NAME, "key").send_keys("customer")
+    driver.find_element(By.NAME, "value").send_keys("zeta")
+    driver.find_element(By.ID, "apply-filters").click()
+    wait_text(driver, "#jobs tbody", wanted)
+    rows = driver.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")
+    assert len(rows) == 1 and "value=zeta" in driver.current_url
+    assert console_errors(driver) == [] and screenshot_colours(driver) >= 3
+    if shots:
+        open_page(driver, srv, "/jobs")
+        driver.save_screenshot(os.path.join(shots, "webui-jobs.png"))
+    open_page(driver, srv, "/sql")
+    box = driver.find_element(By.ID, "sql-text")
+    box.send_keys("SELECT task_group, COUNT(*) AS n FROM jobs GROUP BY task_group "
+                  "ORDER BY task_group")
+    driver.find_element(By.ID, "run-sql").click()
+    wait_text(driver, "#sql-result", "listing")
+    assert "Int64" in driver.find_element(By.ID, "sql-result").text
+    assert console_errors(driver) == [] and screenshot_colours(driver) >= 3
+    for path in ("/queues", "/queue?name=browser-q", "/groups", "/group?name=listing",
+                 "/group?name=listing&counts=1"):
+        open_page(driver, srv, path)
+    assert driver.find_element(By.CSS_SELECTOR, "#rate-chart svg polyline").is_displayed()
+    if shots:
+        open_page(driver, srv, "/group?name=listing")
+        driver.save_screenshot(os.path.join(shots, "webui-group.png"))
+
+
 def test_cancel_restart_delete_through_the_buttons(driver, srv):
     c = srv.client()
     job_id = c.enqueue(start_at_ms=int(time.time() * 1000) + 3_600_000)
@@ -135,6 +172,8 @@ def test_login_form_in_the_browser(driver, tmp_path):
         driver.find_element(By.CSS_SELECTOR, "main form button").click()
         driver.find_element(By.ID, "drop-holders").click()
         wait_text(driver, ".flash", "0 holder(s) dropped")
+        driver.get(f"http://{s.web_addr}/tenants")
+        wait_text(driver, "#tenants", "tenant")
         assert console_errors(driver) == []
         assert screenshot_colours(driver) >= 3
 
@@ -147,6 +186,11 @@ def test_pages_and_buttons_work_with_javascript_off(srv):
         open_page(d, srv, "/")
         assert not d.find_element(By.ID, "autorefresh").is_displayed()  # no script ran
         assert len(d.find_elements(By.CSS_SELECTOR, "#shards tbody tr")) == 8
+        for path in ("/jobs", "/queues", "/groups", "/group?name=g"):
+            open_page(d, srv, path)
+        assert d.find_element(By.CSS_SELECTOR, "#rate-chart svg").is_displayed()
+        open_page(d, srv, "/jobs?status=Waiting")
+        assert d.find_elements(By.CSS_SELECTOR, "#jobs tbody tr a")
         open_page(d, srv, f"/job?id={job_id}")
         d.find_element(By.ID, "cancel").click()
         wait_text(d, "#job-status", "cancelled")
