@@ -7,6 +7,7 @@ all shards, per tenant. Neither table grows with the number of finished jobs.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -50,12 +51,13 @@ async def queues_page(request: web.Request) -> web.Response:
     tenant = param(request, "tenant", max_len=64)
     where, params = (" WHERE tenant = $1", [tenant]) if tenant else ("", [])
     t0 = time.perf_counter()
-    counts = await backend.query_all(
-        "SELECT tenant, queue_name, entry_type, COUNT(*) AS n FROM queues" + where
-        + " GROUP BY tenant, queue_name, entry_type", params)
-    limits = await backend.query_all(
-        "SELECT tenant, queue_name, max_concurrency, limit_type FROM queue_counts" + where,
-        params)
+    counts, limits = await asyncio.gather(  # both at once: the page waits for one
+        backend.query_all(
+            "SELECT tenant, queue_name, entry_type, COUNT(*) AS n FROM queues" + where
+            + " GROUP BY tenant, queue_name, entry_type", params),
+        backend.query_all(
+            "SELECT tenant, queue_name, max_concurrency, limit_type FROM queue_counts"
+            + where, params))
     rows = queue_rows(counts.to_pylist(), _limits(limits))
     return render(request, "queues.html", title="Queues", refresh=5, rows=rows[:MAX_QUEUES],
                   total=len(rows), tenant=tenant, max_queues=MAX_QUEUES,
@@ -71,13 +73,14 @@ async def queue_page(request: web.Request) -> web.Response:
     if tenant:
         where, params = where + " AND tenant = $2", params + [tenant]
     t0 = time.perf_counter()
-    entries = await backend.query_all(
-        "SELECT shard_id, tenant, entry_type, task_id, job_id, priority, timestamp_ms "
-        f"FROM queues WHERE {where} ORDER BY entry_type, timestamp_ms, task_id "
-        f"LIMIT {MAX_ENTRIES + 1}", params)
-    info = await backend.query_all(
-        "SELECT tenant, holders, requesters, max_concurrency, limit_type FROM queue_counts "
-        f"WHERE {where}", params)
+    entries, info = await asyncio.gather(
+        backend.query_all(
+            "SELECT shard_id, tenant, entry_type, task_id, job_id, priority, timestamp_ms "
+            f"FROM queues WHERE {where} ORDER BY entry_type, timestamp_ms, task_id "
+            f"LIMIT {MAX_ENTRIES + 1}", params),
+        backend.query_all(
+            "SELECT tenant, holders, requesters, max_concurrency, limit_type "
+            f"FROM queue_counts WHERE {where}", params))
     rows = entries.to_pylist()
     for r in rows:
         r["at"] = fmt_ms(r["timestamp_ms"])

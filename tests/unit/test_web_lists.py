@@ -3,19 +3,17 @@ the rate rings, the heap walk, the SVG chart, the proxy-aware origin check."""
 
 from __future__ import annotations
 
-import heapq
 import random
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from silo.observability import rates
-from silo.storage import keys
 from silo.web import joblist, security
 from silo.web.chart import line_chart
 from silo.web.pages_queues import queue_rows
 from silo.web.pages_tenant import tenant_rows
-from silo.web.stats import due_count
+from silo.web.stats import NodeFigures
 
 
 def test_filters_become_parameters_never_sql_text():
@@ -111,18 +109,15 @@ def test_rate_rings_are_bounded_and_merge():
     assert now_b == snap["now"] and merged["g"][0][-1] == 2 and len(merged["g"][1]) == 90
 
 
-@given(st.lists(st.integers(0, 100), max_size=300), st.integers(0, 100))
-def test_due_count_matches_a_full_count(starts, now):
-    prefix = keys.task_group_prefix("grp")
-    heap = [keys.task("grp", s, 50, f"j{i}", 1, "-") for i, s in enumerate(starts)]
-    heapq.heapify(heap)
-    assert due_count(heap, len(prefix), now) == sum(1 for s in starts if s <= now)
-
-
-def test_due_count_gives_up_past_its_budget():
-    prefix = keys.task_group_prefix("g")
-    heap = sorted(keys.task("g", 1, 50, f"j{i}", 1, "-") for i in range(100))
-    assert due_count(heap, len(prefix), 10, budget=50) is None
+def test_node_figures_add_processes_and_split_due_from_future():
+    part = {"rates": {"now": 5, "groups": {"a": [[5, 3, 1]]}},
+            "groups": {"a": [10, 2], "b": [1, 0]}}
+    f = NodeFigures([part, part], [], {"a": 4, "c": 1})
+    assert f.groups["a"] == {"pending": 20, "running": 4, "scheduled": 4, "due": 16}
+    assert f.groups["c"]["scheduled"] == 1 and f.groups["c"]["due"] == 0
+    assert f.per_second("a")[0][-1] == 0.6
+    unknown = NodeFigures([part], ["w1"], None)
+    assert unknown.groups["a"]["due"] is None and unknown.missing == ["w1"]
 
 
 def test_chart_is_escaped_svg_without_remote_assets():
