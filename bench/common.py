@@ -185,15 +185,22 @@ def fetch_topology(target: str, timeout: float = 10.0) -> list[tuple[str, str, s
         raise RuntimeError("GetClusterInfo returned no owned shard")
     return owners
 
+
 def add_server_args(ap: argparse.ArgumentParser) -> None:
-    """The flags every scenario script passes to the `silo serve` it starts."""
-    ap.add_argument("--shards", type=int, default=8)
-    ap.add_argument("--processes", type=int, default=0)
-    ap.add_argument("--flush-interval-ms", type=int, default=10)
-    ap.add_argument("--silo-bin")
-    ap.add_argument("--server-arg", action="append", default=[])
-    ap.add_argument("--keep-data", action="store_true")
-    ap.add_argument("--json", metavar="FILE")
+    """The flags every scenario script passes to the `silo serve` it starts (and --json)."""
+    ap.add_argument("--shards", type=int, default=8, help="shards of a self-started server")
+    ap.add_argument("--processes", type=int, default=0,
+                    help="worker processes of a self-started server (and of a no-op baseline)"
+                         " (0 = silo's default: one per core, at most one per shard)")
+    ap.add_argument("--flush-interval-ms", type=int, default=10,
+                    help="`silo serve --flush-interval-ms` of a self-started server")
+    ap.add_argument("--silo-bin", help="silo executable (default: the one next to this python)")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra argument for `silo serve` (repeatable),"
+                         " e.g. --server-arg=--log-level=warning")
+    ap.add_argument("--keep-data", action="store_true",
+                    help="keep the temp data dir(s) and server log(s)")
+    ap.add_argument("--json", metavar="FILE", help="write the full report as JSON")
 
 
 def server_processes(args: argparse.Namespace) -> int:

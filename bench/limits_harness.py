@@ -18,14 +18,10 @@ from typing import Any
 
 import common
 
-READY_RE = re.compile(r"silo serving on (\S+):(\d+)")
-SERVER_READY_TIMEOUT_S = 60.0
-SERVER_STOP_TIMEOUT_S = 15.0
 CLIENT_START_TIMEOUT_S = 60.0
 ERROR_SLEEP_S = 0.05
 EMPTY_POLL_SLEEP_S = 0.005
 PRIORITY = 50
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 OTHER_LOAD_WARN_CORES = 0.25
 
 # grant-latency
