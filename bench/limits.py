@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import signal
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-from common import add_server_args
+from common import add_server_args, interrupt_on_sigterm
 from limits_grant import run_grant_latency
 from limits_harness import (
     TARGETS,
@@ -96,11 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": {},
     }
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupt_on_sigterm()
     rc = 0
     try:
         if args.scenario in ("grant-latency", "all"):

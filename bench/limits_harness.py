@@ -241,14 +241,3 @@ def spawn(ctx: Any, name: str, fn_name: str, *a: Any) -> Any:
     return p
 
 
-def reap(procs: list[Any]) -> None:
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    for p in procs:
-        p.join(timeout=5)
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=5)
-
-

@@ -24,7 +24,6 @@ import json
 import multiprocessing as mp
 import os
 import re
-import signal
 import sys
 import time
 from pathlib import Path
@@ -299,14 +298,7 @@ def run_scenario(name: str, args: argparse.Namespace, target: str, server_pid: i
         for p in procs:
             p.join(timeout=max(0.1, deadline - time.monotonic()))
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+        common.reap(procs)
     missing = [i for i in range(len(procs)) if i not in results]
     out = summarize(name, mode, args, results, missing, s_begin, s_end or snap(), prog.rows, server, extra)
     if "fatal" in extra:
@@ -467,11 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": {},
     }
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    common.interrupt_on_sigterm()
     rc = 0
     try:
         for name in args.scenarios:
