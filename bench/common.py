@@ -36,16 +36,24 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # ---------------------------------------------------------------------------
 
 
-def proc_cpu_s(pid: int) -> float | None:
-    """utime+stime of one process (all its threads), in seconds; None if it is gone."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/<pid>/stat from field 3 (state) on, so fields[11] is field 14 (utime); None if
+    the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
     # The command name (field 2) may hold spaces/parens: split after the last ')'.
-    fields = data[data.rindex(b")") + 2:].split()
-    # fields[0] is field 3 (state); utime, stime are fields 14, 15.
+    return data[data.rindex(b")") + 2:].split()
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """utime+stime of one process (all its threads), in seconds; None if it is gone."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    # utime, stime are fields 14, 15.
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
@@ -185,15 +193,22 @@ def fetch_topology(target: str, timeout: float = 10.0) -> list[tuple[str, str, s
         raise RuntimeError("GetClusterInfo returned no owned shard")
     return owners
 
+
 def add_server_args(ap: argparse.ArgumentParser) -> None:
-    """The flags every scenario script passes to the `silo serve` it starts."""
-    ap.add_argument("--shards", type=int, default=8)
-    ap.add_argument("--processes", type=int, default=0)
-    ap.add_argument("--flush-interval-ms", type=int, default=10)
-    ap.add_argument("--silo-bin")
-    ap.add_argument("--server-arg", action="append", default=[])
-    ap.add_argument("--keep-data", action="store_true")
-    ap.add_argument("--json", metavar="FILE")
+    """The flags every scenario script passes to the `silo serve` it starts (and --json)."""
+    ap.add_argument("--shards", type=int, default=8, help="shards of a self-started server")
+    ap.add_argument("--processes", type=int, default=0,
+                    help="worker processes of a self-started server (and of a no-op baseline)"
+                         " (0 = silo's default: one per core, at most one per shard)")
+    ap.add_argument("--flush-interval-ms", type=int, default=10,
+                    help="`silo serve --flush-interval-ms` of a self-started server")
+    ap.add_argument("--silo-bin", help="silo executable (default: the one next to this python)")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra argument for `silo serve` (repeatable),"
+                         " e.g. --server-arg=--log-level=warning")
+    ap.add_argument("--keep-data", action="store_true",
+                    help="keep the temp data dir(s) and server log(s)")
+    ap.add_argument("--json", metavar="FILE", help="write the full report as JSON")
 
 
 def server_processes(args: argparse.Namespace) -> int:
@@ -201,6 +216,28 @@ def server_processes(args: argparse.Namespace) -> int:
     (one per core we may run on, at most one per shard); the no-op server gets as many."""
     n = args.processes or len(os.sched_getaffinity(0))
     return max(1, min(n, args.shards))
+
+
+def reap(procs: list[Any]) -> None:
+    """Stop client processes: SIGTERM each live one, then SIGKILL what is left after 5 s."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM, and SIGINT even when started with it ignored, raise KeyboardInterrupt
+    in the main thread, so a script's finally blocks stop its servers either way."""
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 _interrupted = False  # a Ctrl-C / SIGTERM was held back while a server was being stopped
@@ -384,12 +421,9 @@ class CpuWindow:
 def proc_cpu_incl_reaped_s(pid: int) -> float | None:
     """utime+stime of a process and of its reaped children (cutime+cstime), seconds: for
     peers whose servers fork short-lived helpers."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
+    fields = _stat_fields(pid)
+    if fields is None:
         return None
-    fields = data[data.rindex(b")") + 2:].split()
     return sum(int(x) for x in fields[11:15]) / CLK_TCK
 
 

@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import signal
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
+from common import add_server_args, interrupt_on_sigterm
 from limits_grant import run_grant_latency
 from limits_harness import (
     TARGETS,
@@ -51,7 +51,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--duration", type=float, default=10.0,
                     help="limited-throughput: measured window of each phase, seconds")
     ap.add_argument("--warmup", type=float, default=2.0, help="limited-throughput: load before the window, s")
-    ap.add_argument("--flush-interval-ms", type=int, default=10)
     ap.add_argument("--procs", type=int, default=2, help="limited-throughput: client processes")
     ap.add_argument("--concurrency", type=int, default=64,
                     help="limited-throughput: per process, half of it are enqueue loops")
@@ -69,15 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          " tenant's shard, or both one after the other")
     ap.add_argument("--grant-max-seconds", type=float, default=120.0,
                     help="grant-latency: time cap of the whole scenario")
-    ap.add_argument("--shards", type=int, default=8)
-    ap.add_argument("--processes", type=int, default=0,
-                    help="server worker processes (0 = silo's default, one per core)")
     ap.add_argument("--call-timeout", type=float, default=10.0, help="deadline of each RPC, s")
     ap.add_argument("--max-ops", type=int, default=10_000_000, help="cap on each client loop's iterations")
-    ap.add_argument("--json", metavar="FILE", help="write the full report as JSON")
-    ap.add_argument("--silo-bin", help="silo executable (default: the one next to this python)")
-    ap.add_argument("--server-arg", action="append", default=[], help="extra `silo serve` argument")
-    ap.add_argument("--keep-data", action="store_true", help="keep the temp data dirs and server logs")
+    add_server_args(ap)
     a = ap.parse_args(argv)
     if (a.duration <= 0 or a.warmup < 0 or a.procs < 1 or a.concurrency < 2 or a.workers < 1
             or a.cycles < 1 or a.waiters < 1 or a.repeat < 1 or a.channels < 1):
@@ -102,11 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": {},
     }
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupt_on_sigterm()
     rc = 0
     try:
         if args.scenario in ("grant-latency", "all"):

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from common import reap
 from limits_harness import (
     CLIENT_START_TIMEOUT_S,
     ERROR_SLEEP_S,
@@ -24,7 +25,6 @@ from limits_harness import (
     cpu_between,
     open_stub,
     pcts_ms,
-    reap,
     route,
     spawn,
     topology,

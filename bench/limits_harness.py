@@ -18,14 +18,10 @@ from typing import Any
 
 import common
 
-READY_RE = re.compile(r"silo serving on (\S+):(\d+)")
-SERVER_READY_TIMEOUT_S = 60.0
-SERVER_STOP_TIMEOUT_S = 15.0
 CLIENT_START_TIMEOUT_S = 60.0
 ERROR_SLEEP_S = 0.05
 EMPTY_POLL_SLEEP_S = 0.005
 PRIORITY = 50
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 OTHER_LOAD_WARN_CORES = 0.25
 
 # grant-latency
@@ -243,16 +239,5 @@ def spawn(ctx: Any, name: str, fn_name: str, *a: Any) -> Any:
     p = ctx.Process(target=client_entry, name=name, daemon=True, args=(fn_name, *a))
     p.start()
     return p
-
-
-def reap(procs: list[Any]) -> None:
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    for p in procs:
-        p.join(timeout=5)
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=5)
 
 

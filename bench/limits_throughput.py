@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from common import reap
 from limits_harness import (
     CLIENT_START_TIMEOUT_S,
     EMPTY_POLL_SLEEP_S,
@@ -25,7 +26,6 @@ from limits_harness import (
     cpu_between,
     open_stub,
     pcts_ms,
-    reap,
     route,
     spawn,
     topology,

@@ -24,7 +24,6 @@ import json
 import multiprocessing as mp
 import os
 import re
-import signal
 import sys
 import time
 from pathlib import Path
@@ -299,14 +298,7 @@ def run_scenario(name: str, args: argparse.Namespace, target: str, server_pid: i
         for p in procs:
             p.join(timeout=max(0.1, deadline - time.monotonic()))
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+        common.reap(procs)
     missing = [i for i in range(len(procs)) if i not in results]
     out = summarize(name, mode, args, results, missing, s_begin, s_end or snap(), prog.rows, server, extra)
     if "fatal" in extra:
@@ -366,25 +358,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--many-tenants", type=int, default=10_000,
                     help="tenants: number of tenants (the server gets --tenancy)")
     ap.add_argument("--channels", type=int, default=1, help="gRPC channels per client process")
-    ap.add_argument("--flush-interval-ms", type=int, default=10)
-    ap.add_argument("--shards", type=int, default=8, help="shards of a self-started server")
-    ap.add_argument("--processes", type=int, default=0,
-                    help="worker processes of the self-started server and of the no-op baseline"
-                         " (0 = silo's default: one per core, at most one per shard)")
     ap.add_argument("--tenants", type=int, default=0,
                     help="scenarios other than `tenants`: spread over N tenants (self-started"
                          " server gets --tenancy); 0 = none")
     ap.add_argument("--call-timeout", type=float, default=10.0, help="deadline of each RPC, s")
     ap.add_argument("--max-ops", type=int, default=10_000_000,
                     help="safety cap on iterations of each client loop")
+    common.add_server_args(ap)
     ap.add_argument("--baseline", action="store_true",
                     help="after each scenario, run it again against bench/noop_server.py"
                          " (no storage) and report ours as a share of that")
-    ap.add_argument("--json", metavar="FILE", help="write the full report as JSON")
-    ap.add_argument("--silo-bin", help="silo executable (default: the one next to this python)")
-    ap.add_argument("--server-arg", action="append", default=[],
-                    help="extra argument for `silo serve` (repeatable), e.g. --server-arg=--log-level=warning")
-    ap.add_argument("--keep-data", action="store_true", help="keep the temp data dir and server log")
     a = ap.parse_args(argv)
     try:
         a.scenarios = parse_scenarios(a.scenario)
@@ -476,11 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": {},
     }
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    common.interrupt_on_sigterm()
     rc = 0
     try:
         for name in args.scenarios:

@@ -7,12 +7,8 @@
 # Extra arguments go to pytest, e.g. scripts/chaos.sh -k kill9
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/pytest ] || [ pyproject.toml -nt .venv/.installed-dev ]; then
-  "$PY" -m venv .venv
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-  touch .venv/.installed-dev
-fi
+. scripts/venv.sh
+ensure_venv dev
 report=$(mktemp)
 trap 'rm -f "$report"' EXIT
 status=0

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Regenerate the Python gRPC bindings for proto/silo.proto.
+"""Regenerate the Python gRPC bindings of every proto in proto/.
 
-Writes silo_pb2.py, silo_pb2.pyi and silo_pb2_grpc.py into silo/_proto (or the
-directory given with --out) using grpc_tools.protoc from the current interpreter,
-then makes the import inside silo_pb2_grpc.py package-relative so the bindings
-work as the package ``silo._proto``.
+For each of proto/silo.proto (silo.v1), proto/silo_stream.proto (the streaming extension)
+and proto/silo_query_ext.proto (the SQL extension) writes <name>_pb2.py, <name>_pb2.pyi
+and <name>_pb2_grpc.py into silo/_proto (or the directory given with --out) using
+grpc_tools.protoc from the current interpreter, then makes the generated imports of these
+modules package-relative so the bindings work as the package ``silo._proto``.
 
 Usage:
     python scripts/gen_proto.py [--out DIR]
@@ -20,18 +21,31 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
-PROTO_FILE = PROTO_DIR / "silo.proto"
 DEFAULT_OUT = ROOT / "silo" / "_proto"
 
-GENERATED = ("silo_pb2.py", "silo_pb2.pyi", "silo_pb2_grpc.py")
+# silo.v1 first: the extensions import its messages.
+PROTOS = ("silo.proto", "silo_stream.proto", "silo_query_ext.proto")
+_MODULES = "|".join(re.escape(Path(p).stem + "_pb2") for p in PROTOS)
 
-# protoc emits a top-level import of the sibling module; rewrite it to a relative one.
-_ABSOLUTE_IMPORT = re.compile(r"^import silo_pb2 as silo__pb2$", re.MULTILINE)
-_RELATIVE_IMPORT = "from . import silo_pb2 as silo__pb2"
+# protoc emits top-level imports of sibling modules; rewrite them to relative ones.
+_ABSOLUTE_IMPORT = re.compile(rf"^import ({_MODULES}) as (\w+)$", re.MULTILINE)
+_ABSOLUTE_FROM = re.compile(rf"^from ({_MODULES}) import", re.MULTILINE)
 
 
-def generate(out_dir: Path) -> list[Path]:
-    """Run protoc into ``out_dir`` and fix up imports; return the generated paths."""
+def generated_names(proto: str) -> tuple[str, str, str]:
+    """The three files protoc writes for ``proto`` (a file name in proto/)."""
+    stem = Path(proto).stem
+    return (f"{stem}_pb2.py", f"{stem}_pb2.pyi", f"{stem}_pb2_grpc.py")
+
+
+def make_relative(text: str) -> str:
+    """``import silo_pb2 as x`` → ``from . import silo_pb2 as x`` (and ``from silo_pb2 import``)."""
+    text = _ABSOLUTE_IMPORT.sub(r"from . import \1 as \2", text)
+    return _ABSOLUTE_FROM.sub(r"from .\1 import", text)
+
+
+def generate(out_dir: Path, proto: str) -> list[Path]:
+    """Run protoc on ``proto`` into ``out_dir`` and fix up imports; the generated paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     # Relative paths keep absolute checkout locations out of the generated files.
     cmd = [
@@ -42,19 +56,13 @@ def generate(out_dir: Path) -> list[Path]:
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
-        PROTO_FILE.name,
+        proto,
     ]
     subprocess.run(cmd, cwd=PROTO_DIR, check=True)
-
-    grpc_file = out_dir / "silo_pb2_grpc.py"
-    text = grpc_file.read_text()
-    fixed, count = _ABSOLUTE_IMPORT.subn(_RELATIVE_IMPORT, text)
-    if count != 1:
-        raise SystemExit(
-            f"expected one 'import silo_pb2 as silo__pb2' in {grpc_file}, found {count}"
-        )
-    grpc_file.write_text(fixed)
-    return [out_dir / name for name in GENERATED]
+    paths = [out_dir / name for name in generated_names(proto)]
+    for path in paths:
+        path.write_text(make_relative(path.read_text()))
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         help=f"output directory (default: {DEFAULT_OUT.relative_to(ROOT)})",
     )
     args = parser.parse_args(argv)
-    for path in generate(args.out.resolve()):
-        print(f"wrote {path}")
+    for proto in PROTOS:
+        for path in generate(args.out.resolve(), proto):
+            print(f"wrote {path}")
     return 0
 
 

@@ -4,10 +4,6 @@
 # to `silo serve` (see CONFIGURATION.md), e.g. scripts/serve.sh --shards 16 --tenancy
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/silo ] || [ pyproject.toml -nt .venv/.installed ]; then
-  "$PY" -m venv .venv
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e .
-  touch .venv/.installed
-fi
+. scripts/venv.sh
+ensure_venv
 exec .venv/bin/silo serve "$@"

@@ -4,12 +4,8 @@
 # pytest, e.g. scripts/test.sh -k lease   or   scripts/test.sh -m slow
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/pytest ] || [ pyproject.toml -nt .venv/.installed-dev ]; then
-  "$PY" -m venv .venv
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-  touch .venv/.installed-dev
-fi
+. scripts/venv.sh
+ensure_venv dev
 # The web UI browser tests drive Debian's chromium through chromium-driver (selenium).
 # Installed once, only when missing; if that is impossible those tests skip with a reason.
 if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then

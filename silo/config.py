@@ -10,27 +10,34 @@ Values from every source go through the same per-option parser, which both conve
 (from the environment or argv) and validates. A bad value raises ``ConfigError`` with a
 one-line message naming the option. ``Config(...)`` built directly (e.g. in tests) is not
 validated; only ``load_config`` validates.
+
+This module holds the table (``Config``'s fields and ``OPTIONS``' rows); the parsers the rows
+name are :mod:`silo.config_values`' and the reading of file, environment and flags is
+:mod:`silo.config_sources`'.
 """
 
-import difflib
-import ipaddress
-import math
 import os
-import re
-import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
+from silo.config_sources import merge_sources
+from silo.config_values import Bad, ConfigError, Parser, one_line
+from silo.config_values import address as _addr
+from silo.config_values import boolean as _bool
+from silo.config_values import choice as _choice
+from silo.config_values import integer as _int
+from silo.config_values import number as _float
+from silo.config_values import origin as _origin
+from silo.config_values import path as _path
+from silo.config_values import token as _token
+from silo.config_values import url as _url
+
 __all__ = ["OPTIONS", "Config", "ConfigError", "Option", "load_config"]
 
 MiB = 1024 * 1024
-
-
-class ConfigError(Exception):
-    """Invalid configuration. ``str(err)`` is a single line, printed as ``silo: <message>``."""
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,154 +105,6 @@ _DEFAULTS: dict[str, object] = {f.name: f.default for f in msgspec.structs.field
 _TYPES: dict[str, object] = {f.name: f.type for f in msgspec.structs.fields(Config)}
 
 
-# --- value parsers -------------------------------------------------------------------------
-# A parser takes a raw value (a str from env/argv, or a native TOML value) and returns the
-# typed value, or raises _Bad(<what is expected>).
-
-Parser = Callable[[object], object]
-
-
-class _Bad(Exception):
-    pass
-
-
-def _int(lo: int, hi: int | None = None, *, unit: str = "") -> Parser:
-    if hi is None:
-        expect = f"must be an integer >= {lo}{unit}"
-    else:
-        expect = f"must be an integer between {lo} and {hi}"
-
-    def parse(raw: object) -> int:
-        if isinstance(raw, str):
-            try:
-                raw = int(raw.strip())
-            except ValueError:
-                raise _Bad(expect) from None
-        if isinstance(raw, bool) or not isinstance(raw, int):
-            raise _Bad(expect)
-        if raw < lo or (hi is not None and raw > hi):
-            raise _Bad(expect)
-        return raw
-
-    return parse
-
-
-def _float(lo: float, hi: float) -> Parser:
-    expect = f"must be a number between {lo:g} and {hi:g}"
-
-    def parse(raw: object) -> float:
-        if isinstance(raw, str):
-            try:
-                raw = float(raw.strip())
-            except ValueError:
-                raise _Bad(expect) from None
-        if isinstance(raw, bool) or not isinstance(raw, int | float):
-            raise _Bad(expect)
-        value = float(raw)
-        if not math.isfinite(value) or not lo <= value <= hi:
-            raise _Bad(expect)
-        return value
-
-    return parse
-
-
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-
-
-def _bool(raw: object) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    if isinstance(raw, str):
-        word = raw.strip().lower()
-        if word in _TRUE:
-            return True
-        if word in _FALSE:
-            return False
-    raise _Bad("must be a boolean (true/false, 1/0, yes/no, on/off)")
-
-
-def _choice(*values: str) -> Parser:
-    expect = "must be one of " + ", ".join(values)
-
-    def parse(raw: object) -> str:
-        if isinstance(raw, str) and raw.strip().lower() in values:
-            return raw.strip().lower()
-        raise _Bad(expect)
-
-    return parse
-
-
-_HOST_RE = re.compile(r"[A-Za-z0-9_.-]+")  # hostname or IPv4 literal
-_PORT_RE = re.compile(r"[0-9]{1,5}")
-
-
-def _addr(*, allow_empty: bool) -> Parser:
-    expect = "must be HOST:PORT with a port between 0 and 65535 (IPv6 as [::1]:7450)"
-    if allow_empty:
-        expect = "must be empty or HOST:PORT with a port between 0 and 65535 (IPv6 as [::1]:7450)"
-
-    def parse(raw: object) -> str:
-        if not isinstance(raw, str):
-            raise _Bad(expect)
-        if raw == "" and allow_empty:
-            return raw
-        host, sep, port = raw.rpartition(":")
-        if not sep or not _PORT_RE.fullmatch(port) or int(port) > 65535:
-            raise _Bad(expect)
-        if host.startswith("[") and host.endswith("]"):
-            try:
-                ipaddress.IPv6Address(host[1:-1])
-            except ValueError:
-                raise _Bad(expect) from None
-        elif not _HOST_RE.fullmatch(host):
-            raise _Bad(expect)
-        return raw
-
-    return parse
-
-
-def _path(raw: object) -> str:
-    if not isinstance(raw, str) or not raw or "\0" in raw:
-        raise _Bad("must be a non-empty directory path")
-    return os.path.expanduser(raw)
-
-
-_URL_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", re.DOTALL)
-
-
-def _url(raw: object) -> str:
-    expect = "must be empty or a URL like file:///abs/path, memory:///, s3://bucket/prefix"
-    if not isinstance(raw, str):
-        raise _Bad(expect)
-    if raw == "":
-        return raw
-    m = _URL_RE.fullmatch(raw)
-    if not m or (m[1].lower() == "file" and not m[2].startswith("/")):
-        raise _Bad(expect)
-    return raw
-
-
-def _token(raw: object) -> str:
-    # Must fit in an HTTP/2 header value after "Bearer ".
-    if not isinstance(raw, str) or any(not "!" <= ch <= "~" for ch in raw):
-        raise _Bad("must be printable ASCII without spaces")
-    return raw
-
-
-_ORIGIN_RE = re.compile(r"https?://(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(:[0-9]{1,5})?")
-
-
-def _origin(raw: object) -> str:
-    expect = "must be empty or an origin like https://silo.example.com[:PORT] (no path)"
-    if not isinstance(raw, str):
-        raise _Bad(expect)
-    value = raw.strip().rstrip("/").lower()
-    if value and not _ORIGIN_RE.fullmatch(value):
-        raise _Bad(expect)
-    return value
-
-
 # --- the option table ----------------------------------------------------------------------
 
 
@@ -255,7 +114,7 @@ class Option:
 
     name: str  # Config field name
     toml: str  # "section.key" in the TOML file
-    parse: Parser  # converts + validates a raw value; raises _Bad
+    parse: Parser  # converts + validates a raw value; raises Bad
     help: str  # one-line meaning
     metavar: str = ""  # for --help; "" for booleans
     default_doc: str = ""  # how to describe an empty default, e.g. "off"
@@ -299,8 +158,8 @@ class Option:
         """Parse and validate ``raw``; raises ConfigError naming this option."""
         try:
             return self.parse(raw)
-        except _Bad as bad:
-            got = "<redacted>" if self.secret else _one_line(repr(raw))
+        except Bad as bad:
+            got = "<redacted>" if self.secret else one_line(repr(raw))
             raise ConfigError(f"invalid value for {self.label}: {bad}, got {got}") from None
 
 
@@ -590,52 +449,8 @@ OPTIONS: tuple[Option, ...] = (
 if tuple(o.name for o in OPTIONS) != Config.__struct_fields__:  # pragma: no cover
     raise RuntimeError("silo.config: OPTIONS and Config fields are out of sync")
 
-_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
-_BY_TOML: dict[str, Option] = {o.toml: o for o in OPTIONS}
-_SECTIONS: frozenset[str] = frozenset(o.section for o in OPTIONS)
-
 
 # --- loading -------------------------------------------------------------------------------
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split("\n"))
-
-
-def _did_you_mean(name: str) -> str:
-    close = difflib.get_close_matches(name, [*_BY_TOML, *_SECTIONS], n=1)
-    return f"; did you mean {close[0]}?" if close else ""
-
-
-def _read_toml(config_file: str | os.PathLike[str]) -> dict[str, object]:
-    """Read a TOML config file into {option name: raw value}."""
-    where = f"in config file {os.fspath(config_file)!r}"
-    try:
-        with open(config_file, "rb") as f:
-            doc = tomllib.load(f)
-    except OSError as e:
-        reason = e.strerror or str(e)
-        raise ConfigError(f"cannot read config file {os.fspath(config_file)!r}: {reason}") from None
-    except ValueError as e:  # TOMLDecodeError, UnicodeDecodeError
-        raise ConfigError(
-            f"cannot parse config file {os.fspath(config_file)!r}: {_one_line(str(e))}"
-        ) from None
-
-    values: dict[str, object] = {}
-    for section, table in doc.items():
-        if not isinstance(table, dict):
-            if section in _SECTIONS:
-                raise ConfigError(f"{section} {where} must be a table ([{section}]), not a value")
-            raise ConfigError(f"unknown key {section} {where}{_did_you_mean(section)}")
-        if section not in _SECTIONS:
-            raise ConfigError(f"unknown section [{section}] {where}{_did_you_mean(section)}")
-        for key, value in table.items():
-            opt = _BY_TOML.get(f"{section}.{key}")
-            if opt is None:
-                dotted = f"{section}.{key}"
-                raise ConfigError(f"unknown key {dotted} {where}{_did_you_mean(dotted)}")
-            values[opt.name] = value
-    return values
 
 
 def load_config(
@@ -649,16 +464,4 @@ def load_config(
     values); ``None`` values are ignored. Environment variables set to "" count as unset.
     Raises ConfigError (one-line message) on any invalid input.
     """
-    raw: dict[str, object] = dict(_DEFAULTS)
-    if config_file is not None:
-        raw.update(_read_toml(config_file))
-    for opt in OPTIONS:
-        value = environ.get(opt.env)
-        if value:
-            raw[opt.name] = value
-    for name, value in argv_overrides.items():
-        if name not in _BY_NAME:
-            raise ConfigError(f"unknown option {name!r}")
-        if value is not None:
-            raw[name] = value
-    return Config(**{opt.name: opt.coerce(raw[opt.name]) for opt in OPTIONS})
+    return Config(**merge_sources(OPTIONS, _DEFAULTS, argv_overrides, environ, config_file))

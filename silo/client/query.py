@@ -15,8 +15,33 @@ from silo.client.routing import hash_tenant
 from silo.client.types import QueryResult, decode_tolerant
 
 
-def _params(client_module, params: Sequence[Any]) -> list[pb.QueryParameter]:
-    return [client_module._query_param(p) for p in params]
+def query_param(v: Any) -> pb.QueryParameter:
+    """One ``$n`` bind value as a QueryParameter (ints from 2**63 up go as uint64)."""
+    if v is None:
+        return pb.QueryParameter(null_value=pb.QueryNull())
+    if isinstance(v, bool):
+        return pb.QueryParameter(bool_value=v)
+    if isinstance(v, int):
+        if v >= 1 << 63:
+            return pb.QueryParameter(uint64_value=v)
+        return pb.QueryParameter(int64_value=v)
+    if isinstance(v, float):
+        return pb.QueryParameter(float64_value=v)
+    if isinstance(v, str):
+        return pb.QueryParameter(string_value=v)
+    if isinstance(v, bytes | bytearray):
+        return pb.QueryParameter(bytes_value=bytes(v))
+    raise TypeError(f"unsupported query parameter type: {type(v).__name__}")
+
+
+def _params(params: Sequence[Any]) -> list[pb.QueryParameter]:
+    return [query_param(p) for p in params]
+
+
+def result_of(m: Any) -> QueryResult:
+    """A QueryResponse (or QueryAllResponse) as a QueryResult, rows msgpack-decoded."""
+    return QueryResult([(c.name, c.data_type) for c in m.columns],
+                       [decode_tolerant(r.msgpack) for r in m.rows])
 
 
 async def _target(client, tenant: str | None, shard: str | None):
@@ -33,9 +58,7 @@ async def query_arrow(client, sql: str, params: Sequence[Any], *, tenant: str | 
     """A QueryArrow call → one pyarrow.Table (the stream's batches concatenated)."""
     import pyarrow as pa  # noqa: PLC0415 - optional for SDK users who never ask for Arrow
 
-    from silo.client import client as client_module  # noqa: PLC0415
-
-    req = pb.QueryArrowRequest(sql=sql, parameters=_params(client_module, params))
+    req = pb.QueryArrowRequest(sql=sql, parameters=_params(params))
     if tenant:
         req.tenant = tenant
     shard_id, conn = await _target(client, tenant, shard)
@@ -53,29 +76,24 @@ async def query_arrow(client, sql: str, params: Sequence[Any], *, tenant: str | 
 
 
 async def query_shard(client, sql: str, params: Sequence[Any], shard: str) -> QueryResult:
-    from silo.client import client as client_module  # noqa: PLC0415
-
-    req = pb.QueryRequest(sql=sql, shard=shard, parameters=_params(client_module, params))
+    req = pb.QueryRequest(sql=sql, shard=shard, parameters=_params(params))
     m = await client._by_shard(shard, "Query", req)
-    return QueryResult([(c.name, c.data_type) for c in m.columns],
-                       [decode_tolerant(r.msgpack) for r in m.rows])
+    return result_of(m)
 
 
 async def query_all(client, sql: str, params: Sequence[Any]) -> QueryResult:
     """SiloQuery.QueryAll on one server: the statement over every shard of that node."""
     from silo._proto import silo_query_ext_pb2 as ext  # noqa: PLC0415
     from silo._proto import silo_query_ext_pb2_grpc as ext_grpc  # noqa: PLC0415
-    from silo.client import client as client_module  # noqa: PLC0415
 
     if client._topology is None:
         await client.refresh_topology()
     conn = client._any_conn()
     md = client._static_md if client._static_md is not None else await client._metadata()
-    req = ext.QueryAllRequest(sql=sql, parameters=_params(client_module, params))
+    req = ext.QueryAllRequest(sql=sql, parameters=_params(params))
     try:
         m = await ext_grpc.SiloQueryStub(conn.channel).QueryAll(
             req, timeout=client.rpc_timeout_s, metadata=md)
     except grpc.RpcError as e:
         raise from_rpc_error(e) from e
-    return QueryResult([(c.name, c.data_type) for c in m.columns],
-                       [decode_tolerant(r.msgpack) for r in m.rows])
+    return result_of(m)

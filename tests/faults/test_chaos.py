@@ -20,7 +20,7 @@ from silo._proto import silo_pb2_grpc as pb_grpc
 from tests.faults.flood import MAX_MSG, RssSampler, flood
 from tests.faults.load import MAX_CONCURRENCY, TERMINAL, MixedLoad, job_statuses
 from tests.faults.tools import fill, health, process_tree, rss_bytes, small_tmpfs
-from tests.integration.harness import Server
+from tests.integration.harness import Server, tenants_covering_all_shards
 
 pytestmark = pytest.mark.slow
 
@@ -39,20 +39,6 @@ def report(scenario: str, **figures) -> None:
 def workers(srv: Server) -> list[int]:
     assert srv.proc is not None
     return [p for p in process_tree(srv.proc.pid) if p != srv.proc.pid]
-
-
-def tenants_over_shards(c, per_shard: int = 2) -> list[str]:
-    seen: dict[str, int] = {}
-    out: list[str] = []
-    i = 0
-    while len(seen) < len(c.owners) or min(seen.values()) < per_shard:
-        t = f"tenant-{i}"
-        sid = c.shard_for(t)
-        if seen.get(sid, 0) < per_shard:
-            seen[sid] = seen.get(sid, 0) + 1
-            out.append(t)
-        i += 1
-    return out
 
 
 def _start_time(pid: int) -> int:
@@ -85,7 +71,7 @@ def test_kill9_loop_under_mixed_load_with_limits(tmp_path):
     with Server(tmp_path / "d", "--processes", "2", "--tenancy", "--shards", "8",
                 "--reaper-interval-ms", "200") as srv:
         c = srv.client()
-        tenants = tenants_over_shards(c)
+        tenants = tenants_covering_all_shards(c)
 
         async def scenario():
             load = MixedLoad(srv.addr, c.shard_for, tenants)
@@ -143,7 +129,7 @@ def test_disk_full_under_load(tmp_path):
         with Server(mnt / "d", "--processes", "2", "--tenancy", "--shards", "4",
                     "--write-timeout-ms", "2000") as srv:
             c = srv.client()
-            tenants = tenants_over_shards(c)
+            tenants = tenants_covering_all_shards(c)
 
             async def scenario():
                 load = MixedLoad(srv.addr, c.shard_for, tenants)
@@ -257,7 +243,7 @@ def test_sigterm_under_load(tmp_path):
     args = ("--processes", "2", "--tenancy", "--shards", "8")
     with Server(tmp_path / "d", *args) as srv:
         c = srv.client()
-        tenants = tenants_over_shards(c)
+        tenants = tenants_covering_all_shards(c)
 
         async def scenario():
             load = MixedLoad(srv.addr, c.shard_for, tenants)

@@ -24,8 +24,8 @@ import pytest
 from silo._proto import silo_pb2 as pb
 from silo._proto import silo_pb2_grpc as pb_grpc
 from tests.faults.load import GROUP, TERMINAL, MixedLoad, job_statuses
-from tests.faults.test_chaos import _drain, _start_time, report, tenants_over_shards, workers
-from tests.integration.harness import CHANNEL_OPTIONS, Server
+from tests.faults.test_chaos import _drain, _start_time, report, workers
+from tests.integration.harness import CHANNEL_OPTIONS, Server, tenants_covering_all_shards
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +97,7 @@ def test_sigstop_one_worker_under_mixed_load(tmp_path, variant):
     with Server(tmp_path / "d", "--processes", "2", "--tenancy", "--shards", "8",
                 "--reaper-interval-ms", "200", *liveness) as srv:
         c = srv.client()
-        tenants = tenants_over_shards(c)
+        tenants = tenants_covering_all_shards(c)
         pids = sorted(workers(srv), key=lambda p: (_start_time(p), p))
         assert len(pids) == 2
         victim_index = 1

@@ -173,3 +173,19 @@ class Client:
         if task.HasField("tenant_id"):
             req.tenant_id = task.tenant_id
         return self.stub.Heartbeat(req, timeout=10)
+
+
+def tenants_covering_all_shards(c: Client, per_shard: int = 2) -> list[str]:
+    """Tenants ``tenant-0``, ``tenant-1`` ... picked so that every shard of ``c``'s
+    cluster gets ``per_shard`` of them (for tests that must reach every shard)."""
+    seen: dict[str, int] = {}
+    out: list[str] = []
+    i = 0
+    while len(seen) < len(c.owners) or min(seen.values()) < per_shard:
+        t = f"tenant-{i}"
+        sid = c.shard_for(t)
+        if seen.get(sid, 0) < per_shard:
+            seen[sid] = seen.get(sid, 0) + 1
+            out.append(t)
+        i += 1
+    return out

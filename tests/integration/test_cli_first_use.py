@@ -41,6 +41,8 @@ def test_scripts_silo_runs_the_cli_of_this_checkout(tmp_path):
     script = (ROOT / "scripts" / "silo").read_text()
     (tmp_path / "clone" / "scripts" / "silo").write_text(script)
     (tmp_path / "clone" / "scripts" / "silo").chmod(0o755)
+    (tmp_path / "clone" / "scripts" / "venv.sh").write_text(
+        (ROOT / "scripts" / "venv.sh").read_text())  # scripts/silo sources it
     (tmp_path / "clone" / "pyproject.toml").write_text("")
     (venv_bin / "silo").write_text(f"#!/bin/sh\nexec {sys.executable} -m silo \"$@\"\n")
     (venv_bin / "silo").chmod(0o755)

@@ -15,7 +15,12 @@ import pytest
 
 from silo._proto import silo_pb2 as pb
 from silo._proto import silo_pb2_grpc as pb_grpc
-from tests.integration.harness import CHANNEL_OPTIONS, Client, Server
+from tests.integration.harness import (
+    CHANNEL_OPTIONS,
+    Client,
+    Server,
+    tenants_covering_all_shards,
+)
 
 PROCS = 2
 
@@ -47,20 +52,6 @@ def mp_server(tmp_path_factory):
                 "--shards", "8", "--dev-mode", "--lease-ms", "1000",
                 "--reaper-interval-ms", "100") as s:
         yield s
-
-
-def tenants_covering_all_shards(c: Client, per_shard: int = 2) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    i = 0
-    while len(seen) < len(c.owners) or min(seen.values()) < per_shard:
-        t = f"tenant-{i}"
-        sid = c.shard_for(t)
-        if seen.get(sid, 0) < per_shard:
-            seen[sid] = seen.get(sid, 0) + 1
-            out.append(t)
-        i += 1
-    return out
 
 
 def test_startup_line_and_one_pinned_worker_per_process(mp_server):

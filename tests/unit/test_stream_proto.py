@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-GEN_SCRIPT = ROOT / "scripts" / "gen_stream_proto.py"
+GEN_SCRIPT = ROOT / "scripts" / "gen_proto.py"
 PROTO_PKG = ROOT / "silo" / "_proto"
 GENERATED = ("silo_stream_pb2.py", "silo_stream_pb2.pyi", "silo_stream_pb2_grpc.py")
 
@@ -15,10 +15,10 @@ GENERATED = ("silo_stream_pb2.py", "silo_stream_pb2.pyi", "silo_stream_pb2_grpc.
 def test_stream_bindings_are_up_to_date(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, str(GEN_SCRIPT), "--out", str(tmp_path)],
                          capture_output=True, text=True)
-    assert res.returncode == 0, f"gen_stream_proto.py failed:\n{res.stdout}\n{res.stderr}"
+    assert res.returncode == 0, f"gen_proto.py failed:\n{res.stdout}\n{res.stderr}"
     stale = [n for n in GENERATED if (tmp_path / n).read_bytes() != (PROTO_PKG / n).read_bytes()]
     assert not stale, (f"silo/_proto is out of date with proto/silo_stream.proto "
-                       f"({', '.join(stale)}); run: python scripts/gen_stream_proto.py")
+                       f"({', '.join(stale)}); run: python scripts/gen_proto.py")
 
 
 def test_the_extension_is_its_own_package_and_service() -> None:
