@@ -8,6 +8,8 @@ Waits are on stream messages or job states with generous deadlines.
 from __future__ import annotations
 
 import asyncio
+import time
+import urllib.request
 import uuid
 
 import grpc
@@ -143,6 +145,50 @@ def test_enqueue_many_answers_each_job_with_its_id_or_its_enqueue_error(srv):
                 assert st.status == pb.JOB_STATUS_SCHEDULED
 
     arun(body())
+
+
+def forwarded_calls(srv, method: str) -> float:
+    """silo_forwarded_calls_total of one method, summed over peers (flushed once a second)."""
+    with urllib.request.urlopen(srv.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("silo_forwarded_calls_total{")
+               and f'method="{method}"' in line)
+
+
+def settled_forwarded_calls(srv, method: str) -> float:
+    """The count once it stopped moving (calls of earlier tests flushed)."""
+    last = forwarded_calls(srv, method)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(1.2)
+        now = forwarded_calls(srv, method)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"forwarded {method} calls never settled")
+
+
+def test_enqueue_many_relays_one_call_per_owner_process_not_one_per_job(srv):
+    async def body():
+        async with Conn(srv.addr) as c:
+            g = group()
+            jobs = [c.job(t, g) for t in TENANTS for _ in range(2)]
+            resp = await c.stream.EnqueueMany(spb.EnqueueManyRequest(jobs=jobs))
+            assert all(r.WhichOneof("result") == "id" for r in resp.results)
+            for t, r in zip([t for t in TENANTS for _ in range(2)], resp.results, strict=True):
+                assert (await c.status(t, r.id)).status == pb.JOB_STATUS_SCHEDULED
+
+    enqueues = settled_forwarded_calls(srv, "Enqueue")
+    batches = settled_forwarded_calls(srv, "EnqueueMany@local")
+    arun(body())
+    deadline = time.monotonic() + 30
+    while forwarded_calls(srv, "EnqueueMany@local") == batches:
+        assert time.monotonic() < deadline, "no forwarded EnqueueMany"
+        time.sleep(0.2)
+    # 32 jobs over 4 shards in 2 processes: the other process's half went as one relay
+    assert forwarded_calls(srv, "EnqueueMany@local") == batches + 1
+    assert forwarded_calls(srv, "Enqueue") == enqueues
 
 
 # ---- the worker stream -------------------------------------------------------------------
