@@ -38,6 +38,7 @@ _give_back_args = msgspec.msgpack.Decoder(tuple[str, str, str])
 _cancel_args = msgspec.msgpack.Decoder(list[tuple[str, str, str, str]])
 _cancel_reply = msgspec.msgpack.Decoder(list[str])
 _encoder = msgspec.msgpack.Encoder()
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 def status_of(e: BaseException) -> spb.Status:
@@ -135,6 +136,49 @@ async def give_back_task(svc: SiloService, worker_id: str, shard_id: str, task_i
     except _OwnedElsewhere as e:
         await svc.node.peers[e.owner].call(
             "StreamGiveBack@local", _encoder.encode((shard_id, worker_id, task_id)))
+
+
+# ---- many items of one method for another process: one forwarded call ------------------
+
+# Methods a worker stream relays in batches (their handlers are the unary ones).
+BATCHED = frozenset({"ReportOutcome", "Heartbeat", "ReportRefreshOutcome"})
+_many_args = msgspec.msgpack.Decoder(tuple[str, list[bytes]])
+_many_reply = msgspec.msgpack.Decoder(list[tuple[int, str, bytes]])
+
+
+async def call_unary_many(svc: SiloService, owner: int, name: str, requests: list
+                          ) -> list[object]:
+    """Run the silo.v1 handler `name` for each request in process `owner`, in one
+    forwarded call: per request its reply, or the SiloError the unary call would have
+    ended with. A failed relay raises (every request of it failed with that error)."""
+    out = _many_reply.decode(await svc.node.peers[owner].call(
+        "UnaryMany@local", _encoder.encode((name, [r.SerializeToString() for r in requests]))))
+    if len(out) != len(requests):
+        raise SiloError(grpc.StatusCode.INTERNAL, f"forwarded {name} batch: wrong count")
+    reply_type = getattr(pb, _METHODS[name].output_type.name)
+    return [reply_type.FromString(body) if code == 0
+            else SiloError(_CODES.get(code, grpc.StatusCode.UNKNOWN), message)
+            for code, message, body in out]
+
+
+async def _unary_many_local(svc: SiloService, payload: bytes) -> bytes:
+    name, bodies = _many_args.decode(payload)
+    if name not in BATCHED:
+        raise errors.invalid(f"method {errors.clip(name)} is not relayed in batches")
+    fn = getattr(type(svc), name).inner
+    request_type = getattr(pb, _METHODS[name].input_type.name)
+
+    async def one(body: bytes) -> tuple[int, str, bytes]:
+        try:
+            return 0, "", (await fn(svc, request_type.FromString(body), None)).SerializeToString()
+        except Exception as e:  # noqa: BLE001 - answered per item, as the unary call would
+            st = status_of(e)
+            return st.code, st.message, b""
+
+    return _encoder.encode(await asyncio.gather(*(one(b) for b in bodies)))
+
+
+SiloService.EXTRA_LOCAL["UnaryMany@local"] = _unary_many_local
 
 
 # ---- EnqueueMany: one forwarded call per owner process, not one per job -------------------

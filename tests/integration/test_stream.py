@@ -258,6 +258,44 @@ def test_no_more_tasks_than_free_slots(srv):
     arun(body())
 
 
+def test_outcomes_of_the_other_process_go_as_one_relay_with_per_item_codes(srv):
+    async def body():
+        async with Conn(srv.addr) as c:
+            g = group()
+            ids = {t: await c.enqueue(t, g) for t in TENANTS}  # shards of both processes
+            call, first = c.work(g, slots=len(TENANTS))
+            await call.write(first)
+            tasks = await read_tasks(call, len(TENANTS))
+            assert {t.job_id for t in tasks} == set(ids.values())
+
+            async def acks_of(up: spb.WorkerUp, n: int) -> dict[str, spb.Ack]:
+                await call.write(up)
+                got: dict[str, spb.Ack] = {}
+                async with asyncio.timeout(15):
+                    while len(got) < n:
+                        got.update({a.task_id: a for a in (await call.read()).acks})
+                return got
+
+            acks = await acks_of(spb.WorkerUp(outcomes=[success(t) for t in tasks]), len(tasks))
+            assert not any(a.HasField("error") for a in acks.values())
+            for t, job_id in ids.items():
+                assert (await c.status(t, job_id)).status == pb.JOB_STATUS_SUCCEEDED
+            # Reported again: every item gets the unary call's own error, relayed or not.
+            acks = await acks_of(spb.WorkerUp(outcomes=[success(t) for t in tasks]), len(tasks))
+            assert {(a.error.code, a.error.message) for a in acks.values()} == {
+                (grpc.StatusCode.NOT_FOUND.value[0], "lease not found")}
+            call.cancel()
+
+    outcomes = settled_forwarded_calls(srv, "ReportOutcome")
+    batches = settled_forwarded_calls(srv, "UnaryMany@local")
+    arun(body())
+    deadline = time.monotonic() + 30
+    while forwarded_calls(srv, "UnaryMany@local") < batches + 2:
+        assert time.monotonic() < deadline, "outcomes were not relayed in batches"
+        time.sleep(0.2)
+    assert forwarded_calls(srv, "ReportOutcome") == outcomes
+
+
 def test_outcome_and_heartbeat_flow_up_and_are_acked_with_the_unary_codes(srv):
     async def body():
         async with Conn(srv.addr) as c:
