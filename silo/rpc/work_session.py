@@ -346,15 +346,18 @@ class WorkSession:
 
     async def _remote_source(self, owner: int, shard_id: str) -> None:
         g = self.task_group
+        more = False  # the last lease filled its request: lease again without waiting
         while await self._until_slot():
-            try:
-                ready = await self._or_stop(stream.stream_wait(
-                    self.svc, owner, g, shard_id, int(WAIT_S * 1000)))
-            except SiloError:
-                await asyncio.sleep(RETRY_S)
-                continue
-            if not ready or self.stopping:
-                continue
+            if not more:
+                try:
+                    ready = await self._or_stop(stream.stream_wait(
+                        self.svc, owner, g, shard_id, int(WAIT_S * 1000)))
+                except SiloError:
+                    await asyncio.sleep(RETRY_S)
+                    continue
+                if not ready or self.stopping:
+                    continue
+            more = False
             n = self._share()
             if n <= 0:
                 continue
@@ -373,6 +376,7 @@ class WorkSession:
                 await asyncio.sleep(RETRY_S)
                 continue
             self.free += n - len(resp.tasks)
+            more = len(resp.tasks) >= n
             self._deliver(resp)
 
     def _deliver(self, resp: pb.LeaseTasksResponse) -> None:

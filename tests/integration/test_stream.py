@@ -296,6 +296,31 @@ def test_outcomes_of_the_other_process_go_as_one_relay_with_per_item_codes(srv):
     assert forwarded_calls(srv, "ReportOutcome") == outcomes
 
 
+def test_a_relayed_lease_that_filled_its_slots_leases_again_without_a_wait_call(srv):
+    async def body():
+        async with Conn(srv.addr) as c:
+            g = group()
+            for t in TENANTS * 3:
+                await c.enqueue(t, g)
+            call, first = c.work(g, slots=2)
+            await call.write(first)
+            done = 0
+            while done < len(TENANTS) * 3:  # run them two at a time
+                tasks = await read_tasks(call, 1)
+                done += len(tasks)
+                await call.write(spb.WorkerUp(outcomes=[success(t) for t in tasks],
+                                              add_slots=len(tasks)))
+            call.cancel()
+
+    waits = settled_forwarded_calls(srv, "StreamWait@local")
+    leases = settled_forwarded_calls(srv, "LeaseTasks@local")
+    arun(body())
+    leases = settled_forwarded_calls(srv, "LeaseTasks@local") - leases
+    waits = forwarded_calls(srv, "StreamWait@local") - waits
+    assert leases > 0
+    assert waits < leases  # before: one wait call before every relayed lease
+
+
 def test_outcome_and_heartbeat_flow_up_and_are_acked_with_the_unary_codes(srv):
     async def body():
         async with Conn(srv.addr) as c:
