@@ -138,20 +138,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def commit_counts(metrics_addr: str) -> tuple[float, float]:
-    """(group commits, operations in them) over every shard, from the server's /metrics
-    (worker processes publish their counts there once a second)."""
+def commit_counts(metrics_addr: str) -> tuple[float, float, float]:
+    """(group commits, operations in them, calls relayed between worker processes) over
+    the server, from its /metrics (worker processes publish there once a second)."""
     import urllib.request
 
     with urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=10) as r:
         text = r.read().decode()
-    n = ops = 0.0
+    n = ops = relays = 0.0
     for line in text.splitlines():
+        if line.startswith("silo_forwarded_calls_total{"):
+            relays += float(line.rsplit(" ", 1)[1])
         if line.startswith("silo_commit_batch_operations_count"):
             n += float(line.rsplit(" ", 1)[1])
         elif line.startswith("silo_commit_batch_operations_sum"):
             ops += float(line.rsplit(" ", 1)[1])
-    return n, ops
+    return n, ops, relays
 
 
 def run(args: argparse.Namespace, scenario: str, protocol: str) -> dict[str, Any]:
@@ -200,6 +202,7 @@ def run(args: argparse.Namespace, scenario: str, protocol: str) -> dict[str, Any
         "ops_per_commit": round((commits1[1] - commits0[1]) / max(commits, 1), 1),
         "commits_per_job": round(commits / max(jobs, 1), 2),
         "server_cpu_us_per_commit": round(w["server_cpu_s"] / max(commits, 1) * 1e6, 1),
+        "relays_per_job": round((commits1[2] - commits0[2]) / max(jobs, 1), 2),
         "cpu": w,
         "clients": [r["stats"] | r["counts"] for _, r in sorted(results)],
     }
@@ -261,6 +264,7 @@ def report(r: dict[str, Any]) -> None:
     print(f"  group commits           {r['commits_per_s']:,.1f}/s, {r['commits_per_job']} per job, "
           f"{r['ops_per_commit']} ops each, server CPU {r['server_cpu_us_per_commit']:,.0f} µs "
           "per commit")
+    print(f"  relayed calls           {r['relays_per_job']} per job (between worker processes)")
     print(f"  server CPU              {c['server_cores']:.2f} cores, by process "
           + " + ".join(f"{x:.2f}" for x in c["server_cores_by_process"]))
     print(f"  loadgen CPU             {c['loadgen_cores']:.2f} cores")
