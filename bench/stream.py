@@ -3,6 +3,7 @@
 
     PYTHONPATH=. .venv/bin/python bench/stream.py [--scenario saturation,steady|all]
         [--protocol stream,unary] [--tenants 16] [--procs 2] [--duration 10] [--json F]
+        [--profile DIR [--profile-rate 50]]
 
 Each client process runs one SiloClient: enqueuers (SiloClient.enqueue_many, which is
 one EnqueueMany per call on a server that offers silostream.v1 and one Enqueue per job
