@@ -3,6 +3,7 @@
 
     PYTHONPATH=. .venv/bin/python bench/stream.py [--scenario saturation,steady|all]
         [--protocol stream,unary] [--tenants 16] [--procs 2] [--duration 10] [--json F]
+        [--profile DIR [--profile-rate 50]]
 
 Each client process runs one SiloClient: enqueuers (SiloClient.enqueue_many, which is
 one EnqueueMany per call on a server that offers silostream.v1 and one Enqueue per job
@@ -27,12 +28,22 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import shutil
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from common import CpuWindow, ServerProc, add_server_args, machine_info, percentiles_ms
+from common import (
+    CpuWindow,
+    ServerProc,
+    add_server_args,
+    machine_info,
+    percentiles_ms,
+    proc_children,
+)
 
 TASK_GROUP = "bench-stream"
 TARGETS = {"jobs_per_s": 6000.0, "server_cpu_us_per_job": 150.0, "p50_ms": 3.0,
@@ -122,8 +133,34 @@ async def client(slot: int, cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def commit_counts(metrics_addr: str) -> tuple[float, float, float]:
+    """(group commits, operations in them, calls relayed between worker processes) over
+    the server, from its /metrics (worker processes publish there once a second)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    n = ops = relays = 0.0
+    for line in text.splitlines():
+        if line.startswith("silo_forwarded_calls_total{"):
+            relays += float(line.rsplit(" ", 1)[1])
+        if line.startswith("silo_commit_batch_operations_count"):
+            n += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("silo_commit_batch_operations_sum"):
+            ops += float(line.rsplit(" ", 1)[1])
+    return n, ops, relays
+
+
 def run(args: argparse.Namespace, scenario: str, protocol: str) -> dict[str, Any]:
-    server = ServerProc(args)
+    metrics_addr = f"127.0.0.1:{free_port()}"
+    server = ServerProc(argparse.Namespace(
+        **{**vars(args), "server_arg": ["--metrics-addr", metrics_addr, *args.server_arg]}))
     target = server.start()
     try:
         ctx = mp.get_context("spawn")
@@ -139,10 +176,15 @@ def run(args: argparse.Namespace, scenario: str, protocol: str) -> dict[str, Any
         cpu = CpuWindow(server.pid, [p.pid for p in procs if p.pid])
         time.sleep(max(0.0, t0 - time.time()))
         before = server_done(target, args)
+        commits0 = commit_counts(metrics_addr)
         cpu.start()
+        spies = start_profiles(server.pid, args, f"{scenario}-{protocol}")
         time.sleep(args.duration)
         w = cpu.stop()
+        for s in spies:
+            s.wait(timeout=60)
         after = server_done(target, args)
+        commits1 = commit_counts(metrics_addr)
         results = [q.get(timeout=120) for _ in procs]
         for p in procs:
             p.join(30)
@@ -151,14 +193,39 @@ def run(args: argparse.Namespace, scenario: str, protocol: str) -> dict[str, Any
         server.cleanup()
     lat = [x for _, r in results for x in r["lat_us"]]
     jobs = after - before
+    commits = commits1[0] - commits0[0]
     return {
         "scenario": scenario, "protocol": protocol, "tenants": args.tenants,
         "jobs_per_s": round(jobs / w["wall_s"], 1),
         "server_cpu_us_per_job": round(w["server_cpu_s"] / max(jobs, 1) * 1e6, 1),
         "enqueue_to_handler_start_ms": percentiles_ms(lat),
+        "commits_per_s": round(commits / w["wall_s"], 1),
+        "ops_per_commit": round((commits1[1] - commits0[1]) / max(commits, 1), 1),
+        "commits_per_job": round(commits / max(jobs, 1), 2),
+        "server_cpu_us_per_commit": round(w["server_cpu_s"] / max(commits, 1) * 1e6, 1),
+        "relays_per_job": round((commits1[2] - commits0[2]) / max(jobs, 1), 2),
         "cpu": w,
         "clients": [r["stats"] | r["counts"] for _, r in sorted(results)],
     }
+
+
+def start_profiles(server_pid: int | None, args: argparse.Namespace, name: str
+                   ) -> list[subprocess.Popen[bytes]]:
+    """--profile DIR: one py-spy (native frames) per server worker process for the
+    measured window, as speedscope files DIR/<scenario>-<protocol>-w<pid>.json. py-spy's
+    own CPU is outside the server tree, so CPU per job stays comparable (a little high:
+    sampling pauses the server)."""
+    if not args.profile or server_pid is None:
+        return []
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return [subprocess.Popen([spy, "record", "--pid", str(w), "--native",
+                              "--rate", str(args.profile_rate), "--duration", str(int(args.duration)),
+                              "--format", "speedscope",
+                              "--output", str(out / f"{name}-w{w}.json")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for w in proc_children(server_pid)]
 
 
 def server_done(target: str, args: argparse.Namespace) -> int:
@@ -195,6 +262,10 @@ def report(r: dict[str, Any]) -> None:
           + (verdict(lat["p50"], TARGETS["p50_ms"], False) + " "
              + verdict(lat["p99"], TARGETS["p99_ms"], False)
              if r["scenario"] == "steady" and r["protocol"] == "stream" else ""))
+    print(f"  group commits           {r['commits_per_s']:,.1f}/s, {r['commits_per_job']} per job, "
+          f"{r['ops_per_commit']} ops each, server CPU {r['server_cpu_us_per_commit']:,.0f} µs "
+          "per commit")
+    print(f"  relayed calls           {r['relays_per_job']} per job (between worker processes)")
     print(f"  server CPU              {c['server_cores']:.2f} cores, by process "
           + " + ".join(f"{x:.2f}" for x in c["server_cores_by_process"]))
     print(f"  loadgen CPU             {c['loadgen_cores']:.2f} cores")
@@ -216,8 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backlog", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=128, help="saturation: jobs per EnqueueMany")
     ap.add_argument("--enqueuers", type=int, default=2, help="saturation: per process")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="py-spy --native each server worker over the window into DIR")
+    ap.add_argument("--profile-rate", type=int, default=50, help="py-spy samples/s")
     add_server_args(ap)
     args = ap.parse_args(argv)
+    # Ports of their own, so a server another user left on the defaults does not stop ours.
+    args.server_arg = ["--webui-addr", "127.0.0.1:0", *args.server_arg]
     scenarios = ["saturation", "steady"] if args.scenario == "all" else args.scenario.split(",")
     out = {"machine": machine_info(), "results": []}
     for s in scenarios:

@@ -35,7 +35,6 @@ from silo.errors import SiloError
 from silo.rpc import stream
 from silo.rpc.service import SiloService, _OwnedElsewhere
 from silo.shard.ready import due_now, wait_due
-from silo.storage.db import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +136,29 @@ class WorkSession:
         if msg.add_slots:
             self.free += msg.add_slots
             self._slots.set()
-        for r in msg.outcomes:
-            self._spawn(self._item(ACK.OUTCOME, "ReportOutcome", r))
-        for r in msg.heartbeats:
-            self._spawn(self._item(ACK.HEARTBEAT, "Heartbeat", r))
-        for r in msg.refresh_outcomes:
-            self._spawn(self._item(ACK.REFRESH_OUTCOME, "ReportRefreshOutcome", r))
+        if msg.outcomes:
+            self._run_items(ACK.OUTCOME, "ReportOutcome", msg.outcomes)
+        if msg.heartbeats:
+            self._run_items(ACK.HEARTBEAT, "Heartbeat", msg.heartbeats)
+        if msg.refresh_outcomes:
+            self._run_items(ACK.REFRESH_OUTCOME, "ReportRefreshOutcome", msg.refresh_outcomes)
         for ref in msg.give_back:
             self._spawn(self._give_back_item(ref))
         if msg.stop and not self.stopping:
             self._spawn(self._stop_item())
+
+    def _run_items(self, kind: int, method: str, requests) -> None:
+        """Items of this process's shards run here one by one; those of each other
+        process go to it as one forwarded batch (a relay costs more than the item)."""
+        remote: dict[int, list] = {}
+        for r in requests:
+            owner = stream.owner_elsewhere(self.svc, r.shard)
+            if owner is None:
+                self._spawn(self._item(kind, method, r))
+            else:
+                remote.setdefault(owner, []).append(r)
+        for owner, reqs in remote.items():
+            self._spawn(self._remote_items(kind, method, owner, reqs))
 
     def _spawn(self, coro) -> None:
         t = asyncio.ensure_future(coro)
@@ -154,17 +166,32 @@ class WorkSession:
         t.add_done_callback(self._items.discard)
 
     async def _item(self, kind: int, method: str, request) -> None:
-        ack = ACK(kind=kind, task_id=request.task_id)
         try:
             reply = await stream.call_unary(self.svc, method, request)
+        except Exception as e:  # noqa: BLE001 - acked, not raised
+            reply = e
+        self._ack(kind, request, reply)
+
+    async def _remote_items(self, kind: int, method: str, owner: int, requests: list) -> None:
+        try:
+            replies = await stream.call_unary_many(self.svc, owner, method, requests)
+        except Exception as e:  # noqa: BLE001 - the relay failed, so did each item
+            replies = [e] * len(requests)
+        for request, reply in zip(requests, replies, strict=True):
+            self._ack(kind, request, reply)
+
+    def _ack(self, kind: int, request, reply) -> None:
+        """Ack one item down-stream: its reply, or the error the unary call ended with."""
+        ack = ACK(kind=kind, task_id=request.task_id)
+        if isinstance(reply, BaseException):
+            ack.error.CopyFrom(stream.status_of(reply))
+            if isinstance(reply, SiloError) and reply.code == grpc.StatusCode.NOT_FOUND:
+                self.leased.pop(request.task_id, None)
+        else:
             if kind == ACK.HEARTBEAT and reply.cancelled:
                 ack.cancelled = True
                 ack.cancelled_at_ms = reply.cancelled_at_ms
             if kind != ACK.HEARTBEAT:
-                self.leased.pop(request.task_id, None)
-        except (SiloError, StorageError, Exception) as e:  # noqa: BLE001 - acked, not raised
-            ack.error.CopyFrom(stream.status_of(e))
-            if isinstance(e, SiloError) and e.code == grpc.StatusCode.NOT_FOUND:
                 self.leased.pop(request.task_id, None)
         self._out.acks.append(ack)
         self._has_out.set()
@@ -319,15 +346,18 @@ class WorkSession:
 
     async def _remote_source(self, owner: int, shard_id: str) -> None:
         g = self.task_group
+        more = False  # the last lease filled its request: lease again without waiting
         while await self._until_slot():
-            try:
-                ready = await self._or_stop(stream.stream_wait(
-                    self.svc, owner, g, shard_id, int(WAIT_S * 1000)))
-            except SiloError:
-                await asyncio.sleep(RETRY_S)
-                continue
-            if not ready or self.stopping:
-                continue
+            if not more:
+                try:
+                    ready = await self._or_stop(stream.stream_wait(
+                        self.svc, owner, g, shard_id, int(WAIT_S * 1000)))
+                except SiloError:
+                    await asyncio.sleep(RETRY_S)
+                    continue
+                if not ready or self.stopping:
+                    continue
+            more = False
             n = self._share()
             if n <= 0:
                 continue
@@ -346,6 +376,7 @@ class WorkSession:
                 await asyncio.sleep(RETRY_S)
                 continue
             self.free += n - len(resp.tasks)
+            more = len(resp.tasks) >= n
             self._deliver(resp)
 
     def _deliver(self, resp: pb.LeaseTasksResponse) -> None:

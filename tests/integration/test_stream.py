@@ -8,6 +8,8 @@ Waits are on stream messages or job states with generous deadlines.
 from __future__ import annotations
 
 import asyncio
+import time
+import urllib.request
 import uuid
 
 import grpc
@@ -145,6 +147,50 @@ def test_enqueue_many_answers_each_job_with_its_id_or_its_enqueue_error(srv):
     arun(body())
 
 
+def forwarded_calls(srv, method: str) -> float:
+    """silo_forwarded_calls_total of one method, summed over peers (flushed once a second)."""
+    with urllib.request.urlopen(srv.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("silo_forwarded_calls_total{")
+               and f'method="{method}"' in line)
+
+
+def settled_forwarded_calls(srv, method: str) -> float:
+    """The count once it stopped moving (calls of earlier tests flushed)."""
+    last = forwarded_calls(srv, method)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(1.2)
+        now = forwarded_calls(srv, method)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"forwarded {method} calls never settled")
+
+
+def test_enqueue_many_relays_one_call_per_owner_process_not_one_per_job(srv):
+    async def body():
+        async with Conn(srv.addr) as c:
+            g = group()
+            jobs = [c.job(t, g) for t in TENANTS for _ in range(2)]
+            resp = await c.stream.EnqueueMany(spb.EnqueueManyRequest(jobs=jobs))
+            assert all(r.WhichOneof("result") == "id" for r in resp.results)
+            for t, r in zip([t for t in TENANTS for _ in range(2)], resp.results, strict=True):
+                assert (await c.status(t, r.id)).status == pb.JOB_STATUS_SCHEDULED
+
+    enqueues = settled_forwarded_calls(srv, "Enqueue")
+    batches = settled_forwarded_calls(srv, "EnqueueMany@local")
+    arun(body())
+    deadline = time.monotonic() + 30
+    while forwarded_calls(srv, "EnqueueMany@local") == batches:
+        assert time.monotonic() < deadline, "no forwarded EnqueueMany"
+        time.sleep(0.2)
+    # 32 jobs over 4 shards in 2 processes: the other process's half went as one relay
+    assert forwarded_calls(srv, "EnqueueMany@local") == batches + 1
+    assert forwarded_calls(srv, "Enqueue") == enqueues
+
+
 # ---- the worker stream -------------------------------------------------------------------
 
 
@@ -210,6 +256,69 @@ def test_no_more_tasks_than_free_slots(srv):
             call.cancel()
 
     arun(body())
+
+
+def test_outcomes_of_the_other_process_go_as_one_relay_with_per_item_codes(srv):
+    async def body():
+        async with Conn(srv.addr) as c:
+            g = group()
+            ids = {t: await c.enqueue(t, g) for t in TENANTS}  # shards of both processes
+            call, first = c.work(g, slots=len(TENANTS))
+            await call.write(first)
+            tasks = await read_tasks(call, len(TENANTS))
+            assert {t.job_id for t in tasks} == set(ids.values())
+
+            async def acks_of(up: spb.WorkerUp, n: int) -> dict[str, spb.Ack]:
+                await call.write(up)
+                got: dict[str, spb.Ack] = {}
+                async with asyncio.timeout(15):
+                    while len(got) < n:
+                        got.update({a.task_id: a for a in (await call.read()).acks})
+                return got
+
+            acks = await acks_of(spb.WorkerUp(outcomes=[success(t) for t in tasks]), len(tasks))
+            assert not any(a.HasField("error") for a in acks.values())
+            for t, job_id in ids.items():
+                assert (await c.status(t, job_id)).status == pb.JOB_STATUS_SUCCEEDED
+            # Reported again: every item gets the unary call's own error, relayed or not.
+            acks = await acks_of(spb.WorkerUp(outcomes=[success(t) for t in tasks]), len(tasks))
+            assert {(a.error.code, a.error.message) for a in acks.values()} == {
+                (grpc.StatusCode.NOT_FOUND.value[0], "lease not found")}
+            call.cancel()
+
+    outcomes = settled_forwarded_calls(srv, "ReportOutcome")
+    batches = settled_forwarded_calls(srv, "UnaryMany@local")
+    arun(body())
+    deadline = time.monotonic() + 30
+    while forwarded_calls(srv, "UnaryMany@local") < batches + 2:
+        assert time.monotonic() < deadline, "outcomes were not relayed in batches"
+        time.sleep(0.2)
+    assert forwarded_calls(srv, "ReportOutcome") == outcomes
+
+
+def test_a_relayed_lease_that_filled_its_slots_leases_again_without_a_wait_call(srv):
+    async def body():
+        async with Conn(srv.addr) as c:
+            g = group()
+            for t in TENANTS * 3:
+                await c.enqueue(t, g)
+            call, first = c.work(g, slots=2)
+            await call.write(first)
+            done = 0
+            while done < len(TENANTS) * 3:  # run them two at a time
+                tasks = await read_tasks(call, 1)
+                done += len(tasks)
+                await call.write(spb.WorkerUp(outcomes=[success(t) for t in tasks],
+                                              add_slots=len(tasks)))
+            call.cancel()
+
+    waits = settled_forwarded_calls(srv, "StreamWait@local")
+    leases = settled_forwarded_calls(srv, "LeaseTasks@local")
+    arun(body())
+    leases = settled_forwarded_calls(srv, "LeaseTasks@local") - leases
+    waits = forwarded_calls(srv, "StreamWait@local") - waits
+    assert leases > 0
+    assert waits < leases  # before: one wait call before every relayed lease
 
 
 def test_outcome_and_heartbeat_flow_up_and_are_acked_with_the_unary_codes(srv):
