@@ -385,6 +385,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--server-arg", action="append", default=[],
                     help="extra argument for `silo serve` (repeatable), e.g. --server-arg=--log-level=warning")
     ap.add_argument("--keep-data", action="store_true", help="keep the temp data dir and server log")
+    ap.add_argument("--tree", metavar="DIR",
+                    help="run the self-started server from this source tree (e.g. `git archive "
+                         "c5d8260 | tar -x -C DIR`, main before the query indexes) to compare")
     a = ap.parse_args(argv)
     try:
         a.scenarios = parse_scenarios(a.scenario)

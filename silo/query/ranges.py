@@ -23,11 +23,12 @@ from typing import NamedTuple
 
 from slatedb.uniffi import KeyRange
 
+from silo.query import pace
 from silo.query.plan import Scan
 from silo.storage import keys
 
-SLICE = 256
-POINT_GROUP = 256
+SLICE = 128  # rows per storage read: a few ms of lifting and decoding, then pace
+POINT_GROUP = 128
 _reads: ContextVar[list[int] | None] = ContextVar("silo_query_reads", default=None)
 
 
@@ -59,6 +60,7 @@ async def rows(db, start: bytes, end: bytes | None, slice_: int = SLICE
             return
         _count(len(batch))
         yield batch
+        await pace.tick()
 
 
 async def prefix_rows(db, prefix: bytes, slice_: int = SLICE) -> AsyncIterator[list]:
@@ -72,6 +74,7 @@ async def gets(db, ks: list[bytes]) -> list[bytes | None]:
         part = ks[i : i + POINT_GROUP]
         _count(len(part))
         out += await asyncio.gather(*(db.get(k) for k in part))
+        await pace.tick()
     return out
 
 

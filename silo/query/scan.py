@@ -9,22 +9,22 @@ stay point/range reads. A jobs scan that needs no column beyond tenant, shard_id
 status_kind (an unfiltered COUNT(*), GROUP BY status_kind) is answered from the status
 counters when allowed (count_from_status_counters).
 
-Storage is read in slices (256 rows per await, point reads in groups of 256) and
-in-memory state is copied once then converted in slices, so a large scan yields the
-event loop between slices instead of stalling it. Rows are read from the database as
+Storage is read in slices (ranges.SLICE rows per await, point reads in groups) and
+in-memory state is copied once then converted in chunks; the statement paces itself
+between slices (pace.py), so a large scan shares the event loop instead of stalling it.
+Rows are read from the database as
 applied: every acknowledged write is; an operation still in flight may or may not be
 seen, as with any snapshot-free read.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 
 import msgspec
 import pyarrow as pa
 
-from silo.query import ranges
+from silo.query import pace, ranges
 from silo.query.plan import Scan
 from silo.query.schema import TABLES
 from silo.shard.state import Shard
@@ -48,10 +48,10 @@ from silo.storage.records import (
 
 SLICE = ranges.SLICE
 POINT_GROUP = ranges.POINT_GROUP
-# Job rows are decoded on the loop in chunks with a yield in between: a chunk costs
+# Job rows are decoded on the loop in chunks, paced in between (pace.py): a chunk costs
 # about a millisecond, less than a GIL hand-off to a decoding thread would (5 ms
 # switch interval) for every wake-up of the hot path.
-BUILD_CHUNK = 256
+BUILD_CHUNK = 128
 
 _INFO_COLUMNS = frozenset({"priority", "enqueue_time_ms", "payload", "task_group", "metadata",
                            "limits"})
@@ -278,7 +278,7 @@ async def read_jobs(shard: Shard, scan: Scan, now: int, *, count_from_counters: 
     parts = []
     for i in range(0, len(raw), BUILD_CHUNK):
         parts.append(_build_jobs(shard.id, need, now, raw[i : i + BUILD_CHUNK]))
-        await asyncio.sleep(0)  # let Enqueue/LeaseTasks in between chunks
+        await pace.tick()  # let Enqueue/LeaseTasks in between chunks (pace.py)
     if not parts:
         return _build_jobs(shard.id, need, now, [])
     return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
@@ -335,7 +335,7 @@ async def read_tasks(shard: Shard, scan: Scan) -> pa.Table:
             cols["task_id"].append(task.task_id)
             cols["held_queues"].append(
                 _json.encode([] if refresh else list(task.held_queues)).decode())
-        await asyncio.sleep(0)
+        await pace.tick()
     schema = TABLES["tasks"]
     return pa.table([pa.array(cols[f.name], type=f.type) for f in schema], schema=schema)
 
