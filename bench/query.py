@@ -7,7 +7,7 @@ the statement through silo.query.engine exactly as the Query RPC runs it, no gRP
 Pre-fill goes through the shard's ImportJobs operation (silo.shard.import_, the body of
 the ImportJobs RPC: the same rows, indexes and counters as jobs that ran), in batches
 of 1000, several in flight: most jobs imported with one Succeeded attempt, 100 with a
-Failed one (no retries left: Failed), 1000 with none (Waiting); metadata
+Failed one (no retries left: Failed), min(1000, N/10) with none (Waiting); metadata
 user = u<i>, batch = b<i:07>.
 
 Per size: the median and p95 over --repeat runs, and the storage keys each reads, of
@@ -66,10 +66,10 @@ IMPORTS_IN_FLIGHT = 4
 N_FAILED, N_WAITING = 100, 1000
 
 
-def _job(i: int, now: int) -> import_.ImportJob:
+def _job(i: int, n: int, now: int) -> import_.ImportJob:
     if i < N_FAILED:
         attempts = [import_.ImportedAttempt(ATTEMPT_FAILED, now - 2000, now - 1000 + i)]
-    elif i < N_FAILED + N_WAITING:
+    elif i < N_FAILED + min(N_WAITING, n // 10):
         attempts = []
     else:  # finished at distinct times, newest last
         attempts = [import_.ImportedAttempt(ATTEMPT_SUCCEEDED, now - 2000, now - 10**7 + i)]
@@ -84,7 +84,7 @@ async def populate(s: Shard, n: int) -> None:
     for w in range(0, len(starts), IMPORTS_IN_FLIGHT):
         wave = starts[w : w + IMPORTS_IN_FLIGHT]
         results = await asyncio.gather(*(
-            import_.import_jobs(s, T, [_job(i, now) for i in range(a, min(n, a + IMPORT_BATCH))])
+            import_.import_jobs(s, T, [_job(i, n, now) for i in range(a, min(n, a + IMPORT_BATCH))])
             for a in wave))
         bad = [r for rs in results for r in rs if not r.success]
         if bad:
