@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from typing import NamedTuple
 
@@ -154,8 +154,7 @@ def pushable_limit(scan: Scan) -> tuple[int, bool] | None:
 
 
 async def limited_candidates(db, r: Range, n: int, ordered: bool,
-                             confirm: Callable[[list[tuple[str, str]]],
-                                               asyncio.Future | object]
+                             confirm: Callable[[list[tuple[str, str]]], Awaitable[list]]
                              ) -> list:
     """Read r in slices of about n rows; `confirm` (awaitable) turns candidates into the
     raw rows that still match. Stop once n are confirmed and, when ordered, the next
@@ -169,7 +168,7 @@ async def limited_candidates(db, r: Range, n: int, ordered: bool,
             decoded = [d for d in decoded if d[1] == last_ts] if ordered else []
             if not decoded:
                 break
-        got = await confirm([(r.tenant, j) for j, _ in decoded])  # type: ignore[misc]
+        got = await confirm([(r.tenant, j) for j, _ in decoded])
         for (_, ts), raw in zip(decoded, got, strict=True):
             if raw is not None:
                 out.append(raw)
