@@ -265,6 +265,10 @@ def defer_signals() -> Any:
             _interrupted = True
 
 
+# `silo` of the tree on PYTHONPATH (ServerProc with args.tree).
+_TREE_MAIN = "import sys; from silo.cli import main; sys.exit(main())"
+
+
 class ServerProc:
     """A `silo serve` subprocess (or, kind "noop", bench/noop_server.py) on 127.0.0.1,
     port 0, with its log (and data dir) in a temp dir."""
@@ -287,8 +291,13 @@ class ServerProc:
         if self.kind == "noop":
             return [sys.executable, str(NOOP_SERVER), "--grpc-addr", "127.0.0.1:0",
                     "--processes", str(server_processes(self.args))]
-        silo_bin = self.args.silo_bin or shutil.which("silo") or str(Path(sys.executable).parent / "silo")
-        cmd = [silo_bin, "serve", "--data-dir", str(self.tmp / "data"),
+        tree = getattr(self.args, "tree", None)
+        if tree:  # the server of another source tree (e.g. a checkout before a change)
+            silo_cmd = [sys.executable, "-c", _TREE_MAIN]
+        else:
+            silo_cmd = [self.args.silo_bin or shutil.which("silo")
+                        or str(Path(sys.executable).parent / "silo")]
+        cmd = [*silo_cmd, "serve", "--data-dir", str(self.tmp / "data"),
                "--grpc-addr", "127.0.0.1:0",
                "--flush-interval-ms", str(self.args.flush_interval_ms),
                "--shards", str(self.args.shards)]
@@ -312,8 +321,11 @@ class ServerProc:
         try:
             self.spawn_t = time.monotonic()
             # Own session: a Ctrl-C in the terminal reaches only us; we stop the server ourselves.
+            tree = getattr(self.args, "tree", None) if self.kind == "silo" else None
+            env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())} if tree else None
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         start_new_session=True)
+                                         start_new_session=True, env=env,
+                                         cwd=str(Path(tree).resolve()) if tree else None)
         finally:
             log.close()
         deadline = time.monotonic() + ready_timeout

@@ -368,6 +368,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--baseline", action="store_true",
                     help="after each scenario, run it again against bench/noop_server.py"
                          " (no storage) and report ours as a share of that")
+    ap.add_argument("--tree", metavar="DIR",
+                    help="run the self-started server from this source tree (e.g. `git archive "
+                         "c5d8260 | tar -x -C DIR`, main before the query indexes) to compare")
     a = ap.parse_args(argv)
     try:
         a.scenarios = parse_scenarios(a.scenario)

@@ -29,6 +29,7 @@ from datafusion import SessionConfig, SessionContext, SQLOptions
 from silo import errors
 from silo.errors import SiloError
 from silo.observability import metrics
+from silo.query import pace
 from silo.query import settings as query_settings
 from silo.query.plan import Scan, canonicalise_status_literals, scans_of, tables_named
 from silo.query.scan import read_table
@@ -133,8 +134,10 @@ async def read_shard(shard, planned: Planned, now: int) -> dict[str, pa.Table]:
     out: dict[str, pa.Table] = {}
     count = query_settings.SETTINGS.count_from_status_counters
     for table, scans in merge_scans(planned.scans).items():
-        parts = [await read_table(shard, s, now, count_from_counters=count and len(scans) == 1)
-                 for s in scans]
+        with pace.paced():
+            parts = [await read_table(shard, s, now,
+                                      count_from_counters=count and len(scans) == 1)
+                     for s in scans]
         t = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
         if len(parts) > 1 and table == "jobs":
             t = _dedupe_jobs(t)

@@ -30,6 +30,13 @@ class Scan:
     task_groups: set[str] | None = None
     other_filters: bool = False  # conjuncts we did not recognise
     status_literals: set[str] = field(default_factory=set)  # as written, e.g. 'running'
+    # At most this many rows (OFFSET included) of the scan reach the result: a LIMIT
+    # (or a Sort with a fetch) sits above it with only projections and filters in
+    # between. `order` is then the sort it takes the first rows of, as (column,
+    # descending) pairs; None: any rows will do. scan.py decides whether an index
+    # read can honour it (every filter recognised, the index order matching).
+    limit: int | None = None
+    order: list[tuple[str, bool]] | None = None
 
 
 def _is_call(e, name: str) -> bool:
@@ -191,15 +198,75 @@ def narrow(scan: Scan, conjunct) -> None:
     scan.other_filters = True
 
 
-def scans_of(plan) -> list[Scan]:
-    """Every TableScan of a (optimised) logical plan with its narrowing predicates."""
-    out: list[Scan] = []
+def _fetch(e) -> int | None:
+    """The integer of a Limit's fetch/skip expression (None: absent or not a literal)."""
+    if e is None:
+        return None
+    if isinstance(e, int):
+        return e
+    if e.variant_name() != "Literal":
+        return None
+    v = _py(e)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
-    def visit(node, filters: list) -> None:
+
+def _sort_order(v) -> list[tuple[str, bool]] | None:
+    out = []
+    for se in v.sort_exprs():
+        col = _column(se.expr())
+        if col is None:
+            return None
+        out.append((col, not se.ascending()))
+    return out
+
+
+_PASS_THROUGH = ("Projection", "SubqueryAlias")  # row count and order unchanged
+
+
+def _plain_columns(projection, order: list[tuple[str, bool]]) -> bool:
+    """Every sort column passes the projection as itself (not an alias of something)."""
+    plain: set[str] = set()
+    renamed: set[str] = set()
+    for e in projection.projections():
+        if e.variant_name() == "Column":
+            plain.add(e.to_variant().name())
+        else:
+            renamed.add(e.schema_name())
+    return all(c in plain and c not in renamed for c, _ in order)
+
+
+def scans_of(plan) -> list[Scan]:
+    """Every TableScan of a (optimised) logical plan with its narrowing predicates and
+    the row limit (with its order) that reaches it unchanged."""
+    out: list[Scan] = []
+    Limit = tuple[int, list[tuple[str, bool]] | None] | None
+
+    def visit(node, filters: list, limit: Limit) -> None:
         v = node.to_variant()
         kind = type(v).__name__
         if kind == "Filter":
-            visit(node.inputs()[0], filters + _split(v.predicate(), "AND"))
+            visit(node.inputs()[0], filters + _split(v.predicate(), "AND"), limit)
+            return
+        if kind in _PASS_THROUGH and not filters:
+            # A filter above a projection may name an alias: never pushed through.
+            if kind == "Projection" and limit is not None and limit[1] is not None:
+                limit = limit if _plain_columns(v, limit[1]) else None
+            visit(node.inputs()[0], [], limit)
+            return
+        if kind == "Limit" and not filters:
+            fetch, skip = _fetch(v.fetch()), _fetch(v.skip()) or 0
+            n = None if fetch is None else fetch + skip
+            if limit is not None and n is not None:
+                n = min(n, limit[0]) if limit[1] is None else n
+            visit(node.inputs()[0], filters, (n, None) if n is not None else None)
+            return
+        if kind == "Sort" and not filters:
+            order = _sort_order(v)
+            fetch = v.get_fetch_val()
+            n = fetch if isinstance(fetch, int) else None
+            if limit is not None and (n is None or limit[0] < n):
+                n = limit[0]
+            visit(node.inputs()[0], [], (n, order) if n is not None and order else None)
             return
         if kind == "TableScan":
             name = v.table_name()
@@ -212,12 +279,17 @@ def scans_of(plan) -> list[Scan]:
                 for f in list(v.filters()) + filters:
                     for c in _split(f, "AND"):
                         narrow(scan, c)
+                own = _fetch(v.fetch())
+                if limit is not None:
+                    scan.limit, scan.order = limit
+                if own is not None and (scan.limit is None or own < scan.limit):
+                    scan.limit, scan.order = own, None if scan.limit is None else scan.order
                 out.append(scan)
             return
         for child in node.inputs():
-            visit(child, [])
+            visit(child, [], None)
 
-    visit(plan, [])
+    visit(plan, [], None)
     return out
 
 

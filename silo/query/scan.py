@@ -9,23 +9,22 @@ stay point/range reads. A jobs scan that needs no column beyond tenant, shard_id
 status_kind (an unfiltered COUNT(*), GROUP BY status_kind) is answered from the status
 counters when allowed (count_from_status_counters).
 
-Storage is read in slices (256 rows per await, point reads in groups of 256) and
-in-memory state is copied once then converted in slices, so a large scan yields the
-event loop between slices instead of stalling it. Rows are read from the database as
+Storage is read in slices (ranges.SLICE rows per await, point reads in groups) and
+in-memory state is copied once then converted in chunks; the statement paces itself
+between slices (pace.py), so a large scan shares the event loop instead of stalling it.
+Rows are read from the database as
 applied: every acknowledged write is; an operation still in flight may or may not be
 seen, as with any snapshot-free read.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterable
 
 import msgspec
 import pyarrow as pa
-from slatedb.uniffi import KeyRange
 
+from silo.query import pace, ranges
 from silo.query.plan import Scan
 from silo.query.schema import TABLES
 from silo.shard.state import Shard
@@ -47,42 +46,25 @@ from silo.storage.records import (
     job_status_decoder,
 )
 
-SLICE = 256
-POINT_GROUP = 256
-# Job rows are decoded on the loop in chunks with a yield in between: a chunk costs
+SLICE = ranges.SLICE
+POINT_GROUP = ranges.POINT_GROUP
+# Job rows are decoded on the loop in chunks, paced in between (pace.py): a chunk costs
 # about a millisecond, less than a GIL hand-off to a decoding thread would (5 ms
 # switch interval) for every wake-up of the hot path.
-BUILD_CHUNK = 256
-_ALL = KeyRange(start=None, start_inclusive=True, end=None, end_inclusive=False)
+BUILD_CHUNK = 128
+
 _INFO_COLUMNS = frozenset({"priority", "enqueue_time_ms", "payload", "task_group", "metadata",
                            "limits"})
 _STATUS_COLUMNS = frozenset({"status_kind", "status_changed_at_ms", "current_attempt",
                              "next_attempt_starts_after_ms"})
 _json = msgspec.json.Encoder()
+_Raw = tuple[bytes, bytes | None, bytes | None]  # (tenant+job key suffix, status, info)
 _any_msgpack = msgspec.msgpack.Decoder()
 
 
-async def _rows(db, start: bytes, end: bytes | None) -> AsyncIterator[list]:
-    """Rows with start <= key < end, a slice per await."""
-    it = await db.scan(KeyRange(start=start, start_inclusive=True, end=end,
-                                end_inclusive=False))
-    while True:
-        batch = await it.next_batch(SLICE)
-        if not batch:
-            return
-        yield batch
-
-
-async def _prefix_rows(db, prefix: bytes) -> AsyncIterator[list]:
-    async for batch in _rows(db, prefix, keys.prefix_end(prefix)):
-        yield batch
-
-
-async def _gets(db, ks: list[bytes]) -> list[bytes | None]:
-    out: list[bytes | None] = []
-    for i in range(0, len(ks), POINT_GROUP):
-        out += await asyncio.gather(*(db.get(k) for k in ks[i : i + POINT_GROUP]))
-    return out
+_rows = ranges.rows
+_prefix_rows = ranges.prefix_rows
+_gets = ranges.gets
 
 
 def shard_tenants(shard: Shard) -> list[str]:
@@ -212,38 +194,53 @@ async def _counted_rows(shard: Shard, scan: Scan, tenants: list[str], now: int) 
                     schema=schema)
 
 
-async def _index_job_ids(shard: Shard, scan: Scan, tenants: Iterable[str], now: int
-                         ) -> list[tuple[str, str]] | None:
-    """(tenant, job_id) candidates from ids or an index; None: no index applies."""
+async def _candidate_rows(shard: Shard, scan: Scan, need_info: bool, now: int,
+                         part: list[tuple[str, str]]) -> list[_Raw | None]:
+    """The raw (key suffix, status, info) rows of candidate jobs; None for a job that is
+    gone or whose status no longer matches the status words (index read racing a
+    transition)."""
     db = shard.db
-    out: list[tuple[str, str]] = []
-    if scan.ids is not None:
-        return [(t, i) for t in tenants for i in sorted(scan.ids)]
-    if scan.meta_exact is not None or scan.meta_prefix is not None:
-        for t in tenants:
-            if scan.meta_exact is not None:
-                prefix = keys.metadata_index_prefix(t, *scan.meta_exact)
-            else:
-                assert scan.meta_prefix is not None
-                prefix = keys.metadata_value_prefix(t, *scan.meta_prefix)
-            async for batch in _prefix_rows(db, prefix):
-                out += [(t, keys.decode_metadata_index(r.key)[3]) for r in batch]
-        return out
-    if scan.statuses is not None:
-        for t in tenants:
-            for word in sorted(scan.statuses):
-                if word in ("Waiting", "Scheduled"):
-                    base = keys.status_index_prefix(t, "Scheduled")
-                    split = keys.status_index(t, "Scheduled", now, "")
-                    start, end = (split, keys.prefix_end(base)) if word == "Waiting" else (
-                        base, split)
-                    rows = _rows(db, start, end)
-                else:
-                    rows = _prefix_rows(db, keys.status_index_prefix(t, word))
-                async for batch in rows:
-                    out += [(t, keys.decode_status_index(r.key)[3]) for r in batch]
-        return out
-    return None
+    status_keys = [keys.job_status(t, j) for t, j in part]
+    raw_status = await _gets(db, status_keys)
+    raw_info = (await _gets(db, [keys.job_info(t, j) for t, j in part]) if need_info
+                else [None] * len(part))
+    out: list[_Raw | None] = []
+    for k, rs, ri in zip(status_keys, raw_status, raw_info, strict=True):
+        if (rs is None and ri is None) or (need_info and ri is None):
+            out.append(None)  # deleted (or never existed)
+        elif (scan.statuses is not None and rs is not None
+              and status_word(job_status_decoder.decode(rs), now) not in scan.statuses):
+            out.append(None)
+        else:
+            out.append((k[1:], rs, ri))
+    return out
+
+
+async def _tenant_rows(shard: Shard, tenant: str, need_info: bool, limit: int | None
+                       ) -> list[_Raw]:
+    """Every job of a tenant (or its first `limit` by key), without an index."""
+    db = shard.db
+    suffix = keys.enc_str(tenant)
+    statuses: dict[bytes, bytes] = {}
+    slice_ = SLICE if limit is None else max(1, min(SLICE, limit))
+    async for batch in _rows(db, keys.kind_prefix(keys.JOB_STATUS) + suffix,
+                             keys.prefix_end(keys.kind_prefix(keys.JOB_STATUS) + suffix),
+                             slice_):
+        for r in batch:
+            statuses[r.key[1:]] = r.value
+        if limit is not None and len(statuses) >= limit:
+            break
+    if not need_info:
+        return [(k, v, None) for k, v in statuses.items()]
+    if limit is not None:
+        ks = list(statuses)
+        infos = await _gets(db, [bytes([keys.JOB_INFO]) + k for k in ks])
+        return [(k, statuses[k], ri) for k, ri in zip(ks, infos, strict=True)
+                if ri is not None]
+    out: list[_Raw] = []
+    async for batch in _prefix_rows(db, keys.kind_prefix(keys.JOB_INFO) + suffix):
+        out += [(r.key[1:], statuses.get(r.key[1:]), r.value) for r in batch]
+    return out
 
 
 async def read_jobs(shard: Shard, scan: Scan, now: int, *, count_from_counters: bool
@@ -253,40 +250,35 @@ async def read_jobs(shard: Shard, scan: Scan, now: int, *, count_from_counters: 
     if _counter_answerable(scan, count_from_counters):
         return await _counted_rows(shard, scan, tenants, now)
     need_info = bool(need & _INFO_COLUMNS)
-    db = shard.db
     # First the raw rows, paired by their (tenant, job_id) key suffix, which the status
     # and info keys share; then decoding into Arrow, a chunk at a time.
-    raw: list[tuple[bytes, bytes | None, bytes | None]] = []
-    candidates = await _index_job_ids(shard, scan, tenants, now)
-    if candidates is not None:
-        for i in range(0, len(candidates), POINT_GROUP):
-            part = candidates[i : i + POINT_GROUP]
-            status_keys = [keys.job_status(t, j) for t, j in part]
-            raw_status = await _gets(db, status_keys)
-            raw_info = (await _gets(db, [keys.job_info(t, j) for t, j in part]) if need_info
-                        else [None] * len(part))
-            for k, rs, ri in zip(status_keys, raw_status, raw_info, strict=True):
-                if rs is None and ri is None:
-                    continue  # deleted (or never existed)
-                if need_info and ri is None:
-                    continue
-                raw.append((k[1:], rs, ri))
+    raw: list[_Raw] = []
+    limit = ranges.pushable_limit(scan)
+
+    async def confirm(part: list[tuple[str, str]]) -> list[_Raw | None]:
+        return await _candidate_rows(shard, scan, need_info, now, part)
+
+    index = None if scan.ids is not None else ranges.index_ranges(scan, tenants, now)
+    if scan.ids is not None:
+        cands = [(t, i) for t in tenants for i in sorted(scan.ids)]
+        for i in range(0, len(cands), POINT_GROUP):
+            raw += [r for r in await confirm(cands[i : i + POINT_GROUP]) if r is not None]
+    elif index is not None:
+        for rg in index:
+            if limit is not None:
+                raw += await ranges.limited_candidates(shard.db, rg, limit[0], limit[1],
+                                                       confirm)
+                continue
+            async for batch in _rows(shard.db, rg.start, rg.end):
+                got = await confirm([(rg.tenant, rg.decode(r.key)[0]) for r in batch])
+                raw += [r for r in got if r is not None]
     else:
         for t in tenants:
-            suffix = keys.enc_str(t)
-            statuses: dict[bytes, bytes] = {}
-            async for batch in _prefix_rows(db, keys.kind_prefix(keys.JOB_STATUS) + suffix):
-                for r in batch:
-                    statuses[r.key[1:]] = r.value
-            if not need_info:
-                raw += [(k, v, None) for k, v in statuses.items()]
-                continue
-            async for batch in _prefix_rows(db, keys.kind_prefix(keys.JOB_INFO) + suffix):
-                raw += [(r.key[1:], statuses.get(r.key[1:]), r.value) for r in batch]
+            raw += await _tenant_rows(shard, t, need_info, limit[0] if limit else None)
     parts = []
     for i in range(0, len(raw), BUILD_CHUNK):
         parts.append(_build_jobs(shard.id, need, now, raw[i : i + BUILD_CHUNK]))
-        await asyncio.sleep(0)  # let Enqueue/LeaseTasks in between chunks
+        await pace.tick()  # let Enqueue/LeaseTasks in between chunks (pace.py)
     if not parts:
         return _build_jobs(shard.id, need, now, [])
     return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
@@ -343,7 +335,7 @@ async def read_tasks(shard: Shard, scan: Scan) -> pa.Table:
             cols["task_id"].append(task.task_id)
             cols["held_queues"].append(
                 _json.encode([] if refresh else list(task.held_queues)).decode())
-        await asyncio.sleep(0)
+        await pace.tick()
     schema = TABLES["tasks"]
     return pa.table([pa.array(cols[f.name], type=f.type) for f in schema], schema=schema)
 

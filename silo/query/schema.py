@@ -35,8 +35,9 @@ TENANT_COUNTS = pa.schema([
 ])
 
 QUEUE_COUNTS = pa.schema([
-    ("shard_id", _S), ("tenant", _S), ("queue_name", _S), ("holders", pa.uint32()),
-    ("requesters", pa.uint32()), ("max_concurrency", pa.uint32()), ("limit_type", _S),
+    # Counts are Int64 upstream (not UInt32 like the jobs table's attempt numbers).
+    ("shard_id", _S), ("tenant", _S), ("queue_name", _S), ("holders", pa.int64()),
+    ("requesters", pa.int64()), ("max_concurrency", pa.int64()), ("limit_type", _S),
 ])
 
 TABLES: dict[str, pa.Schema] = {

@@ -13,7 +13,7 @@ import pytest
 
 from silo.errors import SiloError
 from silo.observability import metrics
-from silo.query import engine, scan, settings
+from silo.query import engine, ranges, scan, settings
 from silo.query.engine import query_shard
 from silo.shard import cancel, lease, outcome
 from silo.shard.state import Shard, ShardConfig
@@ -179,13 +179,14 @@ def test_every_parameter_type_binds():
 
 def test_indexed_queries_never_scan_the_tenants_jobs(monkeypatch):
     read: list[bytes] = []
-    real = scan._rows
+    real = ranges.rows
 
-    def spy(db, start, end):
+    def spy(db, start, end, *a):
         read.append(start)
-        return real(db, start, end)
+        return real(db, start, end, *a)
 
     monkeypatch.setattr(scan, "_rows", spy)
+    monkeypatch.setattr(ranges, "rows", spy)
     full = {keys.kind_prefix(keys.JOB_INFO) + keys.enc_str("acme"),
             keys.kind_prefix(keys.JOB_STATUS) + keys.enc_str("acme")}
 

@@ -1,0 +1,78 @@
+"""The reading statement's share of the loop (silo.query.pace), on a fake CPU clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+from silo.query import pace
+
+
+def _fake(monkeypatch) -> tuple[list[float], list[float]]:
+    cpu = [100.0]
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(s):
+        slept.append(s)
+        await real_sleep(0)
+
+    monkeypatch.setattr(pace.time, "thread_time", lambda: cpu[0])
+    monkeypatch.setattr(pace.asyncio, "sleep", sleep)
+    return cpu, slept
+
+
+def test_rests_as_long_as_it_worked_after_the_free_allowance(monkeypatch):
+    cpu, slept = _fake(monkeypatch)
+
+    async def main():
+        with pace.paced():
+            cpu[0] += pace.FREE_S * 0.9  # an indexed lookup: never rests
+            await pace.tick()
+            assert slept == []
+            cpu[0] += pace.FREE_S * 0.1 + 0.003  # now 3 ms past the allowance
+            await pace.tick()
+            assert len(slept) == 1
+            assert abs(slept[0] - 0.003 * (1 / pace.LOOP_SHARE - 1)) < 1e-9
+            cpu[0] += pace.BUDGET_S / 2  # under the budget since the rest
+            await pace.tick()
+            assert len(slept) == 1
+            cpu[0] += 1.0  # a long slice: the rest is capped
+            await pace.tick()
+            assert slept[-1] == pace._MAX_REST_S
+        await pace.tick()  # outside a statement: a plain yield
+        assert slept[-1] == 0
+    asyncio.run(main())
+
+
+def test_a_full_scan_rests_on_the_loop(monkeypatch):
+    """A statement reading a whole tenant goes through the pacer between slices."""
+    import uuid
+
+    from silo.query.engine import query_shard
+    from silo.shard import enqueue as enq
+    from silo.shard.state import Shard, ShardConfig
+    from silo.storage.records import JobInfo
+
+    ticks = [0]
+    real = pace.Pacer.tick
+
+    async def counted(self):
+        ticks[0] += 1
+        await real(self)
+
+    monkeypatch.setattr(pace.Pacer, "tick", counted)
+
+    async def main():
+        s = await Shard.open(str(uuid.uuid4()), "", "", "memory:///",
+                             ShardConfig(commit_interval_ms=0, flush_interval_ms=1))
+        try:
+            for i in range(1000):
+                enq._stage(s, JobInfo(f"j{i}", "t", 1, 0, b"\x80", None, {}, [], "g"))
+            await s.committer.commit()
+            await query_shard(s, "SELECT COUNT(*) FROM jobs WHERE tenant = 't' AND "
+                                 "priority >= 0", [])
+        finally:
+            await s.close()
+    asyncio.run(main())
+    # 1000 status rows + 1000 info rows in 128-row slices, then 128-row build chunks
+    assert ticks[0] >= 2 * 1000 // 128 + 1000 // 128
