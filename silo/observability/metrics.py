@@ -352,11 +352,11 @@ def sample_node(node, with_slatedb: bool = True) -> None:
     SHARDS_OPEN.set((), len(node.shards))
     for s in node.shards.values():
         sid = s.id
-        for group, q in s.queues.items():
-            depth = max(0, len(q.heap) - q.stale)
+        for group, buf in s.buffers.items():
+            depth = len(buf.tasks)  # the buffered head; the backlog beyond is in storage
             READY_TASKS.set((sid, group), depth)
             BROKER_BUFFER.set((sid, group), depth)
-        by_group: dict[str, int] = dict.fromkeys(s.queues, 0)
+        by_group: dict[str, int] = dict.fromkeys(s.buffers, 0)
         for lease in s.leases.values():
             g = getattr(lease.task, "task_group", "")
             by_group[g] = by_group.get(g, 0) + 1
