@@ -319,6 +319,7 @@ class Shard:
         self.rate_buckets.clear()
         self.floating.clear()
         self.total_jobs = self.completed_jobs = 0
+        self.scheduled_jobs = 0
         for key in self.tenant_status:
             self._dirty_tenant_status.add(key)
         self.tenant_status = dict.fromkeys(self.tenant_status, 0)
