@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+FIRST_REFILL = 256
+
 
 class ReadyBuffer:
     __slots__ = ("task_group", "prefix", "end", "prefix_len", "size", "tasks", "heap",
@@ -186,7 +188,9 @@ class ReadyBuffer:
 
     async def _scan(self, shard: Shard) -> None:
         start = self.cursor
-        want = self.size
+        # The first refill of a buffer (at open, typically) reads a small head so the
+        # first lease waits for little; the background refill after it reads the rest.
+        want = self.size if self.refills else min(self.size, FIRST_REFILL)
         pending = shard.committer.unapplied()
         self.journal = {}
         try:
