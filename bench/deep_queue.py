@@ -211,7 +211,7 @@ def fill_stream(n: int, target: str, pid: int | None, batch: int = 500, in_fligh
         done = errors = 0
         t0 = time.monotonic()
         cpu0 = common.tree_cpu_s(pid) if pid else None
-        async with SiloClient(target) as c:
+        async with SiloClient(target, topology_refresh_timeout_s=60.0, rpc_timeout_s=120.0) as c:
             left = n
 
             async def one(k: int) -> None:

@@ -31,7 +31,7 @@ def rss_mb() -> float:
     return 0.0
 
 
-async def fill(s: Shard, n: int, chunk: int = 2000) -> None:
+async def fill(s: Shard, n: int, chunk: int = 500) -> None:
     for i in range(0, n, chunk):
         await asyncio.gather(*(enqueue.enqueue(
             s, tenant="-", job_id="", priority=50, start_at_ms=0, retry_policy=None,
@@ -52,7 +52,7 @@ async def probe(s: Shard, n: int = 200) -> float:
 async def main(a: argparse.Namespace) -> None:
     url = f"file://{tempfile.mkdtemp(prefix='silo-deep-shard-')}"
     sid = str(uuid.uuid4())
-    cfg = ShardConfig(ready_buffer_size=a.buffer)
+    cfg = ShardConfig(ready_buffer_size=a.buffer, write_timeout_ms=600_000)
     s = await Shard.open(sid, "", "", url, cfg)
     await fill(s, 1000)
     p50_ref = await probe(s)

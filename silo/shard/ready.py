@@ -45,14 +45,14 @@ def next_due_ms(shard: Shard, task_group: str) -> int | None:
     """Start time of the earliest pending task of the group (None: nothing pending).
 
     The group's ready buffer answers (silo.shard.buffer): its head is the earliest
-    task. An empty buffer that has not seen the end of the group's task rows answers
-    "due now" and starts a refill, so a waiter leases (and waits for that refill) rather
-    than sleeping on work that is still in storage."""
+    task. An empty buffer that has not seen the end of the group's task rows starts a
+    refill in the background and answers None for now: the refill notifies the group's
+    waiters when it brings tasks in, so nobody is woken for work that may not exist
+    (a stream would otherwise take a slot to lease from every shard it has not read)."""
     buf = shard.buffer(task_group)
     t = buf.head_ms()
     if t is None and not buf.complete:
         buf.refill_soon(shard)
-        return 0
     return t
 
 
