@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import statistics
 import tempfile
 import time
@@ -21,6 +23,13 @@ import uuid
 
 from silo.shard import enqueue, lease, outcome
 from silo.shard.state import Shard, ShardConfig
+
+
+def trim() -> None:
+    """Give freed heap back to the OS first (the server does, silo.rpc.memtrim), so RSS
+    counts what is held, not what a fill's transient allocations left behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def rss_mb() -> float:
@@ -56,11 +65,13 @@ async def main(a: argparse.Namespace) -> None:
     s = await Shard.open(sid, "", "", url, cfg)
     await fill(s, 1000)
     p50_ref = await probe(s)
+    trim()
     rss_ref = rss_mb()
     t = time.perf_counter()
     await fill(s, a.jobs - 800)
     fill_s = time.perf_counter() - t
     p50_deep = await probe(s)
+    trim()
     rss_deep = rss_mb()
     await s.close()
     t = time.perf_counter()
@@ -72,7 +83,7 @@ async def main(a: argparse.Namespace) -> None:
     p50_after = await probe(s)
     await s.close()
     print(f"{a.jobs:,} queued (filled in {fill_s:.0f} s); buffer {a.buffer}")
-    print(f"RSS at 1,000 {rss_ref:.0f} MB, at depth {rss_deep:.0f} MB: +{rss_deep - rss_ref:.0f} MB")
+    print(f"RSS (after malloc_trim) at 1,000 {rss_ref:.0f} MB, at depth {rss_deep:.0f} MB: +{rss_deep - rss_ref:.0f} MB")
     print(f"open {opened * 1000:.0f} ms, open -> first task leased {first * 1000:.0f} ms")
     print(f"lease p50 {p50_ref:.2f} ms at 1,000, {p50_deep:.2f} ms at depth "
           f"(x{p50_deep / p50_ref:.2f}), {p50_after:.2f} ms after reopening")
