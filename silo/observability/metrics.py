@@ -352,10 +352,10 @@ def sample_node(node, with_slatedb: bool = True) -> None:
     SHARDS_OPEN.set((), len(node.shards))
     for s in node.shards.values():
         sid = s.id
+        for group, n in s.depth.items():
+            READY_TASKS.set((sid, group), max(0, n))
         for group, buf in s.buffers.items():
-            depth = len(buf.tasks)  # the buffered head; the backlog beyond is in storage
-            READY_TASKS.set((sid, group), depth)
-            BROKER_BUFFER.set((sid, group), depth)
+            BROKER_BUFFER.set((sid, group), len(buf.tasks))  # the head held in memory
         by_group: dict[str, int] = dict.fromkeys(s.buffers, 0)
         for lease in s.leases.values():
             g = getattr(lease.task, "task_group", "")

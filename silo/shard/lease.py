@@ -89,7 +89,9 @@ async def lease_tasks(shard: Shard, worker_id: str, max_tasks: int, task_group: 
     if max_tasks <= 0:
         return []
     buf = shard.buffer(task_group)
-    if not buf.complete and len(buf) < max_tasks:
+    for _ in range(8):  # a buffer smaller than the call: a few refills, then what we have
+        if buf.complete or len(buf) >= max_tasks:
+            break
         await buf.refill(shard)
     now = shard.now()
     refreshes = []
@@ -105,6 +107,7 @@ async def lease_tasks(shard: Shard, worker_id: str, max_tasks: int, task_group: 
             break
         key, task = due[0]
         shard.committer.delete(key)
+        shard.depth[task_group] = shard.depth.get(task_group, 0) - 1
         ref = (task.tenant, task.job_id)
         # The job is Scheduled with this task pending (the row existed): it was only in
         # storage; its status-index row derives from the step's start time.

@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-from slatedb.uniffi import FlushOptions, FlushType
+from slatedb.uniffi import FlushOptions, FlushType, KeyRange
 
 from silo.shard.buffer import ReadyBuffer
 from silo.shard.info_cache import InfoCache
@@ -64,6 +64,7 @@ from silo.storage.records import (
 
 log = logging.getLogger(__name__)
 _MEMTABLE_FLUSH = FlushOptions(flush_type=FlushType.MEM_TABLE)
+_FULL_RANGE = KeyRange(start=None, start_inclusive=True, end=None, end_inclusive=False)
 
 
 def wall_clock_ms() -> int:
@@ -192,6 +193,10 @@ class Shard:
         self.committer.write_timeout_s = config.write_timeout_ms / 1000
         self.active: dict[tuple[str, str], ActiveJob] = {}
         self.buffers: dict[str, ReadyBuffer] = {}
+        # Queue depth per task group (the silo_ready_tasks gauge): the task rows counted
+        # in the background from a snapshot taken at open, plus adds and removes since.
+        self.depth: dict[str, int] = {}
+        self._depth_count: asyncio.Future[None] | None = None
         self.leases: dict[str, Lease] = {}
         self.lease_expiry: list[tuple[int, str]] = []
         self.info_cache = InfoCache(config.info_cache_bytes)
@@ -262,7 +267,10 @@ class Shard:
             from silo.shard.indexes import backfill_if_needed  # noqa: PLC0415 - builds on us
 
             await backfill_if_needed(self)
-        # Pending tasks stay in storage: each group's buffer fills on first use.
+        # Pending tasks stay in storage: each group's buffer fills on first use; the
+        # per-group depth (a metric) is counted from this snapshot in the background.
+        snapshot = await db.scan_prefix(keys.kind_prefix(keys.TASK), _FULL_RANGE)
+        self._depth_count = asyncio.ensure_future(self._count_depth(snapshot))
         for k, v in await scan_prefix(db, keys.kind_prefix(keys.CONCURRENCY_REQUEST)):
             ticket = request_decoder.decode(v)
             self.index_request(k, ticket)
@@ -303,7 +311,24 @@ class Shard:
             (time.perf_counter() - t0) * 1000,
         )
 
+    async def _count_depth(self, it) -> None:
+        try:
+            while rows := await it.next_batch(4096):
+                for r in rows:
+                    self._count_task(r.key, 1)
+                await asyncio.sleep(0)
+        except Exception as exc:  # noqa: BLE001 - a metric only
+            log.debug("shard %s: counting the queue depth stopped: %r", self.id, exc)
+
+    def _count_task(self, key: bytes, n: int) -> None:
+        group, pos = keys.dec_str(key, 1)
+        job_id, _ = keys.dec_str(key, pos + 9)
+        if not job_id.startswith("floating_refresh:"):
+            self.depth[group] = self.depth.get(group, 0) + n
+
     async def close(self) -> None:
+        if self._depth_count is not None:
+            self._depth_count.cancel()
         await self.committer.close()
         # Write the memtable out as an L0 SST, so the next open has no WAL to replay
         # (replaying up to l0_sst_size_bytes of WAL is most of a reopen's time).
@@ -320,6 +345,7 @@ class Shard:
             self.committer.delete(k)
         self.active.clear()
         self.buffers.clear()
+        self.depth.clear()
         self.leases.clear()
         self.lease_expiry.clear()
         self.info_cache.clear()
@@ -372,6 +398,7 @@ class Shard:
 
     def add_task(self, key: bytes, task: Task) -> None:
         self.committer.put(key, encode(task))
+        self._count_task(key, 1)
         self.buffer(task.task_group).add(key, task)
         self.ready.notify(task.task_group)
 
@@ -380,6 +407,7 @@ class Shard:
         (the buffered one, else `task`, what the caller read from storage)."""
         group, _ = keys.dec_str(key, 1)
         self.committer.delete(key)
+        self._count_task(key, -1)
         buffered = self.buffer(group).remove(key)
         task = buffered if buffered is not None else task
         if task is not None:
