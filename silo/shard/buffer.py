@@ -234,7 +234,7 @@ class ReadyBuffer:
             assert last is not None
             self.cursor = last
         self.refills += 1
-        if len(self.tasks) > 2 * self.size:
-            self._trim()
+        # No trim here: a refill runs when the buffer is low or a lease wants more than it
+        # holds, and reads at most `size` rows, so it stays within size + the call's max.
         if added or self.refresh:
             shard.ready.notify(self.task_group)

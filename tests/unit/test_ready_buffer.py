@@ -49,9 +49,9 @@ async def put(s: Shard, job_id: str, start: int = 0, priority: int = 50, group: 
                           task_group=group)
 
 
-def bounded(s: Shard, running: int) -> None:
+def bounded(s: Shard, running: int, max_tasks: int = 6) -> None:
     for b in s.buffers.values():
-        assert len(b.tasks) <= 2 * b.size, (len(b.tasks), b.size)
+        assert len(b.tasks) <= max(2 * b.size, b.size + max_tasks), (len(b.tasks), b.size)
     assert len(s.active) <= running, (len(s.active), running)
 
 
