@@ -190,9 +190,57 @@ def first_lease(target: str, deadline: float, call_timeout: float) -> dict[str, 
     return out
 
 
-def fill(largs_base: list[str], n: int, target: str, server: common.ServerProc, label: str) -> dict[str, Any]:
+def fill(largs_base: list[str], n: int, target: str, server: common.ServerProc, label: str,
+         stream: bool = False) -> dict[str, Any]:
+    if stream:
+        return fill_stream(n, target, server.pid)
     largs = load.parse_args([*largs_base, "--backlog", str(max(1, n))])
     return load.run_scenario("fill", largs, target, server.pid, server, label)
+
+
+def fill_stream(n: int, target: str, pid: int | None, batch: int = 500, in_flight: int = 8
+                ) -> dict[str, Any]:
+    """Pre-fill with the SDK's enqueue_many (EnqueueMany of silostream.v1): the same jobs,
+    each durable before its result, many per call. Honest (every job goes through the
+    server's enqueue path) and several times faster than one Enqueue per job."""
+    import asyncio
+
+    from silo.client import SiloClient
+
+    async def go() -> dict[str, Any]:
+        done = errors = 0
+        t0 = time.monotonic()
+        cpu0 = common.tree_cpu_s(pid) if pid else None
+        async with SiloClient(target, topology_refresh_timeout_s=60.0, rpc_timeout_s=120.0) as c:
+            left = n
+
+            async def one(k: int) -> None:
+                nonlocal done, errors
+                res = await c.enqueue_many([{"payload": {"i": i}, "task_group": load_client.TASK_GROUP}
+                                            for i in range(k)])
+                for r in res:
+                    if isinstance(r, Exception):
+                        errors += 1
+                    else:
+                        done += 1
+
+            while left > 0:
+                ks = []
+                for _ in range(in_flight):
+                    if left <= 0:
+                        break
+                    ks.append(min(batch, left))
+                    left -= ks[-1]
+                await asyncio.gather(*(one(k) for k in ks))
+        wall = time.monotonic() - t0
+        cpu1 = common.tree_cpu_s(pid) if pid else None
+        cpu_us = (round((cpu1 - cpu0) * 1e6 / max(1, done), 1)
+                  if cpu0 is not None and cpu1 is not None else None)
+        return {"filled": done, "fill_s": round(wall, 1), "fill_per_s": round(done / wall, 1),
+                "server_cpu_us_per_enqueue": cpu_us, "error_total": errors,
+                "fill_complete": errors == 0, "via": "EnqueueMany (silostream.v1)"}
+
+    return asyncio.run(go())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -213,6 +261,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--processes", type=int, default=0,
                     help="server worker processes (0 = one per core, at most one per shard)")
     ap.add_argument("--call-timeout", type=float, default=10.0)
+    ap.add_argument("--fill-stream", action="store_true",
+                    help="pre-fill with EnqueueMany (silostream.v1, via the SDK) instead of"
+                         " one Enqueue per job: 1,000,000 in a few minutes")
     ap.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     ap.add_argument("--silo-bin", help="silo executable (default: the one next to this python)")
     ap.add_argument("--server-arg", action="append", default=[], help="extra `silo serve` argument")
@@ -228,6 +279,29 @@ def server_args(a: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(silo_bin=a.silo_bin, flush_interval_ms=a.flush_interval_ms,
                               shards=a.shards, tenants=0, processes=a.processes,
                               server_arg=a.server_arg, keep_data=a.keep_data)
+
+
+def targets(r: dict[str, Any], owner: int | None) -> dict[str, Any]:
+    """Issue 12's three figures for a deep queue, each with its verdict: the deep shard's
+    owner's RSS at depth minus at 1,000 queued (<= 100 MB), restart to first task leased
+    (<= 1 s; also from the ready line, which excludes process start-up), and LeaseTasks
+    p50 at depth / at 1,000 (<= 1.2)."""
+    out: dict[str, Any] = {}
+    if owner is not None and r.get("rss_ref") and r.get("rss_deep"):
+        a = r["rss_ref"][owner + 1]["rss_kb"] or 0
+        b = r["rss_deep"][owner + 1]["rss_kb"] or 0
+        out["rss_growth_mb"] = round((b - a) / 1024, 1)
+        out["rss_ok"] = out["rss_growth_mb"] <= 100
+    rs = r.get("restart") or {}
+    if rs.get("first_task_s") is not None:
+        out["restart_to_first_task_s"] = rs["first_task_s"]
+        out["ready_to_first_task_s"] = round(rs["first_task_s"] - rs["ready_s"], 3)
+        out["restart_ok"] = rs["first_task_s"] <= 1.0
+    g = r.get("lease_growth")
+    if g:
+        out["lease_p50_ratio"] = g["p50_ratio"]
+        out["lease_ok"] = g["p50_ratio"] <= 1.2
+    return out
 
 
 def mb(kb: int | None) -> str:
@@ -281,6 +355,14 @@ def print_report(rep: dict[str, Any]) -> None:
         rows.append(("start -> ready line", load_report.fmt(rs.get("ready_s"), " s")))
         rows.append(("start -> first LeaseTasks OK", load_report.fmt(rs.get("first_ok_s"), " s")))
         rows.append(("start -> first task leased", load_report.fmt(rs.get("first_task_s"), " s")))
+    t = r.get("targets") or {}
+    if t:
+        def ok(k: str) -> str:
+            return "ok" if t.get(k) else "MISSED"
+        rows.append(("TARGET owner RSS, depth - 1,000", f"{t.get('rss_growth_mb')} MB (<= 100: {ok('rss_ok')})"))
+        rows.append(("TARGET restart -> first task", f"{t.get('restart_to_first_task_s')} s (<= 1: "
+                     f"{ok('restart_ok')}; {t.get('ready_to_first_task_s')} s after the ready line)"))
+        rows.append(("TARGET LeaseTasks p50 depth / 1,000", f"x{t.get('lease_p50_ratio')} (<= 1.2: {ok('lease_ok')})"))
     if r.get("fatal"):
         rows.append(("FAILED", r["fatal"]))
     rows.append(("server exit code", str(r.get("server_exit_code"))))
@@ -302,7 +384,8 @@ def run(a: argparse.Namespace, rep: dict[str, Any]) -> None:
         assert pid is not None
         print(f"[deep] server pid {pid} on {target}", file=sys.stderr, flush=True)
 
-        r["fill_ref"] = f1 = fill(largs_base, REF_DEPTH, target, server, "deep fill 1k")
+        r["fill_ref"] = f1 = fill(largs_base, REF_DEPTH, target, server, "deep fill 1k",
+                                  a.fill_stream)
         if "fatal" in f1 or not f1.get("fill_complete"):
             raise RuntimeError(f"pre-fill to {REF_DEPTH:,} failed: {f1.get('fatal') or f1.get('errors')}")
         r["settle_ref_s"] = settle(pid)
@@ -312,7 +395,8 @@ def run(a: argparse.Namespace, rep: dict[str, Any]) -> None:
         queued = r["depth_ref"] - p1["reported"]
         r["rss_ref"] = server_rss(pid)
 
-        r["fill_deep"] = f2 = fill(largs_base, a.jobs - queued, target, server, "deep fill")
+        r["fill_deep"] = f2 = fill(largs_base, a.jobs - queued, target, server, "deep fill",
+                                   a.fill_stream)
         rows = [x["enq_per_s"] for x in f2.get("progress", []) if x["phase"] == "fill"]
         if len(rows) >= 20:
             r["fill_rate_first_last_10s"] = [round(sum(rows[:10]) / 10, 1), round(sum(rows[-10:]) / 10, 1)]
@@ -363,6 +447,7 @@ def run(a: argparse.Namespace, rep: dict[str, Any]) -> None:
         r["depth_restarted"] = queued
         r["probe_restarted"] = probe(target, a.samples, pid, a.call_timeout)
         r["rss_restarted"] = server_rss(pid, owner)  # the same shard map: the same worker index
+        r["targets"] = targets(r, owner)
     except KeyboardInterrupt:
         raise
     except Exception as e:

@@ -64,6 +64,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     shards: int = 8
     tenancy: bool = False
     lease_ms: int = 10_000
+    ready_buffer_size: int = 4096
     reaper_interval_ms: int = 1000
     completed_job_expire_s: int = 0
     terminal_job_expire_s: int = 0
@@ -298,6 +299,13 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("tenancy", "tenancy.enabled", _bool, "tenants required and range-checked"),
     Option("lease_ms", "jobs.lease_ms", _int(1000, 3_600_000), "task lease duration", "MS"),
+    Option(
+        "ready_buffer_size",
+        "jobs.ready_buffer_size",
+        _int(16, 1_000_000),
+        "pending tasks held in memory per (shard, task group); the rest stay in storage",
+        "N",
+    ),
     Option(
         "reaper_interval_ms",
         "jobs.reaper_interval_ms",

@@ -40,7 +40,7 @@ def shard_opened(shard, seconds: float) -> None:
     metrics.SHARD_OPEN_SECONDS.set((shard.id,), seconds)
     emit("shard_opened", shard=shard.id, duration_ms=round(seconds * 1000, 1),
          total_jobs=shard.total_jobs, completed_jobs=shard.completed_jobs,
-         pending_tasks=len(shard.tasks), leases=len(shard.leases))
+         pending_tasks=shard.scheduled_jobs, leases=len(shard.leases))
 
 
 def shard_closed(shard_id: str, seconds: float) -> None:

@@ -352,11 +352,11 @@ def sample_node(node, with_slatedb: bool = True) -> None:
     SHARDS_OPEN.set((), len(node.shards))
     for s in node.shards.values():
         sid = s.id
-        for group, q in s.queues.items():
-            depth = max(0, len(q.heap) - q.stale)
-            READY_TASKS.set((sid, group), depth)
-            BROKER_BUFFER.set((sid, group), depth)
-        by_group: dict[str, int] = dict.fromkeys(s.queues, 0)
+        for group, n in s.depth.items():
+            READY_TASKS.set((sid, group), max(0, n))
+        for group, buf in s.buffers.items():
+            BROKER_BUFFER.set((sid, group), len(buf.tasks))  # the head held in memory
+        by_group: dict[str, int] = dict.fromkeys(s.buffers, 0)
         for lease in s.leases.values():
             g = getattr(lease.task, "task_group", "")
             by_group[g] = by_group.get(g, 0) + 1

@@ -44,6 +44,7 @@ from silo.storage.records import (
     decode_i64,
     job_info_decoder,
     job_status_decoder,
+    task_decoder,
 )
 
 SLICE = ranges.SLICE
@@ -295,7 +296,7 @@ def _build_jobs(shard_id: str, need: set[str], now: int,
     return rows.table()
 
 
-# ---- tasks, queues and counts (from memory, plus the holder rows) ------------------
+# ---- tasks (from storage), queues and counts (from memory, plus the holder rows) --
 
 
 def _variant(task) -> str:
@@ -309,33 +310,31 @@ def _variant(task) -> str:
 
 
 async def read_tasks(shard: Shard, scan: Scan) -> pa.Table:
-    if scan.task_groups is not None:
-        items = []
-        for g in sorted(scan.task_groups):
-            for q in (shard.queues.get(g), shard.refresh_queues.get(g)):
-                if q is not None:
-                    items += [(k, shard.tasks[k]) for k in set(q.heap) if k in shard.tasks]
-    else:
-        items = list(shard.tasks.items())
+    """The pending task rows (0x05), read from storage: the backlog is not in memory."""
+    prefixes = ([keys.task_group_prefix(g) for g in sorted(scan.task_groups)]
+                if scan.task_groups is not None else [keys.kind_prefix(keys.TASK)])
     cols: dict[str, list] = {n: [] for n in TABLES["tasks"].names}
-    for i in range(0, len(items), SLICE):
-        for k, task in items[i : i + SLICE]:
-            group, start, priority, job_id, attempt, tenant = keys.decode_task(k)
-            if scan.tenants is not None and task.tenant not in scan.tenants:
-                continue
-            refresh = isinstance(task, RefreshFloatingLimit)
-            cols["shard_id"].append(shard.id)
-            cols["tenant"].append(task.tenant)
-            cols["task_group"].append(group)
-            cols["start_time_ms"].append(start)
-            cols["priority"].append(priority)
-            cols["job_id"].append(None if refresh else job_id)
-            cols["attempt"].append(None if refresh else attempt)
-            cols["variant_type"].append(_variant(task))
-            cols["task_id"].append(task.task_id)
-            cols["held_queues"].append(
-                _json.encode([] if refresh else list(task.held_queues)).decode())
-        await pace.tick()
+    for prefix in prefixes:
+        async for batch in _prefix_rows(shard.db, prefix):
+            for r in batch:
+                k = r.key
+                task = task_decoder.decode(r.value)
+                group, start, priority, job_id, attempt, tenant = keys.decode_task(k)
+                if scan.tenants is not None and task.tenant not in scan.tenants:
+                    continue
+                refresh = isinstance(task, RefreshFloatingLimit)
+                cols["shard_id"].append(shard.id)
+                cols["tenant"].append(task.tenant)
+                cols["task_group"].append(group)
+                cols["start_time_ms"].append(start)
+                cols["priority"].append(priority)
+                cols["job_id"].append(None if refresh else job_id)
+                cols["attempt"].append(None if refresh else attempt)
+                cols["variant_type"].append(_variant(task))
+                cols["task_id"].append(task.task_id)
+                cols["held_queues"].append(
+                    _json.encode([] if refresh else list(task.held_queues)).decode())
+            await pace.tick()
     schema = TABLES["tasks"]
     return pa.table([pa.array(cols[f.name], type=f.type) for f in schema], schema=schema)
 

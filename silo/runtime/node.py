@@ -111,12 +111,12 @@ class Node:
     def publish(self, shard: Shard) -> None:
         """Tell the other processes how many tasks this shard has pending."""
         if self.counts is not None:
-            _COUNT.pack_into(self.counts, self.slot[shard.id] * 8, len(shard.tasks))
+            _COUNT.pack_into(self.counts, self.slot[shard.id] * 8, shard.pending_hint())
 
     def pending(self, shard_id: str) -> int:
         if self.counts is None:
             s = self.shards.get(shard_id)
-            return len(s.tasks) if s is not None else 0
+            return s.pending_hint() if s is not None else 0
         return _COUNT.unpack_from(self.counts, self.slot[shard_id] * 8)[0]
 
     def processes_with_work(self) -> dict[int, int]:

@@ -5,7 +5,12 @@ from __future__ import annotations
 from silo import errors
 from silo.shard.state import Shard
 from silo.storage import keys
-from silo.storage.records import STATUS_NAMES, job_info_decoder, job_status_decoder
+from silo.storage.records import (
+    STATUS_NAMES,
+    TERMINAL,
+    job_info_decoder,
+    job_status_decoder,
+)
 
 
 async def delete_job(shard: Shard, tenant: str, job_id: str) -> None:
@@ -28,6 +33,10 @@ async def stage_delete(shard: Shard, tenant: str, job_id: str) -> None:
         return  # idempotent: nothing to delete
     status = job_status_decoder.decode(raw) if raw is not None else None
     status_kind = status.kind if status is not None else None
+    if status_kind is not None and status_kind not in TERMINAL:  # queued, only in storage
+        raise errors.precondition(
+            f"cannot delete job {job_id}: job is currently running or has pending requests"
+            f" (status: {STATUS_NAMES[status_kind]})")
     metadata = job_info_decoder.decode(raw_info).metadata if raw_info is not None else {}
     attempts = await shard.committer.scan_prefix(keys.attempts_prefix(tenant, job_id))
     for k, _ in attempts:

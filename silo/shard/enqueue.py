@@ -80,5 +80,6 @@ def _stage(shard: Shard, info: JobInfo) -> None:
                               relative=1,
                               task_group=group, priority=info.priority, start_ms=start,
                               limits=info.limits, now=now)
+    shard.settle(tenant, job_id, job)
     shard.count_status(tenant, None, SCHEDULED)
     shard.count_jobs(total=1)

@@ -41,5 +41,6 @@ async def give_back(shard: Shard, worker_id: str, task_id: str) -> None:
     job.task_key = key
     shard.put_status(tenant, job_id, JobStatus(SCHEDULED, now, start, task.attempt,
                                                last_attempt=task.attempt - 1))
+    shard.settle(tenant, job_id, job)
     shard.count_status(tenant, RUNNING, SCHEDULED)
     await shard.committer.commit()

@@ -24,6 +24,7 @@ from typing import NamedTuple
 from silo import errors
 from silo.ids import new_id
 from silo.shard import limits as limit_chain
+from silo.shard import pending
 from silo.shard.state import ActiveJob, Shard
 from silo.storage import keys
 from silo.storage.records import (
@@ -191,14 +192,16 @@ async def _reimport(shard: Shard, tenant: str, job: ImportJob, info: JobInfo) ->
     if raw_status is None:
         raise errors.job_not_found()
     old = job_status_decoder.decode(raw_status)
+    rows = await shard.committer.scan_prefix(keys.attempts_prefix(tenant, job_id))
     active = shard.active.get((tenant, job_id))
+    if active is None and old.kind == SCHEDULED:  # queued: its task is only in storage
+        active, _ = await pending.load(shard, tenant, job_id)  # the last await here
     old_kind = active.kind if active is not None else old.kind
     name = STATUS_NAMES[old_kind]
     if old_kind == RUNNING:
         raise errors.cannot("reimport", job_id, "job is currently running", name)
     if old_kind == SUCCEEDED:
         raise errors.cannot("reimport", job_id, "job already succeeded", name)
-    rows = await shard.committer.scan_prefix(keys.attempts_prefix(tenant, job_id))
     stored = [attempt_decoder.decode(v) for _, v in rows]
     for i, a in enumerate(stored):
         if a.status not in _TERMINAL_ATTEMPTS:
@@ -226,7 +229,7 @@ async def _reimport(shard: Shard, tenant: str, job: ImportJob, info: JobInfo) ->
     shard.committer.put(keys.job_info(tenant, job_id), encode(info))
     if active is not None:  # Scheduled: its pending task, slots and parked request go
         limit_chain.abandon_pending(shard, tenant, active, now)
-        del shard.active[(tenant, job_id)]
+        shard.active.pop((tenant, job_id), None)
     shard.info_cache.discard(tenant, job_id)
     shard.committer.delete(keys.cancellation(tenant, job_id))
     _enter(shard, tenant, info, status, now, old)
@@ -253,3 +256,4 @@ def _enter(shard: Shard, tenant: str, info: JobInfo, status: JobStatus, now: int
                               task_group=info.task_group, priority=info.priority,
                               start_ms=status.next_attempt_starts_after_ms,
                               limits=info.limits, now=now)
+    shard.settle(tenant, info.id, job)

@@ -6,7 +6,7 @@ job info (0x01) rows, in batches so a large shard does not build one huge write,
 records `layout_version = 2` in the batch of the last rows: a crash mid-way redoes the
 backfill from the start, which only rewrites the same empty rows.
 
-Active jobs remember their current 0x03 row (ActiveJob.index_key) so that a
+Jobs in memory remember their current 0x03 row (ActiveJob.index_key) so that a
 transition deletes it without a read; at open it is loaded from the index itself.
 """
 
@@ -21,7 +21,6 @@ from slatedb.uniffi import KeyRange
 from silo.storage import keys
 from silo.storage.records import (
     RUNNING,
-    SCHEDULED,
     STATUS_NAMES,
     decode_i64,
     encode_i64,
@@ -95,12 +94,14 @@ async def backfill_if_needed(shard: Shard) -> int:
 
 
 async def load_index_keys(shard: Shard) -> None:
-    """Point every active job at its current 0x03 row (read from the index)."""
+    """Point every running job at its current 0x03 row (read from the index: the Running
+    rows only, so the cost is bounded by what runs; a parked job's row is derived from
+    its request, a queued job's from its task when it is leased)."""
     tenants = {t for (t, s), n in shard.tenant_status.items()
-               if n > 0 and s in (STATUS_NAMES[SCHEDULED], STATUS_NAMES[RUNNING])}
+               if n > 0 and s == STATUS_NAMES[RUNNING]}
     active = shard.active
     for tenant in sorted(tenants):
-        for status in (SCHEDULED, RUNNING):
+        for status in (RUNNING,):
             prefix = keys.status_index_prefix(tenant, STATUS_NAMES[status])
             async for rows in _scan_batches(shard.db, prefix):
                 for r in rows:

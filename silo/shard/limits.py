@@ -229,6 +229,7 @@ def grant(shard: Shard, tenant: str, queue: str, now: int) -> int:
                  ticket.limit_index + 1, now)
         except Exception as exc:  # one broken waiter must not stop the others' grants
             fail_broken_chain(shard, job, ticket, now, exc, granting=queue)
+        shard.settle(tenant, ticket.job_id, job)
     if not q.waiting and not q.holders and shard.conc.get((tenant, queue)) is q:
         del shard.conc[(tenant, queue)]
     if granted:
@@ -370,10 +371,13 @@ def check_rate_limit(shard: Shard, job: ActiveJob, step, now: int) -> None:
     at = ratelimit.next_check_ms(policy, step.retry_count, decision.reset_ms, now)
     chain = Chain.of(step)
     nxt = chain.rate_check(step.limit_index, step.retry_count + 1)
-    # Re-queued at the retry time; the chain's own start time is kept inside it.
+    # Re-queued at the retry time; the chain's own start time is kept inside it, and a
+    # pointer row names the key (silo.shard.pending finds it from the job).
     key = keys.task(chain.task_group, at, chain.priority, chain.job_id,
                     chain.attempt, chain.tenant)
     shard.add_task(key, nxt)
+    if at != chain.start_ms:
+        shard.committer.put(keys.pending_pointer(chain.tenant, chain.job_id), key)
     job.task_key = key
 
 
@@ -384,7 +388,7 @@ def _fail_rate_limited(shard: Shard, job: ActiveJob, step, now: int) -> None:
                                       step.task_id, ATTEMPT_FAILED, now, now, None,
                                       RATE_LIMITED, encode(text)))
     shard.put_status(tenant, job_id, JobStatus(FAILED, now, last_attempt=step.attempt))
-    del shard.active[(tenant, job_id)]
+    shard.active.pop((tenant, job_id), None)
     shard.info_cache.discard(tenant, job_id)
     shard.count_status(tenant, SCHEDULED, FAILED)
     shard.count_jobs(completed=1)
@@ -407,7 +411,7 @@ def fail_broken_chain(shard: Shard, job: ActiveJob, step, now: int, exc: BaseExc
     if shard.leases.get(task_id) is not None:
         shard.drop_lease(task_id)
     if job.task_key is not None:
-        shard.remove_task(job.task_key)
+        shard.remove_task(job.task_key, job.task)
         job.task_key = None
     if job.request_key is not None:
         unpark(shard, job.request_key)
@@ -450,7 +454,7 @@ def abandon_pending(shard: Shard, tenant: str, job: ActiveJob, now: int) -> list
         if ticket is not None:
             held, task_id = list(ticket.held_queues), ticket.task_id
     elif job.task_key is not None:
-        task = shard.remove_task(job.task_key)
+        task = shard.remove_task(job.task_key, job.task)
         job.task_key = None
         if task is not None:
             held, task_id = list(getattr(task, "held_queues", [])), task.task_id

@@ -128,6 +128,7 @@ def _schedule_retry(shard: Shard, job: ActiveJob, task: RunAttempt, info: JobInf
                          limits=info.limits, now=now, retry=True)
     shard.put_status(task.tenant, task.job_id, JobStatus(
         SCHEDULED, now, next_ms, task.attempt + 1, last_attempt=task.attempt))
+    shard.settle(task.tenant, task.job_id, job)
     shard.count_status(task.tenant, RUNNING, SCHEDULED)
 
 

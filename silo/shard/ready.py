@@ -1,7 +1,8 @@
 """Wake-ups for push subscribers: "a task was added to task group G's ready queue".
 
-The shard calls `notify` whenever it indexes a pending task (enqueue, a concurrency
-grant, a retry, an expired lease's retry, a refresh task), so a worker stream waiting
+The shard calls `notify` whenever it adds a pending task (enqueue, a concurrency
+grant, a retry, an expired lease's retry, a refresh task) and when a ready buffer's
+refill brings tasks in from storage, so a worker stream waiting
 for work wakes at once instead of polling. A waiter is one future shared by all the
 shards it watches; it is dropped from every shard when it wakes. With no waiter,
 `notify` costs one dict lookup.
@@ -11,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from typing import TYPE_CHECKING
-
-from silo.storage import keys
 
 if TYPE_CHECKING:
     from silo.shard.state import Shard
@@ -45,15 +44,16 @@ class ReadySignal:
 def next_due_ms(shard: Shard, task_group: str) -> int | None:
     """Start time of the earliest pending task of the group (None: nothing pending).
 
-    A removed task still on the heap counts as due: leasing skips it, so waking for it
-    costs one empty lease and clears it."""
-    best = None
-    for q in (shard.queues.get(task_group), shard.refresh_queues.get(task_group)):
-        if q is not None and q.heap:
-            t = keys.task_start_ms(q.heap[0], q.prefix_len)
-            if best is None or t < best:
-                best = t
-    return best
+    The group's ready buffer answers (silo.shard.buffer): its head is the earliest
+    task. An empty buffer that has not seen the end of the group's task rows starts a
+    refill in the background and answers None for now: the refill notifies the group's
+    waiters when it brings tasks in, so nobody is woken for work that may not exist
+    (a stream would otherwise take a slot to lease from every shard it has not read)."""
+    buf = shard.buffer(task_group)
+    t = buf.head_ms()
+    if t is None and not buf.complete:
+        buf.refill_soon(shard)
+    return t
 
 
 def due_now(shard: Shard, task_group: str) -> bool:

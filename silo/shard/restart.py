@@ -56,6 +56,7 @@ async def restart_job(shard: Shard, tenant: str, job_id: str) -> None:
         shard.put_status(tenant, job_id, JobStatus(SCHEDULED, now, start, attempt,
                                                    last_attempt=status.last_attempt),
                          old=status)
+        shard.settle(tenant, job_id, job)
         shard.count_status(tenant, status.kind, SCHEDULED)
         shard.count_jobs(completed=-1)
     await shard.committer.commit()

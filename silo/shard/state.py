@@ -7,12 +7,16 @@ operations themselves live one per module beside this one (enqueue, lease, outco
 this module only holds the state they share and the primitives that keep memory and
 storage in step.
 
-In memory, for jobs that are not terminal:
-* `active`: (tenant, job_id) → ActiveJob (Scheduled with its pending task key, or Running
-  with its lease's task id, plus a cancellation request if any);
-* `tasks` + `queues`: the pending tasks and, per task group, a heap of their keys (the key
-  bytes sort in ready order), so leasing never scans the database;
-* `leases` + an expiry heap for the reaper.
+In memory, bounded by what is running rather than by what is queued:
+* `active`: (tenant, job_id) → ActiveJob for Running jobs (the lease's task id and a
+  cancellation request if any) and for Scheduled jobs parked as concurrency waiters;
+  a job whose pending step is a task row is only in storage (silo.shard.pending reads
+  it back when an operation needs it);
+* `buffers`: per task group, a bounded buffer of the earliest pending task keys,
+  refilled by scanning the task rows in order (silo.shard.buffer), so leasing reads
+  memory and the backlog stays in storage;
+* `leases` + an expiry heap for the reaper; concurrency holders, parked waiters,
+  floating-limit and rate-limit state.
 Terminal jobs are only in the database. Counters are kept in memory and written as
 absolute values with each batch.
 """
@@ -26,6 +30,9 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
+from slatedb.uniffi import FlushOptions, FlushType, KeyRange
+
+from silo.shard.buffer import ReadyBuffer
 from silo.shard.info_cache import InfoCache
 from silo.shard.ready import ReadySignal
 from silo.storage import keys
@@ -37,11 +44,11 @@ from silo.storage.records import (
     SUCCEEDED,
     TERMINAL,
     Attempt,
+    CheckRateLimit,
     FloatingLimitState,
     JobStatus,
     Lease,
     RateLimitState,
-    RefreshFloatingLimit,
     RequestTicket,
     RunAttempt,
     Task,
@@ -53,10 +60,11 @@ from silo.storage.records import (
     lease_decoder,
     rate_state_decoder,
     request_decoder,
-    task_decoder,
 )
 
 log = logging.getLogger(__name__)
+_MEMTABLE_FLUSH = FlushOptions(flush_type=FlushType.MEM_TABLE)
+_FULL_RANGE = KeyRange(start=None, start_inclusive=True, end=None, end_inclusive=False)
 
 
 def wall_clock_ms() -> int:
@@ -65,6 +73,13 @@ def wall_clock_ms() -> int:
 
 _STATUS_KEY_PART = {kind: keys.enc_str(name) for kind, name in STATUS_NAMES.items()}
 _U64_MAX = (1 << 64) - 1
+
+
+def scheduled_index_key(tenant: str, job_id: str, start_ms: int) -> bytes:
+    """The 0x03 row of a Scheduled job whose pending step starts at start_ms (the status'
+    next-attempt time, which every pending step carries: a task key's start time, or a
+    chain step's start_ms)."""
+    return status_index_key(tenant, job_id, JobStatus(SCHEDULED, 0, start_ms))
 
 
 def status_index_key(tenant: str, job_id: str, status: JobStatus) -> bytes:
@@ -81,7 +96,8 @@ def status_index_key(tenant: str, job_id: str, status: JobStatus) -> bytes:
 class ActiveJob:
     """A job that is Scheduled (with a pending task) or Running (with a lease)."""
 
-    __slots__ = ("kind", "task_key", "task_id", "request_key", "cancelled_at_ms", "index_key")
+    __slots__ = ("kind", "task_key", "task_id", "request_key", "cancelled_at_ms", "index_key",
+                 "task")
 
     def __init__(self, kind: int, task_key: bytes | None = None, task_id: str | None = None,
                  request_key: bytes | None = None):
@@ -93,6 +109,8 @@ class ActiveJob:
         # The job's current status-index row (0x03), so a transition deletes it without
         # reading the old status back from storage.
         self.index_key: bytes | None = None
+        # The pending task's value when it was read from storage (silo.shard.pending).
+        self.task: Task | None = None
 
 
 class ConcurrencyQueue:
@@ -105,31 +123,11 @@ class ConcurrencyQueue:
         self.waiting: list[bytes] = []  # heap of request keys
 
 
-class ReadyQueue:
-    """The pending tasks of one task group, as a heap of task keys (ready order)."""
-
-    __slots__ = ("prefix_len", "heap", "stale")
-
-    def __init__(self, task_group: str) -> None:
-        self.prefix_len = len(keys.task_group_prefix(task_group))
-        self.heap: list[bytes] = []
-        self.stale = 0  # entries whose task was removed (skipped when popped)
-
-    def forget(self, live: dict[bytes, Task]) -> None:
-        """Count one removed entry; rebuild the heap once most of it is dead, so many
-        cancelled far-future tasks cannot pile up until their start time."""
-        self.stale += 1
-        if self.stale > 1024 and self.stale * 2 > len(self.heap):
-            self.heap = [k for k in self.heap if k in live]
-            heapq.heapify(self.heap)
-            self.stale = 0
-
-
 class ShardConfig:
     __slots__ = ("lease_ms", "flush_interval_ms", "commit_interval_ms", "l0_sst_size_bytes",
                  "info_cache_bytes", "flush_on_commit", "write_timeout_ms",
                  "completed_job_expire_ms", "terminal_job_expire_ms", "slatedb",
-                 "l0_flush_interval_s")
+                 "l0_flush_interval_s", "ready_buffer_size")
 
     def __init__(
         self,
@@ -145,6 +143,7 @@ class ShardConfig:
         terminal_job_expire_ms: int = 0,
         slatedb: dict[str, object] | None = None,
         l0_flush_interval_s: float = 0,
+        ready_buffer_size: int = 4096,
     ) -> None:
         self.lease_ms = lease_ms
         self.flush_interval_ms = flush_interval_ms
@@ -159,6 +158,8 @@ class ShardConfig:
         # Compactor / garbage collector settings (silo.storage.slatedb_settings).
         self.slatedb = slatedb or {}
         self.l0_flush_interval_s = l0_flush_interval_s  # 0: only when SlateDB decides
+        # Pending tasks held in memory per task group (silo.shard.buffer).
+        self.ready_buffer_size = ready_buffer_size
 
     def expire_ms(self, kind: int) -> int:
         """How long a job that ended with status `kind` is kept (0: forever)."""
@@ -191,9 +192,11 @@ class Shard:
         self.committer.flush_on_commit = config.flush_on_commit
         self.committer.write_timeout_s = config.write_timeout_ms / 1000
         self.active: dict[tuple[str, str], ActiveJob] = {}
-        self.tasks: dict[bytes, Task] = {}
-        self.queues: dict[str, ReadyQueue] = {}
-        self.refresh_queues: dict[str, ReadyQueue] = {}
+        self.buffers: dict[str, ReadyBuffer] = {}
+        # Queue depth per task group (the silo_ready_tasks gauge): the task rows counted
+        # in the background from a snapshot taken at open, plus adds and removes since.
+        self.depth: dict[str, int] = {}
+        self._depth_count: asyncio.Future[None] | None = None
         self.leases: dict[str, Lease] = {}
         self.lease_expiry: list[tuple[int, str]] = []
         self.info_cache = InfoCache(config.info_cache_bytes)
@@ -204,6 +207,7 @@ class Shard:
         self.total_jobs = 0
         self.completed_jobs = 0
         self.tenant_status: dict[tuple[str, str], int] = {}
+        self.scheduled_jobs = 0  # Scheduled jobs of every tenant (a pending-work hint)
         self.created_at_ms = 0
         self._dirty_shard_counters = False
         self._dirty_tenant_status: set[tuple[str, str]] = set()
@@ -249,6 +253,8 @@ class Shard:
                 self.completed_jobs = decode_i64(v)
         for k, v in await scan_prefix(db, keys.kind_prefix(keys.TENANT_STATUS_COUNTER)):
             self.tenant_status[keys.decode_tenant_status_counter(k)] = decode_i64(v)
+        self.scheduled_jobs = sum(n for (_, st), n in self.tenant_status.items()
+                                  if st == STATUS_NAMES[SCHEDULED])
         created = await db.get(keys.shard_meta("created_at_ms"))
         if created is None:
             self.created_at_ms = self.clock()
@@ -261,17 +267,16 @@ class Shard:
             from silo.shard.indexes import backfill_if_needed  # noqa: PLC0415 - builds on us
 
             await backfill_if_needed(self)
-        n_tasks = 0
-        for k, v in await scan_prefix(db, keys.kind_prefix(keys.TASK)):
-            task = task_decoder.decode(v)
-            self._index_task(k, task)
-            if not isinstance(task, RefreshFloatingLimit):
-                self.active[(task.tenant, task.job_id)] = ActiveJob(SCHEDULED, task_key=k)
-            n_tasks += 1
+        # Pending tasks stay in storage: each group's buffer fills on first use; the
+        # per-group depth (a metric) is counted from this snapshot in the background.
+        snapshot = await db.scan_prefix(keys.kind_prefix(keys.TASK), _FULL_RANGE)
+        self._depth_count = asyncio.ensure_future(self._count_depth(snapshot))
         for k, v in await scan_prefix(db, keys.kind_prefix(keys.CONCURRENCY_REQUEST)):
             ticket = request_decoder.decode(v)
             self.index_request(k, ticket)
-            self.active[(ticket.tenant, ticket.job_id)] = ActiveJob(SCHEDULED, request_key=k)
+            job = ActiveJob(SCHEDULED, request_key=k)
+            job.index_key = scheduled_index_key(ticket.tenant, ticket.job_id, ticket.start_ms)
+            self.active[(ticket.tenant, ticket.job_id)] = job
         for k, _ in await scan_prefix(db, keys.kind_prefix(keys.CONCURRENCY_HOLDER)):
             tenant, queue, task_id = keys.decode_concurrency_holder(k)
             self.concurrency_queue(tenant, queue).holders.add(task_id)
@@ -298,16 +303,39 @@ class Shard:
 
         await load_index_keys(self)
         log.debug(
-            "shard %s opened: %d pending tasks, %d leases, %d jobs (%.0f ms)",
+            "shard %s opened: %d scheduled jobs, %d leases, %d jobs (%.0f ms)",
             self.id,
-            n_tasks,
+            self.scheduled_jobs,
             len(self.leases),
             self.total_jobs,
             (time.perf_counter() - t0) * 1000,
         )
 
+    async def _count_depth(self, it) -> None:
+        try:
+            while rows := await it.next_batch(4096):
+                for r in rows:
+                    self._count_task(r.key, 1)
+                await asyncio.sleep(0)
+        except Exception as exc:  # noqa: BLE001 - a metric only
+            log.debug("shard %s: counting the queue depth stopped: %r", self.id, exc)
+
+    def _count_task(self, key: bytes, n: int) -> None:
+        group, pos = keys.dec_str(key, 1)
+        job_id, _ = keys.dec_str(key, pos + 9)
+        if not job_id.startswith("floating_refresh:"):
+            self.depth[group] = self.depth.get(group, 0) + n
+
     async def close(self) -> None:
+        if self._depth_count is not None:
+            self._depth_count.cancel()
         await self.committer.close()
+        # Write the memtable out as an L0 SST, so the next open has no WAL to replay
+        # (replaying up to l0_sst_size_bytes of WAL is most of a reopen's time).
+        try:
+            await self.db.flush_with_options(_MEMTABLE_FLUSH)
+        except Exception as exc:  # noqa: BLE001 - a failed flush only costs the next open
+            log.warning("shard %s: memtable flush at close failed: %r", self.id, exc)
         await self.db.shutdown()
 
     async def wipe(self) -> int:
@@ -316,9 +344,8 @@ class Shard:
         for k, _ in rows:
             self.committer.delete(k)
         self.active.clear()
-        self.tasks.clear()
-        self.queues.clear()
-        self.refresh_queues.clear()
+        self.buffers.clear()
+        self.depth.clear()
         self.leases.clear()
         self.lease_expiry.clear()
         self.info_cache.clear()
@@ -327,6 +354,7 @@ class Shard:
         self.rate_buckets.clear()
         self.floating.clear()
         self.total_jobs = self.completed_jobs = 0
+        self.scheduled_jobs = 0
         for key in self.tenant_status:
             self._dirty_tenant_status.add(key)
         self.tenant_status = dict.fromkeys(self.tenant_status, 0)
@@ -340,15 +368,23 @@ class Shard:
 
     # ---- staging primitives (synchronous) -------------------------------------
 
-    def _index_task(self, key: bytes, task: Task) -> None:
-        self.tasks[key] = task
-        # Refresh tasks wait in their own heap so a full LeaseTasks still hands them out.
-        queues = self.refresh_queues if isinstance(task, RefreshFloatingLimit) else self.queues
-        q = queues.get(task.task_group)
-        if q is None:
-            q = queues[task.task_group] = ReadyQueue(task.task_group)
-        heapq.heappush(q.heap, key)
-        self.ready.notify(task.task_group)
+    def buffer(self, task_group: str) -> ReadyBuffer:
+        """The ready buffer of a task group (created empty; it fills from storage)."""
+        b = self.buffers.get(task_group)
+        if b is None:
+            b = self.buffers[task_group] = ReadyBuffer(task_group, self.config.ready_buffer_size)
+        return b
+
+    def pending_hint(self) -> int:
+        """Roughly how much work is pending here (for spreading LeaseTasks over processes)."""
+        return self.scheduled_jobs + sum(len(b.refresh) for b in self.buffers.values())
+
+    def settle(self, tenant: str, job_id: str, job: ActiveJob) -> None:
+        """After a step of the limit chain: a Scheduled job whose pending step is a task
+        row leaves memory (it is read back from storage when needed); a parked one stays."""
+        if (job.kind == SCHEDULED and job.request_key is None
+                and self.active.get((tenant, job_id)) is job):
+            del self.active[(tenant, job_id)]
 
     def concurrency_queue(self, tenant: str, queue: str) -> ConcurrencyQueue:
         q = self.conc.get((tenant, queue))
@@ -362,19 +398,27 @@ class Shard:
 
     def add_task(self, key: bytes, task: Task) -> None:
         self.committer.put(key, encode(task))
-        self._index_task(key, task)
+        self._count_task(key, 1)
+        self.buffer(task.task_group).add(key, task)
+        self.ready.notify(task.task_group)
 
-    def remove_task(self, key: bytes) -> Task | None:
-        """Drop a pending task; its heap entry is skipped when popped (or compacted)."""
-        task = self.tasks.pop(key, None)
+    def remove_task(self, key: bytes, task: Task | None = None) -> Task | None:
+        """Drop a pending task from storage and from its group's buffer; returns the task
+        (the buffered one, else `task`, what the caller read from storage)."""
+        group, _ = keys.dec_str(key, 1)
         self.committer.delete(key)
+        self._count_task(key, -1)
+        buffered = self.buffer(group).remove(key)
+        task = buffered if buffered is not None else task
         if task is not None:
-            queues = (self.refresh_queues if isinstance(task, RefreshFloatingLimit)
-                      else self.queues)
-            q = queues.get(task.task_group)
-            if q is not None:
-                q.forget(self.tasks)
+            self.drop_pointer(key, task)
         return task
+
+    def drop_pointer(self, key: bytes, task: Task) -> None:
+        """A task keyed off its job's next-attempt time has a pointer row (0x0E); the
+        task left its key: delete the pointer with it."""
+        if isinstance(task, CheckRateLimit) and keys.decode_task(key)[1] != task.start_ms:
+            self.committer.delete(keys.pending_pointer(task.tenant, task.job_id))
 
     def put_status(self, tenant: str, job_id: str, status: JobStatus,
                    old: JobStatus | None = None) -> None:
@@ -446,6 +490,7 @@ class Shard:
             k = (tenant, STATUS_NAMES[new])
             self.tenant_status[k] = self.tenant_status.get(k, 0) + 1
             self._dirty_tenant_status.add(k)
+        self.scheduled_jobs += (new == SCHEDULED) - (old == SCHEDULED)
 
     def count_jobs(self, total: int = 0, completed: int = 0) -> None:
         self.total_jobs += total

@@ -263,6 +263,14 @@ class GroupCommitter:
                 return True, b.writes[key]
         return False, None
 
+    def unapplied(self) -> list[dict[bytes, bytes | None]]:
+        """The write sets not yet applied to the database, oldest first (a scan started
+        now must overlay them to see what the shard sees; silo.shard.buffer)."""
+        out = [b.writes for b in self._inflight]
+        if self._staged is not None:
+            out.append(self._staged.writes)
+        return out
+
     async def get(self, key: bytes) -> bytes | None:
         found, value = self.staged_value(key)
         if found:

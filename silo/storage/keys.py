@@ -27,6 +27,7 @@ Tuple encoding:
 | 0x0B | floating limit state | (tenant, queue) | FloatingLimitState |
 | 0x0C | rate limiter bucket | (name, unique_key) | RateLimitState |
 | 0x0D | expiry index (retention) | (expire_at_ms u64, tenant, job_id) | empty; a terminal job to delete at expire_at_ms |
+| 0x0E | pending task pointer | (tenant, job_id) | the 0x05 key of the job's pending task, only while that key's start time is not the job's next-attempt time (a rate-limit re-check) |
 | 0xF0 | shard counter | (name) | i64 big-endian (absolute value) |
 | 0xF8 | tenant status counter | (tenant, status) | i64 big-endian (absolute value) |
 | 0xFE | shard meta | (name) | bytes |
@@ -56,6 +57,7 @@ CANCELLATION = 0x0A
 FLOATING_LIMIT = 0x0B
 RATE_LIMIT_BUCKET = 0x0C
 EXPIRY_INDEX = 0x0D
+PENDING_POINTER = 0x0E
 SHARD_COUNTER = 0xF0
 TENANT_STATUS_COUNTER = 0xF8
 SHARD_META = 0xFE
@@ -199,6 +201,12 @@ def decode_expiry_index(key: bytes) -> tuple[int, str, str]:
 
 
 # ---- ready queue -----------------------------------------------------------
+
+
+def pending_pointer(tenant: str, job_id: str) -> bytes:
+    """Where a Scheduled job's pending task is when its key cannot be derived from the
+    job's status (silo.shard.pending)."""
+    return b"\x0e" + enc_str(tenant) + enc_str(job_id)
 
 
 def task_group_prefix(task_group: str) -> bytes:

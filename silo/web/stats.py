@@ -22,7 +22,7 @@ from silo.rpc.service import SiloService
 
 METHOD = "web.stats@local"
 # Tasks not yet due, per task group: the future rows of the status index (usually few;
-# the engine reads only those), so the ready heaps are never walked.
+# the engine reads only those), so no task rows are walked.
 FUTURE_SQL = ("SELECT task_group, COUNT(*) AS n FROM jobs WHERE status_kind = 'Scheduled' "
               "GROUP BY task_group")
 
@@ -34,8 +34,10 @@ def local_figures(node: Any) -> dict[str, Any]:
     """This process's figures: rates, and per task group [pending tasks, running]."""
     groups: dict[str, list[int]] = {}
     for shard in list(node.shards.values()):
-        for group, q in list(shard.queues.items()):
-            groups.setdefault(group, [0, 0])[0] += max(0, len(q.heap) - q.stale)
+        # Pending tasks live in storage behind a bounded buffer (silo.shard.buffer);
+        # the shard keeps a per-group count of its task rows.
+        for group, n in list(shard.depth.items()):
+            groups.setdefault(group, [0, 0])[0] += max(0, n)
         for lease in list(shard.leases.values()):
             group = getattr(lease.task, "task_group", None)
             if group is not None:
@@ -53,7 +55,7 @@ SiloService.EXTRA_LOCAL[METHOD] = _serve_local
 class NodeFigures:
     """Every process's figures added up, and the processes that did not answer.
 
-    Per group: pending (tasks in the ready heaps), scheduled (jobs whose next attempt
+    Per group: pending (task rows, the shard's depth count), scheduled (jobs whose next attempt
     is in the future; None when they could not be counted), due = pending − scheduled,
     running (leased attempts)."""
 

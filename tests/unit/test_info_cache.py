@@ -4,7 +4,7 @@ import asyncio
 import uuid
 
 from silo.shard import enqueue, lease
-from silo.shard.info_cache import InfoCache
+from silo.shard.info_cache import _ENTRY_OVERHEAD, InfoCache
 from silo.shard.state import Shard, ShardConfig
 from silo.storage.records import JobInfo
 
@@ -14,7 +14,7 @@ def info(i: int, size: int) -> JobInfo:
 
 
 def test_budget_evicts_oldest_first():
-    c = InfoCache(budget_bytes=3 * (100 + 200))
+    c = InfoCache(budget_bytes=3 * (100 + _ENTRY_OVERHEAD))
     for i in range(5):
         c.put(info(i, 100))
     assert len(c) == 3

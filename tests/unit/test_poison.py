@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from silo.errors import SiloError
 from silo.rpc import convert
-from silo.shard import enqueue, get_job, lease, limits, outcome, ratelimit
+from silo.shard import enqueue, get_job, lease, limits, outcome, pending, ratelimit
 from silo.shard.validate import MAX_INTERVAL_MS, MAX_TIME_MS, validate_job_fields
 from silo.storage.records import (
     FAILED,
@@ -24,7 +24,7 @@ from silo.storage.records import (
     RateLimitState,
     RetryPolicy,
 )
-from tests.unit.test_shard import add, run
+from tests.unit.test_shard import add, run, task_rows
 
 
 def rate(name="api", limit=1, duration_ms=60_000, *, initial=100, max_backoff=30_000,
@@ -57,7 +57,7 @@ def test_bad_rate_limit_multiplier_is_invalid_argument_naming_the_field(mult):
             await add(s, "p", limits=[rate(mult=mult)])
         assert e.value.code.name == "INVALID_ARGUMENT"
         assert "limits[0].rate_limit.retry_policy.backoff_multiplier" in e.value.message
-        assert s.active == {} and s.tasks == {}  # nothing changed
+        assert s.active == {} and await task_rows(s) == []  # nothing changed
     run(t)
 
 
@@ -133,7 +133,8 @@ def test_poison_rate_limit_does_not_wedge_lease_tasks(unvalidated, mult):
             got = await lease.lease_tasks(s, "w", 10, "g")
             assert [x.lease.task.job_id for x in got] == [f"z{i}"]
             v = await get_job.get_job(s, "-", "p-poison", True)
-            assert v.status.kind == SCHEDULED and s.active[("-", "p-poison")].task_key
+            job, _ = await pending.load(s, "-", "p-poison")
+            assert v.status.kind == SCHEDULED and job is not None and job.task_key
             convert.job_to_pb(v)
         # Once the window resets, the poison job is admitted like any other.
         clock.t += 600_000

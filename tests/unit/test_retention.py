@@ -167,7 +167,7 @@ def test_the_sweep_reads_only_due_rows():
         await s.committer.commit()
         assert await due_rows(s, clock.t) == []
         assert len(await due_rows(s, clock.t + OK_TTL)) == 1
-        assert len(s.active) == 50
+        assert s.scheduled_jobs == 50
     run(t)
 
 
