@@ -30,7 +30,8 @@ class StorageTuning(NamedTuple):
     compactor_poll_interval_ms: int = 5000  # 0: no compactor
     gc_interval_s: int = 30  # 0: no garbage collector
     gc_min_age_s: int = 30  # WAL objects, manifests, compactions files
-    gc_sst_min_age_s: int = 300  # SSTs no longer in the manifest
+    gc_sst_min_age_s: int = 60  # SSTs no longer in the manifest (SlateDB: 300)
+    compactor_min_sources: int = 2  # SlateDB: 4
 
 
 def _ms(n: int) -> str:
@@ -51,6 +52,12 @@ def slatedb_settings(t: StorageTuning) -> dict[str, object]:
         # The compactor takes checkpoints of this lifetime (SlateDB: 900 s); the GC cannot
         # delete what a live checkpoint references, so the two ages move together.
         out["compactor_options.checkpoint_lifetime"] = _s(t.gc_sst_min_age_s)
+        # Size-tiered scheduling: a compaction takes this many L0 SSTs, or sorted runs of
+        # similar size (SlateDB: 4). Tombstones drop only in a merge into the bottom run;
+        # with 4, a small bottom run is merged with 3 newer runs of 4 L0 SSTs each, so
+        # deleted jobs' tombstones stay ~16 L0 flushes; with 2, about 2.
+        out["compactor_options.scheduler_options.min_compaction_sources"] = str(
+            t.compactor_min_sources)
     else:
         out["compactor_options"] = None
     if t.gc_interval_s > 0:
