@@ -3,11 +3,12 @@
 
     .venv/bin/python bench/soak.py [--minutes 10] [--rate 100] [--sample-s 10]
         [--store local|s3] [--tree DIR] [--label NAME] [--json out.json]
-        [--warmup-s 180] [--tolerance 0.15] [--quiet] [-- SERVER ARGS...]
+        [--workers 4] [--warmup-s 180] [--tolerance 0.15] [--quiet] [-- SERVER ARGS...]
+    .venv/bin/python bench/soak.py --report run.json [more.json ...]
 
 Starts its own `silo serve` (1 shard, 1 process, temp data dir; with --store s3 it also
 starts a moto S3 server on loopback, as tests/integration/test_s3.py, and stops it at
-the end), then runs one client loop: Enqueue at --rate jobs/s (open loop), a worker
+the end), then runs one client: Enqueue at --rate jobs/s (open loop), --workers loops
 leasing and completing them, and DeleteJob of each finished job, so the live set stays
 small and everything written becomes garbage. Every --sample-s it lists the shard's
 objects and records object count and bytes (total and per directory: wal, compacted =
@@ -148,7 +149,7 @@ def start_server(tmp: Path, store: Store, tree: Path, extra: list[str]) -> tuple
     raise RuntimeError("server did not start:\n" + (tmp / "server.log").read_text()[-3000:])
 
 
-async def load(addr: str, rate: float, stop_at: float, counts: dict) -> None:
+async def load(addr: str, rate: float, stop_at: float, counts: dict, workers: int) -> None:
     async with grpc.aio.insecure_channel(addr) as ch:
         stub = pb_grpc.SiloStub(ch)
         info = await stub.GetClusterInfo(pb.GetClusterInfoRequest())
@@ -208,7 +209,7 @@ async def load(addr: str, rate: float, stop_at: float, counts: dict) -> None:
                     continue
                 await asyncio.gather(*(finish(t) for t in r.tasks))
 
-        await asyncio.gather(producer(), worker())
+        await asyncio.gather(producer(), *(worker() for _ in range(workers)))
 
 
 def sample(store: Store, seen: set[str], t: float, t_prev: float) -> dict:
@@ -226,7 +227,9 @@ def sample(store: Store, seen: set[str], t: float, t_prev: float) -> dict:
     return {"objects": len(objs), "bytes": sum(objs.values()), "by_dir": by_dir,
             "bytes_by_dir": bytes_by_dir,
             "written_per_s": round(len(new) / max(t - t_prev, 1e-9), 1),
-            "written_total": len(seen), "load1": round(os.getloadavg()[0], 2)}
+            "written_total": len(seen), "load1": round(os.getloadavg()[0], 2),
+            "written_by_dir": {d: sum(1 for k in seen if d in k.split("/")[:-1])
+                               for d in DIRS}}
 
 
 async def lsm(store: Store, shard: str) -> dict:
@@ -244,11 +247,14 @@ async def lsm(store: Store, shard: str) -> dict:
 # ---- the report ---------------------------------------------------------------------
 
 
-def flatness(samples: list[dict], warmup_s: float, tolerance: float) -> dict:
+def flatness(samples: list[dict], warmup_s: float, tolerance: float,
+             rate: float = 0.0) -> dict:
     """Is storage flat past warm-up? Samples after warmup_s are split in two halves by
     time; flat = the second half's maximum object count and bytes are each at most
     (1 + tolerance) x the first half's maximum (a sawtooth between GC cycles is fine,
-    a level that keeps rising is not)."""
+    a level that keeps rising is not). When the server fell behind the offered rate
+    (more than 10 s of jobs live at once), the bytes include that backlog's live rows:
+    the verdict says so."""
     window = [s for s in samples if s["t_s"] >= warmup_s]
     if len(window) < 4:
         return {"verdict": "too short", "warmup_s": warmup_s}
@@ -264,6 +270,10 @@ def flatness(samples: list[dict], warmup_s: float, tolerance: float) -> dict:
         out[key] = {"first_half_max": a, "second_half_max": b, "ratio": round(ratio, 3)}
         flat = flat and ratio <= 1 + tolerance
     out["verdict"] = "FLAT" if flat else "NOT FLAT"
+    out["max_live"] = max(s["live"] for s in window)
+    if rate > 0 and out["max_live"] > rate * 10:
+        out["verdict"] += (f" (server fell behind: up to {out['max_live']:,} jobs live; "
+                           "the bytes include their rows)")
     return out
 
 
@@ -303,6 +313,10 @@ def report(run: dict, every_s: float = 60) -> str:
                      f"= {samples[-1]['written_total'] / max(total_s, 1e-9):.1f}/s (each a PUT "
                      f"on S3); jobs done {samples[-1]['deleted'] / max(total_s, 1e-9):.1f}/s; "
                      f"errors {samples[-1]['errors']}")
+        by = samples[-1].get("written_by_dir")
+        if by:
+            lines.append("objects written per second by kind: " + ", ".join(
+                f"{d} {n / max(total_s, 1e-9):.2f}" for d, n in by.items()))
     f = run["flatness"]
     if "objects" in f:
         lines.append(
@@ -323,6 +337,9 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--rate", type=float, default=100, help="jobs per second")
     ap.add_argument("--sample-s", type=float, default=10)
+    ap.add_argument("--workers", type=int, default=4,
+                    help="concurrent lease -> complete -> delete loops (an object store "
+                    "with slow PUTs needs several to keep up with --rate)")
     ap.add_argument("--store", choices=("local", "s3"), default="local")
     ap.add_argument("--tree", type=Path, default=ROOT, help="source tree of the server")
     ap.add_argument("--label", default="")
@@ -332,8 +349,18 @@ def main() -> int:
     ap.add_argument("--tolerance", type=float, default=0.15,
                     help="flat = 2nd half max <= (1 + this) x 1st half max")
     ap.add_argument("--quiet", action="store_true", help="no line per sample")
+    ap.add_argument("--report", type=Path, nargs="+", metavar="JSON",
+                    help="only print the report of saved runs (--json files), verdict "
+                    "recomputed with --warmup-s / --tolerance")
     ap.add_argument("server_args", nargs="*", help="after --: extra `silo serve` arguments")
     args = ap.parse_args()
+    if args.report:
+        for path in args.report:
+            run = json.loads(path.read_text())
+            run["flatness"] = flatness(run["samples"], args.warmup_s, args.tolerance,
+                                       run["rate"])
+            print(report(run) + "\n", flush=True)
+        return 0
 
     # SIGTERM (and SIGINT, which a background job ignores) end the run cleanly: the
     # finally below stops the server and moto and removes the temp dir.
@@ -351,7 +378,7 @@ def main() -> int:
         seen: set[str] = set()
 
         async def run() -> None:
-            task = asyncio.create_task(load(addr, args.rate, stop_at, counts))
+            task = asyncio.create_task(load(addr, args.rate, stop_at, counts, args.workers))
             t_prev = time.monotonic()
             if not args.quiet:
                 print(f"{'t_s':>6} {'done':>7} {'live':>6} {'objects':>8} {'MB':>7} "
@@ -391,7 +418,7 @@ def main() -> int:
     result = {"label": args.label, "store": args.store, "rate": args.rate,
               "minutes": args.minutes, "server_args": args.server_args,
               "tree": str(args.tree), "samples": samples,
-              "flatness": flatness(samples, args.warmup_s, args.tolerance)}
+              "flatness": flatness(samples, args.warmup_s, args.tolerance, args.rate)}
     print(report(result), flush=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
