@@ -135,6 +135,7 @@ def start_server(tmp: Path, store: Store, tree: Path, extra: list[str]) -> tuple
     proc = subprocess.Popen(
         [sys.executable, "-m", "silo", "serve", "--data-dir", str(tmp / "data"), "--grpc-addr",
          "127.0.0.1:0", "--shards", "1", "--processes", "1", "--lease-ms", "60000",
+         "--no-webui-enabled", "--metrics-addr=127.0.0.1:0",
          *store.args, *extra],
         stdout=log, stderr=log, env=env, cwd=tree, start_new_session=True)
     deadline = time.time() + 60
@@ -147,6 +148,13 @@ def start_server(tmp: Path, store: Store, tree: Path, extra: list[str]) -> tuple
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError("server did not start:\n" + (tmp / "server.log").read_text()[-3000:])
+
+
+def _error(counts: dict, rpc: str, e: grpc.RpcError) -> None:
+    counts["errors"] += 1
+    key = f"{rpc} {e.code().name if e.code() else '?'}"
+    by = counts.setdefault("errors_by", {})
+    by[key] = by.get(key, 0) + 1
 
 
 async def load(addr: str, rate: float, stop_at: float, counts: dict, workers: int) -> None:
@@ -163,8 +171,8 @@ async def load(addr: str, rate: float, stop_at: float, counts: dict, workers: in
                 await stub.Enqueue(pb.EnqueueRequest(shard=shard, task_group=GROUP, priority=50,
                                                      payload=payload), timeout=30)
                 counts["enqueued"] += 1
-            except grpc.RpcError:
-                counts["errors"] += 1
+            except grpc.RpcError as e:
+                _error(counts, "Enqueue", e)
             finally:
                 inflight.release()
 
@@ -190,16 +198,16 @@ async def load(addr: str, rate: float, stop_at: float, counts: dict, workers: in
                 await stub.DeleteJob(pb.DeleteJobRequest(shard=shard, id=task.job_id),
                                      timeout=30)
                 counts["deleted"] += 1
-            except grpc.RpcError:
-                counts["errors"] += 1  # e.g. the lease expired on an overloaded machine
+            except grpc.RpcError as e:  # e.g. the lease expired on an overloaded machine
+                _error(counts, "ReportOutcome/DeleteJob", e)
 
         async def worker() -> None:
             while time.monotonic() < stop_at + 5:
                 try:
                     r = await stub.LeaseTasks(pb.LeaseTasksRequest(
                         worker_id="soak", max_tasks=64, task_group=GROUP), timeout=30)
-                except grpc.RpcError:
-                    counts["errors"] += 1
+                except grpc.RpcError as e:
+                    _error(counts, "LeaseTasks", e)
                     await asyncio.sleep(0.1)
                     continue
                 if not r.tasks:
@@ -312,7 +320,7 @@ def report(run: dict, every_s: float = 60) -> str:
         lines.append(f"objects written: {samples[-1]['written_total']:,} in {total_s:.0f} s "
                      f"= {samples[-1]['written_total'] / max(total_s, 1e-9):.1f}/s (each a PUT "
                      f"on S3); jobs done {samples[-1]['deleted'] / max(total_s, 1e-9):.1f}/s; "
-                     f"errors {samples[-1]['errors']}")
+                     f"errors {samples[-1]['errors']} {run.get('errors_by') or ''}")
         by = samples[-1].get("written_by_dir")
         if by:
             lines.append("objects written per second by kind: " + ", ".join(
@@ -349,6 +357,7 @@ def main() -> int:
     ap.add_argument("--tolerance", type=float, default=0.15,
                     help="flat = 2nd half max <= (1 + this) x 1st half max")
     ap.add_argument("--quiet", action="store_true", help="no line per sample")
+    ap.add_argument("--every-s", type=float, default=60, help="report: one row per this")
     ap.add_argument("--report", type=Path, nargs="+", metavar="JSON",
                     help="only print the report of saved runs (--json files), verdict "
                     "recomputed with --warmup-s / --tolerance")
@@ -359,7 +368,7 @@ def main() -> int:
             run = json.loads(path.read_text())
             run["flatness"] = flatness(run["samples"], args.warmup_s, args.tolerance,
                                        run["rate"])
-            print(report(run) + "\n", flush=True)
+            print(report(run, args.every_s) + "\n", flush=True)
         return 0
 
     # SIGTERM (and SIGINT, which a background job ignores) end the run cleanly: the
@@ -370,9 +379,9 @@ def main() -> int:
     store = Store(args.store, tmp)
     proc = None
     samples: list[dict] = []
+    counts: dict = {"enqueued": 0, "deleted": 0, "errors": 0}
     try:
         proc, addr = start_server(tmp, store, args.tree.resolve(), args.server_args)
-        counts: dict = {"enqueued": 0, "deleted": 0, "errors": 0}
         t_start = time.monotonic()
         stop_at = t_start + args.minutes * 60
         seen: set[str] = set()
@@ -418,8 +427,9 @@ def main() -> int:
     result = {"label": args.label, "store": args.store, "rate": args.rate,
               "minutes": args.minutes, "server_args": args.server_args,
               "tree": str(args.tree), "samples": samples,
+              "errors_by": counts.get("errors_by", {}),
               "flatness": flatness(samples, args.warmup_s, args.tolerance, args.rate)}
-    print(report(result), flush=True)
+    print(report(result, args.every_s), flush=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0
