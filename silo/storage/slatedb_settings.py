@@ -12,6 +12,10 @@ refuses to lower), whichever comes first.
 What is set here (each from one `storage.*` option, see CONFIGURATION.md):
 * `compactor_options.poll_interval` (0 = no compactor): L0 SSTs are merged into sorted
   runs, which drops deleted and expired jobs' rows and tombstones;
+* `compactor_options.scheduler_options.min_compaction_sources` (2, SlateDB 4): how many
+  L0 SSTs or similar-sized runs one compaction takes. A tombstone is dropped only by a
+  merge into the bottom run, so this sets how long deleted jobs' bytes stay: with 2 a
+  shard keeps 1-2 sorted runs and they go within ~2 L0 flushes (bench/README.md "Soak");
 * `garbage_collector_options.*` (interval 0 = no GC): WAL objects, manifests and
   compactor state files older than `gc_min_age_s`, and SSTs compacted away older than
   `gc_sst_min_age_s`, are deleted. SSTs keep a longer minimum age because a long read may
