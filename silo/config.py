@@ -59,7 +59,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     compactor_poll_interval_ms: int = 5000
     gc_interval_s: int = 30
     gc_min_age_s: int = 30
-    gc_sst_min_age_s: int = 300
+    gc_sst_min_age_s: int = 60
+    compactor_min_sources: int = 2
     write_timeout_ms: int = 10_000
     shards: int = 8
     tenancy: bool = False
@@ -282,6 +283,14 @@ OPTIONS: tuple[Option, ...] = (
         _int(1, 30 * 86_400),
         "minimum age of SSTs no longer in the manifest before deletion",
         "S",
+    ),
+    Option(
+        "compactor_min_sources",
+        "storage.compactor_min_sources",
+        _int(2, 32),
+        "L0 SSTs (or similar-sized sorted runs) merged together by one compaction: 2 merges "
+        "into the bottom run, where deleted jobs' tombstones drop, every ~2 L0 flushes",
+        "N",
     ),
     Option(
         "write_timeout_ms",

@@ -86,7 +86,8 @@ async def serve_worker(spec: WorkerSpec) -> int:
                     terminal_job_expire_ms=config.terminal_job_expire_s * 1000,
                     slatedb=slatedb_settings(StorageTuning(
                         config.compactor_poll_interval_ms, config.gc_interval_s,
-                        config.gc_min_age_s, config.gc_sst_min_age_s)),
+                        config.gc_min_age_s, config.gc_sst_min_age_s,
+                        config.compactor_min_sources)),
                     l0_flush_interval_s=config.l0_flush_interval_s,
                     write_timeout_ms=config.write_timeout_ms,
                     ready_buffer_size=config.ready_buffer_size),

@@ -12,6 +12,10 @@ refuses to lower), whichever comes first.
 What is set here (each from one `storage.*` option, see CONFIGURATION.md):
 * `compactor_options.poll_interval` (0 = no compactor): L0 SSTs are merged into sorted
   runs, which drops deleted and expired jobs' rows and tombstones;
+* `compactor_options.scheduler_options.min_compaction_sources` (2, SlateDB 4): how many
+  L0 SSTs or similar-sized runs one compaction takes. A tombstone is dropped only by a
+  merge into the bottom run, so this sets how long deleted jobs' bytes stay: with 2 a
+  shard keeps 1-2 sorted runs and they go within ~2 L0 flushes (bench/README.md "Soak");
 * `garbage_collector_options.*` (interval 0 = no GC): WAL objects, manifests and
   compactor state files older than `gc_min_age_s`, and SSTs compacted away older than
   `gc_sst_min_age_s`, are deleted. SSTs keep a longer minimum age because a long read may
@@ -30,7 +34,8 @@ class StorageTuning(NamedTuple):
     compactor_poll_interval_ms: int = 5000  # 0: no compactor
     gc_interval_s: int = 30  # 0: no garbage collector
     gc_min_age_s: int = 30  # WAL objects, manifests, compactions files
-    gc_sst_min_age_s: int = 300  # SSTs no longer in the manifest
+    gc_sst_min_age_s: int = 60  # SSTs no longer in the manifest (SlateDB: 300)
+    compactor_min_sources: int = 2  # SlateDB: 4
 
 
 def _ms(n: int) -> str:
@@ -51,6 +56,12 @@ def slatedb_settings(t: StorageTuning) -> dict[str, object]:
         # The compactor takes checkpoints of this lifetime (SlateDB: 900 s); the GC cannot
         # delete what a live checkpoint references, so the two ages move together.
         out["compactor_options.checkpoint_lifetime"] = _s(t.gc_sst_min_age_s)
+        # Size-tiered scheduling: a compaction takes this many L0 SSTs, or sorted runs of
+        # similar size (SlateDB: 4). Tombstones drop only in a merge into the bottom run;
+        # with 4, a small bottom run is merged with 3 newer runs of 4 L0 SSTs each, so
+        # deleted jobs' tombstones stay ~16 L0 flushes; with 2, about 2.
+        out["compactor_options.scheduler_options.min_compaction_sources"] = str(
+            t.compactor_min_sources)
     else:
         out["compactor_options"] = None
     if t.gc_interval_s > 0:

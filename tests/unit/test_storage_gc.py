@@ -8,15 +8,21 @@ deleted (files counted in the store), and with the GC off nothing is.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from pathlib import Path
 
+from slatedb.uniffi import FlushOptions, FlushType, Settings
+
+from silo.config import Config
 from silo.shard import delete, enqueue, lease, outcome
 from silo.shard.memtable_flush import maybe_flush_memtable
 from silo.shard.state import Shard, ShardConfig
+from silo.storage.admin import storage_info
 from silo.storage.slatedb_settings import StorageTuning, slatedb_settings
 
+_MEMTABLE = FlushOptions(flush_type=FlushType.MEM_TABLE)
 FAST = StorageTuning(compactor_poll_interval_ms=100, gc_interval_s=1, gc_min_age_s=1,
                      gc_sst_min_age_s=2)
 
@@ -56,12 +62,48 @@ def run(tmp_path: Path, tuning: StorageTuning, body):
 def test_mapping_to_slatedb_keys():
     on = slatedb_settings(StorageTuning())
     assert on["compactor_options.poll_interval"] == "5000ms"
+    assert on["compactor_options.worker.compactions_poll_interval"] == "5000ms"
+    assert on["compactor_options.scheduler_options.min_compaction_sources"] == "2"
     assert on["garbage_collector_options.wal_options.interval"] == "30s"
     assert on["garbage_collector_options.wal_options.min_age"] == "30s"
-    assert on["garbage_collector_options.compacted_options.min_age"] == "300s"
-    assert on["compactor_options.checkpoint_lifetime"] == "300s"
+    assert on["garbage_collector_options.manifest_options.min_age"] == "30s"
+    assert on["garbage_collector_options.compactions_options.min_age"] == "30s"
+    assert on["garbage_collector_options.compacted_options.min_age"] == "60s"
+    assert on["compactor_options.checkpoint_lifetime"] == "60s"
     assert on["garbage_collector_options.boundary_files_enabled"] is False
+    custom = slatedb_settings(StorageTuning(250, 7, 11, 13, 5))
+    assert custom["compactor_options.poll_interval"] == "250ms"
+    assert custom["compactor_options.scheduler_options.min_compaction_sources"] == "5"
+    assert custom["garbage_collector_options.compacted_options.interval"] == "7s"
+    assert custom["garbage_collector_options.wal_options.min_age"] == "11s"
+    assert custom["garbage_collector_options.compacted_options.min_age"] == "13s"
     off = slatedb_settings(StorageTuning(compactor_poll_interval_ms=0, gc_interval_s=0))
+    assert off == {"compactor_options": None, "garbage_collector_options": None}
+
+
+def test_config_defaults_are_the_tuning_defaults():
+    """The server builds StorageTuning from Config positionally (runtime/worker.py)."""
+    c = Config()
+    assert StorageTuning(c.compactor_poll_interval_ms, c.gc_interval_s, c.gc_min_age_s,
+                         c.gc_sst_min_age_s, c.compactor_min_sources) == StorageTuning()
+
+
+def _applied(tuning: StorageTuning) -> dict:
+    """The settings SlateDB ends up with (its own parser: types and key names checked)."""
+    settings = Settings.default()
+    for key, value in slatedb_settings(tuning).items():
+        settings.set(key, json.dumps(value))
+    return json.loads(settings.to_json_string())
+
+
+def test_slatedb_accepts_the_mapping():
+    s = _applied(StorageTuning())
+    assert s["compactor_options"]["scheduler_options"] == {"min_compaction_sources": "2"}
+    assert s["compactor_options"]["checkpoint_lifetime"] == "60s"
+    gc = s["garbage_collector_options"]
+    assert gc["compacted_options"] == {"interval": "30s", "min_age": "60s", "dry_run": False}
+    assert gc["wal_options"]["min_age"] == "30s" and gc["boundary_files_enabled"] is False
+    off = _applied(StorageTuning(compactor_poll_interval_ms=0, gc_interval_s=0))
     assert off["compactor_options"] is None and off["garbage_collector_options"] is None
 
 
@@ -123,3 +165,43 @@ def test_memtable_goes_to_l0_every_interval_while_written_and_not_when_idle(tmp_
         finally:
             await s.close()
     asyncio.run(main())
+
+
+def test_compaction_drops_deleted_jobs_and_the_gc_reclaims_their_bytes(tmp_path):
+    """Deleted jobs leave tombstones in L0; only a merge into the bottom sorted run drops
+    them. With the default 2-source scheduling that happens within a few L0 flushes, and
+    the GC then deletes the SSTs that held the jobs: the store's SST bytes fall to a small
+    fraction of the SST bytes written."""
+    async def body(s, root):
+        sizes: dict[str, int] = {}  # every SST seen -> its size
+
+        def sst_bytes_now() -> int:
+            total = 0
+            for p in (root / "shards").rglob("compacted/*.sst"):
+                try:
+                    sizes[p.name] = n = p.stat().st_size
+                except FileNotFoundError:  # deleted by the GC meanwhile
+                    continue
+                total += n
+            return total
+        for _ in range(6):  # ~600 commits with a 32 KiB memtable: many L0 SSTs
+            await churn(s, 25)
+            sst_bytes_now()
+        # The last jobs' tombstones are in the memtable: two more L0 SSTs (the 2-source
+        # trigger) carry them to the bottom run.
+        for _ in range(2):
+            await s.db.flush_with_options(_MEMTABLE)
+            sst_bytes_now()
+        written = sum(sizes.values())
+        assert written > 30_000 and len(sizes) > 4
+        url = root.as_uri()
+        deadline = time.monotonic() + 120
+        while True:
+            now = sst_bytes_now()
+            info = await storage_info(url, s.id)
+            live = info.total_l0_size + info.total_sorted_run_size
+            if now < written * 0.2 and live < written * 0.05 and len(info.sorted_runs) <= 1:
+                break
+            assert time.monotonic() < deadline, (now, live, written, info)
+            await asyncio.sleep(0.5)
+        assert s.total_jobs == 0
