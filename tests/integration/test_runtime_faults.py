@@ -243,6 +243,9 @@ def test_kill_9_of_the_supervisor_leaves_a_socket_dir_the_next_start_cleans(tmp_
 
 def serve_fails(tmp_path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SILO_")}
+    # No fixed side ports (web UI 8080, metrics 9090): another server on the machine
+    # holding one must not turn the failure under test into a different one.
+    env.update(SILO_WEBUI_ENABLED="false", SILO_METRICS_ADDR="127.0.0.1:0")
     return subprocess.run([sys.executable, "-m", "silo", "serve", *args],
                           capture_output=True, text=True, timeout=120, env=env,
                           cwd=tmp_path)
