@@ -299,6 +299,11 @@ class ServerProc:
                         or str(Path(sys.executable).parent / "silo")]
         cmd = [*silo_cmd, "serve", "--data-dir", str(self.tmp / "data"),
                "--grpc-addr", "127.0.0.1:0",
+               # Side ports of their own (the defaults are fixed, 8080 and 9090), so a
+               # server left running elsewhere does not stop ours; --server-arg comes
+               # last and overrides. Not for --tree: an older tree may lack the flags.
+               *([] if tree else ["--webui-addr", "127.0.0.1:0",
+                                  "--metrics-addr", "127.0.0.1:0"]),
                "--flush-interval-ms", str(self.args.flush_interval_ms),
                "--shards", str(self.args.shards)]
         cmd.append("--tenancy" if self.args.tenants > 0 else "--no-tenancy")

@@ -292,8 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-rate", type=int, default=50, help="py-spy samples/s")
     add_server_args(ap)
     args = ap.parse_args(argv)
-    # Ports of their own, so a server another user left on the defaults does not stop ours.
-    args.server_arg = ["--webui-addr", "127.0.0.1:0", *args.server_arg]
     scenarios = ["saturation", "steady"] if args.scenario == "all" else args.scenario.split(",")
     out = {"machine": machine_info(), "results": []}
     for s in scenarios:
