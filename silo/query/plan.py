@@ -37,6 +37,9 @@ class Scan:
     # read can honour it (every filter recognised, the index order matching).
     limit: int | None = None
     order: list[tuple[str, bool]] | None = None
+    # Read as one row per status counter with its count (counted.py): the statement
+    # was rewritten to sum the counts instead of counting rows.
+    weighted: bool = False
 
 
 def _is_call(e, name: str) -> bool:
