@@ -1,49 +1,65 @@
 """SQL latency on one shard with N jobs in one tenant, and Enqueue latency while a
-full-scan statement runs in a loop (in-process: a real Shard on SlateDB's memory store,
-the statement through silo.query.engine exactly as the Query RPC runs it, no gRPC).
+full-scan statement runs in a loop (in-process: the tenant's shard of a server data dir,
+opened as `silo serve` opens it, statements through silo.query.engine exactly as the
+Query RPC runs them, no gRPC).
 
-    .venv/bin/python bench/query.py --jobs 1000,100000,1000000 [--repeat 10] [--json F]
+    .venv/bin/python bench/query.py --jobs 1000,100000,1000000 [--data-dir DIR] [--json F]
 
-Pre-fill goes through the shard's ImportJobs operation (silo.shard.import_, the body of
-the ImportJobs RPC: the same rows, indexes and counters as jobs that ran), in batches
-of 1000, several in flight: most jobs imported with one Succeeded attempt, 100 with a
-Failed one (no retries left: Failed), min(1000, N/10) with none (Waiting); metadata
-user = u<i>, batch = b<i:07>.
+Data: per size N a data dir `DIR/jobs-N` filled by bench/fill.py (the shard's ImportJobs
+path, the same rows, indexes and counters as jobs that ran) when it is not there yet,
+reused when it is (without --data-dir: a temporary dir, removed afterwards). Tenant
+`bench` (tenancy on, 8 shards, as the bench servers): jobs j0000000-j0000099 Failed,
+then 95 % Succeeded and 5 % Waiting; metadata user = u<i>, batch = b<i:07>, customer =
+c<i % (N/1000)>. Every indexed statement matches the same number of rows at every N,
+as a lookup benchmark must (only the haystack grows):
 
-Per size: the median and p95 over --repeat runs, and the storage keys each reads, of
-* id lookup:       SELECT * FROM jobs WHERE tenant = 'bench' AND id = '<id>'
-* status filter:   ... AND status_kind = 'Failed'            (100 rows)
+* id lookup:       SELECT * FROM jobs WHERE tenant = 'bench' AND id = 'j0000042'  (1 row)
+* status filter:   ... AND status_kind = 'Failed'                              (100 rows)
 * status + LIMIT:  ... AND status_kind = 'Succeeded' ORDER BY status_changed_at_ms DESC
-                   LIMIT 20
-* metadata exact:  ... AND array_contains(element_at(metadata, 'user'), 'u42')
+                   LIMIT 20                                                      (20 rows)
+* metadata exact:  ... AND array_contains(element_at(metadata, 'user'), 'u42')   (1 row)
+* metadata shared: ... AND array_contains(element_at(metadata, 'customer'), 'c0')
+                                                                              (1,000 rows)
 * metadata prefix: ... AND starts_with(array_any_value(element_at(metadata, 'batch')),
-                   'b000004')                                 (10 rows)
-* group by status: SELECT status_kind, COUNT(*) ... GROUP BY status_kind (from the
-                   status counters)
-Then Enqueue latency (sequential calls on the same shard) in --rounds alternating
-rounds: alone, and while `SELECT COUNT(*) FROM jobs WHERE tenant = 'bench' AND
-priority >= 0` (a full scan of the tenant, skipped above --full-scan-max jobs) loops.
+                   'b000004')                                                   (10 rows)
+* group by status: SELECT status_kind, COUNT(*) ... GROUP BY status_kind (one row per
+                   status counter, silo.query.counted)
+
+Per size: the median and p95 over --repeat runs, and the storage keys each reads. Then
+Enqueue latency (sequential calls on the same shard, another tenant) in --rounds
+alternating rounds: alone, and while `SELECT COUNT(*) FROM jobs WHERE tenant = 'bench'
+AND priority >= 0` (a full scan of the tenant) loops; the scan in flight at the end of
+a round is cancelled, so the scenario runs at any N. The Enqueue jobs are imported into
+the data dir too (a reused dir gains them; the counts above are checked per tenant).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import fill  # noqa: E402  (bench/fill.py)
+
+from silo.cluster.shardmap import load_or_create  # noqa: E402
+from silo.config import load_config  # noqa: E402
 from silo.query import ranges, settings  # noqa: E402
 from silo.query.engine import query_shard  # noqa: E402
+from silo.runtime.server import lock_data_dir, unlock_data_dir  # noqa: E402
 from silo.shard import enqueue as enq  # noqa: E402
-from silo.shard import import_  # noqa: E402
-from silo.shard.state import Shard, ShardConfig  # noqa: E402
-from silo.storage.records import ATTEMPT_FAILED, ATTEMPT_SUCCEEDED  # noqa: E402
+from silo.shard.state import Shard  # noqa: E402
+from silo.storage.db import METRICS_RECORDERS  # noqa: E402
 
 T = "bench"
 QUERIES = {
@@ -53,6 +69,8 @@ QUERIES = {
                       "'Succeeded' ORDER BY status_changed_at_ms DESC LIMIT 20",
     "metadata exact": "SELECT id FROM jobs WHERE tenant = 'bench' AND "
                       "array_contains(element_at(metadata, 'user'), 'u42')",
+    "metadata shared": "SELECT id FROM jobs WHERE tenant = 'bench' AND "
+                       "array_contains(element_at(metadata, 'customer'), 'c0')",
     "metadata prefix": "SELECT id FROM jobs WHERE tenant = 'bench' AND starts_with("
                        "array_any_value(element_at(metadata, 'batch')), 'b000004')",
     "group by status": "SELECT status_kind, COUNT(*) AS n FROM jobs WHERE tenant = 'bench' "
@@ -61,34 +79,16 @@ QUERIES = {
 FULL_SCAN = "SELECT COUNT(*) FROM jobs WHERE tenant = 'bench' AND priority >= 0"
 
 
-IMPORT_BATCH = 1000
-IMPORTS_IN_FLIGHT = 16
-N_FAILED, N_WAITING = 100, 1000
+N_FAILED = 100
+MIX = [950, 0, 0, 50, 0]  # Succeeded, Failed, Cancelled, Waiting, Scheduled (per mille)
+SHARDS = 8
+ENQUEUER = "enqueuer"  # replaced by a tenant the bench tenant's shard owns (same_shard)
 
 
-def _job(i: int, n: int, now: int) -> import_.ImportJob:
-    if i < N_FAILED:
-        attempts = [import_.ImportedAttempt(ATTEMPT_FAILED, now - 2000, now - 1000 + i)]
-    elif i < N_FAILED + min(N_WAITING, n // 10):
-        attempts = []
-    else:  # finished at distinct times, newest last
-        attempts = [import_.ImportedAttempt(ATTEMPT_SUCCEEDED, now - 2000, now - 10**7 + i)]
-    return import_.ImportJob(f"j{i:07d}", i % 100, now - 3000, 0, None, b"\x81\xa1i\x01",
-                             [], {"user": f"u{i}", "batch": f"b{i:07d}"}, "g", attempts)
-
-
-async def populate(s: Shard, n: int) -> None:
-    """n jobs in tenant T through ImportJobs, IMPORTS_IN_FLIGHT batches at a time."""
-    now = s.now()
-    starts = list(range(0, n, IMPORT_BATCH))
-    for w in range(0, len(starts), IMPORTS_IN_FLIGHT):
-        wave = starts[w : w + IMPORTS_IN_FLIGHT]
-        results = await asyncio.gather(*(
-            import_.import_jobs(s, T, [_job(i, n, now) for i in range(a, min(n, a + IMPORT_BATCH))])
-            for a in wave))
-        bad = [r for rs in results for r in rs if not r.success]
-        if bad:
-            raise RuntimeError(f"import refused {len(bad)} jobs: {bad[0].error}")
+def prefill(data_dir: Path, n: int) -> dict:
+    """The bench's data in data_dir (fill.py: ImportJobs in durable chunks)."""
+    return asyncio.run(fill.fill(data_dir, n, tenant=T, tenancy=True, shards=SHARDS,
+                                 mix=MIX, first=(("Failed", N_FAILED),), progress=True))
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -100,7 +100,7 @@ async def enqueue_latencies(s: Shard, n: int) -> list[float]:
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        await enq.enqueue(s, tenant="enqueuer", job_id="", priority=50, start_at_ms=0,
+        await enq.enqueue(s, tenant=ENQUEUER, job_id="", priority=50, start_at_ms=0,
                           retry_policy=None, payload=b"\x80", limits=[], metadata={},
                           task_group="e")
         out.append((time.perf_counter() - t0) * 1000)
@@ -138,7 +138,9 @@ async def enqueue_under_scan(s: Shard, enqueues: int, rounds: int) -> dict:
         await asyncio.sleep(0.05)
         busy += await enqueue_latencies(s, per_round)
         stop.set()
-        await task
+        task.cancel()  # the scan in flight (minutes at 1M jobs) is not waited for
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     a50, b50 = pct(alone, 0.5), pct(busy, 0.5)
     a99, b99 = pct(alone, 0.99), pct(busy, 0.99)
     return {"enqueue_p50_ms": round(a50, 2), "enqueue_p99_ms": round(a99, 2),
@@ -148,62 +150,115 @@ async def enqueue_under_scan(s: Shard, enqueues: int, rounds: int) -> dict:
             "full_scans_during": scans}
 
 
-def jobs_in(s: Shard) -> int:
-    return sum(c for (t, _), c in s.tenant_status.items() if t == T)
+def jobs_in(s: Shard, status: str | None = None) -> int:
+    return sum(c for (t, st), c in s.tenant_status.items()
+               if t == T and (status is None or st == status))
 
 
-async def bench_size(n: int, repeat: int, enqueues: int, rounds: int, full_scan_max: int,
-                     store: str | None) -> dict:
-    # --store DIR keeps one pre-filled shard per size (shard "query-bench-N") on local
-    # disk: the first run fills it, later runs reopen it and skip the pre-fill.
-    url = f"file://{Path(store).resolve()}" if store else "memory:///"
-    sid = f"query-bench-{n}" if store else str(uuid.uuid4())
-    s = await Shard.open(sid, "", "", url,
-                         ShardConfig(flush_interval_ms=10, commit_interval_ms=5.0))
+@contextlib.asynccontextmanager
+async def open_tenant_shard(data_dir: Path):
+    """The bench tenant's shard of a data dir, opened as a server worker opens it."""
+    config = load_config({"data_dir": str(data_dir), "shards": SHARDS, "tenancy": True},
+                         os.environ, None)
+    fd = lock_data_dir(data_dir)
     try:
-        t0 = time.perf_counter()
-        have = jobs_in(s)
-        if have and have < n:
-            raise SystemExit(f"{url} shard {sid} holds {have} jobs, not {n}: remove it")
-        if not have:
-            await populate(s, n)
-        out: dict = {"jobs": n, "populate_s": round(time.perf_counter() - t0, 1),
-                     "prefilled": bool(have)}
-        await asyncio.sleep(1.0)  # let the last memtable flush settle
+        shard_map, _ = load_or_create(data_dir, config.shards)
+        e = shard_map.shard_for_tenant(T)
+        global ENQUEUER  # noqa: PLW0603 - one bench run, one shard
+        ENQUEUER = next(t for t in (f"enqueuer-{i}" for i in range(10_000))
+                        if shard_map.shard_for_tenant(t).shard_id == e.shard_id)
+        s = await Shard.open(e.shard_id, e.range_start, e.range_end,
+                             config.object_store_url_resolved(), fill.shard_config(config))
+        try:
+            yield s
+        finally:
+            await s.close()
+    finally:
+        unlock_data_dir(data_dir, fd)
+
+
+def storage_shape(s: Shard) -> dict[str, int]:
+    """SlateDB's L0 SST and sorted-run counts of the shard (a point read looks in each
+    L0 SST whose filter does not rule it out, so a fresh fill still being compacted
+    reads slower than a settled shard)."""
+    rec = METRICS_RECORDERS.get(f"shards/{s.id}")
+    out: dict[str, int] = {}
+    for m in rec.snapshot() if rec is not None else []:
+        if m.name in ("slatedb.db.l0_sst_count", "slatedb.db.sorted_run_count"):
+            out[m.name.rsplit(".", 1)[-1]] = int(m.value[0])
+    return out
+
+
+async def settle(s: Shard, max_s: float) -> float:
+    """Wait (at most max_s) until the compactor has merged L0 down to 2 SSTs or fewer,
+    as it has on a server that has been up a while; returns the seconds waited."""
+    t0 = time.perf_counter()
+    await asyncio.sleep(1.0)  # the open's background work
+    while time.perf_counter() - t0 < max_s and storage_shape(s).get("l0_sst_count", 0) > 2:
+        await asyncio.sleep(1.0)
+    return round(time.perf_counter() - t0, 1)
+
+
+async def bench_size(n: int, data_dir: Path, repeat: int, enqueues: int, rounds: int,
+                     full_scan_max: int, settle_s: float) -> dict:
+    async with open_tenant_shard(data_dir) as s:
+        have, failed = jobs_in(s), jobs_in(s, "Failed")
+        if (have, failed) != (n, N_FAILED):
+            raise SystemExit(f"{data_dir} holds {have} jobs ({failed} Failed) of tenant "
+                             f"{T!r}, not {n} ({N_FAILED}): remove it to fill it again")
+        out: dict = {"jobs": n, "data_dir": str(data_dir)}
+        out["storage_at_open"] = storage_shape(s)
+        out["settle_s"] = await settle(s, settle_s)
+        out["storage"] = storage_shape(s)
         for name, sql in QUERIES.items():
             out[name] = await timed(s, sql, repeat)
         if n <= full_scan_max:
             out["full scan"] = await timed(s, FULL_SCAN, 1)
-            out.update(await enqueue_under_scan(s, enqueues, rounds))
+        out.update(await enqueue_under_scan(s, enqueues, rounds))
         return out
-    finally:
-        await s.close()
 
 
-async def main() -> int:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", default="1000,100000")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--json", default=None)
     ap.add_argument("--enqueues", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--store", default=None,
-                    help="keep the pre-filled shards in this directory and reuse them")
+    ap.add_argument("--data-dir", default=None,
+                    help="keep the pre-filled data dirs (DIR/jobs-N) here and reuse them")
+    ap.add_argument("--settle-s", type=float, default=120,
+                    help="wait at most this long for L0 compaction before measuring")
     ap.add_argument("--full-scan-max", type=int, default=100_000,
-                    help="skip the full-scan scenario above this many jobs")
+                    help="time one full scan only up to this many jobs")
     args = ap.parse_args()
     # Measure, do not enforce: no statement timeout, no slow-query log lines.
     settings.SETTINGS = settings.QuerySettings(statement_timeout_ms=0, slow_query_log_ms=0)
+    root = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="silo-qb-"))
     results = []
-    for n in (int(x) for x in args.jobs.split(",")):
-        r = await bench_size(n, args.repeat, args.enqueues, args.rounds, args.full_scan_max,
-                             args.store)
-        results.append(r)
-        print(json.dumps(r), flush=True)
+    try:
+        for n in (int(x) for x in args.jobs.split(",")):
+            d = root / f"jobs-{n}"
+            filled = None
+            if not (d / "shardmap.json").exists():
+                t0 = time.perf_counter()
+                filled = prefill(d, n)
+                print(f"filled {n:,} jobs in {time.perf_counter() - t0:.0f} s "
+                      f"({filled['jobs_per_s']:,} jobs/s)", file=sys.stderr, flush=True)
+            r = asyncio.run(bench_size(n, d, args.repeat, args.enqueues, args.rounds,
+                                       args.full_scan_max, args.settle_s))
+            r["prefilled"] = filled is None
+            if filled is not None:
+                r["fill_s"], r["fill_jobs_per_s"] = filled["fill_s"], filled["jobs_per_s"]
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    finally:
+        if not args.data_dir:
+            shutil.rmtree(root, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(main())
