@@ -82,7 +82,6 @@ FULL_SCAN = "SELECT COUNT(*) FROM jobs WHERE tenant = 'bench' AND priority >= 0"
 N_FAILED = 100
 MIX = [950, 0, 0, 50, 0]  # Succeeded, Failed, Cancelled, Waiting, Scheduled (per mille)
 SHARDS = 8
-ENQUEUER = "enqueuer"  # replaced by a tenant the bench tenant's shard owns (same_shard)
 
 
 def prefill(data_dir: Path, n: int) -> dict:
@@ -96,36 +95,42 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p * len(xs)))]
 
 
-async def enqueue_latencies(s: Shard, n: int) -> list[float]:
+async def enqueue_latencies(s: Shard, tenant: str, n: int) -> list[float]:
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        await enq.enqueue(s, tenant=ENQUEUER, job_id="", priority=50, start_at_ms=0,
+        await enq.enqueue(s, tenant=tenant, job_id="", priority=50, start_at_ms=0,
                           retry_policy=None, payload=b"\x80", limits=[], metadata={},
                           task_group="e")
         out.append((time.perf_counter() - t0) * 1000)
     return out
 
 
-async def timed(s: Shard, sql: str, repeat: int) -> dict:
-    times = []
-    for _ in range(repeat):
-        with ranges.count_reads() as reads:
-            t0 = time.perf_counter()
-            await query_shard(s, sql, [])
-            times.append((time.perf_counter() - t0) * 1000)
-    return {"median_ms": round(statistics.median(times), 2),
-            "p95_ms": round(pct(times, 0.95), 2), "keys_read": reads[0]}
+async def timed_once(s: Shard, sql: str) -> tuple[float, float, int]:
+    """(wall ms, process CPU ms, keys read) of one statement. CPU is every thread of the
+    process (DataFusion's, SlateDB's), so it means something on a loaded box too."""
+    with ranges.count_reads() as reads:
+        c0, t0 = time.process_time(), time.perf_counter()
+        await query_shard(s, sql, [])
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return wall * 1000, cpu * 1000, reads[0]
 
 
-async def enqueue_under_scan(s: Shard, enqueues: int, rounds: int) -> dict:
+def summary(samples: list[tuple[float, float, int]]) -> dict:
+    walls = [w for w, _, _ in samples]
+    cpus = [c for _, c, _ in samples]
+    return {"median_ms": round(statistics.median(walls), 2), "p95_ms": round(pct(walls, 0.95), 2),
+            "cpu_median_ms": round(statistics.median(cpus), 2), "keys_read": samples[-1][2]}
+
+
+async def enqueue_under_scan(s: Shard, tenant: str, enqueues: int, rounds: int) -> dict:
     """Alternate rounds alone / with a full scan looping, so load drift hits both."""
     alone: list[float] = []
     busy: list[float] = []
     scans = 0
     per_round = max(1, enqueues // rounds)
     for _ in range(rounds):
-        alone += await enqueue_latencies(s, per_round)
+        alone += await enqueue_latencies(s, tenant, per_round)
         stop = asyncio.Event()
 
         async def loop(stop: asyncio.Event) -> None:
@@ -136,7 +141,7 @@ async def enqueue_under_scan(s: Shard, enqueues: int, rounds: int) -> dict:
 
         task = asyncio.create_task(loop(stop))
         await asyncio.sleep(0.05)
-        busy += await enqueue_latencies(s, per_round)
+        busy += await enqueue_latencies(s, tenant, per_round)
         stop.set()
         task.cancel()  # the scan in flight (minutes at 1M jobs) is not waited for
         with contextlib.suppress(asyncio.CancelledError):
@@ -164,13 +169,13 @@ async def open_tenant_shard(data_dir: Path):
     try:
         shard_map, _ = load_or_create(data_dir, config.shards)
         e = shard_map.shard_for_tenant(T)
-        global ENQUEUER  # noqa: PLW0603 - one bench run, one shard
-        ENQUEUER = next(t for t in (f"enqueuer-{i}" for i in range(10_000))
+        # Enqueue into a tenant of the same shard (a job stored where a server finds it).
+        enqueuer = next(t for t in (f"enqueuer-{i}" for i in range(10_000))
                         if shard_map.shard_for_tenant(t).shard_id == e.shard_id)
         s = await Shard.open(e.shard_id, e.range_start, e.range_end,
                              config.object_store_url_resolved(), fill.shard_config(config))
         try:
-            yield s
+            yield s, enqueuer
         finally:
             await s.close()
     finally:
@@ -199,23 +204,58 @@ async def settle(s: Shard, max_s: float) -> float:
     return round(time.perf_counter() - t0, 1)
 
 
-async def bench_size(n: int, data_dir: Path, repeat: int, enqueues: int, rounds: int,
-                     full_scan_max: int, settle_s: float) -> dict:
-    async with open_tenant_shard(data_dir) as s:
-        have, failed = jobs_in(s), jobs_in(s, "Failed")
-        if (have, failed) != (n, N_FAILED):
-            raise SystemExit(f"{data_dir} holds {have} jobs ({failed} Failed) of tenant "
-                             f"{T!r}, not {n} ({N_FAILED}): remove it to fill it again")
-        out: dict = {"jobs": n, "data_dir": str(data_dir)}
-        out["storage_at_open"] = storage_shape(s)
-        out["settle_s"] = await settle(s, settle_s)
-        out["storage"] = storage_shape(s)
+async def bench_all(sizes: list[tuple[int, Path]], repeat: int, enqueues: int, rounds: int,
+                    full_scan_max: int, settle_s: float) -> list[dict]:
+    """Every size's shard open at once; each statement timed round-robin over the sizes,
+    so load from other processes drifting over the run hits every size alike."""
+    async with contextlib.AsyncExitStack() as stack:
+        opened = []
+        for n, d in sizes:
+            s, enqueuer = await stack.enter_async_context(open_tenant_shard(d))
+            have, failed = jobs_in(s), jobs_in(s, "Failed")
+            if (have, failed) != (n, N_FAILED):
+                raise SystemExit(f"{d} holds {have} jobs ({failed} Failed) of tenant {T!r}, "
+                                 f"not {n} ({N_FAILED}): remove it to fill it again")
+            opened.append((n, d, s, enqueuer))
+        outs = []
+        for n, d, s, _ in opened:
+            out: dict = {"jobs": n, "data_dir": str(d), "storage_at_open": storage_shape(s)}
+            out["settle_s"] = await settle(s, settle_s)
+            out["storage"] = storage_shape(s)
+            outs.append(out)
         for name, sql in QUERIES.items():
-            out[name] = await timed(s, sql, repeat)
-        if n <= full_scan_max:
-            out["full scan"] = await timed(s, FULL_SCAN, 1)
-        out.update(await enqueue_under_scan(s, enqueues, rounds))
-        return out
+            for _, _, s, _ in opened:  # warm-up: first reads of each shard's blocks
+                await timed_once(s, sql)
+            samples: list[list[tuple[float, float, int]]] = [[] for _ in opened]
+            for _ in range(repeat):
+                for i, (_, _, s, _) in enumerate(opened):
+                    samples[i].append(await timed_once(s, sql))
+            for out, got in zip(outs, samples, strict=True):
+                out[name] = summary(got)
+        for out, (n, _, s, enqueuer) in zip(outs, opened, strict=True):
+            if n <= full_scan_max:
+                out["full scan"] = summary([await timed_once(s, FULL_SCAN)])
+            out.update(await enqueue_under_scan(s, enqueuer, enqueues, rounds))
+        return outs
+
+
+def print_table(results: list[dict]) -> None:
+    sizes = [f"{r['jobs']:,}" for r in results]
+    print("median wall ms / median process CPU ms / keys read, per size (jobs in the tenant)")
+    print(f"{'statement':18s} " + " ".join(f"{x:>24s}" for x in sizes) + "   max/min")
+    for name in [*QUERIES, "full scan"]:
+        cells, med = [], []
+        for r in results:
+            m = r.get(name)
+            if m is None:
+                cells.append(f"{'-':>24s}")
+                continue
+            med.append(m["median_ms"])
+            cells.append(f"{m['median_ms']:>9.1f} /{m['cpu_median_ms']:>7.1f} /{m['keys_read']:>5d}")
+        ratio = f"{max(med) / min(med):.2f}" if len(med) > 1 and min(med) > 0 else ""
+        print(f"{name:18s} " + " ".join(cells) + f"   {ratio}")
+    for key in ("enqueue_p99_ms", "enqueue_p99_ms_during_full_scan"):
+        print(f"{key:32s} " + " ".join(f"{r.get(key, '-')!s:>10s}" for r in results))
 
 
 def main() -> int:
@@ -235,23 +275,27 @@ def main() -> int:
     # Measure, do not enforce: no statement timeout, no slow-query log lines.
     settings.SETTINGS = settings.QuerySettings(statement_timeout_ms=0, slow_query_log_ms=0)
     root = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="silo-qb-"))
-    results = []
+    results: list[dict] = []
     try:
+        sizes = []
+        fills: dict[int, dict] = {}
         for n in (int(x) for x in args.jobs.split(",")):
             d = root / f"jobs-{n}"
-            filled = None
             if not (d / "shardmap.json").exists():
                 t0 = time.perf_counter()
-                filled = prefill(d, n)
+                fills[n] = prefill(d, n)
                 print(f"filled {n:,} jobs in {time.perf_counter() - t0:.0f} s "
-                      f"({filled['jobs_per_s']:,} jobs/s)", file=sys.stderr, flush=True)
-            r = asyncio.run(bench_size(n, d, args.repeat, args.enqueues, args.rounds,
-                                       args.full_scan_max, args.settle_s))
-            r["prefilled"] = filled is None
-            if filled is not None:
-                r["fill_s"], r["fill_jobs_per_s"] = filled["fill_s"], filled["jobs_per_s"]
-            results.append(r)
+                      f"({fills[n]['jobs_per_s']:,} jobs/s)", file=sys.stderr, flush=True)
+            sizes.append((n, d))
+        results = asyncio.run(bench_all(sizes, args.repeat, args.enqueues, args.rounds,
+                                        args.full_scan_max, args.settle_s))
+        for r in results:
+            f = fills.get(r["jobs"])
+            r["prefilled"] = f is None
+            if f is not None:
+                r["fill_s"], r["fill_jobs_per_s"] = f["fill_s"], f["jobs_per_s"]
             print(json.dumps(r), flush=True)
+        print_table(results)
     finally:
         if not args.data_dir:
             shutil.rmtree(root, ignore_errors=True)

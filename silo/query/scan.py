@@ -209,7 +209,11 @@ async def _candidate_rows(shard: Shard, scan: Scan, need_info: bool, now: int,
     transition)."""
     db = shard.db
     status_keys = [keys.job_status(t, j) for t, j in part]
-    raw_status = await _gets(db, status_keys)
+    # The info row alone proves the job exists (a delete removes both): a statement
+    # that needs info but no status column and no status filter skips the status reads.
+    need_status = not need_info or scan.statuses is not None or bool(
+        _needed(scan) & _STATUS_COLUMNS)
+    raw_status = await _gets(db, status_keys) if need_status else [None] * len(part)
     raw_info = (await _gets(db, [keys.job_info(t, j) for t, j in part]) if need_info
                 else [None] * len(part))
     out: list[_Raw | None] = []
