@@ -38,7 +38,7 @@ from silo.runtime.health import follow_node_health
 from silo.runtime.node import Node
 from silo.runtime.status import ProcessTable
 from silo.shard.state import ShardConfig
-from silo.storage.slatedb_settings import StorageTuning, slatedb_settings
+from silo.storage.slatedb_settings import StorageTuning, set_block_cache_bytes, slatedb_settings
 
 log = logging.getLogger("silo.worker")
 
@@ -82,6 +82,7 @@ async def serve_worker(spec: WorkerSpec) -> int:
     metrics.start_worker(spec.index)
     tracing.start_worker(spec.index)
     profiling.allow_ptrace_from_parent()
+    set_block_cache_bytes(config.block_cache_bytes)  # shared by this process's shards
     node = Node(
         spec.shard_map,
         config.object_store_url_resolved(),
@@ -94,7 +95,7 @@ async def serve_worker(spec: WorkerSpec) -> int:
                     slatedb=slatedb_settings(StorageTuning(
                         config.compactor_poll_interval_ms, config.gc_interval_s,
                         config.gc_min_age_s, config.gc_sst_min_age_s,
-                        config.compactor_min_sources)),
+                        config.compactor_min_sources, config.max_unflushed_bytes)),
                     l0_flush_interval_s=config.l0_flush_interval_s,
                     write_timeout_ms=config.write_timeout_ms,
                     ready_buffer_size=config.ready_buffer_size),
