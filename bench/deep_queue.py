@@ -12,9 +12,15 @@ off every job belongs to tenant "-", so the whole queue is in one shard. Then:
     LeaseTasks(max_tasks=1) calls one after the other (reference depth);
  2. pre-fills up to --jobs queued jobs, waits until idle, times 200 LeaseTasks again, and
     reads the RSS of every server process (supervisor and workers, /proc/PID/status);
- 3. stops the server with SIGTERM (timed), starts it again on the same data dir and
-    times process start -> ready line -> first LeaseTasks that returns a task; then RSS
-    and 200 LeaseTasks again.
+ 3. stops the server with SIGTERM (timed), starts it again on the same data dir, on a
+    gRPC port chosen in advance, with a client already retrying LeaseTasks (reconnecting
+    every 5-20 ms) from the moment of the spawn, and times process start -> first
+    LeaseTasks answered -> first task leased, and -> the ready line (which also waits for
+    the web UI); then RSS and 200 LeaseTasks again.
+
+The server processes get a bytecode cache (a temp PYTHONPYCACHEPREFIX) as an installed
+server has one; `--no-bytecode-cache` keeps PYTHONDONTWRITEBYTECODE from the
+environment, so every start compiles silo from source.
 
 Every leased task is reported as a success after its measurement (not timed). The server
 is always stopped, also on Ctrl-C. See bench/README.md ("Deep queue").
