@@ -37,6 +37,7 @@ from silo.runtime.forward import PeerServer
 from silo.runtime.health import follow_node_health
 from silo.runtime.node import Node
 from silo.runtime.status import ProcessTable
+from silo.runtime.trim import trim_forever
 from silo.shard.state import ShardConfig
 from silo.storage.slatedb_settings import StorageTuning, set_block_cache_bytes, slatedb_settings
 
@@ -114,6 +115,7 @@ async def serve_worker(spec: WorkerSpec) -> int:
     )
     await node.open()
     flusher = asyncio.create_task(metrics.flush_forever(node), name="silo-metrics")
+    trimmer = asyncio.create_task(trim_forever(), name="silo-trim")  # storage's freed memory
     fatal = asyncio.Event()
 
     def storage_failed(e: BaseException) -> None:
@@ -171,6 +173,7 @@ async def serve_worker(spec: WorkerSpec) -> int:
     for w in waits:
         w.cancel()
     flusher.cancel()
+    trimmer.cancel()
     if health is not None:
         health.cancel()
     await lame_duck(server)
