@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import mmap
 import os
@@ -158,6 +159,7 @@ async def serve_worker(spec: WorkerSpec) -> int:
         web_cls = await asyncio.get_running_loop().run_in_executor(None, _import_web_stack)
         web_ui = web_cls(service, config, spec.web_addr, spec.web_secret)
         await web_ui.start()
+        gc.freeze()  # the web stack's modules join the start-up objects (see tune_gc)
     log.info("worker %d (pid %d) serving %d shards", spec.index, os.getpid(), len(node.shards))
     if control is not None:
         control.send(READY)
