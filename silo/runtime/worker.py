@@ -38,7 +38,7 @@ from silo.runtime.forward import PeerServer
 from silo.runtime.health import follow_node_health
 from silo.runtime.node import Node
 from silo.runtime.status import ProcessTable
-from silo.runtime.trim import trim_forever
+from silo.runtime.trim import limit_arenas, trim_forever
 from silo.shard.state import ShardConfig
 from silo.storage.slatedb_settings import StorageTuning, set_block_cache_bytes, slatedb_settings
 
@@ -228,6 +228,7 @@ def run_worker(spec: WorkerSpec) -> int:
     from silo.runtime.server import setup_logging  # noqa: PLC0415 - avoid an import cycle
 
     setup_logging(spec.config.log_level, spec.config.log_format, worker=spec.index)
+    limit_arenas()  # before SlateDB's and gRPC's threads start (silo.runtime.trim)
     try:
         return uvloop.run(serve_worker(spec))
     except Exception:  # noqa: BLE001 - report, then let the supervisor restart us

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
-from silo.runtime.trim import resident_bytes, should_trim, trim_forever
+from silo.runtime.trim import (
+    ARENA_MAX,
+    M_ARENA_MAX,
+    limit_arenas,
+    resident_bytes,
+    should_trim,
+    trim_forever,
+)
 
 MiB = 1 << 20
 
@@ -40,3 +47,22 @@ def test_trims_when_resident_size_grew_and_rebases_after():
 
 def test_without_malloc_trim_it_returns_at_once():
     asyncio.run(asyncio.wait_for(trim_forever(trim=None), 1.0))
+
+
+class _Libc:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return 1
+
+
+def test_limit_arenas_unless_the_operator_chose():
+    libc = _Libc()
+    assert limit_arenas({}, libc)
+    assert libc.calls == [(M_ARENA_MAX, ARENA_MAX)]
+    chosen = _Libc()
+    assert not limit_arenas({"MALLOC_ARENA_MAX": "8"}, chosen)
+    assert chosen.calls == []
+    assert not limit_arenas({}, object())  # no mallopt (not glibc)
