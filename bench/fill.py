@@ -50,10 +50,11 @@ from slatedb.uniffi import KeyRange
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from silo.cluster.shardmap import DEFAULT_TENANT, load_or_create  # noqa: E402
-from silo.config import Config, load_config  # noqa: E402
+from silo.config import load_config  # noqa: E402
 from silo.runtime.server import lock_data_dir, unlock_data_dir  # noqa: E402
+from silo.runtime.worker import shard_config  # noqa: E402
 from silo.shard import import_  # noqa: E402
-from silo.shard.state import Shard, ShardConfig  # noqa: E402
+from silo.shard.state import Shard  # noqa: E402
 from silo.storage import keys  # noqa: E402
 from silo.storage.db import StorageError  # noqa: E402
 from silo.storage.records import (  # noqa: E402
@@ -61,28 +62,12 @@ from silo.storage.records import (  # noqa: E402
     ATTEMPT_FAILED,
     ATTEMPT_SUCCEEDED,
 )
-from silo.storage.slatedb_settings import StorageTuning, slatedb_settings  # noqa: E402
 
 STATUSES = ("Succeeded", "Failed", "Cancelled", "Waiting", "Scheduled")
 DEFAULT_MIX = "850,50,30,50,20"
 PAYLOAD = b"\x81\xa1i\x01"  # msgpack {"i": 1}
 DAY_MS = 86_400_000
 FILL_WRITE_TIMEOUT_MS = 600_000
-
-
-def shard_config(config: Config) -> ShardConfig:
-    """The ShardConfig a server worker builds from `config` (silo.runtime.worker)."""
-    return ShardConfig(
-        lease_ms=config.lease_ms, flush_interval_ms=config.flush_interval_ms,
-        commit_interval_ms=config.commit_interval_ms,
-        l0_sst_size_bytes=config.l0_sst_size_bytes, flush_on_commit=config.flush_on_commit,
-        completed_job_expire_ms=config.completed_job_expire_s * 1000,
-        terminal_job_expire_ms=config.terminal_job_expire_s * 1000,
-        slatedb=slatedb_settings(StorageTuning(
-            config.compactor_poll_interval_ms, config.gc_interval_s, config.gc_min_age_s,
-            config.gc_sst_min_age_s, config.compactor_min_sources)),
-        l0_flush_interval_s=config.l0_flush_interval_s,
-        write_timeout_ms=config.write_timeout_ms, ready_buffer_size=config.ready_buffer_size)
 
 
 def parse_mix(text: str) -> list[int]:

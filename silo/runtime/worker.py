@@ -74,6 +74,23 @@ class WorkerSpec:
         self.web_secret = web_secret  # the same for every worker: see silo.web.security
 
 
+def shard_config(config: Config) -> ShardConfig:
+    """The per-shard settings every worker derives from the configuration; tools that
+    open a data dir offline (bench/fill.py) call this too, so they open it exactly as a
+    server would."""
+    return ShardConfig(
+        lease_ms=config.lease_ms, flush_interval_ms=config.flush_interval_ms,
+        commit_interval_ms=config.commit_interval_ms,
+        l0_sst_size_bytes=config.l0_sst_size_bytes, flush_on_commit=config.flush_on_commit,
+        completed_job_expire_ms=config.completed_job_expire_s * 1000,
+        terminal_job_expire_ms=config.terminal_job_expire_s * 1000,
+        slatedb=slatedb_settings(StorageTuning(
+            config.compactor_poll_interval_ms, config.gc_interval_s, config.gc_min_age_s,
+            config.gc_sst_min_age_s, config.compactor_min_sources, config.max_unflushed_bytes)),
+        l0_flush_interval_s=config.l0_flush_interval_s,
+        write_timeout_ms=config.write_timeout_ms, ready_buffer_size=config.ready_buffer_size)
+
+
 async def serve_worker(spec: WorkerSpec) -> int:
     """Serve until told to stop. The stop is two-phase, coordinated by the supervisor:
     DRAIN stops public calls and finishes those in flight (they may still forward to
@@ -88,19 +105,7 @@ async def serve_worker(spec: WorkerSpec) -> int:
     node = Node(
         spec.shard_map,
         config.object_store_url_resolved(),
-        ShardConfig(lease_ms=config.lease_ms, flush_interval_ms=config.flush_interval_ms,
-                    commit_interval_ms=config.commit_interval_ms,
-                    l0_sst_size_bytes=config.l0_sst_size_bytes,
-                    flush_on_commit=config.flush_on_commit,
-                    completed_job_expire_ms=config.completed_job_expire_s * 1000,
-                    terminal_job_expire_ms=config.terminal_job_expire_s * 1000,
-                    slatedb=slatedb_settings(StorageTuning(
-                        config.compactor_poll_interval_ms, config.gc_interval_s,
-                        config.gc_min_age_s, config.gc_sst_min_age_s,
-                        config.compactor_min_sources, config.max_unflushed_bytes)),
-                    l0_flush_interval_s=config.l0_flush_interval_s,
-                    write_timeout_ms=config.write_timeout_ms,
-                    ready_buffer_size=config.ready_buffer_size),
+        shard_config(config),
         tenancy=config.tenancy,
         dev_mode=config.dev_mode,
         advertised_addr=spec.advertised_addr,
