@@ -497,4 +497,17 @@ def load_config(
     values); ``None`` values are ignored. Environment variables set to "" count as unset.
     Raises ConfigError (one-line message) on any invalid input.
     """
-    return Config(**merge_sources(OPTIONS, _DEFAULTS, argv_overrides, environ, config_file))
+    config = Config(**merge_sources(OPTIONS, _DEFAULTS, argv_overrides, environ, config_file))
+    _check_combinations(config)
+    return config
+
+
+def _check_combinations(config: Config) -> None:
+    """Options valid alone but not together. Without flush_on_commit a commit is durable
+    only at SlateDB's next WAL flush tick, so a tick slower than the write bound would
+    fail every write as "storage stalled" (the shard's first write at open included)."""
+    if not config.flush_on_commit and config.flush_interval_ms >= config.write_timeout_ms:
+        raise ConfigError(
+            f"invalid value for storage.flush_interval_ms: {config.flush_interval_ms} must be "
+            f"below storage.write_timeout_ms ({config.write_timeout_ms}) when "
+            "storage.flush_on_commit is off")

@@ -179,7 +179,11 @@ def get_retrying(c, job_id: str, tenant: str):
 
 def test_sigterm_lets_in_flight_forwarded_calls_finish(tmp_path):
     """Calls in flight when SIGTERM arrives, forwarded to the other worker and waiting
-    there for a slow WAL flush (6 s), all finish OK; the server exits 0, no traceback."""
+    there for a slow WAL flush (6 s), all finish OK; the server exits 0, no traceback.
+
+    SIGTERM goes once the owner has staged a round of 16 calls (GetJob sees them) and at
+    least 8 are still unanswered; a round that a WAL tick happened to answer is awaited
+    and another is sent, so no guessed sleep decides what the test exercises."""
     srv = Server(tmp_path / "d", "--processes", str(PROCS), "--tenancy", "--shards", "4",
                  "--commit-interval-ms", "1000", "--flush-interval-ms", "6000",
                  "--no-flush-on-commit", "--forward-timeout-ms", "60000")
@@ -188,6 +192,10 @@ def test_sigterm_lets_in_flight_forwarded_calls_finish(tmp_path):
         theirs = owned_by(c, 1)
         tenants = [tenant_on(c, theirs, start=i * 1000) for i in range(4)]
         c.channel.close()
+
+        def request(cls, r: int, k: int, **kw):
+            t = tenants[k % 4]
+            return cls(shard=c.shard_for(t), tenant=t, id=f"term-{r}-{k}", **kw)
 
         async def load():
             for nonce in range(64):  # a connection that landed on worker 0
@@ -200,27 +208,46 @@ def test_sigterm_lets_in_flight_forwarded_calls_finish(tmp_path):
                     break
                 await ch.close()
             stub = pb_grpc.SiloStub(ch)
-            calls = [asyncio.ensure_future(stub.Enqueue(pb.EnqueueRequest(
-                shard=c.shard_for(tenants[k % 4]), tenant=tenants[k % 4], task_group="term",
-                id=f"term-{k}"), timeout=60)) for k in range(16)]
-            await asyncio.sleep(2.0)  # received by the server even on a loaded machine
-            in_flight = [k for k, f in enumerate(calls) if not f.done()]
+
+            async def staged(r: int, k: int) -> bool:
+                try:
+                    await stub.GetJob(request(pb.GetJobRequest, r, k), timeout=10)
+                except grpc.aio.AioRpcError as e:
+                    if e.code() == grpc.StatusCode.NOT_FOUND:
+                        return False
+                    raise
+                return True
+
+            for r in range(5):
+                calls = [asyncio.ensure_future(stub.Enqueue(
+                    request(pb.EnqueueRequest, r, k, task_group="term"), timeout=60))
+                    for k in range(16)]
+                deadline = time.monotonic() + 60
+                while not all([await staged(r, k) for k in range(16)]):
+                    assert time.monotonic() < deadline, "the owner never staged the calls"
+                    await asyncio.sleep(0.05)
+                in_flight = [k for k, f in enumerate(calls) if not f.done()]
+                if len(in_flight) >= 8:  # most still wait for durability
+                    break
+                await asyncio.gather(*calls)  # a WAL tick answered them: go again
+            else:
+                raise AssertionError("every round was answered before SIGTERM could go")
             srv.proc.send_signal(signal.SIGTERM)
             done = await asyncio.gather(*calls, return_exceptions=True)
             await ch.close()
-            return in_flight, done
+            return r, done
 
-        in_flight, done = asyncio.run(load())
+        rounds, done = asyncio.run(load())
         assert srv.proc.wait(60) == 0
-    assert len(in_flight) >= 8  # most were still waiting for durability at SIGTERM
     failed = [(k, r) for k, r in enumerate(done) if isinstance(r, BaseException)]
     assert failed == [], [(k, r.code(), r.details()) for k, r in failed]
     assert not any("Traceback" in x for x in srv.log), "".join(srv.log)
     with Server(tmp_path / "d", "--tenancy") as srv2:
         c2 = srv2.client()
-        for k in range(16):
-            assert c2.get(f"term-{k}", tenant=tenants[k % 4]).status == \
-                pb.JOB_STATUS_SCHEDULED
+        for r in range(rounds + 1):
+            for k in range(16):
+                assert c2.get(f"term-{r}-{k}", tenant=tenants[k % 4]).status == \
+                    pb.JOB_STATUS_SCHEDULED
         c2.channel.close()
 
 

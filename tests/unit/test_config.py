@@ -487,3 +487,13 @@ def tomllib_keys(text: str) -> list[str]:
 def test_config_roundtrips_through_msgspec():
     cfg = load(env={"SILO_SHARDS": "12"})
     assert msgspec.json.decode(msgspec.json.encode(cfg), type=Config) == cfg
+
+
+def test_flush_interval_must_be_below_the_write_bound_without_flush_on_commit():
+    """Without flush_on_commit every commit waits for the WAL tick: a tick slower than the
+    write bound would fail every write, the shard's open included, so refuse it up front."""
+    args = {"flush_on_commit": False, "flush_interval_ms": 20_000, "write_timeout_ms": 10_000}
+    with pytest.raises(ConfigError, match=r"storage\.flush_interval_ms.*storage\.write_timeout_ms"):
+        load_config(args, {}, None)
+    load_config({**args, "write_timeout_ms": 30_000}, {}, None)
+    load_config({**args, "flush_on_commit": True}, {}, None)  # the commit flushes itself
