@@ -23,7 +23,7 @@ def test_filters_become_parameters_never_sql_text():
     sql, params = joblist.build(f, joblist.Cursor(5, evil, evil), 51)
     assert evil not in sql and "'" not in sql
     assert params.count(evil) == 7 and "Failed" in params and 5 in params
-    assert sql.endswith("ORDER BY enqueue_time_ms DESC, id DESC, shard_id DESC LIMIT 51")
+    assert sql.endswith("ORDER BY status_changed_at_ms DESC, id DESC, shard_id DESC LIMIT 51")
     prefix, _ = joblist.build(joblist.Filters(meta_key="k", meta_value="v", meta_prefix=True),
                               None, 10)
     assert "starts_with(array_any_value(element_at(metadata, $1)), $2)" in prefix
