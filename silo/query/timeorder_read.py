@@ -22,6 +22,7 @@ status counters): a rare status (Running, Failed) keeps the status-index read.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 
 from silo.query import ranges, timeorder
@@ -117,9 +118,10 @@ def _status_words_count(shard: Shard, scan: Scan, tenants: list[str]) -> tuple[i
     return matching, total
 
 
-async def _confirm(shard: Shard, scan: Scan, now: int, cands: list[tuple[str, str, int]]
-                   ) -> list[_Raw]:
-    """The raw rows of the candidates (tenant, job_id, ms) that match every filter."""
+async def _confirm(shard: Shard, scan: Scan, now: int, cands: list[tuple[str, str, int]],
+                   together: bool) -> list[_Raw]:
+    """The raw rows of the candidates (tenant, job_id, ms) that match every filter;
+    together: read status and info rows at once (no status walk)."""
     from silo.query.scan import status_word  # noqa: PLC0415 - scan.py calls us
 
     db = shard.db
@@ -127,16 +129,26 @@ async def _confirm(shard: Shard, scan: Scan, now: int, cands: list[tuple[str, st
                 or scan.keyset.admits(c[2], c[1], shard.id)]
     if not admitted:
         return []
-    raw_status = await ranges.gets(db, [keys.job_status(t, j) for t, j, _ in admitted])
+    status_keys = [keys.job_status(t, j) for t, j, _ in admitted]
+    if together:  # most candidates match: both reads at once, one round trip
+        raw_status, raw_info_all = await asyncio.gather(
+            ranges.gets(db, status_keys),
+            ranges.gets(db, [keys.job_info(t, j) for t, j, _ in admitted]))
+    else:  # a status walk: most candidates are dropped on their status row
+        raw_status, raw_info_all = await ranges.gets(db, status_keys), None
     kept = []
-    for c, rs in zip(admitted, raw_status, strict=True):
+    infos: list[bytes | None] = []
+    for i, (c, rs) in enumerate(zip(admitted, raw_status, strict=True)):
         if rs is None:
             continue  # deleted meanwhile
         if scan.statuses is not None and status_word(
                 job_status_decoder.decode(rs), now) not in scan.statuses:
             continue
         kept.append((c, rs))
-    raw_info = await ranges.gets(db, [keys.job_info(t, j) for (t, j, _), _ in kept])
+        if raw_info_all is not None:
+            infos.append(raw_info_all[i])
+    raw_info = (infos if raw_info_all is not None else
+                await ranges.gets(db, [keys.job_info(t, j) for (t, j, _), _ in kept]))
     out: list[_Raw] = []
     for ((t, j, _), rs), ri in zip(kept, raw_info, strict=True):
         if ri is None:
@@ -175,14 +187,16 @@ async def read_jobs(shard: Shard, scan: Scan, tenants: list[str], now: int
     cursors = [_Cursor(shard, src[0], src[1], *_bounds(src, ks), slice_, not newest_first)
                for src in srcs]
     try:
-        return await _merge(shard, scan, now, cursors, n, -1 if newest_first else 1)
+        together = source == "status" or scan.statuses is None
+        return await _merge(shard, scan, now, cursors, n, -1 if newest_first else 1,
+                            together)
     finally:
         for c in cursors:
             await c.close()
 
 
 async def _merge(shard: Shard, scan: Scan, now: int, cursors: list[_Cursor],
-                 n: int, sign: int) -> list[_Raw]:
+                 n: int, sign: int, together: bool) -> list[_Raw]:
     """Candidates newest first (sign -1; oldest first: 1) across the ranges, confirmed
     in rounds; stop once n are confirmed and the next candidate's enqueue time differs
     from the n-th confirmed one's."""
@@ -212,7 +226,7 @@ async def _merge(shard: Shard, scan: Scan, now: int, cursors: list[_Cursor],
                 heapq.heappop(heap)
             else:
                 heapq.heapreplace(heap, (sign * nxt[0], i))
-        got = await _confirm(shard, scan, now, batch)
+        got = await _confirm(shard, scan, now, batch, together)
         ms_of = {(keys.job_status(t, j)[1:]): ms for t, j, ms in batch}
         for r in got:
             out.append(r)
