@@ -3,7 +3,7 @@
 The web UI's job list (silo.web.joblist) asks for `ORDER BY <time> DESC, id DESC,
 shard_id DESC LIMIT n` with equality filters (tenant, status, task group, one metadata
 key = value) and, past page 1, a keyset cursor `(<time>, id, shard_id) < (ts, id,
-shard)`. <time> is enqueue_time_ms, which the enqueue-time indexes (0x10/0x11/0x12,
+shard)`. <time> is enqueue_time_ms, which the enqueue-time indexes (0x10/0x11,
 keys.py) hold in that order; with a status filter it is the status index's own time
 (0x03: the status change, or the next attempt's start for Waiting/Scheduled), which
 that index holds in that order. Either way a page reads about n index rows and n job
@@ -132,7 +132,7 @@ def recognise(scan, conjunct, eq: tuple[str, set[str]] | None) -> bool:
 
 
 def served(scan) -> str | None:
-    """Which index serves the scan: "enqueue" (0x10/0x11/0x12) or "status" (0x03), or
+    """Which index serves the scan: "enqueue" (0x10/0x11) or "status" (0x03), or
     None when it is not the job list's shape (a LIMIT over one of those orders, newest
     first or a keyset page, with only filters the time-ordered read checks itself)."""
     if (scan.table != "jobs" or scan.unrecognised or scan.ids is not None

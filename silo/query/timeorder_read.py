@@ -1,9 +1,10 @@
 """Reading a job-list page from a time-ordered index: about n rows per shard.
 
 For a scan timeorder.served() accepts, each tenant contributes index ranges whose rows
-sort newest first by the page's time: in enqueue order the metadata time index (0x12)
-for a metadata key = value, else the task-group time index (0x11, one range per
-group), else the tenant's (0x10); in status order the status index (0x03) rows of each
+sort newest first by the page's time: in enqueue order the metadata time index (0x11)
+for a metadata key = value, else the enqueue-time index (0x10) of each task group
+asked for, or of every task group the tenant has (found by skipping from one group's
+rows to the next: one short read per group); in status order the status index (0x03) rows of each
 status word (Waiting and Scheduled split at now). A keyset cursor starts each range at
 its time. The ranges are merged by time and each candidate is confirmed by its status
 and info rows (status words, task group, metadata, the cursor's tie-break); reading
@@ -68,7 +69,28 @@ class _Cursor:
 _Source = tuple[str, bytes, bytes, bytes | None]  # (tenant, prefix, start, end)
 
 
-def _sources(scan: Scan, source: str, tenant: str, now: int) -> list[_Source]:
+async def _groups(shard: Shard, tenant: str) -> list[str]:
+    """The task groups with 0x10 rows of a tenant: one single-row read per group."""
+    base = keys.tenant_groups_prefix(tenant)
+    end = keys.prefix_end(base)
+    start: bytes | None = base
+    out: list[str] = []
+    while start is not None:
+        it = ranges.rows(shard.db, start, end, 1)
+        try:
+            batch = await anext(it, None)
+        finally:
+            await it.aclose()
+        if not batch:
+            break
+        group, _ = keys.dec_str(batch[0].key, len(base))
+        out.append(group)
+        start = keys.prefix_end(keys.group_time_prefix(tenant, group))
+    return out
+
+
+async def _sources(shard: Shard, scan: Scan, source: str, tenant: str, now: int
+                   ) -> list[_Source]:
     """The index ranges of one tenant whose rows (prefix + time + job id) hold the
     scan's candidates newest first."""
     if source == "status":
@@ -88,7 +110,7 @@ def _sources(scan: Scan, source: str, tenant: str, now: int) -> list[_Source]:
     elif scan.job_groups is not None:
         ps = [keys.group_time_prefix(tenant, g) for g in sorted(scan.job_groups)]
     else:
-        ps = [keys.job_time_prefix(tenant)]
+        ps = [keys.group_time_prefix(tenant, g) for g in await _groups(shard, tenant)]
     return [(tenant, p, p, keys.prefix_end(p)) for p in ps]
 
 
@@ -180,7 +202,7 @@ async def read_jobs(shard: Shard, scan: Scan, tenants: list[str], now: int
             return None
     ks = scan.keyset
     newest_first = ks is None or ks.older
-    srcs = [src for t in tenants for src in _sources(scan, source, t, now)]
+    srcs = [src for t in tenants for src in await _sources(shard, scan, source, t, now)]
     if not srcs:
         return []
     slice_ = max(1, min(ranges.SLICE, n // len(srcs) + 1))

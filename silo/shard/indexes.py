@@ -1,7 +1,7 @@
 """The query indexes: the enqueue-time rows, backfill of an older layout, active rows.
 
 Layout 1 data dirs (the first release) have no status index (0x03) or metadata index
-(0x04); layout 2 ones lack the enqueue-time indexes (0x10/0x11/0x12, the job list's
+(0x04); layout 2 ones lack the enqueue-time indexes (0x10/0x11, the job list's
 order). The first open with this release derives what is missing from the job status
 (0x02) and job info (0x01) rows, in batches so a large shard does not build one huge
 write, then records `layout_version = 3` in the batch of the last rows: a crash mid-way

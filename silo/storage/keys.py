@@ -27,9 +27,8 @@ Tuple encoding:
 | 0x0B | floating limit state | (tenant, queue) | FloatingLimitState |
 | 0x0C | rate limiter bucket | (name, unique_key) | RateLimitState |
 | 0x0D | expiry index (retention) | (expire_at_ms u64, tenant, job_id) | empty; a terminal job to delete at expire_at_ms |
-| 0x10 | enqueue-time index | (tenant, u64::MAX − enqueue_ms u64, job_id) | empty; every job of a tenant, newest enqueue first (the job list's order) |
-| 0x11 | task-group time index | (tenant, task_group, u64::MAX − enqueue_ms u64, job_id) | empty; the same, per task group |
-| 0x12 | metadata time index | (tenant, key, value, u64::MAX − enqueue_ms u64, job_id) | empty; the jobs with key = value, newest enqueue first |
+| 0x10 | enqueue-time index | (tenant, task_group, u64::MAX − enqueue_ms u64, job_id) | empty; the jobs of a task group, newest enqueue first (the job list's order; a tenant's whole list merges its groups' ranges) |
+| 0x11 | metadata time index | (tenant, key, value, u64::MAX − enqueue_ms u64, job_id) | empty; the jobs with key = value, newest enqueue first |
 | 0x0E | pending task pointer | (tenant, job_id) | the 0x05 key of the job's pending task, only while that key's start time is not the job's next-attempt time (a rate-limit re-check) |
 | 0xF0 | shard counter | (name) | i64 big-endian (absolute value) |
 | 0xF8 | tenant status counter | (tenant, status) | i64 big-endian (absolute value) |
@@ -37,7 +36,7 @@ Tuple encoding:
 
 Shard meta names: `created_at_ms` (i64), `layout_version` (i64; absent = 1). Layout 1 is
 the first release (no 0x03/0x04/0x0D rows); layout 2 adds the status, metadata and expiry
-indexes; layout 3 adds the enqueue-time indexes 0x10/0x11/0x12 (immutable after
+indexes; layout 3 adds the enqueue-time indexes 0x10/0x11 (immutable after
 enqueue, like the job info they derive from, so only enqueue, import, delete and
 retention write them). A shard opened with an older layout backfills what is missing once, then writes
 `layout_version = LAYOUT_VERSION` in the same batch as the last backfilled rows.
@@ -63,9 +62,8 @@ FLOATING_LIMIT = 0x0B
 RATE_LIMIT_BUCKET = 0x0C
 EXPIRY_INDEX = 0x0D
 PENDING_POINTER = 0x0E
-JOB_TIME_INDEX = 0x10
-GROUP_TIME_INDEX = 0x11
-METADATA_TIME_INDEX = 0x12
+GROUP_TIME_INDEX = 0x10
+METADATA_TIME_INDEX = 0x11
 SHARD_COUNTER = 0xF0
 TENANT_STATUS_COUNTER = 0xF8
 SHARD_META = 0xFE
@@ -195,29 +193,30 @@ def _newest_first(ms: int) -> bytes:
     return enc_u64(_U64_MAX - max(0, ms))
 
 
-def job_time_prefix(tenant: str) -> bytes:
+def tenant_groups_prefix(tenant: str) -> bytes:
+    """Every 0x10 row of a tenant, task group by task group."""
     return b"\x10" + enc_str(tenant)
 
 
 def group_time_prefix(tenant: str, task_group: str) -> bytes:
-    return b"\x11" + enc_str(tenant) + enc_str(task_group)
+    return b"\x10" + enc_str(tenant) + enc_str(task_group)
 
 
 def metadata_time_prefix(tenant: str, key: str, value: str) -> bytes:
-    return b"\x12" + enc_str(tenant) + enc_str(key) + enc_str(value)
+    return b"\x11" + enc_str(tenant) + enc_str(key) + enc_str(value)
 
 
 def time_index_from(prefix: bytes, enqueue_ms: int) -> bytes:
-    """First key under a 0x10/0x11/0x12 prefix whose job was enqueued at or before
+    """First key under a 0x10/0x11 prefix whose job was enqueued at or before
     enqueue_ms (the rows sort newest first)."""
     return prefix + _newest_first(enqueue_ms)
 
 
 def time_index_rows(tenant: str, job_id: str, enqueue_ms: int, task_group: str,
                     metadata: dict[str, str]) -> list[bytes]:
-    """Every 0x10/0x11/0x12 key of one job."""
+    """Every 0x10/0x11 key of one job."""
     tail = _newest_first(enqueue_ms) + enc_str(job_id)
-    out = [job_time_prefix(tenant) + tail, group_time_prefix(tenant, task_group) + tail]
+    out = [group_time_prefix(tenant, task_group) + tail]
     out += [metadata_time_prefix(tenant, k, v) + tail for k, v in metadata.items()]
     return out
 

@@ -44,11 +44,11 @@ async def derived_and_actual(s: Shard) -> tuple[set, set, set, set]:
     return want_status, have_status, want_meta, have_meta
 
 
-TIME_KINDS = (keys.JOB_TIME_INDEX, keys.GROUP_TIME_INDEX, keys.METADATA_TIME_INDEX)
+TIME_KINDS = (keys.GROUP_TIME_INDEX, keys.METADATA_TIME_INDEX)
 
 
 async def time_rows(s: Shard) -> tuple[set, set]:
-    """(the 0x10/0x11/0x12 rows the job infos imply, the rows stored)."""
+    """(the 0x10/0x11 rows the job infos imply, the rows stored)."""
     want = set()
     for _, v in await s.committer.scan_prefix(keys.kind_prefix(keys.JOB_INFO)):
         info = job_info_decoder.decode(v)
