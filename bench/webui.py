@@ -176,7 +176,9 @@ def fill_offline(d: str, jobs: int, tenants: int) -> None:
     for t in range(tenants):
         n = per if t < tenants - 1 else jobs - per * (tenants - 1)
         subprocess.run([sys.executable, FILL, "--data-dir", d, "--jobs", str(n),
-                        "--tenant", f"t{t:02d}", "--tenancy"], check=True)
+                        "--tenant", f"t{t:02d}", "--tenancy"], check=True,
+                       # a loaded box can stall a large commit past the 10 s default
+                       env={**os.environ, "SILO_WRITE_TIMEOUT_MS": "120000"})
     with open(marker, "w") as f:
         json.dump(want, f)
     took = time.perf_counter() - t0
