@@ -7,6 +7,8 @@ import asyncio
 import uuid
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from silo.query import ranges, timeorder
 from silo.query.engine import query_shard
@@ -156,3 +158,57 @@ def test_a_cursor_predicate_is_recognised_and_others_are_not():
     assert scan.keyset is None and scan.unrecognised and not timeorder.served(scan)
     [scan] = engine.plan("SELECT id FROM jobs ORDER BY enqueue_time_ms LIMIT 3", []).scans
     assert not timeorder.served(scan)  # oldest first: not the list's shape
+
+
+_job = st.tuples(st.sampled_from(["a", "b", "c"]), st.sampled_from(["g", "h", ""]),
+                 st.integers(0, 3), st.sampled_from(["x", "y"]), st.booleans())
+_filters = st.builds(
+    joblist.Filters,
+    status=st.sampled_from(["", "Waiting", "Running", "Scheduled"]),
+    task_group=st.sampled_from([None, "g", ""]),
+    tenant=st.sampled_from([None, "a", "c"]),
+    meta_key=st.sampled_from(["", "m"]),
+    meta_value=st.sampled_from(["x", "y"]))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(_job, min_size=8, max_size=40), _filters, st.integers(1, 4))
+def test_pages_equal_the_unindexed_answer_for_any_jobs(jobs, f, per_page):
+    """Random jobs (tenants, groups, equal enqueue times, metadata, some leased, some
+    not yet due) and filters: the pages, followed both ways, are the unindexed list."""
+    if f.meta_key != "m":
+        f = joblist.Filters(f.status, f.task_group, f.tenant)
+
+    async def main():
+        clock = Clock()
+        s = await Shard.open(str(uuid.uuid4()), "", "", "memory:///",
+                             ShardConfig(commit_interval_ms=0, flush_interval_ms=1), clock)
+        try:
+            for i, (tenant, group, ms, value, later) in enumerate(jobs):
+                at = T0 + 1000 + ms if later else T0 - 100 + ms  # later: not due yet
+                enq._stage(s, JobInfo(f"j{i:03d}", tenant, 5, at, b"\x80", None,
+                                      {"m": value}, [], group))
+            await s.committer.commit()
+            await lease.lease_tasks(s, "w", 3, "g")
+            pages, cursor = [], None
+            while True:
+                _, (rows, older, _) = await _page(s, f, cursor, per_page)
+                pages.append(rows)
+                if older is None:
+                    break
+                cursor = older
+            got = [_key(r, f) for p in pages for r in p]
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(timeorder, "served", lambda scan: None)
+                sql, params = joblist.build(f, None, 10_000)
+                want = [_key(r, f) for r in (await query_shard(s, sql, params)).to_pylist()]
+            assert got == want
+            if len(pages) > 1:  # one page back from the last
+                first = pages[-1][0]
+                back = joblist.Cursor(int(first[joblist.order_column(f)] or 0), first["id"],
+                                      first["shard_id"], older=False)
+                _, (rows, _, _) = await _page(s, f, back, per_page)
+                assert [_key(r, f) for r in rows] == [_key(r, f) for r in pages[-2]]
+        finally:
+            await s.close()
+    asyncio.run(main())
