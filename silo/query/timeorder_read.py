@@ -202,7 +202,9 @@ async def read_jobs(shard: Shard, scan: Scan, tenants: list[str], now: int
             return None
     ks = scan.keyset
     newest_first = ks is None or ks.older
-    srcs = [src for t in tenants for src in await _sources(shard, scan, source, t, now)]
+    per_tenant = await asyncio.gather(*(_sources(shard, scan, source, t, now)
+                                        for t in tenants))
+    srcs = [src for part in per_tenant for src in part]
     if not srcs:
         return []
     slice_ = max(1, min(ranges.SLICE, n // len(srcs) + 1))
@@ -222,11 +224,8 @@ async def _merge(shard: Shard, scan: Scan, now: int, cursors: list[_Cursor],
     """Candidates newest first (sign -1; oldest first: 1) across the ranges, confirmed
     in rounds; stop once n are confirmed and the next candidate's enqueue time differs
     from the n-th confirmed one's."""
-    heap: list[tuple[int, int]] = []  # (sign·ms, cursor index)
-    for i, c in enumerate(cursors):
-        h = await c.head()
-        if h is not None:
-            heap.append((sign * h[0], i))
+    heads = await asyncio.gather(*(c.head() for c in cursors))  # the first reads at once
+    heap = [(sign * h[0], i) for i, h in enumerate(heads) if h is not None]  # (sign·ms, i)
     heapq.heapify(heap)
     out: list[_Raw] = []
     last_ms: int | None = None  # enqueue time of the n-th confirmed row
