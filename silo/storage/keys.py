@@ -27,18 +27,18 @@ Tuple encoding:
 | 0x0B | floating limit state | (tenant, queue) | FloatingLimitState |
 | 0x0C | rate limiter bucket | (name, unique_key) | RateLimitState |
 | 0x0D | expiry index (retention) | (expire_at_ms u64, tenant, job_id) | empty; a terminal job to delete at expire_at_ms |
+| 0x0E | pending task pointer | (tenant, job_id) | the 0x05 key of the job's pending task, only while that key's start time is not the job's next-attempt time (a rate-limit re-check) |
 | 0x10 | enqueue-time index | (tenant, task_group, u64::MAX − enqueue_ms u64, job_id) | empty; the jobs of a task group, newest enqueue first (the job list's order; a tenant's whole list merges its groups' ranges) |
 | 0x11 | metadata time index | (tenant, key, value, u64::MAX − enqueue_ms u64, job_id) | empty; the jobs with key = value, newest enqueue first |
-| 0x0E | pending task pointer | (tenant, job_id) | the 0x05 key of the job's pending task, only while that key's start time is not the job's next-attempt time (a rate-limit re-check) |
 | 0xF0 | shard counter | (name) | i64 big-endian (absolute value) |
 | 0xF8 | tenant status counter | (tenant, status) | i64 big-endian (absolute value) |
 | 0xFE | shard meta | (name) | bytes |
 
 Shard meta names: `created_at_ms` (i64), `layout_version` (i64; absent = 1). Layout 1 is
 the first release (no 0x03/0x04/0x0D rows); layout 2 adds the status, metadata and expiry
-indexes; layout 3 adds the enqueue-time indexes 0x10/0x11 (immutable after
-enqueue, like the job info they derive from, so only enqueue, import, delete and
-retention write them). A shard opened with an older layout backfills what is missing once, then writes
+indexes; layout 3 adds the enqueue-time indexes 0x10/0x11 (immutable after enqueue, like
+the job info they derive from, so only enqueue, import, delete and retention write them).
+A shard opened with an older layout backfills what is missing once, then writes
 `layout_version = LAYOUT_VERSION` in the same batch as the last backfilled rows.
 
 The task key orders the ready queue exactly as upstream Silo: earliest start first,
@@ -207,8 +207,8 @@ def metadata_time_prefix(tenant: str, key: str, value: str) -> bytes:
 
 
 def time_index_from(prefix: bytes, enqueue_ms: int) -> bytes:
-    """First key under a 0x10/0x11 prefix whose job was enqueued at or before
-    enqueue_ms (the rows sort newest first)."""
+    """First key under a 0x10/0x11 prefix (or a 0x03 (tenant, status) one: the same
+    time-then-id tail) whose time is at or before enqueue_ms (newest first)."""
     return prefix + _newest_first(enqueue_ms)
 
 
