@@ -116,9 +116,11 @@ def test_rate_rings_are_bounded_and_merge():
 
 def test_node_figures_add_processes_and_split_due_from_future():
     part = {"rates": {"now": 5, "groups": {"a": [[5, 3, 1]]}},
-            "groups": {"a": [10, 2, 2], "b": [1, 0, 1]}}
+            "groups": {"a": [10, 2, 2, 0], "b": [1, 0, 1, 1]}}
     f = NodeFigures([part, part], ["w1"])
-    assert f.groups["a"] == {"pending": 20, "running": 4, "scheduled": 4, "due": 16}
+    assert f.groups["a"] == {"pending": 20, "running": 4, "scheduled": 4, "due": 16,
+                             "capped": 0}
+    assert f.groups["b"]["capped"] == 1
     assert f.groups["b"]["scheduled"] == 2 and f.groups["b"]["due"] == 0
     assert f.per_second("a")[0][-1] == 0.6
     assert f.missing == ["w1"]
@@ -136,7 +138,8 @@ def test_future_tasks_count_only_the_rows_after_now():
                 await add(s, f"later-{i}", group="fg", start_at_ms=T0 + 60_000 + i)
             await add(s, "other", group="fh", start_at_ms=T0 + 60_000)
             assert await stats.future_tasks(s, "fg", clock.t) == 3
-            assert await stats.future_tasks(s, "fg", clock.t, cap=2) == 2
+            assert await stats.future_tasks(s, "fg", clock.t, cap=2) == 3  # more than 2
+            assert await stats.future_tasks(s, "fg", clock.t, cap=3) == 3
             assert await stats.future_tasks(s, "fh", clock.t + 60_000) == 0
         finally:
             await s.close()
