@@ -9,8 +9,8 @@ page adds up the answers of all processes. Cost: O(task groups + leases) per pro
 plus, per task group with pending tasks, a key-only count of its task rows (0x05) that
 start in the future (the part of the group's range after now, at most FUTURE_CAP rows
 per shard: beyond it the page shows "N+"; at 1M jobs with 20,000 future rows a cap of
-2,000 still cost ~250 ms, 500 costs ~50 ms), which splits the pending tasks into due and future without reading any job
-(the task rows are the same ones the pending count counts).
+2,000 still cost ~250 ms, 500 costs ~50 ms), which splits the pending tasks into due and
+future without reading any job (the task rows are the same ones the pending count counts).
 """
 
 from __future__ import annotations
