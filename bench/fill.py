@@ -25,11 +25,11 @@ task group g<i % --groups>, metadata:
 * `customer` = c<i % (N / 1000)>: each value shared by ~1,000 jobs, spread over statuses.
 
 Status mix (--mix, per mille, default 850 Succeeded, 50 Failed, 30 Cancelled, 50 Waiting,
-20 Scheduled): Succeeded/Failed/Cancelled jobs carry one finished attempt; Waiting jobs
-are due now, Scheduled ones start in a day. Running jobs are not offered: a job is
-Running only under a live lease (ImportJobs refuses Running attempts), and a lease taken
-here would expire --lease-ms after the server opens the dir, so they would not stay
-Running. --queued-only makes every job Waiting in the one task group --queued-group
+20 Scheduled), after the --first jobs (`Failed=100`: jobs 0-99 Failed, at any N):
+Succeeded/Failed/Cancelled jobs carry one finished attempt; Waiting jobs are due now,
+Scheduled ones start in a day. Running jobs are not offered: a job is Running only under
+a live lease (ImportJobs refuses Running attempts), and a lease taken here would run out
+lease_ms after the server opens the dir, so they would not stay Running. --queued-only makes every job Waiting in the one task group --queued-group
 (default `bench`, the task group of bench/load.py and bench/deep_queue.py).
 """
 
@@ -50,10 +50,11 @@ from slatedb.uniffi import KeyRange
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from silo.cluster.shardmap import DEFAULT_TENANT, load_or_create  # noqa: E402
-from silo.config import Config, load_config  # noqa: E402
+from silo.config import load_config  # noqa: E402
 from silo.runtime.server import lock_data_dir, unlock_data_dir  # noqa: E402
+from silo.runtime.worker import shard_config  # noqa: E402
 from silo.shard import import_  # noqa: E402
-from silo.shard.state import Shard, ShardConfig  # noqa: E402
+from silo.shard.state import Shard  # noqa: E402
 from silo.storage import keys  # noqa: E402
 from silo.storage.db import StorageError  # noqa: E402
 from silo.storage.records import (  # noqa: E402
@@ -61,27 +62,12 @@ from silo.storage.records import (  # noqa: E402
     ATTEMPT_FAILED,
     ATTEMPT_SUCCEEDED,
 )
-from silo.storage.slatedb_settings import StorageTuning, slatedb_settings  # noqa: E402
 
 STATUSES = ("Succeeded", "Failed", "Cancelled", "Waiting", "Scheduled")
 DEFAULT_MIX = "850,50,30,50,20"
 PAYLOAD = b"\x81\xa1i\x01"  # msgpack {"i": 1}
 DAY_MS = 86_400_000
-
-
-def shard_config(config: Config) -> ShardConfig:
-    """The ShardConfig a server worker builds from `config` (silo.runtime.worker)."""
-    return ShardConfig(
-        lease_ms=config.lease_ms, flush_interval_ms=config.flush_interval_ms,
-        commit_interval_ms=config.commit_interval_ms,
-        l0_sst_size_bytes=config.l0_sst_size_bytes, flush_on_commit=config.flush_on_commit,
-        completed_job_expire_ms=config.completed_job_expire_s * 1000,
-        terminal_job_expire_ms=config.terminal_job_expire_s * 1000,
-        slatedb=slatedb_settings(StorageTuning(
-            config.compactor_poll_interval_ms, config.gc_interval_s, config.gc_min_age_s,
-            config.gc_sst_min_age_s, config.compactor_min_sources)),
-        l0_flush_interval_s=config.l0_flush_interval_s,
-        write_timeout_ms=config.write_timeout_ms, ready_buffer_size=config.ready_buffer_size)
+FILL_WRITE_TIMEOUT_MS = 600_000
 
 
 def parse_mix(text: str) -> list[int]:
@@ -105,10 +91,32 @@ def status_of(i: int, mix: list[int]) -> str:
     return STATUSES[0]
 
 
+def parse_first(text: str) -> tuple[tuple[str, int], ...]:
+    """`Failed=100,Waiting=1000` → the statuses of the first jobs, in order."""
+    out = []
+    for part in filter(None, text.split(",")):
+        name, _, count = part.partition("=")
+        if name not in STATUSES or not count.isdigit():
+            raise ValueError(f"--first wants STATUS=N[,STATUS=N...] with STATUS one of "
+                             f"{'/'.join(STATUSES)}, got {part!r}")
+        out.append((name, int(count)))
+    return tuple(out)
+
+
+def status_for(i: int, mix: list[int], first: tuple[tuple[str, int], ...] = ()) -> str:
+    """Job i's status: the --first runs, then the mix."""
+    for name, count in first:
+        if i < count:
+            return name
+        i -= count
+    return status_of(i, mix)
+
+
 def make_job(i: int, n: int, now: int, mix: list[int], groups: int, queued_only: bool,
-             queued_group: str) -> tuple[import_.ImportJob, str]:
+             queued_group: str, first: tuple[tuple[str, int], ...] = ()
+             ) -> tuple[import_.ImportJob, str]:
     """Job i of n and the status it will have once imported."""
-    status = "Waiting" if queued_only else status_of(i, mix)
+    status = "Waiting" if queued_only else status_for(i, mix, first)
     start = 0
     done = now - 10**7 + i  # finished at distinct times, newest last
     if status == "Succeeded":
@@ -184,7 +192,8 @@ def chunks(n: int, size: int) -> Iterator[range]:
 async def fill(data_dir: Path, n: int, *, tenant: str | None = None, tenancy: bool = False,
                shards: int = 8, mix: list[int] | None = None, groups: int = 4,
                queued_only: bool = False, queued_group: str = "bench", chunk: int = 4000,
-               in_flight: int = 2, start: int = 0, progress: bool = False) -> dict[str, Any]:
+               in_flight: int = 2, start: int = 0, first: tuple[tuple[str, int], ...] = (),
+               progress: bool = False) -> dict[str, Any]:
     """Import jobs start..start+n-1 into the tenant's shard of the data dir; returns counts
     by status and the timing. The dir must not be in use by a server (its lock is held)."""
     mix = mix or parse_mix(DEFAULT_MIX)
@@ -200,26 +209,35 @@ async def fill(data_dir: Path, n: int, *, tenant: str | None = None, tenancy: bo
         shard_map, _ = load_or_create(data_dir, config.shards)
         entry = shard_map.shard_for_tenant(tenant)
         t_open = time.perf_counter()
+        cfg = shard_config(config)
+        # Offline nobody waits for an answer, so the write bound (which fails a serving
+        # shard's callers fast when storage stalls) only needs to catch a dead store: a
+        # commit slowed by L0 flushes and compaction on a loaded box just slows the fill.
+        cfg.write_timeout_ms = max(cfg.write_timeout_ms, FILL_WRITE_TIMEOUT_MS)
         shard = await Shard.open(entry.shard_id, entry.range_start, entry.range_end,
-                                 config.object_store_url_resolved(), shard_config(config))
+                                 config.object_store_url_resolved(), cfg)
         open_s = time.perf_counter() - t_open
         counts = dict.fromkeys(STATUSES, 0)
         t0 = time.perf_counter()
         try:
             now = shard.now()
             done = 0
+            slowest = [0.0]  # the longest import call (staging + its durable commit), s
             prefetch = ExistencePrefetch(shard)
 
             async def one(ids: range) -> None:
                 nonlocal done
-                batch = [make_job(i, start + n, now, mix, groups, queued_only, queued_group)
+                batch = [make_job(i, start + n, now, mix, groups, queued_only, queued_group,
+                                  first)
                          for i in ids]
                 job_ids = [j.id for j, _ in batch]
                 await prefetch.load(tenant, job_ids)
+                t = time.perf_counter()
                 try:
                     results = await import_.import_jobs(shard, tenant, [j for j, _ in batch])
                 finally:
                     prefetch.forget(tenant, job_ids)
+                slowest[0] = max(slowest[0], time.perf_counter() - t)
                 bad = [r for r in results if not r.success]
                 if bad:
                     raise RuntimeError(f"import refused {len(bad)} jobs: {bad[0].error}")
@@ -255,7 +273,8 @@ async def fill(data_dir: Path, n: int, *, tenant: str | None = None, tenancy: bo
     return {"data_dir": str(data_dir), "shard": entry.shard_id, "tenant": tenant,
             "jobs": n, "counts": counts, "open_s": round(open_s, 2),
             "fill_s": round(fill_s, 2), "close_s": round(close_s, 2),
-            "jobs_per_s": round(n / fill_s) if fill_s > 0 else None}
+            "jobs_per_s": round(n / fill_s) if fill_s > 0 else None,
+            "slowest_chunk_s": round(slowest[0], 2)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -270,6 +289,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="shards of a new data dir (bench servers' default: 8)")
     ap.add_argument("--mix", default=DEFAULT_MIX,
                     help="per-mille weights of " + "/".join(STATUSES) + f" ({DEFAULT_MIX})")
+    ap.add_argument("--first", default="",
+                    help="statuses of the first jobs before the mix, e.g. Failed=100 (a status "
+                         "whose count stays the same at every N)")
     ap.add_argument("--groups", type=int, default=4, help="task groups g0..g<N-1>")
     ap.add_argument("--queued-only", action="store_true",
                     help="every job Waiting in --queued-group (deep-queue benches)")
@@ -287,17 +309,19 @@ def main(argv: list[str] | None = None) -> int:
     tenancy = a.tenancy if a.tenancy is not None else a.tenant is not None
     try:
         mix = parse_mix(a.mix)
+        first = parse_first(a.first)
     except ValueError as e:
         print(f"fill: {e}", file=sys.stderr)
         return 2
     r = asyncio.run(fill(Path(a.data_dir), a.jobs, tenant=a.tenant, tenancy=tenancy,
                          shards=a.shards, mix=mix, groups=max(1, a.groups),
                          queued_only=a.queued_only, queued_group=a.queued_group,
-                         chunk=max(1, a.chunk), in_flight=a.in_flight, start=a.start,
+                         chunk=max(1, a.chunk), in_flight=a.in_flight, start=a.start, first=first,
                          progress=True))
     print(f"filled {r['jobs']:,} jobs into {r['data_dir']} (tenant {r['tenant']!r}, "
           f"shard {r['shard']}) in {r['fill_s']} s: {r['jobs_per_s']:,} jobs/s "
-          f"(open {r['open_s']} s, close {r['close_s']} s)")
+          f"(open {r['open_s']} s, close {r['close_s']} s, slowest chunk "
+          f"{r['slowest_chunk_s']} s)")
     print("  " + ", ".join(f"{k} {v:,}" for k, v in r["counts"].items()))
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=2))

@@ -61,6 +61,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     gc_min_age_s: int = 30
     gc_sst_min_age_s: int = 60
     compactor_min_sources: int = 2
+    max_unflushed_bytes: int = 64 * MiB
+    block_cache_bytes: int = 32 * MiB
     write_timeout_ms: int = 10_000
     shards: int = 8
     tenancy: bool = False
@@ -291,6 +293,20 @@ OPTIONS: tuple[Option, ...] = (
         "L0 SSTs (or similar-sized sorted runs) merged together by one compaction: 2 merges "
         "into the bottom run, where deleted jobs' tombstones drop, every ~2 L0 flushes",
         "N",
+    ),
+    Option(
+        "max_unflushed_bytes",
+        "storage.max_unflushed_bytes",
+        _int(4 * MiB, unit=" (4 MiB)"),
+        "SlateDB memtables not yet in an L0 SST, per shard, before writes wait for L0 uploads",
+        "BYTES",
+    ),
+    Option(
+        "block_cache_bytes",
+        "storage.block_cache_bytes",
+        _int(0),
+        "SST block and metadata cache per worker process, shared by its shards (0 = none)",
+        "BYTES",
     ),
     Option(
         "write_timeout_ms",

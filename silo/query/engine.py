@@ -29,7 +29,7 @@ from datafusion import SessionConfig, SessionContext, SQLOptions
 from silo import errors
 from silo.errors import SiloError
 from silo.observability import metrics
-from silo.query import pace
+from silo.query import counted, pace
 from silo.query import settings as query_settings
 from silo.query.plan import Scan, canonicalise_status_literals, scans_of, tables_named
 from silo.query.scan import read_table
@@ -48,13 +48,16 @@ def _session() -> SessionContext:
     return SessionContext(SessionConfig().with_target_partitions(1))
 
 
-def _planning_context() -> SessionContext:
-    ctx = getattr(_local, "ctx", None)
+def _planning_context(weighted: bool = False) -> SessionContext:
+    attr = "weighted_ctx" if weighted else "ctx"
+    ctx = getattr(_local, attr, None)
     if ctx is None:
         ctx = _session()
         for name, schema in TABLES.items():
+            if weighted and name == "jobs":
+                schema = counted.WEIGHTED_JOBS
             ctx.register_record_batches(name, [[pa.RecordBatch.from_pylist([], schema=schema)]])
-        _local.ctx = ctx
+        setattr(_local, attr, ctx)
     return ctx
 
 
@@ -84,6 +87,10 @@ class Planned:
         self.sql = sql
         self.params = params
         self.scans = scans
+        # Set when the jobs table is read as per-counter rows (counted.py): the text
+        # DataFusion evaluates over them, and the output schema the result is cast to.
+        self.weighted_sql: str | None = None
+        self.schema: pa.Schema | None = None
 
 
 def plan(sql: str, params: list) -> Planned:
@@ -92,28 +99,53 @@ def plan(sql: str, params: list) -> Planned:
         raise errors.invalid("SQL error: empty statement")
     try:
         df = _planning_context().sql(sql, options=_RO, param_values=_bind(params))
-        scans = scans_of(df.optimized_logical_plan())
+        optimized = df.optimized_logical_plan()
+        scans = scans_of(optimized)
     except Exception as e:  # noqa: BLE001 - every engine error is the caller's SQL
         raise _sql_error(e) from None
     seen = {s.table for s in scans}
-    scans += [Scan(t) for t in sorted(tables_named(sql) - seen)]
+    named = tables_named(sql)
+    scans += [Scan(t) for t in sorted(named - seen)]
     literals = set().union(*(s.status_literals for s in scans)) if scans else set()
     sql, params = canonicalise_status_literals(sql, params, literals)
-    return Planned(sql, params, scans)
+    planned = Planned(sql, params, scans)
+    if (query_settings.SETTINGS.count_from_status_counters and named == {"jobs"}
+            and len(scans) == 1):
+        _try_weighted(planned, optimized, df.schema())
+    return planned
+
+
+def _try_weighted(planned: Planned, optimized, schema: pa.Schema) -> None:
+    """Read the jobs table as per-counter rows when the statement only counts (counted.py)."""
+    def replan(text: str):
+        wdf = _planning_context(weighted=True).sql(text, options=_RO,
+                                                   param_values=_bind(planned.params))
+        return wdf.optimized_logical_plan(), wdf.schema()
+
+    text = counted.weighted_sql(planned.sql, optimized, schema, replan)
+    if text is not None:
+        planned.weighted_sql, planned.schema = text, schema
+        planned.scans[0].weighted = True
 
 
 def execute(planned: Planned, tables: dict[str, pa.Table]) -> pa.Table:
     ctx = _session()
+    weighted = planned.weighted_sql is not None
     for name, schema in TABLES.items():
+        if weighted and name == "jobs":
+            schema = counted.WEIGHTED_JOBS
         t = tables.get(name)
         batches = t.to_batches() if t is not None and t.num_rows else []
         ctx.register_record_batches(name, [batches or [pa.RecordBatch.from_pylist([],
                                                                                    schema=schema)]])
     try:
-        df = ctx.sql(planned.sql, options=_RO, param_values=_bind(planned.params))
+        df = ctx.sql(planned.weighted_sql or planned.sql, options=_RO,
+                     param_values=_bind(planned.params))
     except Exception as e:  # noqa: BLE001
         raise _sql_error(e) from None
     try:
+        if weighted and planned.schema is not None:
+            return counted.conform(df.to_arrow_table(), planned.schema)
         return df.to_arrow_table()
     except Exception as e:  # noqa: BLE001
         if "placeholder" in str(e).lower():

@@ -43,6 +43,9 @@ class Scan:
     job_groups: set[str] | None = None
     keyset: timeorder.Keyset | None = None
     unrecognised: bool = False
+    # Read as one row per status counter with its count (counted.py): the statement
+    # was rewritten to sum the counts instead of counting rows.
+    weighted: bool = False
 
 
 def _is_call(e, name: str) -> bool:

@@ -24,7 +24,7 @@ import itertools
 import msgspec
 import pyarrow as pa
 
-from silo.query import pace, ranges, timeorder_read
+from silo.query import counted, pace, ranges, timeorder_read
 from silo.query.plan import Scan
 from silo.query.schema import TABLES
 from silo.shard.state import Shard
@@ -161,10 +161,11 @@ def _counter_answerable(scan: Scan, allow: bool) -> bool:
             and scan.meta_prefix is None)
 
 
-async def _counted_rows(shard: Shard, scan: Scan, tenants: list[str], now: int) -> pa.Table:
-    """One row per job with only shard_id, tenant and status_kind filled, from the
-    status counters; Scheduled is split into Waiting and (future) Scheduled by counting
-    the future rows of the status index (usually the few)."""
+async def status_counts(shard: Shard, scan: Scan, tenants: list[str], now: int
+                        ) -> list[tuple[str, str, int]]:
+    """(tenant, status_kind, jobs) from the status counters, zero counts left out;
+    Scheduled is split into Waiting and (future) Scheduled by counting the future rows
+    of the status index (usually the few)."""
     counts: list[tuple[str, str, int]] = []
     wanted = set(tenants)
     for (t, status), n in sorted(shard.tenant_status.items()):
@@ -182,7 +183,13 @@ async def _counted_rows(shard: Shard, scan: Scan, tenants: list[str], now: int) 
             counts.append((t, status, n))
     if scan.statuses is not None:
         counts = [c for c in counts if c[1] in scan.statuses]
-    counts = [c for c in counts if c[2] > 0]
+    return [c for c in counts if c[2] > 0]
+
+
+async def _counted_rows(shard: Shard, scan: Scan, tenants: list[str], now: int) -> pa.Table:
+    """One row per job with only shard_id, tenant and status_kind filled, from the
+    status counters (for a statement that needs those rows one by one)."""
+    counts = await status_counts(shard, scan, tenants, now)
     n_rows = sum(c[2] for c in counts)
     tenant_col = pa.array(list(itertools.chain.from_iterable(
         itertools.repeat(t, n) for t, _, n in counts)), type=pa.utf8())
@@ -202,7 +209,11 @@ async def _candidate_rows(shard: Shard, scan: Scan, need_info: bool, now: int,
     transition)."""
     db = shard.db
     status_keys = [keys.job_status(t, j) for t, j in part]
-    raw_status = await _gets(db, status_keys)
+    # The info row alone proves the job exists (a delete removes both): a statement
+    # that needs info but no status column and no status filter skips the status reads.
+    need_status = not need_info or scan.statuses is not None or bool(
+        _needed(scan) & _STATUS_COLUMNS)
+    raw_status = await _gets(db, status_keys) if need_status else [None] * len(part)
     raw_info = (await _gets(db, [keys.job_info(t, j) for t, j in part]) if need_info
                 else [None] * len(part))
     out: list[_Raw | None] = []
@@ -248,6 +259,8 @@ async def read_jobs(shard: Shard, scan: Scan, now: int, *, count_from_counters: 
                     ) -> pa.Table:
     need = _needed(scan)
     tenants = sorted(scan.tenants) if scan.tenants is not None else shard_tenants(shard)
+    if scan.weighted:  # one row per counter; the statement sums them (counted.py)
+        return counted.counter_table(shard.id, await status_counts(shard, scan, tenants, now))
     if _counter_answerable(scan, count_from_counters):
         return await _counted_rows(shard, scan, tenants, now)
     need_info = bool(need & _INFO_COLUMNS)

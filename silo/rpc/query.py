@@ -5,6 +5,10 @@ of Query/QueryArrow is ignored (behaviour.md §1.2: the SQL filters by tenant it
 A call for a shard of another worker process is forwarded there: QueryArrow's
 forwarded form returns all its IPC messages in one reply (ArrowBatches), relayed
 here as the stream.
+
+The engine (DataFusion, pyarrow: ~0.3 s of imports and ~70 MB of RSS) is imported at a
+process's first statement, not at start-up: a server that only leases never loads it
+(tests/integration/test_lazy_imports.py).
 """
 
 from __future__ import annotations
@@ -15,12 +19,19 @@ from silo._proto import silo_pb2 as pb
 from silo._proto import silo_query_ext_pb2 as ext
 from silo._proto import silo_query_ext_pb2_grpc as ext_grpc
 from silo.errors import SiloError
-from silo.query import cluster, engine, wire
 from silo.rpc import guard
 from silo.storage.db import StorageError
 
 
+def _engine():
+    """The query modules, imported on first use (see the module docstring)."""
+    from silo.query import cluster, engine, wire  # noqa: PLC0415
+
+    return cluster, engine, wire
+
+
 def _response(table, cls):
+    _, _, wire = _engine()
     return cls(columns=[pb.ColumnInfo(name=n, data_type=t) for n, t in wire.columns(table.schema)],
                rows=[pb.SerializedBytes(msgpack=r) for r in wire.rows(table)],
                row_count=table.num_rows)
@@ -28,6 +39,7 @@ def _response(table, cls):
 
 async def query(service, request) -> pb.QueryResponse:
     """The body of Query: one statement over the named shard."""
+    cluster, engine, _ = _engine()
     shard = service.shard(request.shard)
     params = cluster.params_from_pb(request.parameters)
     table = await engine.query_shard(shard, request.sql, params)
@@ -37,6 +49,7 @@ async def query(service, request) -> pb.QueryResponse:
 
 async def query_arrow_forwarded(service, request, _context) -> object:
     """QueryArrow as served for another worker process of this node (one reply)."""
+    cluster, engine, wire = _engine()
     shard = service.shard(request.shard)
     params = cluster.params_from_pb(request.parameters)
     if request.tenant == cluster.SCAN_MARKER:
@@ -72,6 +85,7 @@ async def query_arrow(service, request, context):
                 "QueryArrow", request.SerializeToString())
             messages = list(ext.ArrowBatches.FromString(out).ipc_data)
         else:
+            cluster, engine, wire = _engine()
             params = cluster.params_from_pb(request.parameters)
             table = await engine.query_shard(shard, request.sql, params)
             messages = wire.ipc_messages(table)
@@ -92,6 +106,7 @@ class SiloQueryService(ext_grpc.SiloQueryServicer):
         try:
             if self.service.auth_token:
                 self.service.check_auth(context)
+            cluster, engine, _ = _engine()
             params = cluster.params_from_pb(request.parameters)
             table = await cluster.query_all(self.service.node, request.sql, params)
             engine.check_result_size(table)

@@ -4,7 +4,8 @@ per message.
 Supervisor → worker: PING (answer PONG: the liveness check, answered by the worker's
 event loop, so a stopped or wedged loop misses it), DRAIN (stop taking public calls and
 finish those in flight), CLOSE (every worker has drained: stop serving forwarded calls,
-close the shards, exit). Worker → supervisor: READY, PONG, DRAINED.
+close the shards, exit). Worker → supervisor: SERVING (its shards are open and gRPC
+serves; the web UI may still be starting), READY (everything serves), PONG, DRAINED.
 
 The worker sees the supervisor's death as end-of-file and closes at once.
 """
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 
 PING = b"p"
 PONG = b"P"
+SERVING = b"S"
 READY = b"R"
 DRAIN = b"d"
 DRAINED = b"D"

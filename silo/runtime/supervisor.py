@@ -209,9 +209,8 @@ class Supervisor:
             if config.webui_enabled:  # reserved like the gRPC port; every worker serves it
                 self.web_sock, web_host, web_port = reserve_port(config.webui_addr)
                 web_addr = f"{web_host}:{web_port}"
-                # Imported once here (pure Python, no threads) so workers inherit it at
-                # fork instead of each paying ~0.5 s of CPU for aiohttp + jinja2 at start.
-                import silo.web.serve  # noqa: F401, PLC0415
+                # Not imported here: aiohttp + jinja2 cost ~0.5 s before the first fork;
+                # each worker imports them once it serves gRPC (silo.runtime.worker).
             web_secret = secrets.token_bytes(32)  # CSRF/session key shared by the workers
             shard_map, created = load_or_create(data_dir, config.shards)
             if not created and len(shard_map.entries) != config.shards:
@@ -358,6 +357,9 @@ class Supervisor:
                          slot.index, slot.pid, slot.missed)
             slot.missed = 0
             if slot.ready and not self.stopping:
+                self._publish(slot, status.SERVING)
+        elif msg == control.SERVING:  # gRPC is up: siblings may forward to it now
+            if not self.stopping:
                 self._publish(slot, status.SERVING)
         elif msg == control.READY:
             slot.ready = slot.ever_ready = True

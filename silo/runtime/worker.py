@@ -2,12 +2,20 @@
 
 Started by the supervisor after fork. Builds everything (event loop, SlateDB handles,
 gRPC server) only now, in the child: native thread pools must not cross a fork.
+
+Start-up order, for the time to the first lease: the shards open, the gRPC server
+starts and the supervisor is told (SERVING, so siblings forward to us); only then does a
+thread import the web UI stack (aiohttp, jinja2: ~0.5 s of CPU that no lease needs)
+while leases are already served, and READY (the supervisor's ready line) follows once
+the web UI serves too. The SQL engine is imported at the first statement
+(silo.rpc.query). Measured in bench/deep_queue.py ("restart").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import mmap
 import os
@@ -25,13 +33,14 @@ from silo.rpc.query import add_query_service
 from silo.rpc.server import build_server, mark_serving, watch_storage
 from silo.rpc.service import SiloService
 from silo.runtime import forward
-from silo.runtime.control import DRAINED, READY, WorkerControl
+from silo.runtime.control import DRAINED, READY, SERVING, WorkerControl
 from silo.runtime.forward import PeerServer
 from silo.runtime.health import follow_node_health
 from silo.runtime.node import Node
 from silo.runtime.status import ProcessTable
+from silo.runtime.trim import limit_arenas, trim_forever
 from silo.shard.state import ShardConfig
-from silo.storage.slatedb_settings import StorageTuning, slatedb_settings
+from silo.storage.slatedb_settings import StorageTuning, set_block_cache_bytes, slatedb_settings
 
 log = logging.getLogger("silo.worker")
 
@@ -65,6 +74,23 @@ class WorkerSpec:
         self.web_secret = web_secret  # the same for every worker: see silo.web.security
 
 
+def shard_config(config: Config) -> ShardConfig:
+    """The per-shard settings every worker derives from the configuration; tools that
+    open a data dir offline (bench/fill.py) call this too, so they open it exactly as a
+    server would."""
+    return ShardConfig(
+        lease_ms=config.lease_ms, flush_interval_ms=config.flush_interval_ms,
+        commit_interval_ms=config.commit_interval_ms,
+        l0_sst_size_bytes=config.l0_sst_size_bytes, flush_on_commit=config.flush_on_commit,
+        completed_job_expire_ms=config.completed_job_expire_s * 1000,
+        terminal_job_expire_ms=config.terminal_job_expire_s * 1000,
+        slatedb=slatedb_settings(StorageTuning(
+            config.compactor_poll_interval_ms, config.gc_interval_s, config.gc_min_age_s,
+            config.gc_sst_min_age_s, config.compactor_min_sources, config.max_unflushed_bytes)),
+        l0_flush_interval_s=config.l0_flush_interval_s,
+        write_timeout_ms=config.write_timeout_ms, ready_buffer_size=config.ready_buffer_size)
+
+
 async def serve_worker(spec: WorkerSpec) -> int:
     """Serve until told to stop. The stop is two-phase, coordinated by the supervisor:
     DRAIN stops public calls and finishes those in flight (they may still forward to
@@ -75,22 +101,11 @@ async def serve_worker(spec: WorkerSpec) -> int:
     metrics.start_worker(spec.index)
     tracing.start_worker(spec.index)
     profiling.allow_ptrace_from_parent()
+    set_block_cache_bytes(config.block_cache_bytes)  # shared by this process's shards
     node = Node(
         spec.shard_map,
         config.object_store_url_resolved(),
-        ShardConfig(lease_ms=config.lease_ms, flush_interval_ms=config.flush_interval_ms,
-                    commit_interval_ms=config.commit_interval_ms,
-                    l0_sst_size_bytes=config.l0_sst_size_bytes,
-                    flush_on_commit=config.flush_on_commit,
-                    completed_job_expire_ms=config.completed_job_expire_s * 1000,
-                    terminal_job_expire_ms=config.terminal_job_expire_s * 1000,
-                    slatedb=slatedb_settings(StorageTuning(
-                        config.compactor_poll_interval_ms, config.gc_interval_s,
-                        config.gc_min_age_s, config.gc_sst_min_age_s,
-                        config.compactor_min_sources)),
-                    l0_flush_interval_s=config.l0_flush_interval_s,
-                    write_timeout_ms=config.write_timeout_ms,
-                    ready_buffer_size=config.ready_buffer_size),
+        shard_config(config),
         tenancy=config.tenancy,
         dev_mode=config.dev_mode,
         advertised_addr=spec.advertised_addr,
@@ -106,6 +121,7 @@ async def serve_worker(spec: WorkerSpec) -> int:
     )
     await node.open()
     flusher = asyncio.create_task(metrics.flush_forever(node), name="silo-metrics")
+    trimmer = asyncio.create_task(trim_forever(), name="silo-trim")  # storage's freed memory
     fatal = asyncio.Event()
 
     def storage_failed(e: BaseException) -> None:
@@ -141,12 +157,14 @@ async def serve_worker(spec: WorkerSpec) -> int:
               if spec.table is not None else None)
     # spec.table (node.table) holds the supervisor's view of every process, restart
     # counts included (ProcessTable.restarts / snapshot), for metrics to export.
+    if control is not None:
+        control.send(SERVING)  # gRPC serves: siblings forward to us from now on
     web_ui = None
     if spec.web_addr:
-        from silo.web.serve import WebUI  # noqa: PLC0415 - aiohttp only when serving the UI
-
-        web_ui = WebUI(service, config, spec.web_addr, spec.web_secret)
+        web_cls = await asyncio.get_running_loop().run_in_executor(None, _import_web_stack)
+        web_ui = web_cls(service, config, spec.web_addr, spec.web_secret)
         await web_ui.start()
+        gc.freeze()  # the web stack's modules join the start-up objects (see tune_gc)
     log.info("worker %d (pid %d) serving %d shards", spec.index, os.getpid(), len(node.shards))
     if control is not None:
         control.send(READY)
@@ -162,6 +180,7 @@ async def serve_worker(spec: WorkerSpec) -> int:
     for w in waits:
         w.cancel()
     flusher.cancel()
+    trimmer.cancel()
     if health is not None:
         health.cancel()
     await lame_duck(server)
@@ -190,6 +209,14 @@ async def serve_worker(spec: WorkerSpec) -> int:
     return 0
 
 
+def _import_web_stack():
+    """The web UI's class, imported in a thread while gRPC already serves (see the
+    module docstring): aiohttp only when serving the UI."""
+    from silo.web.serve import WebUI  # noqa: PLC0415
+
+    return WebUI
+
+
 async def lame_duck(server: grpc.aio.Server) -> None:
     """Before the gRPC server stops: say NOT_SERVING and answer new calls UNAVAILABLE
     for a moment, so clients move off this process instead of having calls that reach
@@ -206,6 +233,7 @@ def run_worker(spec: WorkerSpec) -> int:
     from silo.runtime.server import setup_logging  # noqa: PLC0415 - avoid an import cycle
 
     setup_logging(spec.config.log_level, spec.config.log_format, worker=spec.index)
+    limit_arenas()  # before SlateDB's and gRPC's threads start (silo.runtime.trim)
     try:
         return uvloop.run(serve_worker(spec))
     except Exception:  # noqa: BLE001 - report, then let the supervisor restart us

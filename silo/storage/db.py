@@ -38,7 +38,7 @@ from slatedb.uniffi import (
 )
 
 from silo.observability import events, metrics, tracing
-from silo.storage import ffi
+from silo.storage import ffi, slatedb_settings
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ async def open_database(
         settings.set(key, json.dumps(value))
     builder = DbBuilder(path, store)
     builder.with_settings(settings)
+    slatedb_settings.configure_builder(builder, path)  # the process's shared block cache
     recorder = METRICS_RECORDERS[name] = DefaultMetricsRecorder()
     builder.with_metrics_recorder(recorder)
     return await builder.build()

@@ -22,12 +22,26 @@ What is set here (each from one `storage.*` option, see CONFIGURATION.md):
   still be walking one that a compaction just replaced; the compactor's checkpoints (which
   pin the SSTs and manifests a compaction reads) get the same lifetime.
 
+Memory, so a shard's RSS does not grow with its backlog (issue 12; bench/deep_shard.py):
+* `max_unflushed_bytes` (`storage.max_unflushed_bytes`; SlateDB: 1 GiB): memtables
+  written to the WAL but not yet to an L0 SST. While L0 uploads lag behind a fast fill,
+  frozen memtables pile up to this bound before writers are held back;
+* the SST block and metadata cache (`storage.block_cache_bytes`): one cache per worker
+  process, shared by its shards (`configure_builder`), instead of SlateDB's default one
+  per database. Blocks that leasing reads come back from the object store (or the OS
+  page cache, for a local store) past it.
+
 A pure function of the values, so the mapping is tested without opening a database.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import uuid
+from typing import Any, NamedTuple
+
+MiB = 1 << 20
+DEFAULT_BLOCK_CACHE_BYTES = 32 * MiB
+DEFAULT_MAX_UNFLUSHED_BYTES = 64 * MiB
 
 
 class StorageTuning(NamedTuple):
@@ -36,6 +50,7 @@ class StorageTuning(NamedTuple):
     gc_min_age_s: int = 30  # WAL objects, manifests, compactions files
     gc_sst_min_age_s: int = 60  # SSTs no longer in the manifest (SlateDB: 300)
     compactor_min_sources: int = 2  # SlateDB: 4
+    max_unflushed_bytes: int = DEFAULT_MAX_UNFLUSHED_BYTES  # SlateDB: 1 GiB
 
 
 def _ms(n: int) -> str:
@@ -48,7 +63,7 @@ def _s(n: int) -> str:
 
 def slatedb_settings(t: StorageTuning) -> dict[str, object]:
     """SlateDB setting (dotted key) -> value, applied over SlateDB's defaults."""
-    out: dict[str, object] = {}
+    out: dict[str, object] = {"max_unflushed_bytes": t.max_unflushed_bytes}
     if t.compactor_poll_interval_ms > 0:
         out["compactor_options.poll_interval"] = _ms(t.compactor_poll_interval_ms)
         out["compactor_options.worker.compactions_poll_interval"] = _ms(
@@ -76,3 +91,34 @@ def slatedb_settings(t: StorageTuning) -> dict[str, object]:
     else:
         out["garbage_collector_options"] = None
     return out
+
+
+# ---- the process-wide block cache ----------------------------------------------------
+
+_cache: dict[str, Any] = {"bytes": DEFAULT_BLOCK_CACHE_BYTES, "cache": None}
+
+
+def set_block_cache_bytes(n: int) -> None:
+    """The capacity of this process's block cache (0: no cache), before any shard opens."""
+    _cache["bytes"] = n
+    _cache["cache"] = None
+
+
+def cache_id(name: str) -> int:
+    """A database's stable key in the shared cache: from its name (a shard's uuid)."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, name).int & ((1 << 63) - 1)
+
+
+def configure_builder(builder, name: str) -> None:
+    """Give a DbBuilder this process's shared block cache. The cache is made at the first
+    open, i.e. in the worker after fork (a native object, like every SlateDB handle)."""
+    n = _cache["bytes"]
+    if n <= 0:
+        builder.with_db_cache_disabled()
+        return
+    if _cache["cache"] is None:
+        from slatedb.uniffi import DbCache, MokaCacheOptions  # noqa: PLC0415
+
+        _cache["cache"] = DbCache.new_moka_cache(
+            MokaCacheOptions(max_capacity=n, time_to_live=None, time_to_idle=None))
+    builder.with_db_cache(_cache["cache"], cache_id(name))

@@ -20,7 +20,14 @@ from silo.shard import delete, enqueue, lease, outcome
 from silo.shard.memtable_flush import maybe_flush_memtable
 from silo.shard.state import Shard, ShardConfig
 from silo.storage.admin import storage_info
-from silo.storage.slatedb_settings import StorageTuning, slatedb_settings
+from silo.storage.slatedb_settings import (
+    DEFAULT_BLOCK_CACHE_BYTES,
+    StorageTuning,
+    cache_id,
+    configure_builder,
+    set_block_cache_bytes,
+    slatedb_settings,
+)
 
 _MEMTABLE = FlushOptions(flush_type=FlushType.MEM_TABLE)
 FAST = StorageTuning(compactor_poll_interval_ms=100, gc_interval_s=1, gc_min_age_s=1,
@@ -77,15 +84,53 @@ def test_mapping_to_slatedb_keys():
     assert custom["garbage_collector_options.compacted_options.interval"] == "7s"
     assert custom["garbage_collector_options.wal_options.min_age"] == "11s"
     assert custom["garbage_collector_options.compacted_options.min_age"] == "13s"
+    assert on["max_unflushed_bytes"] == 64 << 20 and custom["max_unflushed_bytes"] == 64 << 20
+    assert slatedb_settings(StorageTuning(max_unflushed_bytes=8 << 20))[
+        "max_unflushed_bytes"] == 8 << 20
     off = slatedb_settings(StorageTuning(compactor_poll_interval_ms=0, gc_interval_s=0))
-    assert off == {"compactor_options": None, "garbage_collector_options": None}
+    assert off == {"compactor_options": None, "garbage_collector_options": None,
+                   "max_unflushed_bytes": 64 << 20}
 
 
 def test_config_defaults_are_the_tuning_defaults():
     """The server builds StorageTuning from Config positionally (runtime/worker.py)."""
     c = Config()
     assert StorageTuning(c.compactor_poll_interval_ms, c.gc_interval_s, c.gc_min_age_s,
-                         c.gc_sst_min_age_s, c.compactor_min_sources) == StorageTuning()
+                         c.gc_sst_min_age_s, c.compactor_min_sources,
+                         c.max_unflushed_bytes) == StorageTuning()
+    assert c.block_cache_bytes == DEFAULT_BLOCK_CACHE_BYTES
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.cache: tuple | None = None
+        self.disabled = False
+
+    def with_db_cache(self, cache, cache_id: int) -> None:
+        self.cache = (cache, cache_id)
+
+    def with_db_cache_disabled(self) -> None:
+        self.disabled = True
+
+
+def test_one_block_cache_per_process_shared_by_its_shards():
+    """Every database of a process gets the same cache, each under its own stable id."""
+    try:
+        set_block_cache_bytes(1 << 20)
+        a, b, a2 = _Builder(), _Builder(), _Builder()
+        configure_builder(a, "shards/one")
+        configure_builder(b, "shards/two")
+        configure_builder(a2, "shards/one")
+        assert a.cache is not None and b.cache is not None and a2.cache is not None
+        assert a.cache[0] is b.cache[0] is a2.cache[0]
+        assert a.cache[1] == a2.cache[1] != b.cache[1]
+        assert 0 <= cache_id("shards/one") < 1 << 63
+        set_block_cache_bytes(0)
+        off = _Builder()
+        configure_builder(off, "shards/one")
+        assert off.disabled and off.cache is None
+    finally:
+        set_block_cache_bytes(DEFAULT_BLOCK_CACHE_BYTES)
 
 
 def _applied(tuning: StorageTuning) -> dict:
