@@ -1,14 +1,26 @@
 #!/usr/bin/env python3
 """Web UI page latency with many jobs on the node: every page, p50/p90/max per page.
 
-    .venv/bin/python bench/webui.py [--jobs 100000] [--rounds 20] [--done 0.5]
+    .venv/bin/python bench/webui.py [--jobs 100000] [--rounds 20] [--data-dir DIR]
+        [--fill offline|grpc] [--fill-tenants 4] [--done 0.5]
 
-Starts its own `silo serve` (temp data dir, ports 0, 2 worker processes, tenancy on),
-enqueues --jobs jobs over gRPC (many calls in flight; 20 tenants, two task groups,
-metadata `customer=c<i % 100>` and a unique `order=o<i>`, 1 in 50 jobs with a
-concurrency limit), completes a --done fraction of the group "work" through
-LeaseTasks/ReportOutcome, then fetches each page --rounds times one after the other
+Starts its own `silo serve` (ports 0, 2 worker processes, tenancy on) on a data dir
+filled with --jobs jobs, then fetches each page --rounds times one after the other
 (fewer, at least 3, for a page slow enough to take 15 s).
+
+--fill offline (the default) builds the data dir before the server starts with
+bench/fill.py (the shard's own ImportJobs path, minutes for 1,000,000 jobs): jobs
+j0000000.. of --fill-tenants tenants t00.., fill.py's status mix (85 % Succeeded, 5 %
+Failed, 3 % Cancelled, 5 % Waiting, 2 % Scheduled), task groups g0..g3, metadata
+`customer=c<i % (N/1000)>` (each value shared by ~1,000 jobs of a tenant) and unique
+`user`/`batch` values. With --data-dir the dir is kept and a later run with the same
+--jobs/--fill-tenants reuses it (a `webui-fill.json` in it says what it holds), so the
+pages can be measured again without filling again.
+
+--fill grpc enqueues over gRPC instead (the old way: 20 tenants, two task groups,
+metadata `customer=c<i % 100>` and a unique `order=o<i>`, 1 in 50 jobs with a
+concurrency limit; completes a --done fraction of the group "work" through
+LeaseTasks/ReportOutcome); slow, ~10 minutes per 100,000 jobs on the shared box.
 
 Pages: overview, shard, job (shard given / searched), config, the job list (page 1, a
 deep page reached by following "older" 10 times, status, metadata exact and prefix,
@@ -22,6 +34,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import html
+import json
+import os
 import random
 import re
 import subprocess
@@ -127,6 +141,12 @@ def timed(url: str, rounds: int, budget_s: float = 15.0) -> tuple[list[float], i
     return sorted(out), status
 
 
+async def shard_of_tenant(addr: str, tenant: str) -> str:
+    async with grpc.aio.insecure_channel(addr) as ch:
+        info = await retrying(pb_grpc.SiloStub(ch).GetClusterInfo, pb.GetClusterInfoRequest())
+    return shard_of(info.shard_owners, tenant)
+
+
 def deep_page(web: str, start: str, hops: int) -> str:
     path = start
     for _ in range(hops):
@@ -138,17 +158,68 @@ def deep_page(web: str, start: str, hops: int) -> str:
     return path
 
 
+FILL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fill.py")
+
+
+def fill_offline(d: str, jobs: int, tenants: int) -> None:
+    """Fill d with bench/fill.py (one run per tenant), unless it already holds that."""
+    marker = os.path.join(d, "webui-fill.json")
+    want = {"jobs": jobs, "tenants": tenants}
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == want:
+                print(f"reusing the filled data dir {d} ({jobs} jobs)", flush=True)
+                return
+        raise SystemExit(f"{d} holds another fill ({marker}); give an empty --data-dir")
+    t0 = time.perf_counter()
+    per = jobs // tenants
+    for t in range(tenants):
+        n = per if t < tenants - 1 else jobs - per * (tenants - 1)
+        subprocess.run([sys.executable, FILL, "--data-dir", d, "--jobs", str(n),
+                        "--tenant", f"t{t:02d}", "--tenancy"], check=True,
+                       # a loaded box can stall a large commit past the 10 s default
+                       env={**os.environ, "SILO_WRITE_TIMEOUT_MS": "120000"})
+    with open(marker, "w") as f:
+        json.dump(want, f)
+    took = time.perf_counter() - t0
+    print(f"filled {jobs} jobs offline in {took:.1f} s ({jobs / took:.0f}/s)", flush=True)
+
+
+def offline_pages(jobs: int, tenants: int) -> tuple[str, str, dict[str, str]]:
+    """(tenant, job id, the pages whose filters differ from the gRPC fill's)."""
+    per = jobs // tenants
+    job = f"j{per // 2:07d}"
+    return "t00", job, {
+        "jobs meta exact": f"/jobs?key=customer&value=c{max(0, min(42, per // 1000 - 1))}",
+        "jobs meta exact unique": f"/jobs?key=user&value=u{per // 2}",
+        "jobs meta prefix": f"/jobs?key=batch&value=b{per // 2 // 10:06d}&match=prefix",
+        "jobs group": "/jobs?group=g1",
+        "task group": "/group?name=g1",
+        "jobs status=Waiting": "/jobs?status=Waiting",
+        "jobs status=Failed + tenant": "/jobs?status=Failed&tenant=t00",
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--fill", choices=("offline", "grpc"), default="offline")
+    ap.add_argument("--fill-tenants", type=int, default=4)
+    ap.add_argument("--data-dir", default=None,
+                    help="fill (or reuse) this data dir and keep it (default: a temp dir)")
     ap.add_argument("--done", type=float, default=0.5,
-                    help="fraction of group 'work' (half the jobs) to complete")
+                    help="--fill grpc: fraction of group 'work' (half the jobs) to complete")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as tmp:
+        d = args.data_dir or tmp
+        os.makedirs(d, exist_ok=True)
+        if args.fill == "offline":
+            fill_offline(d, args.jobs, max(1, args.fill_tenants))
         proc = subprocess.Popen(
             [sys.executable, "-m", "silo", "serve", "--data-dir", d, "--grpc-addr",
-             "127.0.0.1:0", "--webui-addr", "127.0.0.1:0", "--processes", "2", "--tenancy"],
+             "127.0.0.1:0", "--webui-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0",
+             "--processes", "2", "--tenancy"],
             stderr=subprocess.PIPE, text=True)
         try:
             assert proc.stderr is not None
@@ -160,11 +231,16 @@ def main() -> int:
                 raise SystemExit("server did not start")
             threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining
             addr, web = m.group(1), m.group(2)
-            t0 = time.perf_counter()
-            ids = asyncio.run(fill(addr, args.jobs, args.done))
-            took = time.perf_counter() - t0
-            print(f"filled {args.jobs} jobs in {took:.1f} s ({args.jobs / took:.0f}/s)")
-            shard, tenant, job = ids[len(ids) // 2]
+            override: dict[str, str] = {}
+            if args.fill == "grpc":
+                t0 = time.perf_counter()
+                ids = asyncio.run(fill(addr, args.jobs, args.done))
+                took = time.perf_counter() - t0
+                print(f"filled {args.jobs} jobs in {took:.1f} s ({args.jobs / took:.0f}/s)")
+                shard, tenant, job = ids[len(ids) // 2]
+            else:
+                tenant, job, override = offline_pages(args.jobs, max(1, args.fill_tenants))
+                shard = asyncio.run(shard_of_tenant(addr, tenant))
             q = urllib.parse.quote
             pages = {
                 "overview /": "/",
@@ -192,6 +268,8 @@ def main() -> int:
                 "tenants": "/tenants",
                 "tenant": f"/tenant?name={tenant}",
             }
+            for name, path in override.items():
+                pages[name] = path
             print(f"{'page':24s} {'p50':>8s} {'p90':>8s} {'max':>8s}  (ms, {args.rounds} "
                   f"rounds, {args.jobs} jobs)")
             for name, path in pages.items():

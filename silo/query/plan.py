@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from silo.query import timeorder
 from silo.query.schema import TABLES, canonical_status
 
 
@@ -37,6 +38,11 @@ class Scan:
     # read can honour it (every filter recognised, the index order matching).
     limit: int | None = None
     order: list[tuple[str, bool]] | None = None
+    # The job list's shape (timeorder.py): task-group equality on jobs and the keyset
+    # cursor; both also set other_filters. unrecognised: a conjunct nobody knows.
+    job_groups: set[str] | None = None
+    keyset: timeorder.Keyset | None = None
+    unrecognised: bool = False
     # Read as one row per status counter with its count (counted.py): the statement
     # was rewritten to sum the counts instead of counting rows.
     weighted: bool = False
@@ -198,6 +204,8 @@ def narrow(scan: Scan, conjunct) -> None:
             else:
                 scan.meta_prefix = (k, v)
             return
+    if not timeorder.recognise(scan, conjunct, eq):
+        scan.unrecognised = True
     scan.other_filters = True
 
 

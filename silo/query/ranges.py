@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from typing import NamedTuple
 
-from slatedb.uniffi import KeyRange
+from slatedb.uniffi import DurabilityLevel, IterationOrder, KeyRange, ScanOptions
 
 from silo.query import pace
 from silo.query.plan import Scan
@@ -49,11 +49,17 @@ def _count(n: int) -> None:
         box[0] += n
 
 
-async def rows(db, start: bytes, end: bytes | None, slice_: int = SLICE
-               ) -> AsyncIterator[list]:
-    """Rows with start <= key < end, a slice per await."""
-    it = await db.scan(KeyRange(start=start, start_inclusive=True, end=end,
-                                end_inclusive=False))
+# A scan's options as db.scan has them, iterating from the end of the range.
+_DESCENDING = ScanOptions(durability_filter=DurabilityLevel.MEMORY, dirty=False,
+                          read_ahead_bytes=1, cache_blocks=True, max_fetch_tasks=1,
+                          order=IterationOrder.DESCENDING)
+
+
+async def rows(db, start: bytes, end: bytes | None, slice_: int = SLICE,
+               descending: bool = False) -> AsyncIterator[list]:
+    """Rows with start <= key < end, a slice per await (last key first if descending)."""
+    kr = KeyRange(start=start, start_inclusive=True, end=end, end_inclusive=False)
+    it = await (db.scan_with_options(kr, _DESCENDING) if descending else db.scan(kr))
     while True:
         batch = await it.next_batch(slice_)
         if not batch:

@@ -24,7 +24,7 @@ import itertools
 import msgspec
 import pyarrow as pa
 
-from silo.query import counted, pace, ranges
+from silo.query import counted, pace, ranges, timeorder_read
 from silo.query.plan import Scan
 from silo.query.schema import TABLES
 from silo.shard.state import Shard
@@ -273,7 +273,10 @@ async def read_jobs(shard: Shard, scan: Scan, now: int, *, count_from_counters: 
         return await _candidate_rows(shard, scan, need_info, now, part)
 
     index = None if scan.ids is not None else ranges.index_ranges(scan, tenants, now)
-    if scan.ids is not None:
+    pushed = await timeorder_read.read_jobs(shard, scan, tenants, now)  # the job list
+    if pushed is not None:
+        raw = pushed
+    elif scan.ids is not None:
         cands = [(t, i) for t in tenants for i in sorted(scan.ids)]
         for i in range(0, len(cands), POINT_GROUP):
             raw += [r for r in await confirm(cands[i : i + POINT_GROUP]) if r is not None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from silo import errors
+from silo.shard import indexes
 from silo.shard.state import Shard
 from silo.storage import keys
 from silo.storage.records import (
@@ -37,12 +38,15 @@ async def stage_delete(shard: Shard, tenant: str, job_id: str) -> None:
         raise errors.precondition(
             f"cannot delete job {job_id}: job is currently running or has pending requests"
             f" (status: {STATUS_NAMES[status_kind]})")
-    metadata = job_info_decoder.decode(raw_info).metadata if raw_info is not None else {}
+    info = job_info_decoder.decode(raw_info) if raw_info is not None else None
+    metadata = info.metadata if info is not None else {}
     attempts = await shard.committer.scan_prefix(keys.attempts_prefix(tenant, job_id))
     for k, _ in attempts:
         shard.committer.delete(k)
     shard.committer.delete(keys.job_info(tenant, job_id))
     shard.drop_status(tenant, job_id, status, metadata)
+    if info is not None:
+        indexes.drop_time_rows(shard, info)
     shard.committer.delete(keys.cancellation(tenant, job_id))
     shard.count_status(tenant, status_kind, None)
     shard.count_jobs(total=-1, completed=-1 if status_kind is not None else 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from silo import errors
 from silo.ids import new_id
 from silo.observability import tracing
+from silo.shard import indexes
 from silo.shard import limits as limit_chain
 from silo.shard.state import ActiveJob, Shard
 from silo.shard.validate import (  # noqa: F401  (re-exported for older callers)
@@ -74,6 +75,7 @@ def _stage(shard: Shard, info: JobInfo) -> None:
     shard.committer.put(keys.job_info(tenant, job_id), encode(info))
     shard.info_cache.put(info)
     shard.put_metadata_index(tenant, job_id, info.metadata)
+    indexes.put_time_rows(shard, info)
     job = shard.active[(tenant, job_id)] = ActiveJob(SCHEDULED)
     shard.put_status(tenant, job_id, JobStatus(SCHEDULED, now, start, 1))
     limit_chain.start_attempt(shard, job, tenant=tenant, job_id=job_id, attempt=1,

@@ -23,8 +23,8 @@ from typing import NamedTuple
 
 from silo import errors
 from silo.ids import new_id
+from silo.shard import indexes, pending
 from silo.shard import limits as limit_chain
-from silo.shard import pending
 from silo.shard.state import ActiveJob, Shard
 from silo.storage import keys
 from silo.storage.records import (
@@ -177,6 +177,7 @@ async def _import_one(shard: Shard, tenant: str, job: ImportJob) -> int:
                        job.retry_policy, dict(job.metadata), list(job.limits), job.task_group)
         shard.committer.put(keys.job_info(tenant, job.id), encode(info))
         shard.put_metadata_index(tenant, job.id, info.metadata)
+        indexes.put_time_rows(shard, info)
         for i, a in enumerate(job.attempts, 1):
             shard.put_attempt(tenant, _attempt_record(job.id, i, a))
         status = decide_status(job.attempts, job.retry_policy, now, start)

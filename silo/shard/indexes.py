@@ -1,10 +1,16 @@
-"""The query indexes at shard open: backfill an older layout, remember active rows.
+"""The query indexes: the enqueue-time rows, backfill of an older layout, active rows.
 
 Layout 1 data dirs (the first release) have no status index (0x03) or metadata index
-(0x04). The first open with this release derives both from the job status (0x02) and
-job info (0x01) rows, in batches so a large shard does not build one huge write, then
-records `layout_version = 2` in the batch of the last rows: a crash mid-way redoes the
-backfill from the start, which only rewrites the same empty rows.
+(0x04); layout 2 ones lack the enqueue-time indexes (0x10/0x11, the job list's
+order). The first open with this release derives what is missing from the job status
+(0x02) and job info (0x01) rows, in batches so a large shard does not build one huge
+write, then records `layout_version = 3` in the batch of the last rows: a crash mid-way
+redoes the backfill from the start, which only rewrites the same empty rows.
+
+The enqueue-time rows derive from the job info alone (tenant, id, enqueue time, task
+group, metadata), which never changes after enqueue: they are put in the batch that
+writes the info (enqueue, import) and deleted in the batch that deletes it (DeleteJob,
+retention), and no other transition touches them.
 
 Jobs in memory remember their current 0x03 row (ActiveJob.index_key) so that a
 transition deletes it without a read; at open it is loaded from the index itself.
@@ -22,6 +28,7 @@ from silo.storage import keys
 from silo.storage.records import (
     RUNNING,
     STATUS_NAMES,
+    JobInfo,
     decode_i64,
     encode_i64,
     job_info_decoder,
@@ -38,6 +45,20 @@ _FULL_RANGE = KeyRange(start=None, start_inclusive=True, end=None, end_inclusive
 BACKFILL_BATCH = 5000  # rows staged per durable batch while backfilling
 
 
+def put_time_rows(shard: Shard, info: JobInfo) -> None:
+    """Stage a new job's enqueue-time rows, in the batch that writes its info."""
+    for k in keys.time_index_rows(info.tenant, info.id, info.enqueue_time_ms,
+                                  info.task_group, info.metadata):
+        shard.committer.put(k, b"")
+
+
+def drop_time_rows(shard: Shard, info: JobInfo) -> None:
+    """Stage the deletion of a job's enqueue-time rows, in the batch deleting its info."""
+    for k in keys.time_index_rows(info.tenant, info.id, info.enqueue_time_ms,
+                                  info.task_group, info.metadata):
+        shard.committer.delete(k)
+
+
 async def _scan_batches(db, prefix: bytes, batch: int = 1024):
     it = await db.scan_prefix(prefix, _FULL_RANGE)
     while True:
@@ -47,19 +68,25 @@ async def _scan_batches(db, prefix: bytes, batch: int = 1024):
         yield rows
 
 
+async def _nothing():
+    return
+    yield
+
+
 async def layout_version(shard: Shard) -> int:
     raw = await shard.committer.get(keys.shard_meta("layout_version"))
     return 1 if raw is None else decode_i64(raw)
 
 
 async def backfill_if_needed(shard: Shard) -> int:
-    """Write the index rows a layout-1 shard lacks; return how many were written."""
-    if await layout_version(shard) >= keys.LAYOUT_VERSION:
+    """Write the index rows an older layout lacks; return how many were written."""
+    found = await layout_version(shard)
+    if found >= keys.LAYOUT_VERSION:
         return 0
     from silo.shard.state import status_index_key  # noqa: PLC0415 - state imports us lazily
 
     t0 = time.perf_counter()
-    log.info("shard %s: layout 1 found, backfilling the query indexes", shard.id)
+    log.info("shard %s: layout %d found, backfilling the query indexes", shard.id, found)
     c = shard.committer
     written = staged = 0
 
@@ -70,7 +97,9 @@ async def backfill_if_needed(shard: Shard) -> int:
             staged = 0
             log.info("shard %s: backfill progress: %d index rows", shard.id, written)
 
-    async for rows in _scan_batches(shard.db, keys.kind_prefix(keys.JOB_STATUS)):
+    statuses = (_scan_batches(shard.db, keys.kind_prefix(keys.JOB_STATUS)) if found < 2
+                else _nothing())
+    async for rows in statuses:
         for r in rows:
             tenant, pos = keys.dec_str(r.key, 1)
             job_id, _ = keys.dec_str(r.key, pos)
@@ -81,8 +110,14 @@ async def backfill_if_needed(shard: Shard) -> int:
     async for rows in _scan_batches(shard.db, keys.kind_prefix(keys.JOB_INFO)):
         for r in rows:
             info = job_info_decoder.decode(r.value)
-            for k, v in info.metadata.items():
-                c.put(keys.metadata_index(info.tenant, k, v, info.id), b"")
+            if found < 2:
+                for k, v in info.metadata.items():
+                    c.put(keys.metadata_index(info.tenant, k, v, info.id), b"")
+                    written += 1
+                    staged += 1
+            for k in keys.time_index_rows(info.tenant, info.id, info.enqueue_time_ms,
+                                          info.task_group, info.metadata):
+                c.put(k, b"")
                 written += 1
                 staged += 1
         await flush_if_full()

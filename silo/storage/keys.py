@@ -28,13 +28,17 @@ Tuple encoding:
 | 0x0C | rate limiter bucket | (name, unique_key) | RateLimitState |
 | 0x0D | expiry index (retention) | (expire_at_ms u64, tenant, job_id) | empty; a terminal job to delete at expire_at_ms |
 | 0x0E | pending task pointer | (tenant, job_id) | the 0x05 key of the job's pending task, only while that key's start time is not the job's next-attempt time (a rate-limit re-check) |
+| 0x10 | enqueue-time index | (tenant, task_group, u64::MAX − enqueue_ms u64, job_id) | empty; the jobs of a task group, newest enqueue first (the job list's order; a tenant's whole list merges its groups' ranges) |
+| 0x11 | metadata time index | (tenant, key, value, u64::MAX − enqueue_ms u64, job_id) | empty; the jobs with key = value, newest enqueue first |
 | 0xF0 | shard counter | (name) | i64 big-endian (absolute value) |
 | 0xF8 | tenant status counter | (tenant, status) | i64 big-endian (absolute value) |
 | 0xFE | shard meta | (name) | bytes |
 
 Shard meta names: `created_at_ms` (i64), `layout_version` (i64; absent = 1). Layout 1 is
 the first release (no 0x03/0x04/0x0D rows); layout 2 adds the status, metadata and expiry
-indexes. A shard opened with an older layout backfills what is missing once, then writes
+indexes; layout 3 adds the enqueue-time indexes 0x10/0x11 (immutable after enqueue, like
+the job info they derive from, so only enqueue, import, delete and retention write them).
+A shard opened with an older layout backfills what is missing once, then writes
 `layout_version = LAYOUT_VERSION` in the same batch as the last backfilled rows.
 
 The task key orders the ready queue exactly as upstream Silo: earliest start first,
@@ -58,12 +62,14 @@ FLOATING_LIMIT = 0x0B
 RATE_LIMIT_BUCKET = 0x0C
 EXPIRY_INDEX = 0x0D
 PENDING_POINTER = 0x0E
+GROUP_TIME_INDEX = 0x10
+METADATA_TIME_INDEX = 0x11
 SHARD_COUNTER = 0xF0
 TENANT_STATUS_COUNTER = 0xF8
 SHARD_META = 0xFE
 
 # The layout this release writes; see the module docstring.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 _U64_MAX = (1 << 64) - 1
 
@@ -181,6 +187,45 @@ def decode_metadata_index(key: bytes) -> tuple[str, str, str, str]:
     value, pos = dec_str(key, pos)
     job_id, _ = dec_str(key, pos)
     return tenant, mkey, value, job_id
+
+
+def _newest_first(ms: int) -> bytes:
+    return enc_u64(_U64_MAX - max(0, ms))
+
+
+def tenant_groups_prefix(tenant: str) -> bytes:
+    """Every 0x10 row of a tenant, task group by task group."""
+    return b"\x10" + enc_str(tenant)
+
+
+def group_time_prefix(tenant: str, task_group: str) -> bytes:
+    return b"\x10" + enc_str(tenant) + enc_str(task_group)
+
+
+def metadata_time_prefix(tenant: str, key: str, value: str) -> bytes:
+    return b"\x11" + enc_str(tenant) + enc_str(key) + enc_str(value)
+
+
+def time_index_from(prefix: bytes, enqueue_ms: int) -> bytes:
+    """First key under a 0x10/0x11 prefix (or a 0x03 (tenant, status) one: the same
+    time-then-id tail) whose time is at or before enqueue_ms (newest first)."""
+    return prefix + _newest_first(enqueue_ms)
+
+
+def time_index_rows(tenant: str, job_id: str, enqueue_ms: int, task_group: str,
+                    metadata: dict[str, str]) -> list[bytes]:
+    """Every 0x10/0x11 key of one job."""
+    tail = _newest_first(enqueue_ms) + enc_str(job_id)
+    out = [group_time_prefix(tenant, task_group) + tail]
+    out += [metadata_time_prefix(tenant, k, v) + tail for k, v in metadata.items()]
+    return out
+
+
+def decode_time_tail(key: bytes, prefix_len: int) -> tuple[int, str]:
+    """(enqueue_ms, job_id) of a time index key, given its prefix's length."""
+    ms = _U64_MAX - int.from_bytes(key[prefix_len : prefix_len + 8], "big")
+    job_id, _ = dec_str(key, prefix_len + 8)
+    return ms, job_id
 
 
 def expiry_index(expire_at_ms: int, tenant: str, job_id: str) -> bytes:

@@ -57,7 +57,8 @@ async def group_page(request: web.Request) -> web.Response:
     want_counts = request.query.get("counts", "") == "1"
     t0 = time.perf_counter()
     figures = await stats.node_figures(backend)
-    d = figures.groups.get(name, {"pending": 0, "due": 0, "running": 0, "scheduled": 0})
+    d = figures.groups.get(name, {"pending": 0, "due": 0, "running": 0, "scheduled": 0,
+                                  "capped": 0})
     enq, done = figures.per_second(name)
     chart = line_chart([("enqueued", enq), ("completed", done)],
                        seconds_per_point=rates.BUCKET_S,
@@ -71,7 +72,9 @@ async def group_page(request: web.Request) -> web.Response:
             "GROUP BY status_kind ORDER BY status_kind", [name])
         counts = table.to_pylist()
         counts_ms = f"{(time.perf_counter() - c0) * 1000:.1f}"
-    tiles = [("ready (due)", d["due"]), ("scheduled (future)", d["scheduled"]),
+    capped = bool(d.get("capped"))
+    tiles = [("ready (due)", f"≤{d['due']}" if capped else d["due"]),
+             ("scheduled (future)", f"{d['scheduled']}+" if capped else d["scheduled"]),
              ("running", d["running"]), ("pending tasks", d["pending"]),
              ("enqueued/s (1 min)", round(_recent(enq), 1)),
              ("completed/s (1 min)", round(_recent(done), 1))]

@@ -1,4 +1,5 @@
-"""The job list: every job of the node, filtered, newest first, a page at a time.
+"""The job list: every job of the node, filtered, newest first, a page at a time
+(by enqueue time; with a status filter by the status' own time, which the page says).
 
 One parameterised SQL statement over all shards per page (silo.web.joblist builds
 it); the filters map onto the engine's index reads, pagination is keyset (see
@@ -94,7 +95,8 @@ async def jobs_page(request: web.Request) -> web.Response:
             raise
         found, error, status = [], str(e), e.http_status
     took = (time.perf_counter() - t0) * 1000
-    rows, older, newer = joblist.page_of(found, cursor, per_page)
+    col = joblist.order_column(f)
+    rows, older, newer = joblist.page_of(found, cursor, per_page, col)
     for r in rows:
         r["enqueued"] = fmt_ms(r["enqueue_time_ms"])
         r["changed"] = fmt_ms(r["status_changed_at_ms"])
@@ -102,6 +104,7 @@ async def jobs_page(request: web.Request) -> web.Response:
     return render(
         request, "jobs.html", status=status, title="Jobs", error=error, rows=rows, f=f, q=q, per_page=per_page,
         statuses=joblist.STATUSES, took_ms=f"{took:.1f}",
+        order_label=joblist.ORDER_LABEL[col],
         older_url=url("/jobs", **q, older=older.encode()) if older else "",
         newer_url=url("/jobs", **q, newer=newer.encode()) if newer else "",
         newest_url=url("/jobs", **q) if cursor is not None else "")

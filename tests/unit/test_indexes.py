@@ -15,7 +15,12 @@ from silo.shard.indexes import layout_version
 from silo.shard.state import Shard, ShardConfig, status_index_key
 from silo.storage import keys
 from silo.storage.db import scan_prefix
-from silo.storage.records import RetryPolicy, job_info_decoder, job_status_decoder
+from silo.storage.records import (
+    RetryPolicy,
+    encode_i64,
+    job_info_decoder,
+    job_status_decoder,
+)
 from tests.unit.test_shard import T0, Clock, add
 
 RETRY = RetryPolicy(retry_count=1, initial_interval_ms=100, max_interval_ms=100,
@@ -39,10 +44,28 @@ async def derived_and_actual(s: Shard) -> tuple[set, set, set, set]:
     return want_status, have_status, want_meta, have_meta
 
 
+TIME_KINDS = (keys.GROUP_TIME_INDEX, keys.METADATA_TIME_INDEX)
+
+
+async def time_rows(s: Shard) -> tuple[set, set]:
+    """(the 0x10/0x11 rows the job infos imply, the rows stored)."""
+    want = set()
+    for _, v in await s.committer.scan_prefix(keys.kind_prefix(keys.JOB_INFO)):
+        info = job_info_decoder.decode(v)
+        want |= set(keys.time_index_rows(info.tenant, info.id, info.enqueue_time_ms,
+                                         info.task_group, info.metadata))
+    have = set()
+    for kind in TIME_KINDS:
+        have |= {k for k, _ in await s.committer.scan_prefix(keys.kind_prefix(kind))}
+    return want, have
+
+
 async def check(s: Shard) -> None:
     ws, hs, wm, hm = await derived_and_actual(s)
     assert hs == ws
     assert hm == wm
+    wt, ht = await time_rows(s)
+    assert ht == wt
     for (tenant, job_id), job in s.active.items():
         raw = await s.committer.get(keys.job_status(tenant, job_id))
         assert job.index_key == status_index_key(tenant, job_id, job_status_decoder.decode(raw))
@@ -108,8 +131,8 @@ def test_layout_1_data_dir_is_backfilled_once(tmp_path, caplog):
         ws, _, wm, _ = await derived_and_actual(s)
         assert ws and wm
         # Turn it into what the first release wrote: no index rows, no layout_version.
-        for prefix in (keys.kind_prefix(keys.STATUS_INDEX), keys.kind_prefix(keys.METADATA_INDEX)):
-            for k, _ in await scan_prefix(s.db, prefix):
+        for kind in (keys.STATUS_INDEX, keys.METADATA_INDEX, *TIME_KINDS):
+            for k, _ in await scan_prefix(s.db, keys.kind_prefix(kind)):
                 s.committer.delete(k)
         s.committer.delete(keys.shard_meta("layout_version"))
         await s.committer.commit()
@@ -128,6 +151,33 @@ def test_layout_1_data_dir_is_backfilled_once(tmp_path, caplog):
         with caplog.at_level(logging.INFO, logger="silo.shard.indexes"):
             s = await _open(url, sid, clock)
         assert "backfill" not in caplog.text
+        await s.close()
+    asyncio.run(main())
+
+
+def test_layout_2_data_dir_gets_the_enqueue_time_indexes(tmp_path, caplog):
+    url, sid, clock = f"file://{tmp_path}/o", str(uuid.uuid4()), Clock()
+
+    async def main():
+        s = await _open(url, sid, clock)
+        await every_transition(s, clock)
+        for i in range(30):  # more than a backfill batch would need with a tiny batch
+            await add(s, f"many-{i}", metadata={"env": "prod"}, group=f"g{i % 3}")
+        wt, _ = await time_rows(s)
+        assert len(wt) > 60
+        # What layout 2 wrote: status and metadata indexes, no enqueue-time rows.
+        for kind in TIME_KINDS:
+            for k, _ in await scan_prefix(s.db, keys.kind_prefix(kind)):
+                s.committer.delete(k)
+        s.committer.put(keys.shard_meta("layout_version"), encode_i64(2))
+        await s.committer.commit()
+        assert not (await time_rows(s))[1]
+        await s.close()
+        with caplog.at_level(logging.INFO, logger="silo.shard.indexes"):
+            s = await _open(url, sid, clock)
+        assert "layout 2 found" in caplog.text and "backfill done" in caplog.text
+        assert await layout_version(s) == keys.LAYOUT_VERSION == 3
+        await check(s)
         await s.close()
     asyncio.run(main())
 

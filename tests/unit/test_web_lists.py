@@ -3,17 +3,21 @@ the rate rings, the heap walk, the SVG chart, the proxy-aware origin check."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import uuid
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from silo.observability import rates
-from silo.web import joblist, security
+from silo.shard.state import Shard, ShardConfig
+from silo.web import joblist, security, stats
 from silo.web.chart import line_chart
 from silo.web.pages_queues import queue_rows
 from silo.web.pages_tenant import tenant_rows
 from silo.web.stats import NodeFigures
+from tests.unit.test_shard import T0, Clock, add
 
 
 def test_filters_become_parameters_never_sql_text():
@@ -23,7 +27,7 @@ def test_filters_become_parameters_never_sql_text():
     sql, params = joblist.build(f, joblist.Cursor(5, evil, evil), 51)
     assert evil not in sql and "'" not in sql
     assert params.count(evil) == 7 and "Failed" in params and 5 in params
-    assert sql.endswith("ORDER BY enqueue_time_ms DESC, id DESC, shard_id DESC LIMIT 51")
+    assert sql.endswith("ORDER BY status_changed_at_ms DESC, id DESC, shard_id DESC LIMIT 51")
     prefix, _ = joblist.build(joblist.Filters(meta_key="k", meta_value="v", meta_prefix=True),
                               None, 10)
     assert "starts_with(array_any_value(element_at(metadata, $1)), $2)" in prefix
@@ -112,13 +116,34 @@ def test_rate_rings_are_bounded_and_merge():
 
 def test_node_figures_add_processes_and_split_due_from_future():
     part = {"rates": {"now": 5, "groups": {"a": [[5, 3, 1]]}},
-            "groups": {"a": [10, 2], "b": [1, 0]}}
-    f = NodeFigures([part, part], [], {"a": 4, "c": 1})
-    assert f.groups["a"] == {"pending": 20, "running": 4, "scheduled": 4, "due": 16}
-    assert f.groups["c"]["scheduled"] == 1 and f.groups["c"]["due"] == 0
+            "groups": {"a": [10, 2, 2, 0], "b": [1, 0, 1, 1]}}
+    f = NodeFigures([part, part], ["w1"])
+    assert f.groups["a"] == {"pending": 20, "running": 4, "scheduled": 4, "due": 16,
+                             "capped": 0}
+    assert f.groups["b"]["capped"] == 1
+    assert f.groups["b"]["scheduled"] == 2 and f.groups["b"]["due"] == 0
     assert f.per_second("a")[0][-1] == 0.6
-    unknown = NodeFigures([part], ["w1"], None)
-    assert unknown.groups["a"]["due"] is None and unknown.missing == ["w1"]
+    assert f.missing == ["w1"]
+
+
+def test_future_tasks_count_only_the_rows_after_now():
+    async def main():
+        clock = Clock()
+        s = await Shard.open(str(uuid.uuid4()), "", "", "memory:///",
+                             ShardConfig(commit_interval_ms=0, flush_interval_ms=1), clock)
+        try:
+            for i in range(5):
+                await add(s, f"due-{i}", group="fg")
+            for i in range(3):
+                await add(s, f"later-{i}", group="fg", start_at_ms=T0 + 60_000 + i)
+            await add(s, "other", group="fh", start_at_ms=T0 + 60_000)
+            assert await stats.future_tasks(s, "fg", clock.t) == 3
+            assert await stats.future_tasks(s, "fg", clock.t, cap=2) == 3  # more than 2
+            assert await stats.future_tasks(s, "fg", clock.t, cap=3) == 3
+            assert await stats.future_tasks(s, "fh", clock.t + 60_000) == 0
+        finally:
+            await s.close()
+    asyncio.run(main())
 
 
 def test_chart_is_escaped_svg_without_remote_assets():
