@@ -77,19 +77,38 @@ def split_store_url(url: str) -> tuple[str, str]:
     return root, u.path.strip("/")
 
 
+# With flush_on_commit every commit flushes the WAL itself, so SlateDB's own flush
+# ticker has nothing to do; at flush_interval_ms (10 ms by default) it still woke every
+# shard 100 times a second. Measured idle, 8 shards in 2 processes: 0.047 cores with a
+# 10 ms ticker, 0.022 with 100 ms.
+FLUSH_ON_COMMIT_TICK_MS = 100
+
+
+def wal_flush_interval_ms(flush_interval_ms: int, flush_on_commit: bool) -> int:
+    """SlateDB's WAL flush interval: the configured one, or, when every commit flushes
+    the WAL itself, no more often than FLUSH_ON_COMMIT_TICK_MS (it then only bounds how
+    long a write made outside a commit, which Silo never makes, waits)."""
+    if flush_on_commit:
+        return max(flush_interval_ms, FLUSH_ON_COMMIT_TICK_MS)
+    return flush_interval_ms
+
+
 async def open_database(
     store_url: str, name: str, *, flush_interval_ms: int, l0_sst_size_bytes: int,
-    extra_settings: dict[str, object] | None = None,
+    extra_settings: dict[str, object] | None = None, flush_on_commit: bool = False,
 ):
     """Open (or create) the database `name` under the object store at store_url.
 
-    extra_settings: SlateDB settings by dotted key (silo.storage.slatedb_settings)."""
+    extra_settings: SlateDB settings by dotted key (silo.storage.slatedb_settings).
+    flush_on_commit: the committer flushes the WAL at every commit (see
+    wal_flush_interval_ms)."""
     ffi.apply(hold_gil=True)
     root, base = split_store_url(store_url)
     store = ObjectStore.resolve(root)
     path = f"{base}/{name}" if base else name
     settings = Settings.default()
-    settings.set("flush_interval", json.dumps(f"{flush_interval_ms}ms"))
+    interval = wal_flush_interval_ms(flush_interval_ms, flush_on_commit)
+    settings.set("flush_interval", json.dumps(f"{interval}ms"))
     settings.set("l0_sst_size_bytes", json.dumps(l0_sst_size_bytes))
     for key, value in (extra_settings or {}).items():
         settings.set(key, json.dumps(value))
