@@ -3,7 +3,7 @@
 
     PYTHONPATH=. .venv/bin/python bench/stream.py [--scenario saturation,steady|all]
         [--protocol stream,unary] [--tenants 16] [--procs 2] [--duration 10] [--json F]
-        [--profile DIR [--profile-rate 50]]
+        [--profile DIR [--profile-rate 50] [--no-profile-native] | --perf DIR] [--tree DIR]
 
 Each client process runs one SiloClient: enqueuers (SiloClient.enqueue_many, which is
 one EnqueueMany per call on a server that offers silostream.v1 and one Enqueue per job
@@ -215,12 +215,23 @@ def start_profiles(server_pid: int | None, args: argparse.Namespace, name: str
     measured window, as speedscope files DIR/<scenario>-<protocol>-w<pid>.json. py-spy's
     own CPU is outside the server tree, so CPU per job stays comparable (a little high:
     sampling pauses the server)."""
-    if not args.profile or server_pid is None:
+    if server_pid is None:
+        return []
+    if args.perf:  # CPU samples of every thread (SlateDB's and grpc's too), native frames
+        out = Path(args.perf)
+        out.mkdir(parents=True, exist_ok=True)
+        pids = ",".join(str(w) for w in proc_children(server_pid))
+        return [subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", pids,
+                                  "-o", str(out / f"{name}.perf.data"), "--", "sleep",
+                                  str(int(args.duration))],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    if not args.profile:
         return []
     out = Path(args.profile)
     out.mkdir(parents=True, exist_ok=True)
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    return [subprocess.Popen([spy, "record", "--pid", str(w), "--native",
+    native = ["--native"] if args.profile_native else []
+    return [subprocess.Popen([spy, "record", "--pid", str(w), *native,
                               "--rate", str(args.profile_rate), "--duration", str(int(args.duration)),
                               "--format", "speedscope",
                               "--output", str(out / f"{name}-w{w}.json")],
@@ -290,6 +301,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", metavar="DIR",
                     help="py-spy --native each server worker over the window into DIR")
     ap.add_argument("--profile-rate", type=int, default=50, help="py-spy samples/s")
+    ap.add_argument("--no-profile-native", dest="profile_native", action="store_false",
+                    help="py-spy without --native: Python frames only, but each sample keeps "
+                         "the Python stack of a task resumed from the event loop (with "
+                         "--native those samples end in the loop's task_wakeup)")
+    ap.add_argument("--perf", metavar="DIR",
+                    help="instead of py-spy: `perf record -g` of the server's worker "
+                         "processes over the window into DIR/<scenario>-<protocol>.perf.data "
+                         "(then `perf report -i F --sort comm,dso -g none`)")
+    ap.add_argument("--tree", metavar="DIR",
+                    help="run the server of another source tree (e.g. an export of the "
+                         "commit before a change) for a before/after pair")
     add_server_args(ap)
     args = ap.parse_args(argv)
     scenarios = ["saturation", "steady"] if args.scenario == "all" else args.scenario.split(",")
