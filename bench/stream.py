@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Stream-protocol scenarios through the Python SDK, beside the same ones on the unary API.
 
-    PYTHONPATH=. .venv/bin/python bench/stream.py [--scenario saturation,steady|all]
+    PYTHONPATH=. .venv/bin/python bench/stream.py [--scenario saturation,steady,idle|all]
         [--protocol stream,unary] [--tenants 16] [--procs 2] [--duration 10] [--json F]
         [--profile DIR [--profile-rate 50] [--no-profile-native] | --perf DIR] [--tree DIR]
 
@@ -15,6 +15,7 @@ tenants.
   durable jobs/s end to end (outcome acknowledged), server CPU per job.
 * steady: --rate jobs/s (one EnqueueMany per 10 ms tick and process): latency from the
   enqueue call to the handler starting (p50/p99), server CPU per job.
+* idle (not in "all"): the server's CPU with nothing connected, for --duration.
 
 Server CPU, its placement over the worker processes, the load generator's CPU and the
 machine's other busy CPU come from bench/common.py's CpuWindow. Targets (issue 12):
@@ -157,7 +158,25 @@ def commit_counts(metrics_addr: str) -> tuple[float, float, float]:
     return n, ops, relays
 
 
+def run_idle(args: argparse.Namespace) -> dict[str, Any]:
+    """The server's own CPU with nothing connected (SlateDB tickers, pollers, metrics)."""
+    server = ServerProc(args)
+    server.start()
+    try:
+        time.sleep(args.warmup + 1.0)
+        cpu = CpuWindow(server.pid, [])
+        cpu.start()
+        time.sleep(args.duration)
+        w = cpu.stop()
+    finally:
+        server.stop()
+        server.cleanup()
+    return {"scenario": "idle", "shards": args.shards, "cpu": w}
+
+
 def run(args: argparse.Namespace, scenario: str, protocol: str) -> dict[str, Any]:
+    if scenario == "idle":
+        return run_idle(args)
     metrics_addr = f"127.0.0.1:{free_port()}"
     server = ServerProc(argparse.Namespace(
         **{**vars(args), "server_arg": ["--metrics-addr", metrics_addr, *args.server_arg]}))
@@ -260,6 +279,11 @@ def verdict(v: float | None, target: float, higher: bool) -> str:
 
 def report(r: dict[str, Any]) -> None:
     c = r["cpu"]
+    if r["scenario"] == "idle":
+        print(f"== idle ({r['shards']} shards, nothing connected) " + "=" * 30)
+        print(f"  server CPU              {c['server_cores']:.3f} cores, by process "
+              + " + ".join(f"{x:.3f}" for x in c["server_cores_by_process"]))
+        return
     lat = r["enqueue_to_handler_start_ms"]
     print(f"== {r['scenario']} / {r['protocol']} ({r['tenants']} tenants) " + "=" * 30)
     print(f"  completed jobs/s        {r['jobs_per_s']:,.1f}  "
@@ -287,7 +311,8 @@ def report(r: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    ap.add_argument("--scenario", default="all", help="saturation,steady or all")
+    ap.add_argument("--scenario", default="all", help="saturation,steady,idle or all "
+                    "(= saturation,steady)")
     ap.add_argument("--protocol", default="stream,unary")
     ap.add_argument("--tenants", type=int, default=16)
     ap.add_argument("--procs", type=int, default=2, help="client processes")
@@ -317,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = ["saturation", "steady"] if args.scenario == "all" else args.scenario.split(",")
     out = {"machine": machine_info(), "results": []}
     for s in scenarios:
-        for p in args.protocol.split(","):
+        for p in (["-"] if s == "idle" else args.protocol.split(",")):
             r = run(args, s, p)
             report(r)
             out["results"].append(r)
