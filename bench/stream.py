@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Stream-protocol scenarios through the Python SDK, beside the same ones on the unary API.
 
-    PYTHONPATH=. .venv/bin/python bench/stream.py [--scenario saturation,steady|all]
+    PYTHONPATH=. .venv/bin/python bench/stream.py [--scenario saturation,steady,idle|all]
         [--protocol stream,unary] [--tenants 16] [--procs 2] [--duration 10] [--json F]
-        [--profile DIR [--profile-rate 50]]
+        [--profile DIR [--profile-rate 50] [--no-profile-native] | --perf DIR] [--tree DIR]
 
 Each client process runs one SiloClient: enqueuers (SiloClient.enqueue_many, which is
 one EnqueueMany per call on a server that offers silostream.v1 and one Enqueue per job
@@ -15,6 +15,7 @@ tenants.
   durable jobs/s end to end (outcome acknowledged), server CPU per job.
 * steady: --rate jobs/s (one EnqueueMany per 10 ms tick and process): latency from the
   enqueue call to the handler starting (p50/p99), server CPU per job.
+* idle (not in "all"): the server's CPU with nothing connected, for --duration.
 
 Server CPU, its placement over the worker processes, the load generator's CPU and the
 machine's other busy CPU come from bench/common.py's CpuWindow. Targets (issue 12):
@@ -157,7 +158,25 @@ def commit_counts(metrics_addr: str) -> tuple[float, float, float]:
     return n, ops, relays
 
 
+def run_idle(args: argparse.Namespace) -> dict[str, Any]:
+    """The server's own CPU with nothing connected (SlateDB tickers, pollers, metrics)."""
+    server = ServerProc(args)
+    server.start()
+    try:
+        time.sleep(args.warmup + 1.0)
+        cpu = CpuWindow(server.pid, [])
+        cpu.start()
+        time.sleep(args.duration)
+        w = cpu.stop()
+    finally:
+        server.stop()
+        server.cleanup()
+    return {"scenario": "idle", "shards": args.shards, "cpu": w}
+
+
 def run(args: argparse.Namespace, scenario: str, protocol: str) -> dict[str, Any]:
+    if scenario == "idle":
+        return run_idle(args)
     metrics_addr = f"127.0.0.1:{free_port()}"
     server = ServerProc(argparse.Namespace(
         **{**vars(args), "server_arg": ["--metrics-addr", metrics_addr, *args.server_arg]}))
@@ -215,12 +234,23 @@ def start_profiles(server_pid: int | None, args: argparse.Namespace, name: str
     measured window, as speedscope files DIR/<scenario>-<protocol>-w<pid>.json. py-spy's
     own CPU is outside the server tree, so CPU per job stays comparable (a little high:
     sampling pauses the server)."""
-    if not args.profile or server_pid is None:
+    if server_pid is None:
+        return []
+    if args.perf:  # CPU samples of every thread (SlateDB's and grpc's too), native frames
+        out = Path(args.perf)
+        out.mkdir(parents=True, exist_ok=True)
+        pids = ",".join(str(w) for w in proc_children(server_pid))
+        return [subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", pids,
+                                  "-o", str(out / f"{name}.perf.data"), "--", "sleep",
+                                  str(int(args.duration))],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    if not args.profile:
         return []
     out = Path(args.profile)
     out.mkdir(parents=True, exist_ok=True)
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    return [subprocess.Popen([spy, "record", "--pid", str(w), "--native",
+    native = ["--native"] if args.profile_native else []
+    return [subprocess.Popen([spy, "record", "--pid", str(w), *native,
                               "--rate", str(args.profile_rate), "--duration", str(int(args.duration)),
                               "--format", "speedscope",
                               "--output", str(out / f"{name}-w{w}.json")],
@@ -249,6 +279,11 @@ def verdict(v: float | None, target: float, higher: bool) -> str:
 
 def report(r: dict[str, Any]) -> None:
     c = r["cpu"]
+    if r["scenario"] == "idle":
+        print(f"== idle ({r['shards']} shards, nothing connected) " + "=" * 30)
+        print(f"  server CPU              {c['server_cores']:.3f} cores, by process "
+              + " + ".join(f"{x:.3f}" for x in c["server_cores_by_process"]))
+        return
     lat = r["enqueue_to_handler_start_ms"]
     print(f"== {r['scenario']} / {r['protocol']} ({r['tenants']} tenants) " + "=" * 30)
     print(f"  completed jobs/s        {r['jobs_per_s']:,.1f}  "
@@ -276,7 +311,8 @@ def report(r: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    ap.add_argument("--scenario", default="all", help="saturation,steady or all")
+    ap.add_argument("--scenario", default="all", help="saturation,steady,idle or all "
+                    "(= saturation,steady)")
     ap.add_argument("--protocol", default="stream,unary")
     ap.add_argument("--tenants", type=int, default=16)
     ap.add_argument("--procs", type=int, default=2, help="client processes")
@@ -290,12 +326,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", metavar="DIR",
                     help="py-spy --native each server worker over the window into DIR")
     ap.add_argument("--profile-rate", type=int, default=50, help="py-spy samples/s")
+    ap.add_argument("--no-profile-native", dest="profile_native", action="store_false",
+                    help="py-spy without --native: Python frames only, but each sample keeps "
+                         "the Python stack of a task resumed from the event loop (with "
+                         "--native those samples end in the loop's task_wakeup)")
+    ap.add_argument("--perf", metavar="DIR",
+                    help="instead of py-spy: `perf record -g` of the server's worker "
+                         "processes over the window into DIR/<scenario>-<protocol>.perf.data "
+                         "(then `perf report -i F --sort comm,dso -g none`)")
+    ap.add_argument("--tree", metavar="DIR",
+                    help="run the server of another source tree (e.g. an export of the "
+                         "commit before a change) for a before/after pair")
     add_server_args(ap)
     args = ap.parse_args(argv)
     scenarios = ["saturation", "steady"] if args.scenario == "all" else args.scenario.split(",")
     out = {"machine": machine_info(), "results": []}
     for s in scenarios:
-        for p in args.protocol.split(","):
+        for p in (["-"] if s == "idle" else args.protocol.split(",")):
             r = run(args, s, p)
             report(r)
             out["results"].append(r)

@@ -134,8 +134,7 @@ class WorkSession:
 
     def _take(self, msg: spb.WorkerUp) -> None:
         if msg.add_slots:
-            self.free += msg.add_slots
-            self._slots.set()
+            self._give_slots(msg.add_slots)
         if msg.outcomes:
             self._run_items(ACK.OUTCOME, "ReportOutcome", msg.outcomes)
         if msg.heartbeats:
@@ -294,6 +293,16 @@ class WorkSession:
         n = max(1, len(self._sources))
         return max(1, math.ceil(self.free / n)) if self.free > 0 else 0
 
+    def _give_slots(self, n: int) -> None:
+        """Slots come free (the worker added them, or a source reserved more than it
+        leased): wake every source waiting for one. Only the worker's add_slots used to
+        wake them, so slots a source handed back after an empty or short lease sat idle
+        while another source had due tasks, until the worker next finished a task (with
+        nothing running there: never)."""
+        if n > 0:
+            self.free += n
+            self._slots.set()
+
     async def _until_slot(self) -> bool:
         while self.free <= 0 and not self.stopping:
             self._slots.clear()
@@ -340,7 +349,7 @@ class WorkSession:
                     continue
                 leased += len(r.tasks)
                 self._deliver(r)
-            self.free += n - leased
+            self._give_slots(n - leased)
             if leased < n and any(isinstance(r, BaseException) for r in got):
                 await asyncio.sleep(RETRY_S)
 
@@ -371,11 +380,11 @@ class WorkSession:
                 resp = pb.LeaseTasksResponse.FromString(
                     await self.node.peers[owner].call(method, req.SerializeToString()))
             except SiloError as e:
-                self.free += n
+                self._give_slots(n)
                 log.debug("worker stream: leasing from w%d failed: %s", owner, e)
                 await asyncio.sleep(RETRY_S)
                 continue
-            self.free += n - len(resp.tasks)
+            self._give_slots(n - len(resp.tasks))
             more = len(resp.tasks) >= n
             self._deliver(resp)
 

@@ -232,6 +232,7 @@ class Shard:
             flush_interval_ms=config.flush_interval_ms,
             l0_sst_size_bytes=config.l0_sst_size_bytes,
             extra_settings=config.slatedb,
+            flush_on_commit=config.flush_on_commit,
         )
         shard = cls(shard_id, range_start, range_end, db, config, clock)
         await shard._rebuild()

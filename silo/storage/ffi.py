@@ -338,6 +338,26 @@ def _hold_gil_for_marshalling_calls(mod: ModuleType) -> None:
         setattr(lib, name, fn)
 
 
+class _ForeignBytesArg(ctypes.Structure):
+    """The bindings' ``ForeignBytes`` (i32 length, data pointer) with the pointer typed
+    ``c_char_p``, so a ``bytes`` object is passed as it is: the generated type needs a
+    ``ctypes.cast`` per call (≈1 µs, twice per key). Same layout, read-only use."""
+
+    _fields_ = [("len", ctypes.c_int32), ("data", ctypes.c_char_p)]
+
+
+def _from_bytes_taking_bytes(mod: ModuleType):
+    """``rustbuffer_from_bytes`` as a separate function object taking _ForeignBytesArg
+    (the bindings' own object keeps its argtypes), keeping the GIL exactly when
+    ``apply(hold_gil=True)`` made the bindings' one keep it."""
+    lib = mod._UniffiLib
+    dll = ctypes.PyDLL(lib._name) if gil_holding_applied() else ctypes.CDLL(lib._name)
+    fn = dll.ffi_slatedb_uniffi_rustbuffer_from_bytes
+    fn.argtypes = (_ForeignBytesArg, ctypes.POINTER(mod._UniffiRustCallStatus))
+    fn.restype = mod._UniffiRustBuffer
+    return fn
+
+
 def batch_writer():
     """Return `fill(batch, writes)` that appends {key: value | None} to a WriteBatch.
 
@@ -353,18 +373,15 @@ def batch_writer():
     clone = lib.uniffi_slatedb_uniffi_fn_clone_writebatch
     put = lib.uniffi_slatedb_uniffi_fn_method_writebatch_put
     delete = lib.uniffi_slatedb_uniffi_fn_method_writebatch_delete
-    from_bytes = lib.ffi_slatedb_uniffi_rustbuffer_from_bytes
-    foreign = mod._UniffiForeignBytes
+    from_bytes = _from_bytes_taking_bytes(mod)
     status_t = mod._UniffiRustCallStatus
     error_converter = mod._UniffiFfiConverterTypeError
     check = mod._uniffi_check_call_status
-    char_p = ctypes.POINTER(ctypes.c_char)
-    cast = ctypes.cast
     pack = _I32.pack  # the same big-endian i32 length prefix the bindings use
 
     def lower(data: bytes, status) -> object:
         framed = pack(len(data)) + data
-        rb = from_bytes(foreign(len(framed), cast(framed, char_p)), status)
+        rb = from_bytes(_ForeignBytesArg(len(framed), framed), status)
         if status.code:
             check(None, status)
         return rb

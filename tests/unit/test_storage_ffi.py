@@ -272,6 +272,32 @@ def test_bytes_like_arguments_and_delete():
     asyncio.run(main())
 
 
+def test_batch_writer_fills_a_batch_like_put_and_delete():
+    """The one-loop fill (silo.storage.db's hot path) writes exactly what the generated
+    put/delete would: empty, binary and large values, deletes of present keys."""
+    writes = {b"k-empty": b"", b"k-bin": bytes(range(256)), b"k-big": b"x" * 100_000,
+              b"k-gone": None, b"k\x00nul": b"\x00v"}
+    fill = ffi.batch_writer()
+
+    async def main():
+        db = await DbBuilder("batch-writer", ObjectStore.resolve("memory:///")).build()
+        try:
+            wb = WriteBatch()
+            wb.put(b"k-gone", b"old")
+            h = await db.write(wb)
+            await h.await_durable()
+            wb = WriteBatch()
+            fill(wb, writes)
+            h = await db.write(wb)
+            await h.await_durable()
+            assert await _scan_all(db, b"k") == {k: v for k, v in writes.items()
+                                                 if v is not None}
+        finally:
+            await db.shutdown()
+
+    asyncio.run(main())
+
+
 def test_errors_still_lift():
     wb = WriteBatch()
     with pytest.raises(Exception, match="empty"):

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""CPU and wall time of durable group commits in isolation: one shard's GroupCommitter
+over SlateDB on a local file store, no gRPC, no state machine.
+
+    PYTHONPATH=. .venv/bin/python bench/commit_cost.py [--commits 2000] [--keys 1]
+        [--flush-on-commit 1] [--flush-interval-ms 10] [--concurrency 1]
+
+Each commit stages --keys 200-byte puts and awaits their durability; --concurrency
+operations run at once (they share batches as in the server). CPU is the whole
+process's (getrusage: the Python thread and SlateDB's Tokio threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import shutil
+import tempfile
+import time
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def run(a: argparse.Namespace) -> None:
+    from silo.storage.db import GroupCommitter, open_database
+    from silo.storage.slatedb_settings import StorageTuning, slatedb_settings
+
+    d = tempfile.mkdtemp(prefix="silo-commit-cost-")
+    try:
+        db = await open_database(f"file://{d}", "s", flush_interval_ms=a.flush_interval_ms,
+                                 l0_sst_size_bytes=64 << 20,
+                                 extra_settings=slatedb_settings(StorageTuning()),
+                                 flush_on_commit=bool(a.flush_on_commit))
+        gc = GroupCommitter(db, commit_interval_s=0)
+        gc.flush_on_commit = bool(a.flush_on_commit)
+        value = os.urandom(200)
+        n = 0
+
+        async def op() -> None:
+            nonlocal n
+            for _ in range(a.keys):
+                n += 1
+                gc.put(b"k%012d" % n, value)
+            await gc.commit()
+
+        async def worker(count: int) -> None:
+            for _ in range(count):
+                await op()
+
+        await worker(50)  # warm-up
+        b0, c0, t0 = gc.batches_written, _cpu_s(), time.perf_counter()
+        per = a.commits // a.concurrency
+        await asyncio.gather(*(worker(per) for _ in range(a.concurrency)))
+        c1, t1 = _cpu_s(), time.perf_counter()
+        ops, batches = per * a.concurrency, gc.batches_written - b0
+        print(f"flush_on_commit={a.flush_on_commit} flush_interval={a.flush_interval_ms} ms "
+              f"keys/op={a.keys} concurrency={a.concurrency}: {ops / (t1 - t0):,.0f} ops/s, "
+              f"{batches} batches; per op {(t1 - t0) / ops * 1e6:,.0f} us wall, "
+              f"{(c1 - c0) / ops * 1e6:,.0f} us CPU; per batch "
+              f"{(c1 - c0) / max(batches, 1) * 1e6:,.0f} us CPU")
+        await gc.close()
+        await db.shutdown()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--commits", type=int, default=2000)
+    ap.add_argument("--keys", type=int, default=1, help="puts per operation")
+    ap.add_argument("--flush-on-commit", type=int, default=1)
+    ap.add_argument("--flush-interval-ms", type=int, default=10)
+    ap.add_argument("--concurrency", type=int, default=1)
+    import uvloop
+
+    uvloop.run(run(ap.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
