@@ -21,11 +21,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from typing import NamedTuple
 
-from slatedb.uniffi import DurabilityLevel, IterationOrder, KeyRange, ScanOptions
+from slatedb.uniffi import DurabilityLevel, IterationOrder, ScanOptions
 
 from silo.query import pace
 from silo.query.plan import Scan
 from silo.storage import keys
+from silo.storage.scan import ResumingScan
 
 SLICE = 128  # rows per storage read: a few ms of lifting and decoding, then pace
 POINT_GROUP = 128
@@ -58,8 +59,8 @@ _DESCENDING = ScanOptions(durability_filter=DurabilityLevel.MEMORY, dirty=False,
 async def rows(db, start: bytes, end: bytes | None, slice_: int = SLICE,
                descending: bool = False) -> AsyncIterator[list]:
     """Rows with start <= key < end, a slice per await (last key first if descending)."""
-    kr = KeyRange(start=start, start_inclusive=True, end=end, end_inclusive=False)
-    it = await (db.scan_with_options(kr, _DESCENDING) if descending else db.scan(kr))
+    it = ResumingScan(db, start, end, options=_DESCENDING if descending else None,
+                      descending=descending)
     while True:
         batch = await it.next_batch(slice_)
         if not batch:

@@ -22,8 +22,6 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from slatedb.uniffi import KeyRange
-
 from silo.storage import keys
 from silo.storage.records import (
     RUNNING,
@@ -34,13 +32,13 @@ from silo.storage.records import (
     job_info_decoder,
     job_status_decoder,
 )
+from silo.storage.scan import ResumingScan
 
 if TYPE_CHECKING:
     from silo.shard.state import Shard
 
 log = logging.getLogger(__name__)
 
-_FULL_RANGE = KeyRange(start=None, start_inclusive=True, end=None, end_inclusive=False)
 
 BACKFILL_BATCH = 5000  # rows staged per durable batch while backfilling
 
@@ -60,7 +58,7 @@ def drop_time_rows(shard: Shard, info: JobInfo) -> None:
 
 
 async def _scan_batches(db, prefix: bytes, batch: int = 1024):
-    it = await db.scan_prefix(prefix, _FULL_RANGE)
+    it = ResumingScan(db, prefix, keys.prefix_end(prefix))  # long at open: see scan.py
     while True:
         rows = await it.next_batch(batch)
         if not rows:

@@ -28,12 +28,12 @@ from silo.shard.state import Shard
 from silo.storage import keys
 from silo.storage.db import StorageError
 from silo.storage.records import TERMINAL, encode_i64, job_status_decoder
+from silo.storage.scan import ResumingScan
 
 log = logging.getLogger(__name__)
 
 SWEEP_BATCH = 1000  # rows per sweep and shard; the next sweep takes the rest
 INDEXED_META = "expiry_indexed"
-_FULL = KeyRange(start=None, start_inclusive=True, end=None, end_inclusive=False)
 _checked: weakref.WeakSet[Shard] = weakref.WeakSet()  # shards whose meta flag is settled
 
 
@@ -109,7 +109,8 @@ async def _settle_index(shard: Shard) -> None:
         return
     n = 0
     try:
-        it = await shard.db.scan_prefix(keys.kind_prefix(keys.JOB_STATUS), _FULL)
+        prefix = keys.kind_prefix(keys.JOB_STATUS)
+        it = ResumingScan(shard.db, prefix, keys.prefix_end(prefix))
         while rows := await it.next_batch(SWEEP_BATCH):
             for r in rows:
                 tenant, pos = keys.dec_str(r.key, 1)

@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-from slatedb.uniffi import FlushOptions, FlushType, KeyRange
+from slatedb.uniffi import FlushOptions, FlushType
 
 from silo.shard.buffer import ReadyBuffer
 from silo.shard.info_cache import InfoCache
@@ -61,10 +61,10 @@ from silo.storage.records import (
     rate_state_decoder,
     request_decoder,
 )
+from silo.storage.scan import ResumingScan
 
 log = logging.getLogger(__name__)
 _MEMTABLE_FLUSH = FlushOptions(flush_type=FlushType.MEM_TABLE)
-_FULL_RANGE = KeyRange(start=None, start_inclusive=True, end=None, end_inclusive=False)
 
 
 def wall_clock_ms() -> int:
@@ -270,7 +270,8 @@ class Shard:
             await backfill_if_needed(self)
         # Pending tasks stay in storage: each group's buffer fills on first use; the
         # per-group depth (a metric) is counted from this snapshot in the background.
-        snapshot = await db.scan_prefix(keys.kind_prefix(keys.TASK), _FULL_RANGE)
+        task_prefix = keys.kind_prefix(keys.TASK)
+        snapshot = ResumingScan(db, task_prefix, keys.prefix_end(task_prefix))
         self._depth_count = asyncio.ensure_future(self._count_depth(snapshot))
         for k, v in await scan_prefix(db, keys.kind_prefix(keys.CONCURRENCY_REQUEST)):
             ticket = request_decoder.decode(v)

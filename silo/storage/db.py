@@ -41,19 +41,18 @@ from slatedb.uniffi import (
     DefaultMetricsRecorder,
     FlushOptions,
     FlushType,
-    KeyRange,
     ObjectStore,
     Settings,
     WriteBatch,
 )
 
 from silo.observability import events, metrics, tracing
-from silo.storage import ffi, slatedb_settings
+from silo.storage import ffi, keys, slatedb_settings
+from silo.storage.scan import ResumingScan
 
 log = logging.getLogger(__name__)
 
 _WAL_FLUSH = FlushOptions(flush_type=FlushType.WAL)
-_FULL_RANGE = KeyRange(start=None, start_inclusive=True, end=None, end_inclusive=False)
 
 
 # database name → SlateDB's own metrics of it, sampled by silo.observability.metrics
@@ -122,7 +121,7 @@ async def open_database(
 
 async def scan_prefix(db, prefix: bytes, batch: int = 1024) -> list[tuple[bytes, bytes]]:
     """All (key, value) pairs under prefix, in key order. Not for the hot path."""
-    it = await db.scan_prefix(prefix, _FULL_RANGE)
+    it = ResumingScan(db, prefix, keys.prefix_end(prefix))
     out: list[tuple[bytes, bytes]] = []
     while True:
         rows = await it.next_batch(batch)
