@@ -17,7 +17,7 @@ from silo.shard import lease, outcome
 from silo.shard.state import Shard, ShardConfig
 from silo.storage.records import JobInfo
 from silo.web import joblist
-from tests.unit.test_shard import T0, Clock
+from tests.unit.test_shard import T0, Clock, run_populated
 
 N = 1500
 PER_PAGE = 20
@@ -45,16 +45,7 @@ async def _populate(s: Shard, clock: Clock) -> None:
 
 
 def _run(body):
-    async def main():
-        clock = Clock()
-        s = await Shard.open(str(uuid.uuid4()), "", "", "memory:///",
-                             ShardConfig(commit_interval_ms=0, flush_interval_ms=1), clock)
-        try:
-            await _populate(s, clock)
-            return await body(s, clock)
-        finally:
-            await s.close()
-    return asyncio.run(main())
+    return run_populated(_populate, body)
 
 
 async def _page(s: Shard, f: joblist.Filters, cursor, per_page=PER_PAGE):

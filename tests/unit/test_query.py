@@ -3,9 +3,7 @@ data, every status word, parameters, pushdown through the indexes, and errors.""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import uuid
 
 import grpc
 import pyarrow as pa
@@ -16,10 +14,10 @@ from silo.observability import metrics
 from silo.query import engine, ranges, scan, settings
 from silo.query.engine import query_shard
 from silo.shard import cancel, lease, outcome
-from silo.shard.state import Shard, ShardConfig
+from silo.shard.state import Shard
 from silo.storage import keys
 from silo.storage.records import ConcurrencyLimit, RetryPolicy
-from tests.unit.test_shard import T0, Clock, add
+from tests.unit.test_shard import T0, Clock, add, run_populated
 
 RETRY = RetryPolicy(retry_count=3, initial_interval_ms=60_000, max_interval_ms=60_000,
                     randomize_interval=False, backoff_factor=1.0)
@@ -52,16 +50,7 @@ async def populate(s: Shard, clock: Clock) -> None:
 
 
 def run_with_data(body):
-    async def main():
-        clock = Clock()
-        s = await Shard.open(str(uuid.uuid4()), "", "", "memory:///",
-                             ShardConfig(commit_interval_ms=0, flush_interval_ms=1), clock)
-        try:
-            await populate(s, clock)
-            return await body(s, clock)
-        finally:
-            await s.close()
-    return asyncio.run(main())
+    return run_populated(populate, body)
 
 
 async def q(s, sql, *params) -> list[dict]:

@@ -3,9 +3,6 @@ that LIMIT pushed into an index read returns exactly what a full read would."""
 
 from __future__ import annotations
 
-import asyncio
-import uuid
-
 import pytest
 
 from silo.query import plan as query_plan
@@ -13,9 +10,9 @@ from silo.query import ranges
 from silo.query.engine import query_shard
 from silo.shard import enqueue as enq
 from silo.shard import lease, outcome
-from silo.shard.state import Shard, ShardConfig
+from silo.shard.state import Shard
 from silo.storage.records import JobInfo
-from tests.unit.test_shard import T0, Clock
+from tests.unit.test_shard import T0, Clock, run_populated
 
 N = 600  # jobs in tenant "t"; 60 of them Failed at distinct (and some equal) times
 T = "t"
@@ -35,16 +32,7 @@ async def _populate(s: Shard, clock: Clock) -> None:
 
 
 def _run(body):
-    async def main():
-        clock = Clock()
-        s = await Shard.open(str(uuid.uuid4()), "", "", "memory:///",
-                             ShardConfig(commit_interval_ms=0, flush_interval_ms=1), clock)
-        try:
-            await _populate(s, clock)
-            return await body(s, clock)
-        finally:
-            await s.close()
-    return asyncio.run(main())
+    return run_populated(_populate, body)
 
 
 async def _reads(s: Shard, sql: str) -> tuple[int, list[dict]]:

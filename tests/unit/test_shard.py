@@ -69,6 +69,14 @@ def run(coro_fn, store_url="memory:///", shard_id=None):
     return asyncio.run(main())
 
 
+def run_populated(populate, body):
+    """run(): populate(shard, clock) first, then return body(shard, clock)."""
+    async def both(s, clock):
+        await populate(s, clock)
+        return await body(s, clock)
+    return run(both)
+
+
 async def add(s: Shard, job_id="", *, tenant="-", priority=50, start_at_ms=0, retry=None,
               group="g", payload=b"\x80", limits=None, metadata=None) -> str:
     return await enqueue.enqueue(
