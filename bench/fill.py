@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -189,6 +190,33 @@ def chunks(n: int, size: int) -> Iterator[range]:
         yield range(a, min(n, a + size))
 
 
+@contextlib.asynccontextmanager
+async def open_shard(data_dir: Path, tenant: str, *, shards: int, tenancy: bool,
+                     min_write_timeout_ms: int = 0):
+    """The tenant's shard of a server data dir (created if new), opened as a server
+    worker opens it, with the dir's lock held: yields (shard, shard map).
+
+    min_write_timeout_ms raises the write bound: offline nobody waits for an answer, so
+    the bound (which fails a serving shard's callers fast when storage stalls) only needs
+    to catch a dead store; a commit slowed by compaction on a loaded box is no failure."""
+    config = load_config({"data_dir": str(data_dir), "shards": shards, "tenancy": tenancy},
+                         os.environ, None)
+    fd = lock_data_dir(data_dir)
+    try:
+        shard_map, _ = load_or_create(data_dir, config.shards)
+        entry = shard_map.shard_for_tenant(tenant)
+        cfg = shard_config(config)
+        cfg.write_timeout_ms = max(cfg.write_timeout_ms, min_write_timeout_ms)
+        shard = await Shard.open(entry.shard_id, entry.range_start, entry.range_end,
+                                 config.object_store_url_resolved(), cfg)
+        try:
+            yield shard, shard_map
+        finally:
+            await shard.close()
+    finally:
+        unlock_data_dir(data_dir, fd)
+
+
 async def fill(data_dir: Path, n: int, *, tenant: str | None = None, tenancy: bool = False,
                shards: int = 8, mix: list[int] | None = None, groups: int = 4,
                queued_only: bool = False, queued_group: str = "bench", chunk: int = 4000,
@@ -202,75 +230,59 @@ async def fill(data_dir: Path, n: int, *, tenant: str | None = None, tenancy: bo
         raise ValueError(f"with tenancy off every job is tenant {DEFAULT_TENANT!r}; "
                          f"pass --tenancy to fill tenant {tenant!r}")
     data_dir.mkdir(parents=True, exist_ok=True)
-    config = load_config({"data_dir": str(data_dir), "shards": shards, "tenancy": tenancy},
-                         os.environ, None)
-    fd = lock_data_dir(data_dir)
-    try:
-        shard_map, _ = load_or_create(data_dir, config.shards)
-        entry = shard_map.shard_for_tenant(tenant)
-        t_open = time.perf_counter()
-        cfg = shard_config(config)
-        # Offline nobody waits for an answer, so the write bound (which fails a serving
-        # shard's callers fast when storage stalls) only needs to catch a dead store: a
-        # commit slowed by L0 flushes and compaction on a loaded box just slows the fill.
-        cfg.write_timeout_ms = max(cfg.write_timeout_ms, FILL_WRITE_TIMEOUT_MS)
-        shard = await Shard.open(entry.shard_id, entry.range_start, entry.range_end,
-                                 config.object_store_url_resolved(), cfg)
+    t_open = time.perf_counter()
+    async with open_shard(data_dir, tenant, shards=shards, tenancy=tenancy,
+                          min_write_timeout_ms=FILL_WRITE_TIMEOUT_MS) as (shard, _):
         open_s = time.perf_counter() - t_open
         counts = dict.fromkeys(STATUSES, 0)
         t0 = time.perf_counter()
-        try:
-            now = shard.now()
-            done = 0
-            slowest = [0.0]  # the longest import call (staging + its durable commit), s
-            prefetch = ExistencePrefetch(shard)
+        now = shard.now()
+        done = 0
+        slowest = [0.0]  # the longest import call (staging + its durable commit), s
+        prefetch = ExistencePrefetch(shard)
 
-            async def one(ids: range) -> None:
-                nonlocal done
-                batch = [make_job(i, start + n, now, mix, groups, queued_only, queued_group,
-                                  first)
-                         for i in ids]
-                job_ids = [j.id for j, _ in batch]
-                await prefetch.load(tenant, job_ids)
-                t = time.perf_counter()
-                try:
-                    results = await import_.import_jobs(shard, tenant, [j for j, _ in batch])
-                finally:
-                    prefetch.forget(tenant, job_ids)
-                slowest[0] = max(slowest[0], time.perf_counter() - t)
-                bad = [r for r in results if not r.success]
-                if bad:
-                    raise RuntimeError(f"import refused {len(bad)} jobs: {bad[0].error}")
-                for _, st in batch:
-                    counts[st] += 1
-                done += len(ids)
-                if progress and done % (chunk * 25) < len(ids):
-                    el = time.perf_counter() - t0
-                    print(f"  {done:,} jobs, {done / el:,.0f} jobs/s", file=sys.stderr,
-                          flush=True)
+        async def one(ids: range) -> None:
+            nonlocal done
+            batch = [make_job(i, start + n, now, mix, groups, queued_only, queued_group,
+                              first)
+                     for i in ids]
+            job_ids = [j.id for j, _ in batch]
+            await prefetch.load(tenant, job_ids)
+            t = time.perf_counter()
+            try:
+                results = await import_.import_jobs(shard, tenant, [j for j, _ in batch])
+            finally:
+                prefetch.forget(tenant, job_ids)
+            slowest[0] = max(slowest[0], time.perf_counter() - t)
+            bad = [r for r in results if not r.success]
+            if bad:
+                raise RuntimeError(f"import refused {len(bad)} jobs: {bad[0].error}")
+            for _, st in batch:
+                counts[st] += 1
+            done += len(ids)
+            if progress and done % (chunk * 25) < len(ids):
+                el = time.perf_counter() - t0
+                print(f"  {done:,} jobs, {done / el:,.0f} jobs/s", file=sys.stderr,
+                      flush=True)
 
-            # At most in_flight chunks at once: while one chunk's commit is in flight the
-            # next is staged (the committer writes it as the next batch), never more.
-            pending: set[asyncio.Future[None]] = set()
-            for ids in chunks(n, chunk):
-                if len(pending) >= max(1, in_flight):
-                    finished, pending = await asyncio.wait(
-                        pending, return_when=asyncio.FIRST_COMPLETED)
-                    for f in finished:
-                        f.result()
-                pending.add(asyncio.ensure_future(
-                    one(range(start + ids.start, start + ids.stop))))
-            for f in await asyncio.gather(*pending, return_exceptions=True):
-                if isinstance(f, BaseException):
-                    raise f
-            fill_s = time.perf_counter() - t0
-        finally:
-            t_close = time.perf_counter()
-            await shard.close()
-            close_s = time.perf_counter() - t_close
-    finally:
-        unlock_data_dir(data_dir, fd)
-    return {"data_dir": str(data_dir), "shard": entry.shard_id, "tenant": tenant,
+        # At most in_flight chunks at once: while one chunk's commit is in flight the
+        # next is staged (the committer writes it as the next batch), never more.
+        pending: set[asyncio.Future[None]] = set()
+        for ids in chunks(n, chunk):
+            if len(pending) >= max(1, in_flight):
+                finished, pending = await asyncio.wait(
+                    pending, return_when=asyncio.FIRST_COMPLETED)
+                for f in finished:
+                    f.result()
+            pending.add(asyncio.ensure_future(
+                one(range(start + ids.start, start + ids.stop))))
+        for f in await asyncio.gather(*pending, return_exceptions=True):
+            if isinstance(f, BaseException):
+                raise f
+        fill_s = time.perf_counter() - t0
+        t_close = time.perf_counter()  # the shard closes (and flushes) at the block's end
+    close_s = time.perf_counter() - t_close
+    return {"data_dir": str(data_dir), "shard": shard.id, "tenant": tenant,
             "jobs": n, "counts": counts, "open_s": round(open_s, 2),
             "fill_s": round(fill_s, 2), "close_s": round(close_s, 2),
             "jobs_per_s": round(n / fill_s) if fill_s > 0 else None,

@@ -39,7 +39,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -52,11 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fill  # noqa: E402  (bench/fill.py)
 
-from silo.cluster.shardmap import load_or_create  # noqa: E402
-from silo.config import load_config  # noqa: E402
 from silo.query import ranges, settings  # noqa: E402
 from silo.query.engine import query_shard  # noqa: E402
-from silo.runtime.server import lock_data_dir, unlock_data_dir  # noqa: E402
 from silo.shard import enqueue as enq  # noqa: E402
 from silo.shard.state import Shard  # noqa: E402
 from silo.storage.db import METRICS_RECORDERS  # noqa: E402
@@ -163,23 +159,11 @@ def jobs_in(s: Shard, status: str | None = None) -> int:
 @contextlib.asynccontextmanager
 async def open_tenant_shard(data_dir: Path):
     """The bench tenant's shard of a data dir, opened as a server worker opens it."""
-    config = load_config({"data_dir": str(data_dir), "shards": SHARDS, "tenancy": True},
-                         os.environ, None)
-    fd = lock_data_dir(data_dir)
-    try:
-        shard_map, _ = load_or_create(data_dir, config.shards)
-        e = shard_map.shard_for_tenant(T)
+    async with fill.open_shard(data_dir, T, shards=SHARDS, tenancy=True) as (s, shard_map):
         # Enqueue into a tenant of the same shard (a job stored where a server finds it).
         enqueuer = next(t for t in (f"enqueuer-{i}" for i in range(10_000))
-                        if shard_map.shard_for_tenant(t).shard_id == e.shard_id)
-        s = await Shard.open(e.shard_id, e.range_start, e.range_end,
-                             config.object_store_url_resolved(), fill.shard_config(config))
-        try:
-            yield s, enqueuer
-        finally:
-            await s.close()
-    finally:
-        unlock_data_dir(data_dir, fd)
+                        if shard_map.shard_for_tenant(t).shard_id == s.id)
+        yield s, enqueuer
 
 
 def storage_shape(s: Shard) -> dict[str, int]:
