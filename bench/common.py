@@ -196,7 +196,9 @@ def fetch_topology(target: str, timeout: float = 10.0) -> list[tuple[str, str, s
 
 def add_server_args(ap: argparse.ArgumentParser) -> None:
     """The flags every scenario script passes to the `silo serve` it starts (and --json)."""
-    ap.add_argument("--shards", type=int, default=8, help="shards of a self-started server")
+    ap.add_argument("--shards", type=int, default=0,
+                    help="shards of a self-started server (0 = silo's default: one per worker"
+                         " process)")
     ap.add_argument("--processes", type=int, default=0,
                     help="worker processes of a self-started server (and of a no-op baseline)"
                          " (0 = silo's default: one per core, at most one per shard)")
@@ -215,7 +217,13 @@ def server_processes(args: argparse.Namespace) -> int:
     """Worker processes of a self-started `silo serve`, as it resolves --processes 0
     (one per core we may run on, at most one per shard); the no-op server gets as many."""
     n = args.processes or len(os.sched_getaffinity(0))
-    return max(1, min(n, args.shards))
+    return max(1, min(n, shards_of(args)))
+
+
+def shards_of(args: argparse.Namespace) -> int:
+    """Shards of a self-started `silo serve`, as it resolves --shards 0 (one per worker
+    process). Passed to the server resolved, so a --tree of before that default works."""
+    return args.shards or args.processes or len(os.sched_getaffinity(0))
 
 
 def reap(procs: list[Any]) -> None:
@@ -305,7 +313,7 @@ class ServerProc:
                *([] if tree else ["--webui-addr", "127.0.0.1:0",
                                   "--metrics-addr", "127.0.0.1:0"]),
                "--flush-interval-ms", str(self.args.flush_interval_ms),
-               "--shards", str(self.args.shards)]
+               "--shards", str(shards_of(self.args))]
         cmd.append("--tenancy" if self.args.tenants > 0 else "--no-tenancy")
         if self.args.processes:
             cmd += ["--processes", str(self.args.processes)]

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import add_server_args, interrupt_on_sigterm
+from common import add_server_args, interrupt_on_sigterm, shards_of
 from limits_grant import run_grant_latency
 from limits_harness import (
     TARGETS,
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "config": {
-            "flush_interval_ms": args.flush_interval_ms, "shards": args.shards,
+            "flush_interval_ms": args.flush_interval_ms, "shards": shards_of(args),
             "processes": args.processes, "procs": args.procs, "concurrency": args.concurrency,
             "workers": args.workers, "channels": args.channels, "duration_s": args.duration, "warmup_s": args.warmup,
             "repeat": args.repeat, "cycles": args.cycles, "warmup_cycles": args.warmup_cycles,

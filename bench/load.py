@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             "scenarios": args.scenarios,
             "procs": args.procs, "concurrency": args.concurrency, "workers": args.workers,
             "channels": args.channels, "flush_interval_ms": args.flush_interval_ms,
-            "duration_s": args.duration, "warmup_s": args.warmup, "shards": args.shards,
+            "duration_s": args.duration, "warmup_s": args.warmup, "shards": common.shards_of(args),
             "server_processes": None if args.target else server_processes(args),
             "tenants": args.tenants, "many_tenants": args.many_tenants, "rate": args.rate,
             "backlog": args.backlog, "lease_batch": LEASE_BATCH, "task_group": TASK_GROUP,

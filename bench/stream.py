@@ -44,6 +44,7 @@ from common import (
     machine_info,
     percentiles_ms,
     proc_children,
+    shards_of,
 )
 
 TASK_GROUP = "bench-stream"
@@ -171,7 +172,7 @@ def run_idle(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         server.stop()
         server.cleanup()
-    return {"scenario": "idle", "shards": args.shards, "cpu": w}
+    return {"scenario": "idle", "shards": shards_of(args), "cpu": w}
 
 
 def run(args: argparse.Namespace, scenario: str, protocol: str) -> dict[str, Any]:

@@ -64,7 +64,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     max_unflushed_bytes: int = 64 * MiB
     block_cache_bytes: int = 32 * MiB
     write_timeout_ms: int = 10_000
-    shards: int = 8
+    shards: int = 0
     tenancy: bool = False
     lease_ms: int = 10_000
     ready_buffer_size: int = 4096
@@ -318,9 +318,11 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "shards",
         "shards.count",
-        _int(1, 4096),
-        "number of shards created when the data dir is new (an existing shard map is kept)",
+        _int(0, 4096),
+        "number of shards created when the data dir is new (an existing shard map is kept); "
+        "0 = one per worker process",
         "N",
+        default_doc="0 (one per worker process)",
     ),
     Option("tenancy", "tenancy.enabled", _bool, "tenants required and range-checked"),
     Option("lease_ms", "jobs.lease_ms", _int(1000, 3_600_000), "task lease duration", "MS"),

@@ -142,6 +142,19 @@ def worker_count(config: Config, shards: int) -> int:
     return max(1, min(n, shards))
 
 
+def new_shard_count(config: Config) -> int:
+    """Shards of a new data dir: ``shards`` when set, else one per worker process.
+
+    One shard per process is the default because a process's shards each commit on their
+    own: on 2 cores, 2 shards instead of 8 cut server CPU per job by a quarter at
+    saturation and steady-rate latency by ~3x (bench/README.md, "Stream protocol"). The
+    price is that the count is fixed when the dir is created, so the dir can never spread
+    over more processes than the host it was created on had; set ``shards`` higher for a
+    dir that will move to a bigger host.
+    """
+    return config.shards or worker_count(config, 4096)
+
+
 def describe_status(code: int) -> str:
     if os.WIFSIGNALED(code):
         sig = os.WTERMSIG(code)
@@ -212,8 +225,8 @@ class Supervisor:
                 # Not imported here: aiohttp + jinja2 cost ~0.5 s before the first fork;
                 # each worker imports them once it serves gRPC (silo.runtime.worker).
             web_secret = secrets.token_bytes(32)  # CSRF/session key shared by the workers
-            shard_map, created = load_or_create(data_dir, config.shards)
-            if not created and len(shard_map.entries) != config.shards:
+            shard_map, created = load_or_create(data_dir, new_shard_count(config))
+            if not created and config.shards and len(shard_map.entries) != config.shards:
                 log.warning("data dir has %d shards; ignoring shards=%d (the shard map is "
                             "kept)", len(shard_map.entries), config.shards)
             n = worker_count(config, len(shard_map.entries))

@@ -40,6 +40,10 @@ class Server:
 
     def start(self, timeout: float = 30.0) -> Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SILO_")}
+        # The tests were written against 8 shards (the server's default is one per worker
+        # process); a test that sets the count itself, by flag, env or file, keeps its own.
+        if not any(a.split("=")[0] in ("--shards", "-c", "--config") for a in self.args):
+            env["SILO_SHARDS"] = "8"
         env.update(self.env)
         self.log = []
         self._ready.clear()

@@ -21,6 +21,20 @@ def test_startup_line_names_address_data_dir_shards_tenancy(tmp_path):
         assert (tmp_path / "d" / "shardmap.json").exists()
 
 
+def test_new_data_dir_gets_one_shard_per_process_and_keeps_its_count(tmp_path):
+    env = {"SILO_SHARDS": "0"}  # the server's default (the harness pins 8 otherwise)
+    with Server(tmp_path / "d", "--processes", "3", env=env) as srv, \
+            grpc.insecure_channel(srv.addr) as ch:
+        info = pb_grpc.SiloStub(ch).GetClusterInfo(pb.GetClusterInfoRequest(), timeout=5)
+        assert info.num_shards == 3
+        assert sorted({o.grpc_addr for o in info.shard_owners}) == [srv.addr]
+    # Fewer processes later: the shard map is kept, and no warning about a count not asked for.
+    with Server(tmp_path / "d", "--processes", "2", env=env) as srv:
+        line = next(x for x in srv.log if "silo serving on" in x)
+        assert "shards=3" in line and "processes=2" in line
+        assert not any("ignoring shards" in x for x in srv.log)
+
+
 def test_bad_config_exits_2_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "silo", "serve", "--shards", "zero",
                         "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)

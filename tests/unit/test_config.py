@@ -58,7 +58,7 @@ def test_defaults():
     assert cfg.flush_interval_ms == 10
     assert cfg.commit_interval_ms == 0.0
     assert cfg.l0_sst_size_bytes == 16777216
-    assert cfg.shards == 8
+    assert cfg.shards == 0  # one per worker process
     assert cfg.tenancy is False
     assert cfg.lease_ms == 10000
     assert cfg.reaper_interval_ms == 1000
@@ -105,11 +105,11 @@ def test_file_env_flag_precedence(tmp_path):
 
 
 def test_none_override_and_empty_env_are_ignored(tmp_path):
-    path = write_toml(tmp_path, '[server]\nauth_token = "s3cret"\n')
+    path = write_toml(tmp_path, '[server]\nauth_token = "s3cret"\n[shards]\ncount = 5\n')
     cfg = load(
         argv={"shards": None}, env={"SILO_SHARDS": "", "SILO_AUTH_TOKEN": ""}, config_file=path
     )
-    assert cfg.shards == 8
+    assert cfg.shards == 5
     assert cfg.auth_token == "s3cret"
 
 
@@ -149,7 +149,7 @@ def test_unknown_override_name_rejected():
         ("commit_interval_ms", "1000.1"),
         ("commit_interval_ms", "nan"),
         ("l0_sst_size_bytes", "1048575"),
-        ("shards", "0"),
+        ("shards", "-1"),
         ("shards", "4097"),
         ("shards", "abc"),
         ("shards", "2.5"),
@@ -179,7 +179,7 @@ def test_error_message_format():
         load(env={"SILO_SHARDS": "abc"})
     assert str(excinfo.value) == (
         "invalid value for shards (SILO_SHARDS / --shards / shards.count): "
-        "must be an integer between 1 and 4096, got 'abc'"
+        "must be an integer between 0 and 4096, got 'abc'"
     )
 
 
@@ -341,7 +341,7 @@ def test_data_dir_expands_user(monkeypatch):
 
 
 def test_cli_bad_flag_value_exits_2(capsys):
-    assert main(["serve", "--shards", "0"]) == 2
+    assert main(["serve", "--shards", "-1"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
     lines = err.splitlines()
