@@ -424,7 +424,8 @@ OPTIONS: tuple[Option, ...] = (
         "count_from_status_counters",
         "storage.count_from_status_counters",
         _bool,
-        "answer an unfiltered per-tenant COUNT(*) over jobs from the status counters",
+        "answer COUNT(*) over jobs, alone or grouped by status_kind, tenant or shard_id, "
+        "from the status counters",
     ),
     Option(
         "webui_enabled",
