@@ -168,6 +168,7 @@ async def serve_worker(spec: WorkerSpec) -> int:
     log.info("worker %d (pid %d) serving %d shards", spec.index, os.getpid(), len(node.shards))
     if control is not None:
         control.send(READY)
+    node.start_depth_counts()
     stop = control.drain if control is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
     # SIGTERM to this worker alone drains it like the supervisor's DRAIN; SIGINT is the
