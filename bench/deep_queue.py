@@ -180,11 +180,12 @@ def free_port() -> int:
 
 
 def first_lease(target: str, deadline: float, call_timeout: float,
-                stop: threading.Event | None = None) -> dict[str, Any]:
+                stop: threading.Event | None = None, on_task: Any = None) -> dict[str, Any]:
     """LeaseTasks(max_tasks=1) until one returns a task: times of the first OK call and
     of the first task, time.monotonic(). Started before the server is (its port fixed in
     advance), it measures when the restarted server first serves a lease, like a worker
-    fleet that keeps retrying, not when the ready line was read."""
+    fleet that keeps retrying, not when the ready line was read. on_task(out) runs the
+    moment the first task arrives."""
     import grpc
 
     from silo._proto import silo_pb2 as pb
@@ -210,6 +211,8 @@ def first_lease(target: str, deadline: float, call_timeout: float,
                 out["first_ok_t"] = now
             if resp.tasks:
                 out["first_task_t"] = now
+                if on_task is not None:
+                    on_task(out)
                 task = resp.tasks[0]
                 break
             time.sleep(0.005)
@@ -237,8 +240,13 @@ def timed_restart(server: common.ServerProc, a: argparse.Namespace, queued: int 
     server.args.server_arg = [*a.server_arg, "--grpc-addr", f"127.0.0.1:{port}"]
     fl: dict[str, Any] = {}
     stop = threading.Event()
+    def cpu_now(out: dict[str, Any]) -> None:  # the server's CPU until its first lease
+        if server.pid is not None:
+            out["cpu"] = common.tree_cpu_by_pid(server.pid)
+
     prober = threading.Thread(target=lambda: fl.update(first_lease(
-        f"127.0.0.1:{port}", time.monotonic() + a.restart_timeout, a.call_timeout, stop)))
+        f"127.0.0.1:{port}", time.monotonic() + a.restart_timeout, a.call_timeout, stop,
+        cpu_now)))
     prober.start()
     try:
         server.start(ready_timeout=a.restart_timeout)
@@ -255,6 +263,10 @@ def timed_restart(server: common.ServerProc, a: argparse.Namespace, queued: int 
     if fl.get("first_task_t") is None:
         raise RuntimeError("the restarted server leased no task before --restart-timeout")
     rs["first_task_s"] = round(fl["first_task_t"] - server.spawn_t, 3)
+    if fl.get("cpu"):  # supervisor first, then the workers (pid order): CPU s, load-proof
+        by_pid = sorted(fl["cpu"].items())
+        rs["cpu_to_first_task_s"] = round(sum(c for _, c in by_pid), 3)
+        rs["cpu_to_first_task_by_process_s"] = [round(c, 3) for _, c in by_pid]
     return rs
 
 

@@ -82,10 +82,13 @@ def print_report(rep: dict[str, Any]) -> None:
         rows.append(("start -> ready line", load_report.fmt(rs.get("ready_s"), " s")))
         rows.append(("start -> first LeaseTasks OK", load_report.fmt(rs.get("first_ok_s"), " s")))
         rows.append(("start -> first task leased", load_report.fmt(rs.get("first_task_s"), " s")))
+        rows.append(("  server CPU until then", load_report.fmt(rs.get("cpu_to_first_task_s"), " s")
+                     + f" (supervisor, workers: {rs.get('cpu_to_first_task_by_process_s')})"))
     for i, x in enumerate(r.get("starts") or []):
         rows.append((f"  start {i + 1}: first OK / task / ready",
                      f"{x.get('first_ok_s')} / {x.get('first_task_s')} / {x.get('ready_s')} s"
-                     f" (SIGTERM -> exited {x.get('stop_s')} s)"))
+                     f" (SIGTERM -> exited {x.get('stop_s')} s); server CPU to first task"
+                     f" {x.get('cpu_to_first_task_s')} s {x.get('cpu_to_first_task_by_process_s')}"))
     t = r.get("targets") or {}
     if t:
         def ok(k: str) -> str:
