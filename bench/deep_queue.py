@@ -18,6 +18,11 @@ off every job belongs to tenant "-", so the whole queue is in one shard. Then:
     LeaseTasks answered -> first task leased, and -> the ready line (which also waits for
     the web UI); then RSS and 200 LeaseTasks again.
 
+`--from-dir DIR` skips the pre-fills: the server runs on a copy of DIR, a data dir
+filled offline (`bench/fill.py --data-dir DIR --jobs 1000000 --queued-only`, once), and
+each of --starts starts is timed as in 3 (the first is the first open after the fill),
+with LeaseTasks and RSS at depth after the first.
+
 The server processes get a bytecode cache (a temp PYTHONPYCACHEPREFIX) as an installed
 server has one; `--no-bytecode-cache` keeps PYTHONDONTWRITEBYTECODE from the
 environment, so every start compiles silo from source.
@@ -33,6 +38,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -45,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (server management, /proc helpers)
 import load  # noqa: E402  (bench/load.py: its scenarios and CLI)
 import load_client  # noqa: E402
-import load_report  # noqa: E402
+from deep_report import print_report, targets  # noqa: E402
 
 REF_DEPTH = 1_000
 SETTLE_CORES = 0.15  # the server counts as idle below this CPU use (cores, over 0.5 s)
@@ -174,11 +180,12 @@ def free_port() -> int:
 
 
 def first_lease(target: str, deadline: float, call_timeout: float,
-                stop: threading.Event | None = None) -> dict[str, Any]:
+                stop: threading.Event | None = None, on_task: Any = None) -> dict[str, Any]:
     """LeaseTasks(max_tasks=1) until one returns a task: times of the first OK call and
     of the first task, time.monotonic(). Started before the server is (its port fixed in
     advance), it measures when the restarted server first serves a lease, like a worker
-    fleet that keeps retrying, not when the ready line was read."""
+    fleet that keeps retrying, not when the ready line was read. on_task(out) runs the
+    moment the first task arrives."""
     import grpc
 
     from silo._proto import silo_pb2 as pb
@@ -204,6 +211,8 @@ def first_lease(target: str, deadline: float, call_timeout: float,
                 out["first_ok_t"] = now
             if resp.tasks:
                 out["first_task_t"] = now
+                if on_task is not None:
+                    on_task(out)
                 task = resp.tasks[0]
                 break
             time.sleep(0.005)
@@ -213,6 +222,52 @@ def first_lease(target: str, deadline: float, call_timeout: float,
             with contextlib.suppress(grpc.RpcError):
                 stub.ReportOutcome(r, timeout=call_timeout)
     return out
+
+
+def timed_restart(server: common.ServerProc, a: argparse.Namespace, queued: int | None
+                  ) -> dict[str, Any]:
+    """Stop the server (if running, timed) and start it again on the same data dir, on a
+    gRPC port chosen in advance, with a client already retrying LeaseTasks from just
+    before the spawn: process start -> first LeaseTasks answered -> first task leased,
+    and -> the ready line."""
+    t = time.monotonic()
+    was_running = server.alive()
+    code = server.stop()
+    rs: dict[str, Any] = {"stop_s": round(time.monotonic() - t, 3) if was_running else None,
+                          "exit_code": code, "queued": queued}
+    server.poll_s = 0.005
+    port = free_port()
+    server.args.server_arg = [*a.server_arg, "--grpc-addr", f"127.0.0.1:{port}"]
+    fl: dict[str, Any] = {}
+    stop = threading.Event()
+    def cpu_now(out: dict[str, Any]) -> None:  # the server's CPU until its first lease
+        if server.pid is not None:
+            out["cpu"] = common.tree_cpu_by_pid(server.pid)
+
+    prober = threading.Thread(target=lambda: fl.update(first_lease(
+        f"127.0.0.1:{port}", time.monotonic() + a.restart_timeout, a.call_timeout, stop,
+        cpu_now)))
+    prober.start()
+    try:
+        server.start(ready_timeout=a.restart_timeout)
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        prober.join()
+    assert server.spawn_t is not None and server.ready_t is not None
+    rs["ready_s"] = round(server.ready_t - server.spawn_t, 3)
+    rs["first_lease_attempts"], rs["first_lease_errors"] = fl.get("attempts"), fl.get("errors")
+    if fl.get("first_ok_t") is not None:
+        rs["first_ok_s"] = round(fl["first_ok_t"] - server.spawn_t, 3)
+    if fl.get("first_task_t") is None:
+        raise RuntimeError("the restarted server leased no task before --restart-timeout")
+    rs["first_task_s"] = round(fl["first_task_t"] - server.spawn_t, 3)
+    if fl.get("cpu"):  # supervisor first, then the workers (pid order): CPU s, load-proof
+        by_pid = sorted(fl["cpu"].items())
+        rs["cpu_to_first_task_s"] = round(sum(c for _, c in by_pid), 3)
+        rs["cpu_to_first_task_by_process_s"] = [round(c, 3) for _, c in by_pid]
+    return rs
 
 
 def fill(largs_base: list[str], n: int, target: str, server: common.ServerProc, label: str,
@@ -294,13 +349,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          " PYTHONPYCACHEPREFIX), as an installed server has it; --no-bytecode-cache"
                          " keeps PYTHONDONTWRITEBYTECODE from the environment (every start compiles"
                          " silo from source: ~0.2 s more CPU before the first fork)")
+    ap.add_argument("--from-dir", metavar="DIR", type=Path,
+                    help="no pre-fill: start the server on a copy of DIR (bench/fill.py"
+                         " --data-dir DIR --jobs N --queued-only) and time every start")
+    ap.add_argument("--starts", type=int, default=4,
+                    help="with --from-dir: timed starts (the first after the fill, then restarts;"
+                         " the target row shows the median restart)")
     ap.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     ap.add_argument("--silo-bin", help="silo executable (default: the one next to this python)")
     ap.add_argument("--server-arg", action="append", default=[], help="extra `silo serve` argument")
     ap.add_argument("--keep-data", action="store_true", help="keep the temp data dir and server logs")
     a = ap.parse_args(argv)
-    if a.jobs < REF_DEPTH + a.samples or a.samples < 1:
-        ap.error(f"--jobs must be at least {REF_DEPTH + a.samples}, --samples at least 1")
+    if a.from_dir is not None and not (a.from_dir / "shardmap.json").exists():
+        ap.error(f"--from-dir {a.from_dir}: no shardmap.json (fill it with bench/fill.py)")
+    if a.jobs < REF_DEPTH + a.samples or a.samples < 1 or a.starts < 1:
+        ap.error(f"--jobs must be at least {REF_DEPTH + a.samples}, --samples and --starts"
+                 " at least 1")
     return a
 
 
@@ -309,97 +373,6 @@ def server_args(a: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(silo_bin=a.silo_bin, flush_interval_ms=a.flush_interval_ms,
                               shards=a.shards, tenants=0, processes=a.processes,
                               server_arg=a.server_arg, keep_data=a.keep_data)
-
-
-def targets(r: dict[str, Any], owner: int | None) -> dict[str, Any]:
-    """Issue 12's three figures for a deep queue, each with its verdict: the deep shard's
-    owner's RSS at depth minus at 1,000 queued (<= 100 MB), restart to first task leased
-    (<= 1 s; also from the ready line, which excludes process start-up), and LeaseTasks
-    p50 at depth / at 1,000 (<= 1.2)."""
-    out: dict[str, Any] = {}
-    if owner is not None and r.get("rss_ref") and r.get("rss_deep"):
-        a = r["rss_ref"][owner + 1]["rss_kb"] or 0
-        b = r["rss_deep"][owner + 1]["rss_kb"] or 0
-        out["rss_growth_mb"] = round((b - a) / 1024, 1)
-        out["rss_ok"] = out["rss_growth_mb"] <= 100
-    rs = r.get("restart") or {}
-    if rs.get("first_task_s") is not None:
-        out["restart_to_first_task_s"] = rs["first_task_s"]
-        out["restart_ok"] = rs["first_task_s"] <= 1.0
-    g = r.get("lease_growth")
-    if g:
-        out["lease_p50_ratio"] = g["p50_ratio"]
-        out["lease_ok"] = g["p50_ratio"] <= 1.2
-    return out
-
-
-def mb(kb: int | None) -> str:
-    return "n/a" if kb is None else f"{kb / 1024:,.0f} MB"
-
-
-def print_report(rep: dict[str, Any]) -> None:
-    m, c, r = rep["machine"], rep["config"], rep["results"]
-    print()
-    print(f"machine: {m['nproc']} cpus, {m['cpu_model']}, python {m['python']}, grpcio {m['grpcio']}"
-          f", silo commit {m.get('silo_commit')}{' (+ local changes)' if m.get('silo_tree_dirty') else ''}")
-    print(f"config:  {c['jobs']:,} jobs in one shard (tenancy off), shards {c['shards']},"
-          f" flush {c['flush_interval_ms']} ms, server processes {c['server_processes']},"
-          f" pre-fill {c['procs']} procs x {c['concurrency']} in flight, bytecode cache"
-          f" {'on' if c.get('bytecode_cache') else 'off (compiled at every start)'}")
-    print()
-    print("== deep queue " + "=" * 52)
-    rows: list[tuple[str, str]] = []
-    for key, label in (("fill_ref", "pre-fill to 1,000"), ("fill_deep", "pre-fill to depth")):
-        f = r.get(key)
-        if f:
-            rows.append((label, f"{f.get('filled', 0):,} jobs in {load_report.fmt(f.get('fill_s'), ' s')}"
-                         f" = {load_report.fmt(f.get('fill_per_s'))} enqueues/s,"
-                         f" server CPU {load_report.fmt(f.get('server_cpu_us_per_enqueue'), ' µs')}/Enqueue,"
-                         f" errors {f.get('error_total', 0)}"))
-    if r.get("fill_rate_first_last_10s"):
-        a, b = r["fill_rate_first_last_10s"]
-        rows.append(("  enqueue rate, first / last 10 s", f"{load_report.fmt(a)} / {load_report.fmt(b)} per s"))
-    for key, label in (("probe_ref", "LeaseTasks at 1,000 queued"),
-                       ("probe_deep", "LeaseTasks at depth"),
-                       ("probe_restarted", "LeaseTasks after restart")):
-        p = r.get(key)
-        if p:
-            depth = r.get(key.replace("probe", "depth"))
-            rows.append((label, load_report.lat_str(p["latency_ms"]) + f"  (mean {load_report.fmt(p['mean_ms'])} ms,"
-                         f" {p['calls']} calls, {p['empty']} empty"
-                         + (f", {depth:,} queued" if depth is not None else "") + ")"))
-    if r.get("lease_growth"):
-        g = r["lease_growth"]
-        rows.append(("  depth / 1,000 queued", f"p50 x{load_report.fmt(g['p50_ratio'])}  p99 x{load_report.fmt(g['p99_ratio'])}"
-                     f"  -> {g['verdict']}"))
-    for key, label in (("rss_deep", "RSS at depth"), ("rss_restarted", "RSS after restart")):
-        if r.get(key):
-            rows.append((label, ", ".join(f"{x['role']} {mb(x['rss_kb'])}" for x in r[key])))
-            rows.append(("  total / peak (VmHWM)", f"{mb(sum(x['rss_kb'] or 0 for x in r[key]))}"
-                         f" / {', '.join(mb(x['hwm_kb']) for x in r[key])}"))
-    if r.get("data_dir_bytes") is not None:
-        rows.append(("data dir at depth", f"{r['data_dir_bytes'] / 2**20:,.0f} MB"))
-    rs = r.get("restart")
-    if rs:
-        rows.append(("SIGTERM -> exited", f"{load_report.fmt(rs.get('stop_s'), ' s')} (exit code {rs.get('exit_code')})"))
-        rows.append(("start -> ready line", load_report.fmt(rs.get("ready_s"), " s")))
-        rows.append(("start -> first LeaseTasks OK", load_report.fmt(rs.get("first_ok_s"), " s")))
-        rows.append(("start -> first task leased", load_report.fmt(rs.get("first_task_s"), " s")))
-    t = r.get("targets") or {}
-    if t:
-        def ok(k: str) -> str:
-            return "ok" if t.get(k) else "MISSED"
-        rows.append(("TARGET owner RSS, depth - 1,000", f"{t.get('rss_growth_mb')} MB (<= 100: {ok('rss_ok')})"))
-        rows.append(("TARGET restart -> first task", f"{t.get('restart_to_first_task_s')} s (<= 1: "
-                     f"{ok('restart_ok')}; ready line at {(r.get('restart') or {}).get('ready_s')} s)"))
-        rows.append(("TARGET LeaseTasks p50 depth / 1,000", f"x{t.get('lease_p50_ratio')} (<= 1.2: {ok('lease_ok')})"))
-    if r.get("fatal"):
-        rows.append(("FAILED", r["fatal"]))
-    rows.append(("server exit code", str(r.get("server_exit_code"))))
-    w = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"  {k:<{w}}  {v}")
-    print()
 
 
 def run(a: argparse.Namespace, rep: dict[str, Any]) -> None:
@@ -454,37 +427,10 @@ def run(a: argparse.Namespace, rep: dict[str, Any]) -> None:
 
         # restart on the same data dir
         print(f"[deep] SIGTERM, restart with {queued:,} queued", file=sys.stderr, flush=True)
-        t = time.monotonic()
-        code = server.stop()
-        rs: dict[str, Any] = {"stop_s": round(time.monotonic() - t, 3), "exit_code": code,
-                              "queued": queued}
-        r["restart"] = rs
-        server.poll_s = 0.005
-        port = free_port()
-        server.args.server_arg = [*a.server_arg, "--grpc-addr", f"127.0.0.1:{port}"]
-        fl: dict[str, Any] = {}
-        stop = threading.Event()
-        prober = threading.Thread(target=lambda: fl.update(first_lease(
-            f"127.0.0.1:{port}", time.monotonic() + a.restart_timeout, a.call_timeout, stop)))
-        prober.start()
-        try:
-            target = server.start(ready_timeout=a.restart_timeout)
-        except BaseException:
-            stop.set()
-            raise
-        finally:
-            prober.join()
-        pid = server.pid
-        assert pid is not None and server.spawn_t is not None and server.ready_t is not None
-        rs["ready_s"] = round(server.ready_t - server.spawn_t, 3)
-        rs["first_lease_attempts"], rs["first_lease_errors"] = fl.get("attempts"), fl.get("errors")
-        if fl.get("first_ok_t") is not None:
-            rs["first_ok_s"] = round(fl["first_ok_t"] - server.spawn_t, 3)
-        if fl.get("first_task_t") is not None:
-            rs["first_task_s"] = round(fl["first_task_t"] - server.spawn_t, 3)
-            queued -= 1
-        else:
-            raise RuntimeError("the restarted server leased no task before --restart-timeout")
+        r["restart"] = timed_restart(server, a, queued)
+        target, pid = server.addr or target, server.pid
+        assert pid is not None
+        queued -= 1
         r["settle_restarted_s"] = settle(pid)
         r["depth_restarted"] = queued
         r["probe_restarted"] = probe(target, a.samples, pid, a.call_timeout)
@@ -492,6 +438,44 @@ def run(a: argparse.Namespace, rep: dict[str, Any]) -> None:
         r["targets"] = targets(r, owner)
     except KeyboardInterrupt:
         raise
+    except Exception as e:
+        r["fatal"] = f"{type(e).__name__}: {e}"
+        r["server_stderr_tail"] = server.tail(40)
+    finally:
+        r["server_exit_code"] = server.stop()
+        server.cleanup()
+
+
+def run_from_dir(a: argparse.Namespace, rep: dict[str, Any]) -> None:
+    """--from-dir: no pre-fill. The server runs on a copy of a filled data dir
+    (bench/fill.py --queued-only; the copy keeps the original for the next run) and
+    every start is timed as timed_restart times it: the first is the first open after
+    the offline fill, each later one a restart after SIGTERM. After the first: settle,
+    LeaseTasks at depth, RSS."""
+    r = rep["results"]
+    server = common.ServerProc(server_args(a), "silo")
+    try:
+        t = time.monotonic()
+        shutil.copytree(a.from_dir, server.tmp / "data", symlinks=True)
+        r["copy_s"] = round(time.monotonic() - t, 1)
+        r["data_dir_bytes"] = dir_bytes(server.tmp / "data")
+        r["starts"] = starts = []
+        for i in range(a.starts):
+            print(f"[deep] start {i + 1}/{a.starts} on a copy of {a.from_dir}",
+                  file=sys.stderr, flush=True)
+            starts.append(timed_restart(server, a, None))
+            rep["config"]["server_cmd"] = server.cmd
+            pid = server.pid
+            assert pid is not None and server.addr is not None
+            starts[-1]["settle_s"] = settle(pid)
+            if i == 0:
+                r["probe_deep"] = probe(server.addr, a.samples, pid, a.call_timeout)
+                r["rss_deep"] = server_rss(pid)
+        # the target's figure: the median restart (the first start is the first open
+        # after the fill, and compiles the bytecode cache)
+        again = sorted(starts[1:] or starts, key=lambda x: x["first_task_s"])
+        r["restart"] = again[(len(again) - 1) // 2]
+        r["targets"] = targets(r, None)
     except Exception as e:
         r["fatal"] = f"{type(e).__name__}: {e}"
         r["server_stderr_tail"] = server.tail(40)
@@ -524,11 +508,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
         os.environ["PYTHONPYCACHEPREFIX"] = pyc
     rep["config"]["bytecode_cache"] = a.bytecode_cache
+    rep["config"]["from_dir"] = str(a.from_dir) if a.from_dir else None
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     rc = 0
     try:
-        run(a, rep)
+        (run_from_dir if a.from_dir else run)(a, rep)
         if common._interrupted:
             raise KeyboardInterrupt
     except KeyboardInterrupt:

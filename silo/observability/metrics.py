@@ -211,6 +211,8 @@ for _src, (_name, _help, _keep) in _SLATEDB_COUNTERS.items():
 for _src, (_name, _help, _keep) in _SLATEDB_GAUGES.items():
     _SLATEDB[_src] = (Gauge(_name, _help, ("shard", *_keep)), _keep)
 _slatedb_last: dict[tuple, int] = {}  # (shard, slatedb name, labels) → last counter value
+# The SlateDB metrics a shard's recorder registers for real (silo.storage.slatedb_metrics).
+SLATEDB_NAMES = frozenset(_SLATEDB)
 
 # ours
 READY_TASKS = Gauge("silo_ready_tasks", "Pending tasks per task group (queue depth)",

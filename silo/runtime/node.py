@@ -21,6 +21,7 @@ from silo.cluster.shardmap import ShardMap
 from silo.observability import events, metrics
 from silo.runtime.forward import PeerClient
 from silo.runtime.status import SERVING, UNRESPONSIVE, ProcessTable
+from silo.shard import depth
 from silo.shard.memtable_flush import maybe_flush_memtable
 from silo.shard.reaper import reap_expired_leases
 from silo.shard.retention import expire_due
@@ -95,7 +96,7 @@ class Node:
         async def open_one(sid: str) -> Shard:
             t0 = time.perf_counter()
             s = await Shard.open(sid, by_id[sid].range_start, by_id[sid].range_end,
-                                 self.store_url, self.shard_config)
+                                 self.store_url, self.shard_config, count_depth=False)
             s.committer.name = sid
             events.shard_opened(s, time.perf_counter() - t0)
             return s
@@ -105,6 +106,13 @@ class Node:
             self.shards[s.id] = s
             self.publish(s)
         self._reaper = asyncio.create_task(self._reap_forever(), name="silo-reaper")
+
+    def start_depth_counts(self) -> None:
+        """Count the queue of each older shard that has no task-group counters yet (once,
+        in the background; silo.shard.depth): called once this process serves, so no
+        lease waits behind a scan of the backlog."""
+        for s in self.shards.values():
+            depth.start_count(s)
 
     # ---- pending-work hints shared between processes -------------------------------
 

@@ -6,8 +6,10 @@ gRPC server) only now, in the child: native thread pools must not cross a fork.
 Start-up order, for the time to the first lease: the shards open, the gRPC server
 starts and the supervisor is told (SERVING, so siblings forward to us); only then does a
 thread import the web UI stack (aiohttp, jinja2: ~0.5 s of CPU that no lease needs)
-while leases are already served, and READY (the supervisor's ready line) follows once
-the web UI serves too. The SQL engine is imported at the first statement
+while leases are already served, the collector is tuned (tune_gc: a full collection),
+and READY (the supervisor's ready line) follows once the web UI serves too. After
+READY, an older shard without task-group counters counts its queue once
+(silo.shard.depth). The SQL engine is imported at the first statement
 (silo.rpc.query). Measured in bench/deep_queue.py ("restart").
 """
 
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import mmap
 import os
@@ -132,9 +133,6 @@ async def serve_worker(spec: WorkerSpec) -> int:
 
     for shard in node.shards.values():
         shard.committer.on_failure = storage_failed
-    from silo.runtime.server import tune_gc  # noqa: PLC0415 - avoid an import cycle
-
-    tune_gc()
     service = SiloService(node, auth_token=config.auth_token)
     path = spec.socket_paths[spec.index]
     with contextlib.suppress(FileNotFoundError):
@@ -164,10 +162,15 @@ async def serve_worker(spec: WorkerSpec) -> int:
         web_cls = await asyncio.get_running_loop().run_in_executor(None, _import_web_stack)
         web_ui = web_cls(service, config, spec.web_addr, spec.web_secret)
         await web_ui.start()
-        gc.freeze()  # the web stack's modules join the start-up objects (see tune_gc)
+    from silo.runtime.server import tune_gc  # noqa: PLC0415 - avoid an import cycle
+
+    # Only now: the full collection before freezing the start-up objects (the web stack's
+    # modules among them) costs ~40 ms that the first leases do not wait for.
+    tune_gc()
     log.info("worker %d (pid %d) serving %d shards", spec.index, os.getpid(), len(node.shards))
     if control is not None:
         control.send(READY)
+    node.start_depth_counts()
     stop = control.drain if control is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
     # SIGTERM to this worker alone drains it like the supervisor's DRAIN; SIGINT is the

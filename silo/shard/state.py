@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Callable
 
 from slatedb.uniffi import FlushOptions, FlushType
 
+from silo.shard import depth as depth_counters
 from silo.shard.buffer import ReadyBuffer
 from silo.shard.info_cache import InfoCache
 from silo.shard.ready import ReadySignal
@@ -193,9 +194,10 @@ class Shard:
         self.committer.write_timeout_s = config.write_timeout_ms / 1000
         self.active: dict[tuple[str, str], ActiveJob] = {}
         self.buffers: dict[str, ReadyBuffer] = {}
-        # Queue depth per task group (the silo_ready_tasks gauge): the task rows counted
-        # in the background from a snapshot taken at open, plus adds and removes since.
-        self.depth: dict[str, int] = {}
+        # Queue depth per task group (the silo_ready_tasks gauge): persisted counters,
+        # plus adds and removes since open (silo.shard.depth).
+        self.depth = depth_counters.Depth()
+        self.depth_scan: ResumingScan | None = None  # an older shard's deferred count
         self._depth_count: asyncio.Future[None] | None = None
         self.leases: dict[str, Lease] = {}
         self.lease_expiry: list[tuple[int, str]] = []
@@ -225,7 +227,11 @@ class Shard:
         store_url: str,
         config: ShardConfig,
         clock: Callable[[], int] = wall_clock_ms,
+        count_depth: bool = True,
     ) -> Shard:
+        """Open a shard. An older shard without task-group counters counts its queue once
+        in the background: at once, or (count_depth=False) when the caller calls
+        silo.shard.depth.start_count, e.g. once it serves."""
         db = await open_database(
             store_url,
             f"shards/{shard_id}",
@@ -236,6 +242,8 @@ class Shard:
         )
         shard = cls(shard_id, range_start, range_end, db, config, clock)
         await shard._rebuild()
+        if count_depth:
+            depth_counters.start_count(shard)
         from silo.shard.limits import grant_all  # noqa: PLC0415 - limits builds on this module
 
         if grant_all(shard, shard.now()):
@@ -246,8 +254,11 @@ class Shard:
         """Rebuild the in-memory indexes from the database (the only source of truth)."""
         t0 = time.perf_counter()
         db = self.db
+        persisted: dict[str, int] = {}
         for k, v in await scan_prefix(db, keys.kind_prefix(keys.SHARD_COUNTER)):
             name, _ = keys.dec_str(k, 1)
+            if depth_counters.read_counter(persisted, name, v):
+                continue
             if name == "total_jobs":
                 self.total_jobs = decode_i64(v)
             elif name == "completed_jobs":
@@ -257,6 +268,7 @@ class Shard:
         self.scheduled_jobs = sum(n for (_, st), n in self.tenant_status.items()
                                   if st == STATUS_NAMES[SCHEDULED])
         created = await db.get(keys.shard_meta("created_at_ms"))
+        await depth_counters.load(self, persisted, new=created is None)
         if created is None:
             self.created_at_ms = self.clock()
             self.committer.put(keys.shard_meta("created_at_ms"), encode_i64(self.created_at_ms))
@@ -268,11 +280,7 @@ class Shard:
             from silo.shard.indexes import backfill_if_needed  # noqa: PLC0415 - builds on us
 
             await backfill_if_needed(self)
-        # Pending tasks stay in storage: each group's buffer fills on first use; the
-        # per-group depth (a metric) is counted from this snapshot in the background.
-        task_prefix = keys.kind_prefix(keys.TASK)
-        snapshot = ResumingScan(db, task_prefix, keys.prefix_end(task_prefix))
-        self._depth_count = asyncio.ensure_future(self._count_depth(snapshot))
+        # Pending tasks stay in storage: each group's buffer fills on first use.
         for k, v in await scan_prefix(db, keys.kind_prefix(keys.CONCURRENCY_REQUEST)):
             ticket = request_decoder.decode(v)
             self.index_request(k, ticket)
@@ -313,15 +321,6 @@ class Shard:
             (time.perf_counter() - t0) * 1000,
         )
 
-    async def _count_depth(self, it) -> None:
-        try:
-            while rows := await it.next_batch(4096):
-                for r in rows:
-                    self._count_task(r.key, 1)
-                await asyncio.sleep(0)
-        except Exception as exc:  # noqa: BLE001 - a metric only
-            log.debug("shard %s: counting the queue depth stopped: %r", self.id, exc)
-
     def _count_task(self, key: bytes, n: int) -> None:
         group, pos = keys.dec_str(key, 1)
         job_id, _ = keys.dec_str(key, pos + 9)
@@ -331,6 +330,7 @@ class Shard:
     async def close(self) -> None:
         if self._depth_count is not None:
             self._depth_count.cancel()
+        self.depth_scan = None  # a count never started: let its iterator go
         await self.committer.close()
         # Write the memtable out as an L0 SST, so the next open has no WAL to replay
         # (replaying up to l0_sst_size_bytes of WAL is most of a reopen's time).
@@ -348,6 +348,8 @@ class Shard:
         self.active.clear()
         self.buffers.clear()
         self.depth.clear()
+        self.depth_scan = None
+        depth_counters.mark_complete(self)  # an empty shard's counters are complete
         self.leases.clear()
         self.lease_expiry.clear()
         self.info_cache.clear()
@@ -500,6 +502,7 @@ class Shard:
         self._dirty_shard_counters = True
 
     def _seal_counters(self, writes: dict[bytes, bytes | None]) -> None:
+        self.depth.seal(writes)
         if self._dirty_shard_counters:
             writes[keys.shard_counter("total_jobs")] = encode_i64(self.total_jobs)
             writes[keys.shard_counter("completed_jobs")] = encode_i64(self.completed_jobs)

@@ -38,7 +38,6 @@ from urllib.parse import urlparse
 
 from slatedb.uniffi import (
     DbBuilder,
-    DefaultMetricsRecorder,
     FlushOptions,
     FlushType,
     ObjectStore,
@@ -49,6 +48,7 @@ from slatedb.uniffi import (
 from silo.observability import events, metrics, tracing
 from silo.storage import ffi, keys, slatedb_settings
 from silo.storage.scan import ResumingScan
+from silo.storage.slatedb_metrics import ExportedRecorder
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ _WAL_FLUSH = FlushOptions(flush_type=FlushType.WAL)
 
 
 # database name → SlateDB's own metrics of it, sampled by silo.observability.metrics
-METRICS_RECORDERS: dict[str, DefaultMetricsRecorder] = {}
+METRICS_RECORDERS: dict[str, ExportedRecorder] = {}
 
 
 class StorageError(Exception):
@@ -114,7 +114,7 @@ async def open_database(
     builder = DbBuilder(path, store)
     builder.with_settings(settings)
     slatedb_settings.configure_builder(builder, path)  # the process's shared block cache
-    recorder = METRICS_RECORDERS[name] = DefaultMetricsRecorder()
+    recorder = METRICS_RECORDERS[name] = ExportedRecorder()  # see silo.storage.slatedb_metrics
     builder.with_metrics_recorder(recorder)
     return await builder.build()
 

@@ -30,11 +30,12 @@ Tuple encoding:
 | 0x0E | pending task pointer | (tenant, job_id) | the 0x05 key of the job's pending task, only while that key's start time is not the job's next-attempt time (a rate-limit re-check) |
 | 0x10 | enqueue-time index | (tenant, task_group, u64::MAX − enqueue_ms u64, job_id) | empty; the jobs of a task group, newest enqueue first (the job list's order; a tenant's whole list merges its groups' ranges) |
 | 0x11 | metadata time index | (tenant, key, value, u64::MAX − enqueue_ms u64, job_id) | empty; the jobs with key = value, newest enqueue first |
-| 0xF0 | shard counter | (name) | i64 big-endian (absolute value) |
+| 0xF0 | shard counter | (name) | i64 big-endian (absolute value); names `total_jobs`, `completed_jobs`, and `tasks:<task_group>` (the group's pending task rows, silo.shard.depth) |
 | 0xF8 | tenant status counter | (tenant, status) | i64 big-endian (absolute value) |
 | 0xFE | shard meta | (name) | bytes |
 
-Shard meta names: `created_at_ms` (i64), `layout_version` (i64; absent = 1). Layout 1 is
+Shard meta names: `created_at_ms` (i64), `layout_version` (i64; absent = 1),
+`task_counters` (i64 1: the `tasks:<group>` counters are complete; absent = count once). Layout 1 is
 the first release (no 0x03/0x04/0x0D rows); layout 2 adds the status, metadata and expiry
 indexes; layout 3 adds the enqueue-time indexes 0x10/0x11 (immutable after enqueue, like
 the job info they derive from, so only enqueue, import, delete and retention write them).

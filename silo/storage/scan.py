@@ -72,6 +72,12 @@ class ResumingScan:
         else:
             self._it = await self._db.scan_with_options(kr, self._options)
 
+    async def begin(self) -> None:
+        """Open the iterator now rather than at the first batch: what the scan reads is
+        the database as of this call (a count that rows changed later must not reach)."""
+        if self._it is None:
+            await self._open()
+
     async def next_batch(self, n: int) -> list:
         while True:
             try:
