@@ -32,7 +32,7 @@ import grpc
 from silo._proto import silo_pb2 as pb
 from silo._proto import silo_stream_pb2 as spb
 from silo.errors import SiloError
-from silo.rpc import stream
+from silo.rpc import batch, stream
 from silo.rpc.service import SiloService, _OwnedElsewhere
 from silo.shard.ready import due_now, wait_due
 
@@ -150,12 +150,18 @@ class WorkSession:
         """Items of this process's shards run here one by one; those of each other
         process go to it as one forwarded batch (a relay costs more than the item)."""
         remote: dict[int, list] = {}
+        here: list = []
         for r in requests:
             owner = stream.owner_elsewhere(self.svc, r.shard)
             if owner is None:
-                self._spawn(self._item(kind, method, r))
+                if kind == ACK.OUTCOME:
+                    here.append(r)
+                else:
+                    self._spawn(self._item(kind, method, r))
             else:
                 remote.setdefault(owner, []).append(r)
+        if here:
+            self._spawn(self._outcomes_here(here))
         for owner, reqs in remote.items():
             self._spawn(self._remote_items(kind, method, owner, reqs))
 
@@ -171,6 +177,14 @@ class WorkSession:
             reply = e
         self._ack(kind, request, reply)
 
+    async def _outcomes_here(self, requests: list) -> None:
+        """Outcomes of this process's shards: one pass for the message (silo.rpc.batch)."""
+        svc = self.svc
+        replies = await batch.report_outcomes(
+            svc, requests, lambda r: stream.call_unary(svc, "ReportOutcome", r))
+        for request, reply in zip(requests, replies, strict=True):
+            self._ack(ACK.OUTCOME, request, reply)
+
     async def _remote_items(self, kind: int, method: str, owner: int, requests: list) -> None:
         try:
             replies = await stream.call_unary_many(self.svc, owner, method, requests)
@@ -181,7 +195,7 @@ class WorkSession:
 
     def _ack(self, kind: int, request, reply) -> None:
         """Ack one item down-stream: its reply, or the error the unary call ended with."""
-        ack = ACK(kind=kind, task_id=request.task_id)
+        ack = self._out.acks.add(kind=kind, task_id=request.task_id)  # built in place
         if isinstance(reply, BaseException):
             ack.error.CopyFrom(stream.status_of(reply))
             if isinstance(reply, SiloError) and reply.code == grpc.StatusCode.NOT_FOUND:
@@ -192,7 +206,6 @@ class WorkSession:
                 ack.cancelled_at_ms = reply.cancelled_at_ms
             if kind != ACK.HEARTBEAT:
                 self.leased.pop(request.task_id, None)
-        self._out.acks.append(ack)
         self._has_out.set()
 
     async def _give_back_item(self, ref: spb.TaskRef) -> None:
