@@ -115,27 +115,55 @@ def job_to_pb(view: JobView) -> pb.GetJobResponse:
 
 
 def refresh_task_to_pb(lease, shard_id: str, lease_ms: int) -> pb.RefreshFloatingLimitTask:
+    m = pb.RefreshFloatingLimitTask()
+    fill_refresh_task(m, lease, shard_id, lease_ms)
+    return m
+
+
+def fill_refresh_task(m: pb.RefreshFloatingLimitTask, lease, shard_id: str,
+                      lease_ms: int) -> None:
     t = lease.task
-    m = pb.RefreshFloatingLimitTask(
-        id=t.task_id, queue_key=t.queue_key, current_max_concurrency=t.current_max_concurrency,
-        last_refreshed_at_ms=t.last_refreshed_at_ms, metadata=t.metadata, lease_ms=lease_ms,
-        shard=shard_id, task_group=t.task_group)
+    m.id = t.task_id
+    m.queue_key = t.queue_key
+    m.current_max_concurrency = t.current_max_concurrency
+    m.last_refreshed_at_ms = t.last_refreshed_at_ms
+    if t.metadata:
+        m.metadata.update(t.metadata)
+    m.lease_ms = lease_ms
+    m.shard = shard_id
+    m.task_group = t.task_group
     if t.tenant != DEFAULT_TENANT:
         m.tenant_id = t.tenant
-    return m
 
 
 def task_to_pb(leased: LeasedTask, shard_id: str, lease_ms: int) -> pb.Task:
+    m = pb.Task()
+    fill_task(m, leased, shard_id, lease_ms)
+    return m
+
+
+def fill_task(m: pb.Task, leased: LeasedTask, shard_id: str, lease_ms: int) -> None:
+    """Write a leased attempt into `m`, typically a fresh `tasks.add()` of the reply.
+
+    Set field by field in place: building a pb.Task with keyword arguments and then
+    appending it to a repeated field copies it (upb), and a worker stream copied it once
+    more into its WorkerDown; measured 61 us a task that way against 12 us in place."""
     lease, info = leased
     t = lease.task
     assert isinstance(t, RunAttempt)
-    m = pb.Task(
-        id=t.task_id, job_id=t.job_id, attempt_number=t.attempt,
-        relative_attempt_number=t.relative_attempt,
-        is_last_attempt=is_last_attempt(info.retry_policy, t.relative_attempt),
-        metadata=info.metadata, limits=[limit_to_pb(x) for x in info.limits],
-        payload=serialized(info.payload), priority=info.priority, shard=shard_id,
-        task_group=t.task_group, lease_ms=lease_ms)
+    m.id = t.task_id
+    m.job_id = t.job_id
+    m.attempt_number = t.attempt
+    m.relative_attempt_number = t.relative_attempt
+    m.is_last_attempt = is_last_attempt(info.retry_policy, t.relative_attempt)
+    if info.metadata:
+        m.metadata.update(info.metadata)
+    if info.limits:
+        m.limits.extend([limit_to_pb(x) for x in info.limits])
+    m.payload.msgpack = info.payload
+    m.priority = info.priority
+    m.shard = shard_id
+    m.task_group = t.task_group
+    m.lease_ms = lease_ms
     if t.tenant != DEFAULT_TENANT:
         m.tenant_id = t.tenant
-    return m

@@ -387,9 +387,9 @@ class SiloService(pb_grpc.SiloServicer):
             lease_ms = s.config.lease_ms
             for t in got:
                 if t.info is None:
-                    out.refresh_tasks.append(convert.refresh_task_to_pb(t.lease, s.id, lease_ms))
+                    convert.fill_refresh_task(out.refresh_tasks.add(), t.lease, s.id, lease_ms)
                 else:
-                    out.tasks.append(convert.task_to_pb(t, s.id, lease_ms))
+                    convert.fill_task(out.tasks.add(), t, s.id, lease_ms)
                     remaining -= 1
                     metrics.task_leased(s.id, t.info.task_group, t.lease.task.relative_attempt,
                                         t.info.enqueue_time_ms, t.lease.started_at_ms)

@@ -12,6 +12,7 @@ here as forwarded `…@local` methods.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 import grpc
@@ -22,7 +23,7 @@ from silo._proto import silo_pb2 as pb
 from silo._proto import silo_stream_pb2 as spb
 from silo._proto import silo_stream_pb2_grpc as spb_grpc
 from silo.errors import SiloError
-from silo.rpc import guard
+from silo.rpc import batch, guard
 from silo.rpc.service import _METHODS, SiloService, _OwnedElsewhere
 from silo.runtime import forward
 from silo.shard import give_back
@@ -161,12 +162,28 @@ async def call_unary_many(svc: SiloService, owner: int, name: str, requests: lis
             for code, message, body in out]
 
 
+def _code_message(e: BaseException) -> tuple[int, str]:
+    st = status_of(e)
+    return st.code, st.message
+
+
+async def report_outcomes_here(svc: SiloService, requests: list) -> list[object]:
+    """ReportOutcome for requests of this process's shards: per request None once
+    durable, or the exception the unary call would have ended with."""
+    fn = SiloService.ReportOutcome.inner  # type: ignore[attr-defined]
+    return await batch.report_outcomes(svc, requests, lambda r: fn(svc, r, None))
+
+
 async def _unary_many_local(svc: SiloService, payload: bytes) -> bytes:
     name, bodies = _many_args.decode(payload)
     if name not in BATCHED:
         raise errors.invalid(f"method {errors.clip(name)} is not relayed in batches")
     fn = getattr(type(svc), name).inner
     request_type = getattr(pb, _METHODS[name].input_type.name)
+    if name == "ReportOutcome":  # one pass (silo.rpc.batch); its reply has no fields
+        got = await report_outcomes_here(svc, [request_type.FromString(b) for b in bodies])
+        return _encoder.encode([(0, "", b"") if r is None else (*_code_message(r), b"")
+                                for r in got])
 
     async def one(body: bytes) -> tuple[int, str, bytes]:
         try:
@@ -196,20 +213,27 @@ def owner_elsewhere(svc: SiloService, shard_id: str) -> int | None:
     return None
 
 
-async def _enqueue_one(svc: SiloService, job: pb.EnqueueRequest) -> spb.EnqueueResult:
-    try:
-        return spb.EnqueueResult(id=(await call_unary(svc, "Enqueue", job)).id)
-    except Exception as e:  # noqa: BLE001 - one bad job must not fail the others
-        return spb.EnqueueResult(error=status_of(e))
+async def _enqueue_one(svc: SiloService, job: pb.EnqueueRequest) -> pb.EnqueueResponse:
+    return await call_unary(svc, "Enqueue", job)
+
+
+def _set_result(r: spb.EnqueueResult, got: object) -> None:
+    if isinstance(got, BaseException):
+        st = status_of(got)
+        r.error.code = st.code
+        r.error.message = st.message
+    else:
+        r.id = got  # type: ignore[assignment]
 
 
 async def enqueue_many(svc: SiloService, jobs: list[pb.EnqueueRequest]
                        ) -> spb.EnqueueManyResponse:
-    """Each job through the unary Enqueue handler, concurrently; the jobs of shards
-    another process owns go to it as one forwarded EnqueueMany per process (measured:
-    a forwarded call costs both processes more than the enqueue itself), so a batch
-    costs one relay per process, not one per job. Each result is sent only once its
-    own job is durable, as before."""
+    """The jobs of this process's shards in one pass (silo.rpc.batch: each checked as
+    the unary Enqueue checks it, staged, then one wait for the commits); the jobs of
+    shards another process owns go to it as one forwarded EnqueueMany per process
+    (measured: a forwarded call costs both processes more than the enqueue itself), so
+    a batch costs one relay per process, not one per job. Each result is sent only
+    once its own job is durable, as before."""
     remote: dict[int, list[int]] = {}
     local: list[int] = []
     for i, job in enumerate(jobs):
@@ -218,10 +242,21 @@ async def enqueue_many(svc: SiloService, jobs: list[pb.EnqueueRequest]
             local.append(i)
         else:
             remote.setdefault(owner, []).append(i)
-    results: list[spb.EnqueueResult | None] = [None] * len(jobs)
+    resp = spb.EnqueueManyResponse()
+    results = [resp.results.add() for _ in jobs]
 
-    async def here(i: int) -> None:
-        results[i] = await _enqueue_one(svc, jobs[i])
+    async def here() -> None:
+        if not local:
+            return
+        if len(local) == len(jobs):
+            got = await batch.enqueue_jobs(svc, jobs, functools.partial(_enqueue_one, svc))
+            for r, g in zip(results, got, strict=True):
+                _set_result(r, g)
+            return
+        got = await batch.enqueue_jobs(svc, [jobs[i] for i in local],
+                                       functools.partial(_enqueue_one, svc))
+        for i, g in zip(local, got, strict=True):
+            _set_result(results[i], g)
 
     async def there(owner: int, idx: list[int]) -> None:
         req = spb.EnqueueManyRequest(jobs=[jobs[i] for i in idx])
@@ -232,23 +267,27 @@ async def enqueue_many(svc: SiloService, jobs: list[pb.EnqueueRequest]
                 raise SiloError(grpc.StatusCode.INTERNAL,
                                 "forwarded EnqueueMany answered a different count")
             for i, r in zip(idx, out.results, strict=True):
-                results[i] = r
+                results[i].CopyFrom(r)
         except Exception as e:  # noqa: BLE001 - the relay failed: every job of it did
-            st = status_of(e)
             for i in idx:
-                results[i] = spb.EnqueueResult(error=st)
+                _set_result(results[i], e)
 
-    await asyncio.gather(*(here(i) for i in local),
-                         *(there(o, idx) for o, idx in remote.items()))
-    return spb.EnqueueManyResponse(results=results)
+    if not remote:
+        await here()
+    else:
+        await asyncio.gather(here(), *(there(o, idx) for o, idx in remote.items()))
+    return resp
 
 
 async def _enqueue_many_local(svc: SiloService, payload: bytes) -> bytes:
     """The owner's half of a forwarded EnqueueMany: every job is for a shard here (a
     shard that moved meanwhile answers `shard_unavailable`, as a forwarded Enqueue)."""
     jobs = list(spb.EnqueueManyRequest.FromString(payload).jobs)
-    results = await asyncio.gather(*(_enqueue_one(svc, j) for j in jobs))
-    return spb.EnqueueManyResponse(results=results).SerializeToString()
+    resp = spb.EnqueueManyResponse()
+    got = await batch.enqueue_jobs(svc, jobs, functools.partial(_enqueue_one, svc))
+    for g in got:
+        _set_result(resp.results.add(), g)
+    return resp.SerializeToString()
 
 
 SiloService.EXTRA_LOCAL["EnqueueMany@local"] = _enqueue_many_local

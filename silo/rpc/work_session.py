@@ -32,8 +32,10 @@ import grpc
 from silo._proto import silo_pb2 as pb
 from silo._proto import silo_stream_pb2 as spb
 from silo.errors import SiloError
-from silo.rpc import stream
+from silo.observability import metrics
+from silo.rpc import batch, convert, stream
 from silo.rpc.service import SiloService, _OwnedElsewhere
+from silo.shard import lease
 from silo.shard.ready import due_now, wait_due
 
 log = logging.getLogger(__name__)
@@ -150,12 +152,18 @@ class WorkSession:
         """Items of this process's shards run here one by one; those of each other
         process go to it as one forwarded batch (a relay costs more than the item)."""
         remote: dict[int, list] = {}
+        here: list = []
         for r in requests:
             owner = stream.owner_elsewhere(self.svc, r.shard)
             if owner is None:
-                self._spawn(self._item(kind, method, r))
+                if kind == ACK.OUTCOME:
+                    here.append(r)
+                else:
+                    self._spawn(self._item(kind, method, r))
             else:
                 remote.setdefault(owner, []).append(r)
+        if here:
+            self._spawn(self._outcomes_here(here))
         for owner, reqs in remote.items():
             self._spawn(self._remote_items(kind, method, owner, reqs))
 
@@ -171,6 +179,14 @@ class WorkSession:
             reply = e
         self._ack(kind, request, reply)
 
+    async def _outcomes_here(self, requests: list) -> None:
+        """Outcomes of this process's shards: one pass for the message (silo.rpc.batch)."""
+        svc = self.svc
+        replies = await batch.report_outcomes(
+            svc, requests, lambda r: stream.call_unary(svc, "ReportOutcome", r))
+        for request, reply in zip(requests, replies, strict=True):
+            self._ack(ACK.OUTCOME, request, reply)
+
     async def _remote_items(self, kind: int, method: str, owner: int, requests: list) -> None:
         try:
             replies = await stream.call_unary_many(self.svc, owner, method, requests)
@@ -181,7 +197,7 @@ class WorkSession:
 
     def _ack(self, kind: int, request, reply) -> None:
         """Ack one item down-stream: its reply, or the error the unary call ended with."""
-        ack = ACK(kind=kind, task_id=request.task_id)
+        ack = self._out.acks.add(kind=kind, task_id=request.task_id)  # built in place
         if isinstance(reply, BaseException):
             ack.error.CopyFrom(stream.status_of(reply))
             if isinstance(reply, SiloError) and reply.code == grpc.StatusCode.NOT_FOUND:
@@ -192,7 +208,6 @@ class WorkSession:
                 ack.cancelled_at_ms = reply.cancelled_at_ms
             if kind != ACK.HEARTBEAT:
                 self.leased.pop(request.task_id, None)
-        self._out.acks.append(ack)
         self._has_out.set()
 
     async def _give_back_item(self, ref: spb.TaskRef) -> None:
@@ -214,15 +229,53 @@ class WorkSession:
 
     # ---- down-stream -----------------------------------------------------------------
 
-    def _push(self, resp: pb.LeaseTasksResponse) -> None:
+    def _push_relayed(self, raw: bytes) -> int:
+        """A relayed LeaseTasksResponse, parsed straight into the message being built
+        (its tasks and refresh_tasks are WorkerDown's fields 1 and 2: no copy); returns
+        how many run tasks it held."""
         out = self._out
-        out.tasks.extend(resp.tasks)
-        out.refresh_tasks.extend(resp.refresh_tasks)
-        self._out_tasks.extend((t.shard, t.id) for t in resp.tasks)
-        for t in resp.tasks:
+        start = len(out.tasks)
+        refreshes = len(out.refresh_tasks)
+        out.MergeFromString(raw)
+        new = out.tasks[start:]
+        for t in new:
+            self._out_tasks.append((t.shard, t.id))
             self.leased[t.id] = (t.shard, t.tenant_id if t.HasField("tenant_id") else "-",
                                  t.job_id)
+        if new or len(out.refresh_tasks) > refreshes:
+            self._has_out.set()
+        return len(new)
+
+    async def _lease_here(self, s, n: int) -> int:
+        """Lease up to n tasks of one local shard (the LeaseTasks path: lease_tasks and
+        its metrics) and write them in place into the message being built; returns how
+        many run tasks it leased."""
+        g = self.task_group
+        got = await lease.lease_tasks(s, self.worker_id, n, g)
+        metrics.POLLS.inc((s.id, g))
+        if not got:
+            return 0
+        self.node.publish(s)
+        if self.stopping:  # leased after the worker stopped: never sent, straight back
+            back = [(s.id, t.lease.task.task_id) for t in got if t.info is not None]
+            self._spawn(self._give_back_all(back))
+            return len(back)
+        lease_ms = s.config.lease_ms
+        out = self._out
+        k = 0
+        for t in got:
+            if t.info is None:
+                convert.fill_refresh_task(out.refresh_tasks.add(), t.lease, s.id, lease_ms)
+                continue
+            task = t.lease.task
+            convert.fill_task(out.tasks.add(), t, s.id, lease_ms)
+            self._out_tasks.append((s.id, task.task_id))
+            self.leased[task.task_id] = (s.id, task.tenant, task.job_id)
+            metrics.task_leased(s.id, t.info.task_group, task.relative_attempt,
+                                t.info.enqueue_time_ms, t.lease.started_at_ms)
+            k += 1
         self._has_out.set()
+        return k
 
     async def _write_loop(self) -> None:
         while True:
@@ -230,7 +283,9 @@ class WorkSession:
             self._has_out.clear()
             msg, self._out = self._out, spb.WorkerDown()
             written, self._out_tasks = self._out_tasks, []
-            if msg.ByteSize() == 0 and not msg.stopped:
+            # (not ByteSize(): upb computes it by encoding, and the write encodes again)
+            if not (msg.tasks or msg.acks or msg.refresh_tasks or msg.cancelled
+                    or msg.stopped):
                 if self._closed:
                     return
                 continue
@@ -337,18 +392,22 @@ class WorkSession:
             due = due[:n]
             per, extra = divmod(n, len(due))
             self.free -= n
-            reqs = [(s, pb.LeaseTasksRequest(worker_id=self.worker_id, task_group=g,
-                                             max_tasks=per + (1 if i < extra else 0)))
-                    for i, s in enumerate(due)]
-            got = await asyncio.gather(*(self.svc._lease_from([s], r) for s, r in reqs),
-                                       return_exceptions=True)
+            got: list[int | BaseException]
+            if len(due) == 1:  # the common case: no task per shard
+                try:
+                    got = [await self._lease_here(due[0], n)]
+                except Exception as e:  # noqa: BLE001 - logged, retried below
+                    got = [e]
+            else:
+                got = await asyncio.gather(
+                    *(self._lease_here(s, per + (1 if i < extra else 0))
+                      for i, s in enumerate(due)), return_exceptions=True)
             leased = 0
             for r in got:
                 if isinstance(r, BaseException):
                     log.warning("worker stream: leasing failed: %s", r)
                     continue
-                leased += len(r.tasks)
-                self._deliver(r)
+                leased += r
             self._give_slots(n - leased)
             if leased < n and any(isinstance(r, BaseException) for r in got):
                 await asyncio.sleep(RETRY_S)
@@ -377,25 +436,20 @@ class WorkSession:
                 req.shard = shard_id
                 method = "LeaseTasks"
             try:
-                resp = pb.LeaseTasksResponse.FromString(
-                    await self.node.peers[owner].call(method, req.SerializeToString()))
+                raw = await self.node.peers[owner].call(method, req.SerializeToString())
             except SiloError as e:
                 self._give_slots(n)
                 log.debug("worker stream: leasing from w%d failed: %s", owner, e)
                 await asyncio.sleep(RETRY_S)
                 continue
-            self._give_slots(n - len(resp.tasks))
-            more = len(resp.tasks) >= n
-            self._deliver(resp)
-
-    def _deliver(self, resp: pb.LeaseTasksResponse) -> None:
-        if not resp.tasks and not resp.refresh_tasks:
-            return
-        if self.stopping:
-            # Leased after the worker stopped: never sent, so straight back.
-            self._spawn(self._give_back_all([(t.shard, t.id) for t in resp.tasks]))
-            return
-        self._push(resp)
+            if self.stopping:  # leased after the worker stopped: never sent, straight back
+                tasks = pb.LeaseTasksResponse.FromString(raw).tasks
+                self._spawn(self._give_back_all([(t.shard, t.id) for t in tasks]))
+                got = len(tasks)
+            else:
+                got = self._push_relayed(raw)
+            self._give_slots(n - got)
+            more = got >= n
 
     async def _give_back_all(self, refs: list[tuple[str, str]]) -> None:
         async def one(shard_id: str, task_id: str) -> None:

@@ -430,3 +430,125 @@ def test_a_subscription_without_task_group_is_invalid(srv):
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     arun(body())
+
+
+# ---- the batch paths answer each bad item exactly as the unary call ----------------------
+
+
+def _bad_jobs(c: Conn, g: str) -> list[pb.EnqueueRequest]:
+    """One job per rule of Enqueue (routing, tenant, fields, limits, retry policy)."""
+    other = next(t for t in TENANTS if c.shard_for(t) != c.shard_for("t3"))
+    out = [c.job("t1", g, priority=100), c.job("t1", ""), c.job("t1", "g" * 300),
+           c.job("t1", g, metadata={"k" * 100: "v"}), c.job("t1", g, start_at_ms=1 << 62),
+           c.job("t1", g, limits=[pb.Limit(concurrency=pb.ConcurrencyLimit(
+               key="k", max_concurrency=0))]),
+           c.job("t1", g, retry_policy=pb.RetryPolicy(retry_count=1, backoff_factor=-1.0)),
+           c.job("t1", g, id="x" * 500)]
+    no_tenant = c.job("t1", g)
+    no_tenant.ClearField("tenant")
+    long_tenant = c.job("t1", g)
+    long_tenant.tenant = "t" * 65
+    wrong_shard = c.job("t3", g)
+    wrong_shard.tenant = other
+    bad_id = c.job("t1", g)
+    bad_id.shard = "not-a-shard"
+    unknown = c.job("t1", g)
+    unknown.shard = str(uuid.uuid4())
+    return [*out, no_tenant, long_tenant, wrong_shard, bad_id, unknown]
+
+
+def test_enqueue_many_fails_each_bad_job_with_the_unary_enqueues_code_and_phrase(srv):
+    async def body():
+        async with Conn(srv.addr) as c:
+            g = group()
+            bad = _bad_jobs(c, g)
+            unary = []
+            for job in bad:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await c.silo.Enqueue(job)
+                unary.append((e.value.code().value[0], e.value.details()))
+            jobs = []
+            for i, job in enumerate(bad):  # good jobs in between: they still succeed
+                jobs += [job, c.job(TENANTS[i % 16], g)]
+            res = list((await c.stream.EnqueueMany(spb.EnqueueManyRequest(jobs=jobs))).results)
+            assert [(r.error.code, r.error.message) for r in res[0::2]] == unary
+            for i, r in enumerate(res[1::2]):
+                assert r.WhichOneof("result") == "id"
+                assert (await c.status(TENANTS[i % 16], r.id)).status == pb.JOB_STATUS_SCHEDULED
+
+    arun(body())
+
+
+def test_enqueued_in_a_batch_or_alone_a_job_reads_back_the_same(srv):
+    async def body():
+        async with Conn(srv.addr) as c:
+            g = group()
+            kw = dict(priority=7, metadata={"a": "1", "b": "2"}, start_at_ms=1,
+                      retry_policy=pb.RetryPolicy(retry_count=2, initial_interval_ms=10,
+                                                  max_interval_ms=100, backoff_factor=2.0),
+                      limits=[pb.Limit(concurrency=pb.ConcurrencyLimit(key="k",
+                                                                       max_concurrency=5))])
+            alone = await c.enqueue("t5", g, **kw)
+            res = (await c.stream.EnqueueMany(spb.EnqueueManyRequest(
+                jobs=[c.job("t5", g, **kw)]))).results
+            a, b = await c.status("t5", alone), await c.status("t5", res[0].id)
+            for m in (a, b):
+                m.ClearField("id")
+                m.ClearField("enqueue_time_ms")
+                m.ClearField("status_changed_at_ms")
+            assert a == b
+
+    arun(body())
+
+
+def test_stream_outcomes_fail_and_succeed_exactly_as_the_unary_report(srv):
+    async def body():
+        async with Conn(srv.addr) as c:
+            g = group()
+            ids = {t: await c.enqueue(t, g, retry_policy=pb.RetryPolicy(
+                retry_count=1, initial_interval_ms=1, max_interval_ms=1, backoff_factor=1.0))
+                for t in TENANTS[:6]}
+            call, first = c.work(g, slots=6)
+            await call.write(first)
+            tasks = {t.job_id: t for t in await read_tasks(call, 6)}
+            by_tenant = {t: tasks[j] for t, j in ids.items()}
+            ok = success(by_tenant["t0"])
+            cancelled = pb.ReportOutcomeRequest(shard=by_tenant["t1"].shard,
+                                                task_id=by_tenant["t1"].id, tenant_id="t1")
+            cancelled.cancelled.SetInParent()
+            failed = pb.ReportOutcomeRequest(shard=by_tenant["t2"].shard,
+                                             task_id=by_tenant["t2"].id, tenant_id="t2")
+            failed.failure.code = "E"
+            no_outcome = pb.ReportOutcomeRequest(shard=by_tenant["t3"].shard,
+                                                 task_id=by_tenant["t3"].id, tenant_id="t3")
+            no_tenant = success(by_tenant["t4"])
+            no_tenant.ClearField("tenant_id")
+            unknown = success(by_tenant["t5"])
+            unknown.task_id = str(uuid.uuid4())
+            bad = [no_outcome, no_tenant, unknown]
+            unary = []
+            for r in bad:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await c.silo.ReportOutcome(r)
+                unary.append((e.value.code().value[0], e.value.details()))
+            items = [ok, cancelled, failed, *bad]
+            await call.write(spb.WorkerUp(outcomes=items, add_slots=1))
+            acks: dict[str, spb.Ack] = {}
+            pushed: list[pb.Task] = []
+            async with asyncio.timeout(15):
+                while len(acks) < len(items):
+                    msg = await call.read()
+                    acks.update({a.task_id: a for a in msg.acks})
+                    pushed.extend(msg.tasks)
+            for r in (ok, cancelled, failed):
+                assert not acks[r.task_id].HasField("error")
+            # one ack per task id: the bad items of t3/t5 share none with the good ones
+            assert [(acks[r.task_id].error.code, acks[r.task_id].error.message)
+                    for r in (no_outcome, unknown)] == [unary[0], unary[2]]
+            assert (await c.status("t0", ids["t0"])).status == pb.JOB_STATUS_SUCCEEDED
+            assert (await c.status("t1", ids["t1"])).status == pb.JOB_STATUS_CANCELLED
+            retried = pushed or await read_tasks(call, 1)  # the failure was retried
+            assert retried[0].job_id == ids["t2"] and retried[0].attempt_number == 2
+            call.cancel()
+
+    arun(body())

@@ -5,21 +5,30 @@ from __future__ import annotations
 
 import asyncio
 
-from silo._proto import silo_pb2 as pb
 from silo.rpc import work_session
 from silo.rpc.work_session import WorkSession
 
 
 class _Svc:
-    def __init__(self, gate: asyncio.Event) -> None:
+    def __init__(self) -> None:
         self.node = object()
+
+
+class _Shard:
+    id = "s1"
+
+
+class _Lease:
+    """Stands for silo.shard.lease: the lease call waits for `gate`, then finds nothing."""
+
+    def __init__(self, gate: asyncio.Event) -> None:
         self.gate = gate
         self.leases = 0
 
-    async def _lease_from(self, shards, request) -> pb.LeaseTasksResponse:
+    async def lease_tasks(self, shard, worker_id, max_tasks, task_group) -> list:
         self.leases += 1
         await self.gate.wait()
-        return pb.LeaseTasksResponse()  # the task was gone by the time it was leased
+        return []  # the task was gone by the time it was leased
 
 
 def test_slots_back_from_an_empty_lease_wake_a_waiting_source(monkeypatch) -> None:
@@ -40,12 +49,13 @@ async def _test_slots_back_from_an_empty_lease_wake_a_waiting_source(monkeypatch
     monkeypatch.setattr(work_session, "due_now", due_once)
     monkeypatch.setattr(work_session, "wait_due", never_due)
     gate = asyncio.Event()
-    svc = _Svc(gate)
-    session = WorkSession(svc, None)  # type: ignore[arg-type]
+    leasing = _Lease(gate)
+    monkeypatch.setattr(work_session, "lease", leasing)
+    session = WorkSession(_Svc(), None)  # type: ignore[arg-type]
     session.task_group, session.free = "g", 1
-    local = asyncio.ensure_future(session._local_source([object()]))
+    local = asyncio.ensure_future(session._local_source([_Shard()]))
     async with asyncio.timeout(5):
-        while svc.leases == 0:  # the local source reserved the only slot
+        while leasing.leases == 0:  # the local source reserved the only slot
             await asyncio.sleep(0.001)
     assert session.free == 0
     other = asyncio.ensure_future(session._until_slot())  # e.g. the remote source
