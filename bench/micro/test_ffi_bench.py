@@ -79,3 +79,35 @@ def test_get_300b_x100(benchmark, loop, db):
     value = benchmark(run)
     assert value is not None and len(value) == 300
     benchmark.extra_info["us_per_get"] = round(benchmark.stats.stats.mean / GETS_PER_ROUND * 1e6, 2)
+
+
+def _shard_like_batch(n: int = 500) -> dict[bytes, bytes | None]:
+    """A group-commit batch shaped like a loaded shard's: 30-60 B keys, 1/5 deletes,
+    1/3 empty values (index rows), the rest 20-120 B records."""
+    import random
+
+    rng = random.Random(1)
+    writes: dict[bytes, bytes | None] = {}
+    while len(writes) < n:
+        r = rng.random()
+        writes[rng.randbytes(rng.randint(30, 60))] = (
+            None if r < 0.2 else b"" if r < 0.55 else rng.randbytes(rng.randint(20, 120)))
+    return writes
+
+
+@pytest.mark.parametrize("hold_gil", [False, True], ids=["cdll", "pydll"])
+def test_batch_writer_fill_500_keys(benchmark, hold_gil):
+    """silo.storage.db's hot path: one WriteBatch filled by ffi.batch_writer(); per key
+    in extra_info['us_per_key'] (min of the rounds: the least load-sensitive figure)."""
+    if hold_gil:
+        ffi.apply(hold_gil=True)  # process-wide: the pydll case runs last
+    fill = ffi.batch_writer()
+    writes = _shard_like_batch()
+    batches = []
+
+    def setup():
+        batches.append(WriteBatch())
+        return (batches[-1], writes), {}
+
+    benchmark.pedantic(fill, setup=setup, rounds=300, iterations=1)
+    benchmark.extra_info["us_per_key"] = round(benchmark.stats.stats.min / len(writes) * 1e6, 2)

@@ -74,8 +74,7 @@ def _stage(shard: Shard, info: JobInfo) -> None:
     tenant, job_id, group = info.tenant, info.id, info.task_group
     shard.committer.put(keys.job_info(tenant, job_id), encode(info))
     shard.info_cache.put(info)
-    shard.put_metadata_index(tenant, job_id, info.metadata)
-    indexes.put_time_rows(shard, info)
+    indexes.put_new_job_rows(shard, info)  # 0x04, 0x10, 0x11
     job = shard.active[(tenant, job_id)] = ActiveJob(SCHEDULED)
     shard.put_status(tenant, job_id, JobStatus(SCHEDULED, now, start, 1))
     limit_chain.start_attempt(shard, job, tenant=tenant, job_id=job_id, attempt=1,

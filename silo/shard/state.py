@@ -50,6 +50,7 @@ from silo.storage.records import (
     JobStatus,
     Lease,
     RateLimitState,
+    RefreshFloatingLimit,
     RequestTicket,
     RunAttempt,
     Task,
@@ -402,7 +403,11 @@ class Shard:
 
     def add_task(self, key: bytes, task: Task) -> None:
         self.committer.put(key, encode(task))
-        self._count_task(key, 1)
+        # = _count_task(key, 1), from the task instead of decoding its key (the key's job
+        # id is the task's; a refresh task's is "floating_refresh:<queue>").
+        if not isinstance(task, RefreshFloatingLimit) and not task.job_id.startswith(
+                "floating_refresh:"):
+            self.depth[task.task_group] = self.depth.get(task.task_group, 0) + 1
         self.buffer(task.task_group).add(key, task)
         self.ready.notify(task.task_group)
 

@@ -231,6 +231,16 @@ class GroupCommitter:
         b.writes[key] = value
         b.nbytes += len(key) + len(value)
 
+    def put_empty(self, keys_: list[bytes]) -> None:
+        """Put b"" under each key (index rows): `put(k, b"")` for each, batched."""
+        b = self._batch()
+        w = b.writes
+        n = 0
+        for k in keys_:
+            w[k] = b""
+            n += len(k)
+        b.nbytes += n
+
     def delete(self, key: bytes) -> None:
         b = self._batch()
         b.writes[key] = None

@@ -222,6 +222,24 @@ def time_index_rows(tenant: str, job_id: str, enqueue_ms: int, task_group: str,
     return out
 
 
+def new_job_index_rows(tenant: str, job_id: str, enqueue_ms: int, task_group: str,
+                       metadata: dict[str, str]) -> list[bytes]:
+    """Every 0x04 metadata index key of a new job, then its 0x10/0x11 keys: exactly
+    `metadata_index(...)` per pair + `time_index_rows(...)`, with each string encoded
+    once (this runs on every enqueue)."""
+    t = enc_str(tenant)
+    j = enc_str(job_id)
+    tail = (_U64_MAX - max(0, enqueue_ms)).to_bytes(8, "big") + j
+    out = []
+    time_rows = [b"\x10" + t + enc_str(task_group) + tail]
+    for k, v in metadata.items():
+        kv = t + enc_str(k) + enc_str(v)
+        out.append(b"\x04" + kv + j)
+        time_rows.append(b"\x11" + kv + tail)
+    out += time_rows
+    return out
+
+
 def decode_time_tail(key: bytes, prefix_len: int) -> tuple[int, str]:
     """(enqueue_ms, job_id) of a time index key, given its prefix's length."""
     ms = _U64_MAX - int.from_bytes(key[prefix_len : prefix_len + 8], "big")

@@ -238,3 +238,21 @@ def test_flush_on_commit_slows_only_the_idle_wal_ticker() -> None:
     assert wal_flush_interval_ms(10, flush_on_commit=False) == 10
     assert wal_flush_interval_ms(10, flush_on_commit=True) == FLUSH_ON_COMMIT_TICK_MS
     assert wal_flush_interval_ms(500, flush_on_commit=True) == 500
+
+
+def test_put_empty_stages_what_put_would() -> None:
+    asyncio.run(_test_put_empty_stages_what_put_would())
+
+
+async def _test_put_empty_stages_what_put_would() -> None:
+    db = _FakeDb()
+    db.gate.clear()
+    c = GroupCommitter(db, commit_interval_s=0)
+    c.put(b"a", b"old")
+    c.put_empty([b"a", b"b", b"c"])
+    c.delete(b"c")
+    assert [c.staged_value(k) for k in (b"a", b"b", b"c", b"d")] == [
+        (True, b""), (True, b""), (True, None), (False, None)]
+    db.gate.set()
+    await asyncio.wait_for(c.commit(), 1.0)
+    await c.close()

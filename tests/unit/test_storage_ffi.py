@@ -276,7 +276,8 @@ def test_batch_writer_fills_a_batch_like_put_and_delete():
     """The one-loop fill (silo.storage.db's hot path) writes exactly what the generated
     put/delete would: empty, binary and large values, deletes of present keys."""
     writes = {b"k-empty": b"", b"k-bin": bytes(range(256)), b"k-big": b"x" * 100_000,
-              b"k-gone": None, b"k\x00nul": b"\x00v"}
+              b"k-gone": None, b"k\x00nul": b"\x00v", b"k-1": b"1",
+              b"k" + bytes(range(256)) * 4: b"long key"}
     fill = ffi.batch_writer()
 
     async def main():
@@ -292,6 +293,32 @@ def test_batch_writer_fills_a_batch_like_put_and_delete():
             await h.await_durable()
             assert await _scan_all(db, b"k") == {k: v for k, v in writes.items()
                                                  if v is not None}
+        finally:
+            await db.shutdown()
+
+    asyncio.run(main())
+
+
+def test_batch_writer_errors_lift_and_leave_the_batch_usable():
+    """An invalid key raises the bindings' own error (lifted from Rust's status), and the
+    fill of a later batch still works: nothing was left half-owned."""
+    fill = ffi.batch_writer()
+    wb = WriteBatch()
+    with pytest.raises(Exception, match="empty"):
+        fill(wb, {b"ok": b"v", b"": b"v"})
+    with pytest.raises(Exception, match="empty"):
+        fill(WriteBatch(), {b"": None})
+    with pytest.raises(TypeError):
+        fill(WriteBatch(), {"not-bytes": b"v"})
+
+    async def main():
+        db = await DbBuilder("batch-writer-err", ObjectStore.resolve("memory:///")).build()
+        try:
+            wb = WriteBatch()
+            fill(wb, {b"k-after": b"v"})
+            h = await db.write(wb)
+            await h.await_durable()
+            assert await db.get(b"k-after") == b"v"
         finally:
             await db.shutdown()
 
@@ -340,6 +367,14 @@ async def main():
     while batch := await it.next_batch(64):
         scanned.update((kv.key, kv.value) for kv in batch)
     assert scanned == rows
+    fill = ffi.batch_writer()  # the GIL-keeping (PyDLL) fill
+    wb = WriteBatch()
+    fill(wb, {b"g000": None, b"h-empty": b"", b"h-bin": b"\x00" * 70})
+    h = await db.write(wb)
+    await h.await_durable()
+    assert await db.get(b"g000") is None
+    assert await db.get(b"h-empty") == b""
+    assert await db.get(b"h-bin") == b"\x00" * 70
     await db.shutdown()
 
 asyncio.run(main())
