@@ -61,15 +61,12 @@ release, turning each tiny FFI call into a GIL hand-off. ``hold_gil=True`` re-bi
 the explicit list :data:`GIL_HOLDING_SYMBOLS` to the same shared library opened with
 ``ctypes.PyDLL`` (same ``argtypes``/``restype``), so those calls keep the GIL.
 
-It is **off by default** because it did not measurably help here: alone, with a
-synthetic thread competing for the GIL, and inside a grpc.aio + uvloop server under
-load from a separate client process (handler doing ``WriteBatch()`` + 2–11 puts + a
-delete + a ``get``; three alternating 10 s runs per mode, server pinned and unpinned),
-the put section cost the same with and without it (≈ 80 µs vs 80 µs for 4 ops,
-≈ 230 µs vs 235 µs for 13 ops) and calls/s and CPU/call differed only within the
-run-to-run noise. We verified it does keep the GIL (a competing thread got 2–10×
-fewer turns during a put loop). It stays available so it can be re-measured in the
-real server.
+``apply`` leaves it off; the server turns it on (``silo.storage.db.open_database``).
+An early A/B in a toy grpc.aio server could not tell the two apart (≈ 80 µs for 4 puts
+either way), but in the real shard loop a fill that releases the GIL on every call lost
+wall time to GIL hand-offs: the cffi variant tried on 2026-12-01 (0.3 µs less Python
+per call, GIL released per call) was slower in 7 of 8 paired stream-saturation runs,
+up to 2-3x. A competing thread gets 2-10x fewer turns during a put loop with it on.
 
 A symbol is on the list only if it never blocks, never calls back into Python and
 never takes a lock that a thread running a Python callback could hold, so holding
