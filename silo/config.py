@@ -62,7 +62,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     gc_sst_min_age_s: int = 60
     compactor_min_sources: int = 2
     max_unflushed_bytes: int = 32 * MiB
-    block_cache_bytes: int = 32 * MiB
+    block_cache_bytes: int = 16 * MiB
     write_timeout_ms: int = 10_000
     shards: int = 8
     tenancy: bool = False

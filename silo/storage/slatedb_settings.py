@@ -51,7 +51,7 @@ import uuid
 from typing import Any, NamedTuple
 
 MiB = 1 << 20
-DEFAULT_BLOCK_CACHE_BYTES = 32 * MiB
+DEFAULT_BLOCK_CACHE_BYTES = 16 * MiB
 DEFAULT_MAX_UNFLUSHED_BYTES = 32 * MiB
 COMPACTION_MAX_SST_BYTES = 32 * MiB  # SlateDB: 256 MiB
 MAX_CONCURRENT_COMPACTIONS = 2  # SlateDB: 4; 2 lets L0 merges run beside a long one
