@@ -53,7 +53,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     object_store_url: str = ""
     flush_interval_ms: int = 10
     commit_interval_ms: float = 0.0
-    l0_sst_size_bytes: int = 16 * MiB
+    l0_sst_size_bytes: int = 8 * MiB
     flush_on_commit: bool = True
     l0_flush_interval_s: int = 30
     compactor_poll_interval_ms: int = 5000
@@ -61,8 +61,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     gc_min_age_s: int = 30
     gc_sst_min_age_s: int = 60
     compactor_min_sources: int = 2
-    max_unflushed_bytes: int = 64 * MiB
-    block_cache_bytes: int = 32 * MiB
+    max_unflushed_bytes: int = 32 * MiB
+    block_cache_bytes: int = 16 * MiB
     write_timeout_ms: int = 10_000
     shards: int = 0
     tenancy: bool = False

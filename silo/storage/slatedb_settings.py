@@ -25,7 +25,18 @@ What is set here (each from one `storage.*` option, see CONFIGURATION.md):
 Memory, so a shard's RSS does not grow with its backlog (issue 12; bench/deep_shard.py):
 * `max_unflushed_bytes` (`storage.max_unflushed_bytes`; SlateDB: 1 GiB): memtables
   written to the WAL but not yet to an L0 SST. While L0 uploads lag behind a fast fill,
-  frozen memtables pile up to this bound before writers are held back;
+  frozen memtables pile up to this bound before writers are held back. A memtable costs
+  about 3x its counted size in RSS (SlateDB counts key + value bytes; each row is also
+  a skiplist node and two allocations: +84 MB of heap for +28.7 MB counted, measured in
+  one process, bench/README.md "Deep queue"), so the bound and `l0_sst_size_bytes` are
+  most of what a shard's RSS rises by under writes;
+* the compactor (when on): output SSTs of at most `COMPACTION_MAX_SST_BYTES` (SlateDB
+  256 MiB: an SST being written keeps one 8-byte filter hash per key and its whole
+  index until it is closed, so at SlateDB's size a merge into a large bottom run held
+  tens of MB more, growing with the data up to that size), one subcompaction per
+  compaction and at most `MAX_CONCURRENT_COMPACTIONS` at a time (SlateDB 4 x 4, each
+  with its own read-ahead and output writer). A worker is pinned to one core
+  (silo.runtime.supervisor), so parallel subcompactions only cost memory there;
 * the SST block and metadata cache (`storage.block_cache_bytes`): one cache per worker
   process, shared by its shards (`configure_builder`), instead of SlateDB's default one
   per database. Blocks that leasing reads come back from the object store (or the OS
@@ -40,8 +51,11 @@ import uuid
 from typing import Any, NamedTuple
 
 MiB = 1 << 20
-DEFAULT_BLOCK_CACHE_BYTES = 32 * MiB
-DEFAULT_MAX_UNFLUSHED_BYTES = 64 * MiB
+DEFAULT_BLOCK_CACHE_BYTES = 16 * MiB
+DEFAULT_MAX_UNFLUSHED_BYTES = 32 * MiB
+COMPACTION_MAX_SST_BYTES = 32 * MiB  # SlateDB: 256 MiB
+MAX_CONCURRENT_COMPACTIONS = 2  # SlateDB: 4; 2 lets L0 merges run beside a long one
+MAX_SUBCOMPACTIONS = 1  # SlateDB: 4
 
 
 class StorageTuning(NamedTuple):
@@ -77,6 +91,11 @@ def slatedb_settings(t: StorageTuning) -> dict[str, object]:
         # deleted jobs' tombstones stay ~16 L0 flushes; with 2, about 2.
         out["compactor_options.scheduler_options.min_compaction_sources"] = str(
             t.compactor_min_sources)
+        # Memory of a compaction (see the module docstring).
+        out["compactor_options.max_concurrent_compactions"] = MAX_CONCURRENT_COMPACTIONS
+        out["compactor_options.worker.max_concurrent_compactions"] = MAX_CONCURRENT_COMPACTIONS
+        out["compactor_options.worker.max_subcompactions"] = MAX_SUBCOMPACTIONS
+        out["compactor_options.worker.max_sst_size"] = COMPACTION_MAX_SST_BYTES
     else:
         out["compactor_options"] = None
     if t.gc_interval_s > 0:

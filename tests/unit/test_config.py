@@ -57,7 +57,7 @@ def test_defaults():
     assert cfg.object_store_url == ""
     assert cfg.flush_interval_ms == 10
     assert cfg.commit_interval_ms == 0.0
-    assert cfg.l0_sst_size_bytes == 16777216
+    assert cfg.l0_sst_size_bytes == 8388608
     assert cfg.shards == 0  # one per worker process
     assert cfg.tenancy is False
     assert cfg.lease_ms == 10000

@@ -84,12 +84,12 @@ def test_mapping_to_slatedb_keys():
     assert custom["garbage_collector_options.compacted_options.interval"] == "7s"
     assert custom["garbage_collector_options.wal_options.min_age"] == "11s"
     assert custom["garbage_collector_options.compacted_options.min_age"] == "13s"
-    assert on["max_unflushed_bytes"] == 64 << 20 and custom["max_unflushed_bytes"] == 64 << 20
+    assert on["max_unflushed_bytes"] == 32 << 20 and custom["max_unflushed_bytes"] == 32 << 20
     assert slatedb_settings(StorageTuning(max_unflushed_bytes=8 << 20))[
         "max_unflushed_bytes"] == 8 << 20
     off = slatedb_settings(StorageTuning(compactor_poll_interval_ms=0, gc_interval_s=0))
     assert off == {"compactor_options": None, "garbage_collector_options": None,
-                   "max_unflushed_bytes": 64 << 20}
+                   "max_unflushed_bytes": 32 << 20}
 
 
 def test_config_defaults_are_the_tuning_defaults():
@@ -150,6 +150,26 @@ def test_slatedb_accepts_the_mapping():
     assert gc["wal_options"]["min_age"] == "30s" and gc["boundary_files_enabled"] is False
     off = _applied(StorageTuning(compactor_poll_interval_ms=0, gc_interval_s=0))
     assert off["compactor_options"] is None and off["garbage_collector_options"] is None
+
+
+def test_compaction_memory_bounds_reach_slatedb_from_the_server_config():
+    """What a worker opens its shards with (runtime.worker.shard_config) bounds a
+    compaction's memory: small output SSTs, one subcompaction, two compactions at once
+    (SlateDB: 256 MiB, 4, 4), and the memtable bounds of Config."""
+    from silo.runtime.worker import shard_config  # noqa: PLC0415 - the server's own path
+
+    cfg = shard_config(Config())
+    assert cfg.l0_sst_size_bytes == 8 << 20
+    settings = Settings.default()
+    for key, value in cfg.slatedb.items():
+        settings.set(key, json.dumps(value))
+    s = json.loads(settings.to_json_string())
+    assert s["max_unflushed_bytes"] == 32 << 20
+    c = s["compactor_options"]
+    assert c["max_concurrent_compactions"] == 2
+    assert c["worker"]["max_concurrent_compactions"] == 2
+    assert c["worker"]["max_subcompactions"] == 1
+    assert c["worker"]["max_sst_size"] == 32 << 20
 
 
 def test_gc_deletes_wal_objects_compacted_ssts_and_manifests(tmp_path):
