@@ -28,10 +28,11 @@ import tempfile
 import time
 import uuid
 
+from deep_shard import fill  # bench/ is this script's dir: the same filler
+
 from silo.config import Config
 from silo.runtime.trim import trim_forever, tune_malloc
 from silo.runtime.worker import shard_config
-from silo.shard import enqueue
 from silo.shard.state import Shard
 from silo.storage import db as sdb
 from silo.storage.slatedb_settings import set_block_cache_bytes
@@ -105,14 +106,6 @@ def line(tag: str, sid: str, show=()) -> None:
           f"| malloc sys={mi['system'] / MB:.0f} inuse={mi['inuse'] / MB:.0f} free={(mi['fast'] + mi['rest']) / MB:.0f} "
           f"mmap={mi['mmap'] / MB:.0f} heaps={mi['heaps']} | pyblocks={sys.getallocatedblocks()}{tm} {extra}",
           flush=True)
-
-
-async def fill(s: Shard, n: int, chunk: int = 500) -> None:
-    for i in range(0, n, chunk):
-        await asyncio.gather(*(enqueue.enqueue(
-            s, tenant="-", job_id="", priority=50, start_at_ms=0, retry_policy=None,
-            payload=b"\x81\xa1i\x01", limits=[], metadata={}, task_group="bench")
-            for _ in range(min(chunk, n - i))))
 
 
 async def main(a) -> None:
