@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from silo import errors
 from silo._proto import silo_pb2 as pb
+from silo.shard import outcome
 from silo.shard.get_job import JobView
 from silo.shard.lease import LeasedTask
 from silo.shard.retry import is_last_attempt
@@ -27,6 +29,30 @@ def payload_bytes(sb: pb.SerializedBytes) -> bytes:
 
 def serialized(data: bytes) -> pb.SerializedBytes:
     return pb.SerializedBytes(msgpack=data)
+
+
+def enqueue_fields(req: pb.EnqueueRequest) -> dict:
+    """An EnqueueRequest's job fields as `silo.shard.enqueue.enqueue` takes them (all but
+    the shard, tenant and id): one conversion for the unary and the batched Enqueue."""
+    return {
+        "priority": req.priority, "start_at_ms": req.start_at_ms,
+        "retry_policy": (retry_policy_from_pb(req.retry_policy)
+                         if req.HasField("retry_policy") else None),
+        "payload": req.payload.msgpack, "limits": limits_from_pb(req.limits),
+        "metadata": dict(req.metadata), "task_group": req.task_group,
+    }
+
+
+def outcome_from_pb(req: pb.ReportOutcomeRequest) -> tuple[str, outcome.Outcome]:
+    """(kind, outcome) of a ReportOutcomeRequest; INVALID_ARGUMENT when none is set."""
+    kind = req.WhichOneof("outcome")
+    if kind is None:
+        raise errors.invalid("missing outcome")
+    if kind == "success":
+        return kind, outcome.Success(req.success.msgpack)
+    if kind == "failure":
+        return kind, outcome.Failure(req.failure.code, req.failure.data.msgpack)
+    return kind, outcome.Cancelled()
 
 
 def retry_policy_from_pb(msg: pb.RetryPolicy) -> RetryPolicy:

@@ -247,13 +247,8 @@ class SiloService(pb_grpc.SiloServicer):
     async def Enqueue(self, request, context):
         s = self.shard(request.shard)
         tenant = self.tenant(s, request)
-        job_id = await enqueue.enqueue(
-            s, tenant=tenant, job_id=request.id, priority=request.priority,
-            start_at_ms=request.start_at_ms,
-            retry_policy=(convert.retry_policy_from_pb(request.retry_policy)
-                          if request.HasField("retry_policy") else None),
-            payload=request.payload.msgpack, limits=convert.limits_from_pb(request.limits),
-            metadata=dict(request.metadata), task_group=request.task_group)
+        job_id = await enqueue.enqueue(s, tenant=tenant, job_id=request.id,
+                                       **convert.enqueue_fields(request))
         self.node.publish(s)
         metrics.job_enqueued(s.id, tenant)
         rates.enqueued(request.task_group)
@@ -408,15 +403,7 @@ class SiloService(pb_grpc.SiloServicer):
     async def ReportOutcome(self, request, context):
         s = self.shard(request.shard)
         self.worker_tenant(s, request)
-        kind = request.WhichOneof("outcome")
-        if kind is None:
-            raise errors.invalid("missing outcome")
-        if kind == "success":
-            o: outcome.Outcome = outcome.Success(request.success.msgpack)
-        elif kind == "failure":
-            o = outcome.Failure(request.failure.code, request.failure.data.msgpack)
-        else:
-            o = outcome.Cancelled()
+        kind, o = convert.outcome_from_pb(request)
         lease = s.leases.get(request.task_id)
         await outcome.report_outcome(s, request.task_id, o)
         self.node.publish(s)

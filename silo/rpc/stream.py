@@ -248,11 +248,6 @@ async def enqueue_many(svc: SiloService, jobs: list[pb.EnqueueRequest]
     async def here() -> None:
         if not local:
             return
-        if len(local) == len(jobs):
-            got = await batch.enqueue_jobs(svc, jobs, functools.partial(_enqueue_one, svc))
-            for r, g in zip(results, got, strict=True):
-                _set_result(r, g)
-            return
         got = await batch.enqueue_jobs(svc, [jobs[i] for i in local],
                                        functools.partial(_enqueue_one, svc))
         for i, g in zip(local, got, strict=True):

@@ -49,9 +49,9 @@ async def enqueue(
     task_group: str,
 ) -> str:
     """Store a new job as Scheduled with attempt 1 pending; return its id once durable."""
-    validate_job(job_id, priority, task_group, metadata, limits, retry_policy, start_at_ms)
-    info = JobInfo(job_id or new_id(), tenant, priority, start_at_ms, payload, retry_policy,
-                   metadata, limits, task_group)
+    info = new_job(tenant=tenant, job_id=job_id, priority=priority, start_at_ms=start_at_ms,
+                   retry_policy=retry_policy, payload=payload, limits=limits,
+                   metadata=metadata, task_group=task_group)
     if not job_id:
         _stage(shard, info)
     else:
@@ -62,6 +62,24 @@ async def enqueue(
                 raise errors.job_already_exists(job_id)
             _stage(shard, info)
     await shard.committer.commit()
+    return info.id
+
+
+def new_job(*, tenant: str, job_id: str, priority: int, start_at_ms: int,
+            retry_policy: RetryPolicy | None, payload: bytes, limits: list[Limit],
+            metadata: dict[str, str], task_group: str) -> JobInfo:
+    """The validated JobInfo of a job to enqueue (a new id when job_id is empty)."""
+    validate_job(job_id, priority, task_group, metadata, limits, retry_policy, start_at_ms)
+    return JobInfo(job_id or new_id(), tenant, priority, start_at_ms, payload, retry_policy,
+                   metadata, limits, task_group)
+
+
+def stage_new(shard: Shard, *, tenant: str, **fields) -> str:
+    """`enqueue` of a job without an id up to its commit wait (nothing to read first, so
+    it stages synchronously): validate, stage the writes, return the new id. Callers that
+    batch many jobs wait for `shard.committer.commit()` themselves."""
+    info = new_job(tenant=tenant, job_id="", **fields)
+    _stage(shard, info)
     return info.id
 
 

@@ -58,11 +58,18 @@ _msgpack = msgspec.msgpack.Encoder()
 @tracing.traced("report_outcome")
 async def report_outcome(shard: Shard, task_id: str, outcome: Outcome) -> None:
     """Apply a worker's outcome for the attempt leased as task_id."""
+    await stage_outcome(shard, task_id, outcome)
+    await shard.committer.commit()
+
+
+async def stage_outcome(shard: Shard, task_id: str, outcome: Outcome) -> Lease:
+    """`report_outcome` up to its commit wait; returns the attempt's lease. A Success or
+    Cancelled never waits (a Failure may read the job's retry policy)."""
     lease = shard.leases.get(task_id)
     if lease is None or not isinstance(lease.task, RunAttempt):
         raise errors.lease_not_found()
     await finish_attempt(shard, lease, outcome)
-    await shard.committer.commit()
+    return lease
 
 
 async def finish_attempt(shard: Shard, lease: Lease, outcome: Outcome) -> None:
