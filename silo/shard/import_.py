@@ -176,8 +176,7 @@ async def _import_one(shard: Shard, tenant: str, job: ImportJob) -> int:
                        job.enqueue_time_ms if job.enqueue_time_ms > 0 else now, job.payload,
                        job.retry_policy, dict(job.metadata), list(job.limits), job.task_group)
         shard.committer.put(keys.job_info(tenant, job.id), encode(info))
-        shard.put_metadata_index(tenant, job.id, info.metadata)
-        indexes.put_time_rows(shard, info)
+        indexes.put_new_job_rows(shard, info)  # 0x04, 0x10, 0x11
         for i, a in enumerate(job.attempts, 1):
             shard.put_attempt(tenant, _attempt_record(job.id, i, a))
         status = decide_status(job.attempts, job.retry_policy, now, start)

@@ -43,16 +43,9 @@ log = logging.getLogger(__name__)
 BACKFILL_BATCH = 5000  # rows staged per durable batch while backfilling
 
 
-def put_time_rows(shard: Shard, info: JobInfo) -> None:
-    """Stage a new job's enqueue-time rows, in the batch that writes its info."""
-    for k in keys.time_index_rows(info.tenant, info.id, info.enqueue_time_ms,
-                                  info.task_group, info.metadata):
-        shard.committer.put(k, b"")
-
-
 def put_new_job_rows(shard: Shard, info: JobInfo) -> None:
-    """Stage a new job's metadata index rows (0x04) and enqueue-time rows (0x10/0x11):
-    what `Shard.put_metadata_index` + `put_time_rows` stage, built in one pass."""
+    """Stage a new job's metadata index rows (0x04) and enqueue-time rows (0x10/0x11),
+    in the batch that writes its info (enqueue and import), each string encoded once."""
     shard.committer.put_empty(keys.new_job_index_rows(
         info.tenant, info.id, info.enqueue_time_ms, info.task_group, info.metadata))
 

@@ -462,11 +462,6 @@ class Shard:
         if ttl > 0:
             self.committer.put(keys.expiry_index(status.changed_at_ms + ttl, tenant, job_id), b"")
 
-    def put_metadata_index(self, tenant: str, job_id: str, metadata: dict[str, str]) -> None:
-        """Index a new job's metadata (0x04), in the batch that writes its info."""
-        for k, v in metadata.items():
-            self.committer.put(keys.metadata_index(tenant, k, v, job_id), b"")
-
     def drop_status(self, tenant: str, job_id: str, status: JobStatus | None,
                     metadata: dict[str, str]) -> None:
         """Delete a job's status row and every index row pointing at it (DeleteJob)."""
