@@ -68,11 +68,17 @@ def _running_attempt(shard: Shard, tenant: str, job_id: str) -> Attempt | None:
 
 
 async def get_job(shard: Shard, tenant: str, job_id: str, include_attempts: bool) -> JobView:
-    raw = await shard.committer.get(keys.job_info(tenant, job_id))
-    if raw is None:
-        raise errors.job_not_found()
-    info = job_info_decoder.decode(raw)
-    status = await _status(shard, tenant, job_id)
+    # A job enqueued recently and not yet ended is in the info cache, usually with the
+    # status it was last given (silo.shard.info_cache): then no storage read at all.
+    info = shard.info_cache.get(tenant, job_id)
+    if info is None:
+        raw = await shard.committer.get(keys.job_info(tenant, job_id))
+        if raw is None:
+            raise errors.job_not_found()
+        info = job_info_decoder.decode(raw)
+    status = shard.info_cache.status(tenant, job_id)
+    if status is None:
+        status = await _status(shard, tenant, job_id)
     attempts: list[Attempt] = []
     if include_attempts:
         rows = await shard.committer.scan_prefix(keys.attempts_prefix(tenant, job_id))

@@ -437,6 +437,7 @@ class Shard:
         (terminal → restart, import over a terminal job) must pass its `old` status.
         """
         self.committer.put(keys.job_status(tenant, job_id), encode(status))
+        self.info_cache.put_status(tenant, job_id, status)  # GetJob reads it from memory
         new_key = status_index_key(tenant, job_id, status)
         job = self.active.get((tenant, job_id))
         if old is not None:
@@ -466,6 +467,7 @@ class Shard:
                     metadata: dict[str, str]) -> None:
         """Delete a job's status row and every index row pointing at it (DeleteJob)."""
         self.committer.delete(keys.job_status(tenant, job_id))
+        self.info_cache.discard(tenant, job_id)  # the job is gone
         if status is not None:
             self.committer.delete(status_index_key(tenant, job_id, status))
         for k, v in metadata.items():
