@@ -72,12 +72,14 @@ def rpc(fn):
             forward.enter_call(context)  # refused while draining; auth/deadline go along
             if self.auth_token:
                 self.check_auth(context)
+            raw = None
             if isinstance(request, bytes):  # registered raw (silo.rpc.server): parse after auth
-                request = guard.parse_request(request_type, name, request)
+                raw, request = request, guard.parse_request(request_type, name, request)
             try:
                 return await fn(self, request, context)
-            except _OwnedElsewhere as e:
-                out = await self.node.peers[e.owner].call(name, request.SerializeToString())
+            except _OwnedElsewhere as e:  # the owner gets the caller's bytes as they came
+                out = await self.node.peers[e.owner].call(
+                    name, raw if raw is not None else request.SerializeToString())
                 return response_type.FromString(out)
         except SiloError as e:
             if e.trailers:

@@ -79,9 +79,11 @@ class Forwarded:
 Dispatch = Callable[[str, bytes, Forwarded], Awaitable[Reply]]
 
 # The public call being served in this task: its authorization header and deadline go
-# with every call it forwards (set by the rpc wrapper through `enter_call`).
-_CALL: contextvars.ContextVar[Forwarded | None] = contextvars.ContextVar("silo_call",
-                                                                         default=None)
+# with every call it forwards (set by the rpc wrapper through `enter_call`). It holds the
+# call's context itself and is read only when the call forwards (`_caller`): scanning
+# the metadata and asking grpc for the time left cost every call ~12 us, and most calls
+# never forward.
+_CALL: contextvars.ContextVar = contextvars.ContextVar("silo_call", default=None)
 
 
 _stopping = False
@@ -99,16 +101,24 @@ def enter_call(context: grpc.aio.ServicerContext | None) -> None:
     deadline for the calls it forwards."""
     if _stopping:
         raise SiloError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry")
+    if context is not None:
+        _CALL.set(context)
+
+
+def _caller(context) -> tuple[str, float]:
+    """(authorization header, deadline on CLOCK_MONOTONIC or 0.0) of the public call
+    being served, as forwarded calls carry them."""
     if context is None:
-        return
+        return "", 0.0
+    if isinstance(context, Forwarded):
+        return context.authorization, context.deadline
     auth = ""
     for k, v in context.invocation_metadata() or ():
         if k == "authorization" and isinstance(v, str):
             auth = v
             break
-    remaining = context.time_remaining()
-    deadline = time.monotonic() + remaining if remaining is not None else 0.0
-    _CALL.set(Forwarded(auth, deadline))
+    remaining = context.time_remaining()  # the same absolute deadline whenever asked
+    return auth, time.monotonic() + remaining if remaining is not None else 0.0
 
 
 def new_secret() -> bytes:
@@ -340,15 +350,13 @@ class PeerClient:
     async def _call(self, method: str, payload: bytes, timeout_s: float | None) -> bytes:
         if self._unresponsive is not None and self._unresponsive():
             raise self._unavailable("it stopped answering liveness pings")
-        meta = _CALL.get()
+        auth, client_deadline = _caller(_CALL.get())
         limit = self.timeout_s if timeout_s is None else timeout_s
         now = time.monotonic()
         deadline = now + limit
-        client_deadline = meta.deadline if meta is not None else 0.0
         by_client = bool(client_deadline) and client_deadline <= deadline
         if by_client:
             deadline = client_deadline
-        auth = meta.authorization if meta is not None else ""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Reply] = loop.create_future()
         timer = loop.call_later(max(0.0, deadline - now), self._expire, fut, by_client, limit)
