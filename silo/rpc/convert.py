@@ -31,15 +31,24 @@ def serialized(data: bytes) -> pb.SerializedBytes:
     return pb.SerializedBytes(msgpack=data)
 
 
+def map_to_dict(m) -> dict[str, str]:
+    """A protobuf string map as a dict, in its iteration order, like dict(m).
+
+    dict(m) of a upb map goes through the Mapping ABC's Python keys() view: ~5 us for an
+    empty map and ~4x a comprehension's time for a few entries (timeit, this box)."""
+    return {k: m[k] for k in m} if m else {}
+
+
 def enqueue_fields(req: pb.EnqueueRequest) -> dict:
     """An EnqueueRequest's job fields as `silo.shard.enqueue.enqueue` takes them (all but
     the shard, tenant and id): one conversion for the unary and the batched Enqueue."""
+    lims = req.limits
     return {
         "priority": req.priority, "start_at_ms": req.start_at_ms,
         "retry_policy": (retry_policy_from_pb(req.retry_policy)
                          if req.HasField("retry_policy") else None),
-        "payload": req.payload.msgpack, "limits": limits_from_pb(req.limits),
-        "metadata": dict(req.metadata), "task_group": req.task_group,
+        "payload": req.payload.msgpack, "limits": limits_from_pb(lims) if lims else [],
+        "metadata": map_to_dict(req.metadata), "task_group": req.task_group,
     }
 
 
@@ -87,7 +96,8 @@ def limits_from_pb(msgs) -> list[Limit]:
         elif kind == "floating_concurrency":
             f = m.floating_concurrency
             out.append(FloatingConcurrencyLimit(f.key, f.default_max_concurrency,
-                                                f.refresh_interval_ms, dict(f.metadata)))
+                                                f.refresh_interval_ms,
+                                                map_to_dict(f.metadata)))
     return out
 
 

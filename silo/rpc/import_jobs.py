@@ -60,7 +60,7 @@ def job_from_pb(req: pb.ImportJobRequest) -> import_.ImportJob:
     return import_.ImportJob(
         req.id, req.priority, req.enqueue_time_ms, req.start_at_ms,
         convert.retry_policy_from_pb(req.retry_policy) if req.HasField("retry_policy") else None,
-        req.payload.msgpack, convert.limits_from_pb(req.limits), dict(req.metadata),
+        req.payload.msgpack, convert.limits_from_pb(req.limits), convert.map_to_dict(req.metadata),
         req.task_group, attempts)
 
 

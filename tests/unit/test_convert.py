@@ -88,3 +88,18 @@ def test_a_lease_reply_merges_into_a_worker_down_message_field_for_field():
     for name in ("tasks", "refresh_tasks"):
         assert a[name].number == b[name].number
         assert a[name].message_type is b[name].message_type
+
+
+@given(st.dictionaries(text, text, max_size=6), st.booleans())
+def test_map_to_dict_and_enqueue_fields_equal_the_plain_conversion(metadata, with_limit):
+    """map_to_dict replaced dict(m) of a upb map for speed: same keys, values and order;
+    enqueue_fields' empty-limit shortcut gives what limits_from_pb gives."""
+    req = pb.EnqueueRequest(shard="s", task_group="g", metadata=metadata)
+    if with_limit:
+        req.limits.add().concurrency.key = "k"
+    got = convert.map_to_dict(req.metadata)
+    assert got == dict(req.metadata) and list(got) == list(dict(req.metadata))
+    fields = convert.enqueue_fields(req)
+    assert fields["metadata"] == dict(req.metadata)
+    assert fields["limits"] == convert.limits_from_pb(req.limits)
+    assert type(fields["limits"]) is list and type(fields["metadata"]) is dict
