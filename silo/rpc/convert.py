@@ -134,12 +134,25 @@ def attempt_to_pb(a: Attempt) -> pb.JobAttempt:
 
 
 def job_to_pb(view: JobView) -> pb.GetJobResponse:
+    """The GetJob reply, written field by field into a fresh message: the keyword-argument
+    construction (a SerializedBytes copied in, empty lists and map converted) cost ~7x as
+    much (timeit: 25-40 us against 4-5, loaded box) for the same bytes on the wire."""
     info, status = view.info, view.status
-    m = pb.GetJobResponse(
-        id=info.id, priority=info.priority, enqueue_time_ms=info.enqueue_time_ms,
-        payload=serialized(info.payload), limits=[limit_to_pb(x) for x in info.limits],
-        metadata=info.metadata, status=status.kind, status_changed_at_ms=status.changed_at_ms,
-        attempts=[attempt_to_pb(a) for a in view.attempts], task_group=info.task_group)
+    m = pb.GetJobResponse()
+    m.id = info.id
+    m.priority = info.priority
+    m.enqueue_time_ms = info.enqueue_time_ms
+    m.payload.SetInParent()  # present even when empty, as payload=SerializedBytes(...) was
+    m.payload.msgpack = info.payload
+    if info.limits:
+        m.limits.extend([limit_to_pb(x) for x in info.limits])
+    if info.metadata:
+        m.metadata.update(info.metadata)
+    m.status = status.kind
+    m.status_changed_at_ms = status.changed_at_ms
+    if view.attempts:
+        m.attempts.extend([attempt_to_pb(a) for a in view.attempts])
+    m.task_group = info.task_group
     if info.retry_policy is not None:
         m.retry_policy.CopyFrom(retry_policy_to_pb(info.retry_policy))
     if status.next_attempt_starts_after_ms is not None:

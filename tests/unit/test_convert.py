@@ -103,3 +103,42 @@ def test_map_to_dict_and_enqueue_fields_equal_the_plain_conversion(metadata, wit
     assert fields["metadata"] == dict(req.metadata)
     assert fields["limits"] == convert.limits_from_pb(req.limits)
     assert type(fields["limits"]) is list and type(fields["metadata"]) is dict
+
+
+def reference_job(view) -> pb.GetJobResponse:
+    """The construction convert.job_to_pb used before it wrote fields in place."""
+    info, status = view.info, view.status
+    m = pb.GetJobResponse(
+        id=info.id, priority=info.priority, enqueue_time_ms=info.enqueue_time_ms,
+        payload=convert.serialized(info.payload),
+        limits=[convert.limit_to_pb(x) for x in info.limits],
+        metadata=info.metadata, status=status.kind, status_changed_at_ms=status.changed_at_ms,
+        attempts=[convert.attempt_to_pb(a) for a in view.attempts], task_group=info.task_group)
+    if info.retry_policy is not None:
+        m.retry_policy.CopyFrom(convert.retry_policy_to_pb(info.retry_policy))
+    if status.next_attempt_starts_after_ms is not None:
+        m.next_attempt_starts_after_ms = min(status.next_attempt_starts_after_ms, (1 << 63) - 1)
+    if view.result is not None:
+        m.result.msgpack = view.result
+    return m
+
+
+@given(metadata=st.dictionaries(text, text, max_size=3), lims=limits,
+       payload=st.binary(max_size=8), retries=st.none() | st.integers(0, 5),
+       kind=st.integers(0, 4), next_at=st.none() | st.integers(0, 1 << 64),
+       n_attempts=st.integers(0, 2), result=st.none() | st.binary(max_size=4))
+def test_job_to_pb_builds_the_same_message_as_keyword_construction(
+        metadata, lims, payload, retries, kind, next_at, n_attempts, result):
+    from silo.shard.get_job import JobView
+    from silo.storage.records import Attempt, JobStatus
+
+    policy = None if retries is None else RetryPolicy(retries, 10, 100, False, 2.0)
+    info = JobInfo("j", "-", 7, 5, payload, policy, metadata, lims, "g")
+    attempts = [Attempt("j", i, i, f"t{i}", 1, 10 + i, 20 + i, b"r", None, None)
+                for i in range(1, n_attempts + 1)]
+    view = JobView(info, JobStatus(kind, 9, next_at, 1, n_attempts), attempts, result)
+    got, want = convert.job_to_pb(view), reference_job(view)
+    assert got == want
+    assert got.SerializeToString(deterministic=True) == want.SerializeToString(
+        deterministic=True)
+    assert got.HasField("payload")
