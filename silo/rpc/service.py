@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 MAX_TENANT_CHARS = 64
 _METHODS = pb.DESCRIPTOR.services_by_name["Silo"].methods_by_name
 
+# (service class, method) → (the handler's inner function, its request type), for
+# forwarded calls (SiloService._dispatch).
+_SERVED: dict[tuple[type, str], tuple[Callable[..., Awaitable], type]] = {}
+
 # Set while serving a call forwarded by another process: it must not be forwarded again.
 _FORWARDED: contextvars.ContextVar[bool] = contextvars.ContextVar("forwarded", default=False)
 
@@ -166,8 +170,12 @@ class SiloService(pb_grpc.SiloServicer):
                 out = await self._LOCAL[method](self, pb.LeaseTasksRequest.FromString(payload)
                                                 if method == "LeaseTasks@local" else None)
             else:
-                fn = getattr(type(self), method).inner
-                request_type = getattr(pb, _METHODS[method].input_type.name)
+                target = _SERVED.get((type(self), method))
+                if target is None:  # descriptor lookups: ~3 us, once per method
+                    target = _SERVED[(type(self), method)] = (
+                        getattr(type(self), method).inner,
+                        getattr(pb, _METHODS[method].input_type.name))
+                fn, request_type = target
                 out = await fn(self, request_type.FromString(payload), None)
         except StorageError as e:
             raise SiloError(grpc.StatusCode.UNAVAILABLE, f"shard storage unavailable: {e}") from e
