@@ -97,6 +97,7 @@ async def run(args: argparse.Namespace) -> dict:
     first = await handlers["Enqueue"](enq.SerializeToString(), ctx)
     bodies = {"Enqueue": enq.SerializeToString(),
               "GetJob": pb.GetJobRequest(shard=shard_id, id=first.id).SerializeToString()}
+    threshold = gc.get_threshold()
     tune_gc()
     out: dict = {}
     try:
@@ -123,6 +124,8 @@ async def run(args: argparse.Namespace) -> dict:
             }
     finally:
         await node.close()
+        gc.unfreeze()  # as it was: the caller may be a test process
+        gc.set_threshold(*threshold)
     return out
 
 
