@@ -17,46 +17,80 @@ if TYPE_CHECKING:
     from silo.shard.state import Shard
 
 
-class ReadySignal:
-    """Waiters of each task group: `first` ones (a worker stream of this process) are
-    woken at once; `later` ones (a stream of another process waiting through a relay)
-    one loop pass after, when first ones were woken too. A first waiter leases in the
-    pass it wakes in, so a later one re-checks after it and sleeps on if nothing is left:
-    with a stream on each process, every task used to wake both and the remote one
-    then spent a lease relay (and an empty lease) on a task the local one had taken
-    (2.65 relays per job at 20 jobs/s)."""
+RELAYED_SECOND_CHANCE_S = 0.02
 
-    __slots__ = ("_waiters", "_later")
+
+class ReadySignal:
+    """Waiters of each task group. `first` ones (a worker stream of this process) are
+    all woken at once. `later` ones (a stream of another process, waiting through a
+    StreamWait relay) are woken one per notify, the longest-waiting first, and one
+    loop pass after the first ones when there were any: a first waiter leases in the
+    pass it wakes in, so the later one re-checks after it and sleeps on if nothing is
+    left. A woken relayed waiter costs its stream two relays (the wait's answer, then
+    LeaseTasks@local), so waking every one for every task made each remote stream
+    spend them, all but one on an empty lease: measured at 20 jobs/s, 2.65 relays per
+    job with a stream on each process, 2.1 at 300 jobs/s with both on one process.
+    Should the woken one not lease (its stream had no free slot by then), the next
+    relayed waiter is woken RELAYED_SECOND_CHANCE_S later; it re-checks locally."""
+
+    __slots__ = ("_waiters", "_later", "_second")
 
     def __init__(self) -> None:
         self._waiters: dict[str, set[asyncio.Future[Any]]] = {}
-        self._later: dict[str, set[asyncio.Future[Any]]] = {}
+        self._later: dict[str, dict[asyncio.Future[Any], None]] = {}  # in arrival order
+        self._second: dict[str, asyncio.TimerHandle] = {}
 
     def notify(self, task_group: str) -> None:
         first = self._waiters.pop(task_group, None)
-        later = self._later.pop(task_group, None)
         woke = False
         if first:
             for f in first:
                 if not f.done():
                     f.set_result(None)
                     woke = True
-        if later:
-            if woke:
-                asyncio.get_running_loop().call_soon(_resolve_all, later)
+        if task_group in self._later:
+            self._wake_later(task_group, woke)
+
+    def _wake_later(self, task_group: str, defer: bool) -> None:
+        later = self._later.get(task_group)
+        while later:
+            f = next(iter(later))
+            del later[f]
+            if f.done():
+                continue
+            loop = asyncio.get_running_loop()
+            if defer:
+                loop.call_soon(_resolve, f, None)
             else:
-                _resolve_all(later)
+                f.set_result(None)
+            if later and task_group not in self._second:
+                self._second[task_group] = loop.call_later(
+                    RELAYED_SECOND_CHANCE_S, self._second_chance, task_group)
+            break
+        if not later:
+            self._later.pop(task_group, None)
+
+    def _second_chance(self, task_group: str) -> None:
+        del self._second[task_group]
+        self._wake_later(task_group, False)
 
     def add(self, task_group: str, fut: asyncio.Future[Any], later: bool = False) -> None:
-        (self._later if later else self._waiters).setdefault(task_group, set()).add(fut)
+        if later:
+            self._later.setdefault(task_group, {})[fut] = None
+        else:
+            self._waiters.setdefault(task_group, set()).add(fut)
 
     def discard(self, task_group: str, fut: asyncio.Future[Any]) -> None:
-        for table in (self._waiters, self._later):
-            waiters = table.get(task_group)
-            if waiters is not None:
-                waiters.discard(fut)
-                if not waiters:
-                    del table[task_group]
+        waiters = self._waiters.get(task_group)
+        if waiters is not None:
+            waiters.discard(fut)
+            if not waiters:
+                del self._waiters[task_group]
+        later = self._later.get(task_group)
+        if later is not None:
+            later.pop(fut, None)
+            if not later:
+                del self._later[task_group]
 
 
 def next_due_ms(shard: Shard, task_group: str) -> int | None:
@@ -132,11 +166,6 @@ async def wait_due(shards: list[Shard], task_group: str, timeout_s: float,
 def _resolve(fut: asyncio.Future[object], value: object) -> None:
     if not fut.done():
         fut.set_result(value)
-
-
-def _resolve_all(futs: set[asyncio.Future[Any]]) -> None:
-    for f in futs:
-        _resolve(f, None)
 
 
 def interrupt_all(waits: set[asyncio.Future[object]]) -> None:

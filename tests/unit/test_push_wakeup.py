@@ -3,7 +3,8 @@
 * wait_due sleeps on one plain future: the waiter resumes in the loop pass right after
   `notify`, with no polling, and `interrupt_all` ends the sleep at once;
 * the waiters of this process's streams are woken before those that wait through a
-  relay for a stream of another process, which re-check one pass later;
+  relay for a stream of another process, which re-check one pass later; and of those,
+  one per notify (the next one a little later, should the first not lease);
 * an idle committer hands its batch to the writer one pass after the pass that opened
   it, so the lease a woken stream makes joins the enqueue's batch: one write and one
   WAL flush for both, not two in a row.
@@ -97,6 +98,23 @@ def test_relayed_waiters_are_woken_one_pass_after_local_ones() -> None:
         sig.add("g", alone, later=True)
         sig.notify("g")
         assert alone.done()
+
+    asyncio.run(main())
+
+
+def test_one_relayed_waiter_is_woken_per_notify_the_next_one_later() -> None:
+    async def main() -> None:
+        sig = ReadySignal()
+        loop = asyncio.get_running_loop()
+        a, b = loop.create_future(), loop.create_future()
+        sig.add("g", a, later=True)
+        sig.add("g", b, later=True)
+        sig.notify("g")
+        assert a.done() and not b.done()  # the longest-waiting one
+        await _passes(3)
+        assert not b.done()
+        await asyncio.wait_for(b, 5)  # its second chance (RELAYED_SECOND_CHANCE_S)
+        assert not sig._later and not sig._second
 
     asyncio.run(main())
 
