@@ -51,7 +51,7 @@ class ReadySignal:
         if task_group in self._later:
             self._wake_later(task_group, woke)
 
-    def _wake_later(self, task_group: str, defer: bool) -> None:
+    def _wake_later(self, task_group: str, defer: bool, again: bool = True) -> None:
         later = self._later.get(task_group)
         while later:
             f = next(iter(later))
@@ -63,7 +63,7 @@ class ReadySignal:
                 loop.call_soon(_resolve, f, None)
             else:
                 f.set_result(None)
-            if later and task_group not in self._second:
+            if again and later and task_group not in self._second:
                 self._second[task_group] = loop.call_later(
                     RELAYED_SECOND_CHANCE_S, self._second_chance, task_group)
             break
@@ -72,7 +72,7 @@ class ReadySignal:
 
     def _second_chance(self, task_group: str) -> None:
         del self._second[task_group]
-        self._wake_later(task_group, False)
+        self._wake_later(task_group, False, again=False)  # once per notify: no polling
 
     def add(self, task_group: str, fut: asyncio.Future[Any], later: bool = False) -> None:
         if later:
