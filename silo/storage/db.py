@@ -5,8 +5,9 @@ their puts/deletes synchronously (so the in-memory state and the staged writes c
 together, with no await in between) and then await the batch's durability. The commit
 is adaptive: when no commit is in flight, what is staged goes to SlateDB one event-loop
 pass later (so what the staging woke joins it, see `_hand_off_next_pass`); while one is
-in flight (written, not yet durable), new writes gather and go as the next batch the moment it is durable. So a lone RPC pays no
-window and a loaded shard writes large batches, with no interval to tune. An optional
+in flight (written, not yet durable), new writes gather and go as the next batch the
+moment it is durable. So a lone RPC pays no window and a loaded shard writes large
+batches, with no interval to tune. An optional
 cap (`commit_interval`, > 0) bounds how long a gathered batch waits behind an in-flight
 commit: past it the batch is written anyway (pipelined behind the one in flight). Each
 batch is one WriteBatch and one durability wait, shared by all its RPCs (group commit);
