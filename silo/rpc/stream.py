@@ -76,7 +76,8 @@ async def _stream_wait_local(svc: SiloService, payload: bytes) -> bytes:
         shards = [s]
     else:
         shards = list(svc.node.shards.values())
-    return b"\x01" if await wait_due(shards, task_group, timeout_ms / 1000) else b"\x00"
+    due = await wait_due(shards, task_group, timeout_ms / 1000, relayed=True)
+    return b"\x01" if due else b"\x00"
 
 
 async def _give_back_local(svc: SiloService, payload: bytes) -> bytes:

@@ -36,7 +36,7 @@ from silo.observability import metrics
 from silo.rpc import batch, convert, stream
 from silo.rpc.service import SiloService, _OwnedElsewhere
 from silo.shard import lease
-from silo.shard.ready import due_now, wait_due
+from silo.shard.ready import due_now, interrupt_all, wait_due
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class WorkSession:
         self.stopping = False
         self._stop = asyncio.Event()
         self._slots = asyncio.Event()
+        self._sleeping: set[asyncio.Future[object]] = set()  # local sources' wait_due
         self._out = spb.WorkerDown()
         self._out_tasks: list[tuple[str, str]] = []  # (shard, task id) in _out, not written
         self._has_out = asyncio.Event()
@@ -131,6 +132,7 @@ class WorkSession:
             self.stopping = True
             self._stop.set()
             self._slots.set()
+            interrupt_all(self._sleeping)
 
     # ---- up-stream -------------------------------------------------------------------
 
@@ -384,8 +386,11 @@ class WorkSession:
         while await self._until_slot():
             due = [s for s in shards if due_now(s, g)]
             if not due:
+                # Not through _or_stop (two tasks and an asyncio.wait per wait): the
+                # wake-up is one loop pass, so the lease below joins the group commit
+                # of the enqueue that woke it (silo.storage.db); _halt interrupts it.
                 with contextlib.suppress(Exception):
-                    await self._or_stop(wait_due(shards, g, WAIT_S))
+                    await wait_due(shards, g, WAIT_S, self._sleeping)
                 continue
             n = self._share()
             random.shuffle(due)

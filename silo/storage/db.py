@@ -3,10 +3,11 @@
 The committer is the only writer of a shard's database. State-machine operations stage
 their puts/deletes synchronously (so the in-memory state and the staged writes change
 together, with no await in between) and then await the batch's durability. The commit
-is adaptive: when no commit is in flight, what is staged goes to SlateDB at the end of
-the current event-loop pass; while one is in flight (written, not yet durable), new
-writes gather and go as the next batch the moment it is durable. So a lone RPC pays no
-window and a loaded shard writes large batches, with no interval to tune. An optional
+is adaptive: when no commit is in flight, what is staged goes to SlateDB one event-loop
+pass later (so what the staging woke joins it, see `_hand_off_next_pass`); while one is
+in flight (written, not yet durable), new writes gather and go as the next batch the
+moment it is durable. So a lone RPC pays no window and a loaded shard writes large
+batches, with no interval to tune. An optional
 cap (`commit_interval`, > 0) bounds how long a gathered batch waits behind an in-flight
 commit: past it the batch is written anyway (pipelined behind the one in flight). Each
 batch is one WriteBatch and one durability wait, shared by all its RPCs (group commit);
@@ -206,7 +207,7 @@ class GroupCommitter:
         if b is None:
             b = self._staged = _Batch(self._loop)
             if self._idle():
-                self._loop.call_soon(self._hand_off, b)
+                self._loop.call_soon(self._hand_off_next_pass, b)
             elif self._interval > 0:
                 self._loop.call_later(self._interval, self._hand_off, b)
             # else: handed off by _kick when the commit in flight is durable
@@ -215,6 +216,15 @@ class GroupCommitter:
             if self.stalled_since is not None:
                 self._arm_write_bound(b)  # fails at once: it would only queue behind
         return b
+
+    def _hand_off_next_pass(self, b: _Batch) -> None:
+        """An idle writer's batch goes one loop pass after the pass that opened it, not
+        at its end: whatever that pass woke with a plain future (a worker stream sleeping
+        in silo.shard.ready.wait_due on the task just enqueued) runs in between and
+        stages into the same batch, so the enqueue and the lease of its task share one
+        write and one WAL flush instead of two in a row (measured at 20 jobs/s: 3.0 ->
+        2.0 commits per job). Costs one callback; the batch is still written at once."""
+        self._loop.call_soon(self._hand_off, b)
 
     def _idle(self) -> bool:
         """No commit in flight: nothing handed to the writer and not yet durable."""

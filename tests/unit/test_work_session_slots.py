@@ -42,7 +42,7 @@ async def _test_slots_back_from_an_empty_lease_wake_a_waiting_source(monkeypatch
         calls["n"] += 1
         return calls["n"] == 1
 
-    async def never_due(shards, group, timeout_s) -> bool:
+    async def never_due(shards, group, timeout_s, interrupt=None) -> bool:
         await asyncio.Event().wait()
         return False
 
