@@ -39,6 +39,18 @@ def test_the_c_fill_is_built_and_is_the_default():
     assert ffi.batch_writer(native=False).impl == "python"
 
 
+def test_without_the_extension_the_pure_fill_is_used(monkeypatch):
+    """A machine without a compiler still works: batch_writer() falls back to the pure
+    fill, and only native=True insists."""
+    import silo.storage
+
+    monkeypatch.setitem(sys.modules, "silo.storage._fill", None)  # import raises
+    monkeypatch.delattr(silo.storage, "_fill", raising=False)
+    assert ffi.batch_writer().impl == "python"
+    with pytest.raises(ImportError, match="not built"):
+        ffi.batch_writer(native=True)
+
+
 @pytest.fixture(scope="module")
 def loop():
     loop = asyncio.new_event_loop()
