@@ -95,13 +95,20 @@ def _shard_like_batch(n: int = 500) -> dict[bytes, bytes | None]:
     return writes
 
 
-@pytest.mark.parametrize("hold_gil", [False, True], ids=["cdll", "pydll"])
-def test_batch_writer_fill_500_keys(benchmark, hold_gil):
+@pytest.mark.parametrize(("impl", "hold_gil"), [("python", False), ("python", True), ("c", True)],
+                         ids=["python-cdll", "python-pydll", "c"])
+def test_batch_writer_fill_500_keys(benchmark, impl, hold_gil):
     """silo.storage.db's hot path: one WriteBatch filled by ffi.batch_writer(); per key
-    in extra_info['us_per_key'] (min of the rounds: the least load-sensitive figure)."""
+    in extra_info['us_per_key'] (min of the rounds: the least load-sensitive figure).
+    `python-*`: the pure ctypes fill with the GIL released (CDLL) or kept (PyDLL) per
+    call; `c`: silo.storage._fill (keeps the GIL; skipped if the extension is not built)."""
     if hold_gil:
-        ffi.apply(hold_gil=True)  # process-wide: the pydll case runs last
-    fill = ffi.batch_writer()
+        ffi.apply(hold_gil=True)  # process-wide: the pydll cases run last
+    try:
+        fill = ffi.batch_writer(native=impl == "c")
+    except ImportError:
+        pytest.skip("silo.storage._fill is not built")
+    assert fill.impl == impl
     writes = _shard_like_batch()
     batches = []
 
