@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import itertools
 import logging
 import os
@@ -60,6 +61,9 @@ log = logging.getLogger(__name__)
 _POLL_READY = 0  # UniFFI's RustFuturePoll::Ready
 _POLL_WAKE = 1
 _MARKER = "_silo_wake_patched"
+# At most this many calls in a row answered during their poll (no await) before the
+# awaiting task yields to the loop once.
+SYNC_STREAK = 32
 
 _tokens = itertools.count(1)  # 0 is drain()'s "some completions were lost" marker
 _wakes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWake] = (
@@ -84,9 +88,10 @@ def available() -> bool:
 class _LoopWake:
     """One event loop's completion queue and the futures waiting on it."""
 
-    __slots__ = ("__weakref__", "base", "futures", "native", "fd")
+    __slots__ = ("__weakref__", "base", "futures", "native", "fd", "streak")
 
     def __init__(self) -> None:
+        self.streak = 0  # calls answered during their poll since this loop last yielded
         self.native = _wake.Wake()
         self.base: int = self.native.base
         self.fd: int = self.native.fileno()
@@ -109,8 +114,9 @@ class _LoopWake:
 
 def install(loop: asyncio.AbstractEventLoop | None = None) -> bool:
     """Deliver SlateDB completions of calls awaited on `loop` (default: the running one)
-    natively. Returns False (and changes nothing) without the C module or with other
-    bindings. Idempotent; call it in the process that runs the loop (after any fork)."""
+    natively. Returns False (and changes nothing) without the C module, with other
+    bindings, or when all MAX_QUEUES queues belong to live loops. Idempotent; call it in
+    the process that runs the loop (after any fork)."""
     if not available():
         return False
     loop = loop or asyncio.get_running_loop()
@@ -118,7 +124,16 @@ def install(loop: asyncio.AbstractEventLoop | None = None) -> bool:
         return True
     ffi.apply()  # also checks the version; the patch below relies on the same bindings
     _patch(ffi._bindings())
-    w = _LoopWake()
+    try:
+        w = _LoopWake()
+    except RuntimeError:  # every queue slot taken: closed loops not yet collected?
+        gc.collect()
+        try:
+            w = _LoopWake()
+        except RuntimeError as e:
+            log.warning("silo.storage.wake: %s; SlateDB completions on %r stay on the "
+                        "generated path", e, loop)
+            return False
     try:
         loop.add_reader(w.fd, w.drain)
     except BaseException:
@@ -212,6 +227,7 @@ def _patch(mod: ModuleType) -> None:
     addresses_get = _poll_addresses.get
     tokens = _tokens
     counted = _counted
+    sleep0 = asyncio.sleep
 
     async def poll_generated(loop, rust_future, ffi_poll) -> None:
         # The generated poll loop (ctypes continuation, call_soon_threadsafe).
@@ -244,6 +260,16 @@ def _patch(mod: ModuleType) -> None:
                     except BaseException:
                         w.futures.pop(data, None)  # a late completion is then ignored
                         raise
+                elif code == _POLL_WAKE or w.streak >= SYNC_STREAK:
+                    # Answered during the poll: give the loop its pass, as the generated
+                    # path always does. A future that woke itself (a yield, Tokio's coop
+                    # budget) is not re-polled in a tight loop that starves the loop
+                    # while Tokio threads make the progress; a run of ready-at-once calls
+                    # (a long scan) still lets other tasks in every SYNC_STREAK calls.
+                    w.streak = 0
+                    await sleep0(0)
+                else:
+                    w.streak += 1
                 if code == _POLL_READY:
                     break
                 if not w.native.attached:  # uninstalled meanwhile: the generated way

@@ -347,3 +347,50 @@ def test_stop_if_no_generated_calls_waits_for_generated_calls_in_flight():
         assert stopped == [1]
 
     run(main())
+
+
+def test_many_loops_one_after_another_each_get_a_queue_as_old_ones_are_collected():
+    """More loops than queue slots over a test process's life: a closed loop's queue is
+    detached when the loop is collected (install collects once if all are taken)."""
+    mod = bindings()
+
+    async def one(h):
+        assert wake.install()
+        fakes = FakeFutures(mod, sync=True)
+        return await call(mod, fakes, h)
+
+    for h in range(_wake.MAX_QUEUES + 50):
+        assert asyncio.run(one(h)) == h * 10
+
+
+def test_calls_answered_during_their_poll_still_let_other_tasks_run():
+    """A WAKE answered during the poll yields before the re-poll (as the generated path
+    does: a self-waking future must not spin the loop), and a long run of ready-at-once
+    calls yields every SYNC_STREAK calls."""
+    mod = bindings()
+
+    async def main():
+        assert wake.install()
+        turns = 0
+        done = False
+
+        async def other():
+            nonlocal turns
+            while not done:
+                turns += 1
+                await asyncio.sleep(0)
+
+        bystander = asyncio.ensure_future(other())
+        await asyncio.sleep(0)
+        start = turns
+        assert await call(mod, FakeFutures(mod, sync=True, wakes_first=5), 1) == 10
+        assert turns - start >= 5
+        start = turns
+        ready = FakeFutures(mod, sync=True)
+        for h in range(10 * wake.SYNC_STREAK):
+            assert await call(mod, ready, h) == h * 10
+        assert turns - start >= 9
+        done = True
+        await bystander
+
+    run(main())
