@@ -7,6 +7,12 @@
   (`prctl(PR_SET_PTRACER, supervisor)`), which admits the supervisor's descendants — the
   py-spy that a worker starts is one of them.
 * Heap: tracemalloc over the window; the allocations still alive at its end, by stack.
+  On CPython 3.11 stopping tracemalloc can crash the process while a native thread
+  enters Python (silo.storage.wake), so it is refused (FAILED_PRECONDITION) unless this
+  loop's SlateDB completions are native, and the stop waits until no SlateDB call
+  awaits the generated path. Nothing else enters Python from SlateDB's threads in a
+  worker: its metrics recorder is called during `build()`'s poll on the loop thread
+  (which has a thread state), and Silo registers no SlateDB log callback.
 * Tasks: every asyncio task's coroutine stack and every thread's Python stack.
 
 One CPU or heap profile runs at a time per process; a second caller waits its turn.

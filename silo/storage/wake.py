@@ -126,11 +126,11 @@ def install(loop: asyncio.AbstractEventLoop | None = None) -> bool:
     _patch(ffi._bindings())
     try:
         w = _LoopWake()
-    except RuntimeError:  # every queue slot taken: closed loops not yet collected?
+    except (RuntimeError, OSError):  # all slots taken (loops not yet collected?), no fd
         gc.collect()
         try:
             w = _LoopWake()
-        except RuntimeError as e:
+        except (RuntimeError, OSError) as e:
             log.warning("silo.storage.wake: %s; SlateDB completions on %r stay on the "
                         "generated path", e, loop)
             return False
@@ -203,9 +203,16 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+_patch_lock = threading.Lock()
+
+
 def _patch(mod: ModuleType) -> None:
-    if getattr(mod, _MARKER, False):
-        return
+    with _patch_lock:  # loops on two threads may install at once: wrap only once
+        if not getattr(mod, _MARKER, False):
+            _patch_locked(mod)
+
+
+def _patch_locked(mod: ModuleType) -> None:
     callback_t = mod._UNIFFI_RUST_FUTURE_CONTINUATION_CALLBACK
     lib = mod._UniffiLib
     for name in dir(lib):
