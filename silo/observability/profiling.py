@@ -7,6 +7,12 @@
   (`prctl(PR_SET_PTRACER, supervisor)`), which admits the supervisor's descendants — the
   py-spy that a worker starts is one of them.
 * Heap: tracemalloc over the window; the allocations still alive at its end, by stack.
+  On CPython 3.11 stopping tracemalloc can crash the process while a native thread
+  enters Python (silo.storage.wake), so it is refused (FAILED_PRECONDITION) unless this
+  loop's SlateDB completions are native, and the stop waits until no SlateDB call
+  awaits the generated path. Nothing else enters Python from SlateDB's threads in a
+  worker: its metrics recorder is called during `build()`'s poll on the loop thread
+  (which has a thread state), and Silo registers no SlateDB log callback.
 * Tasks: every asyncio task's coroutine stack and every thread's Python stack.
 
 One CPU or heap profile runs at a time per process; a second caller waits its turn.
@@ -27,6 +33,11 @@ import threading
 import traceback
 import tracemalloc
 from pathlib import Path
+
+import grpc
+
+from silo.errors import SiloError
+from silo.storage import wake
 
 PR_SET_PTRACER = 0x59616D61  # "Yama"
 HEAP_FRAMES = 32
@@ -98,7 +109,13 @@ async def cpu_samples(duration_s: int, rate: int) -> list[tuple[list, int]]:
 
 async def heap_samples(duration_s: int) -> list[tuple[list, int, int]]:
     """Allocations made during the window and still alive at its end:
-    (stack root-first, objects, bytes)."""
+    (stack root-first, objects, bytes).
+
+    Refused (HeapProfileUnsafe, FAILED_PRECONDITION) where stopping tracemalloc could
+    crash the process; see heap_profile_refusal."""
+    refusal = heap_profile_refusal()
+    if refusal:
+        raise HeapProfileUnsafe(refusal)
     async with _one_at_a_time:
         was_tracing = tracemalloc.is_tracing()
         if not was_tracing:
@@ -108,7 +125,7 @@ async def heap_samples(duration_s: int) -> list[tuple[list, int, int]]:
             snapshot = tracemalloc.take_snapshot()
         finally:
             if not was_tracing:
-                tracemalloc.stop()
+                await _stop_tracing_safely()
     snapshot = snapshot.filter_traces((tracemalloc.Filter(False, tracemalloc.__file__),))
     out = []
     for stat in snapshot.statistics("traceback"):
@@ -116,6 +133,54 @@ async def heap_samples(duration_s: int) -> list[tuple[list, int, int]]:
                   for fr in stat.traceback]  # oldest first, like py-spy's root-first
         out.append((frames, stat.count, stat.size))
     return out
+
+
+class HeapProfileUnsafe(SiloError):
+    """A heap profile here could crash the process (FAILED_PRECONDITION)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+# CPython before 3.12: tracemalloc.stop() frees the traceback buffer that a thread
+# waiting for the GIL inside tracemalloc's raw-malloc hook is about to write to
+# (silo.storage.wake explains the crash; tests/unit/test_wake_crash.py reproduces it).
+TRACEMALLOC_STOP_RACES = sys.version_info < (3, 12)
+QUIESCE_POLL_S = 0.01
+
+
+def heap_profile_refusal() -> str | None:
+    """Why a heap profile is refused in this process, or None if it is safe.
+
+    On CPython 3.11 a native thread entering Python while tracemalloc stops can crash
+    the process, and every SlateDB completion is one unless silo.storage._wake delivers
+    it natively: a refused profile is better than a dead worker."""
+    if not TRACEMALLOC_STOP_RACES:
+        return None
+    if not wake.available():
+        return ("HeapProfile is refused: this server runs CPython "
+                f"{sys.version_info.major}.{sys.version_info.minor} without the native "
+                "wake module silo.storage._wake (built by pip install when gcc and the "
+                "Python headers are present), and stopping tracemalloc while SlateDB's "
+                "threads enter Python can crash the process (fixed in CPython 3.12)")
+    if not wake.installed():
+        return ("HeapProfile is refused: SlateDB completions on this event loop are not "
+                "delivered natively (silo.storage.wake.install was not called), and "
+                "stopping tracemalloc while SlateDB's threads enter Python can crash the "
+                "process on CPython < 3.12")
+    return None
+
+
+async def _stop_tracing_safely() -> None:
+    """tracemalloc.stop() once no SlateDB call is waiting on the generated (Python
+    thread-entering) completion path, with none able to start meanwhile
+    (silo.storage.wake.stop_if_no_generated_calls). Only other loops or threads of this
+    process make such calls (none in a worker), so this normally stops at once."""
+    if not TRACEMALLOC_STOP_RACES:
+        tracemalloc.stop()
+        return
+    while not wake.stop_if_no_generated_calls(tracemalloc.stop):
+        await asyncio.sleep(QUIESCE_POLL_S)
 
 
 def _frame_name(filename: str, lineno: int) -> str:

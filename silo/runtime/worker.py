@@ -41,6 +41,7 @@ from silo.runtime.node import Node
 from silo.runtime.status import ProcessTable
 from silo.runtime.trim import limit_arenas, trim_forever
 from silo.shard.state import ShardConfig
+from silo.storage import wake
 from silo.storage.slatedb_settings import StorageTuning, set_block_cache_bytes, slatedb_settings
 
 log = logging.getLogger("silo.worker")
@@ -102,6 +103,7 @@ async def serve_worker(spec: WorkerSpec) -> int:
     metrics.start_worker(spec.index)
     tracing.start_worker(spec.index)
     profiling.allow_ptrace_from_parent()
+    wake.install()  # SlateDB completions without Python on Tokio threads (silo.storage.wake)
     set_block_cache_bytes(config.block_cache_bytes)  # shared by this process's shards
     node = Node(
         spec.shard_map,
