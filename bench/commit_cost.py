@@ -34,7 +34,10 @@ async def run(a: argparse.Namespace) -> None:
     try:
         db = await open_database(f"file://{d}", "s", flush_interval_ms=a.flush_interval_ms,
                                  l0_sst_size_bytes=64 << 20,
-                                 extra_settings=slatedb_settings(StorageTuning()),
+                                 # room for that memtable: SlateDB requires more unflushed
+                                 # bytes than one L0 SST (the server default is 32 MiB)
+                                 extra_settings=slatedb_settings(
+                                     StorageTuning(max_unflushed_bytes=128 << 20)),
                                  flush_on_commit=bool(a.flush_on_commit))
         gc = GroupCommitter(db, commit_interval_s=0)
         gc.flush_on_commit = bool(a.flush_on_commit)
