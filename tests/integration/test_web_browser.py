@@ -170,6 +170,8 @@ def test_login_form_in_the_browser(driver, tmp_path):
         wait_text(driver, "h1", "Tenants")
         driver.find_element(By.NAME, "name").send_keys("acme")
         driver.find_element(By.CSS_SELECTOR, "main form button").click()
+        # the click navigates to the tenant's page: wait for it, not for luck
+        wait_text(driver, "h1", "Tenant acme")
         driver.find_element(By.ID, "drop-holders").click()
         wait_text(driver, ".flash", "0 holder(s) dropped")
         driver.get(f"http://{s.web_addr}/tenants")
