@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -33,8 +34,24 @@ def proc_cpu(pid: int) -> float:
 
 
 def server_cpu(sup: int) -> float:
-    kids = Path(f"/proc/{sup}/task/{sup}/children").read_text().split()
-    return proc_cpu(sup) + sum(proc_cpu(int(k)) for k in kids)
+    return proc_cpu(sup) + sum(proc_cpu(k) for k in workers(sup))
+
+
+def workers(sup: int) -> list[int]:
+    return [int(k) for k in Path(f"/proc/{sup}/task/{sup}/children").read_text().split()]
+
+
+def counts(sup: int) -> dict[str, int]:
+    """Read/write syscalls and context switches of the workers (all their threads): a
+    forwarding hop's cost in events, which a loaded box does not change."""
+    out = {"syscalls": 0, "ctxsw": 0}
+    for pid in workers(sup):
+        io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+        out["syscalls"] += int(io["syscr"]) + int(io["syscw"])
+        for t in Path(f"/proc/{pid}/task").iterdir():
+            st = Path(t, "status").read_text()
+            out["ctxsw"] += sum(int(x) for x in re.findall(r"ctxt_switches:\s+(\d+)", st))
+    return out
 
 
 def channel_on(addr: str, worker: int) -> grpc.Channel:
@@ -48,8 +65,10 @@ def channel_on(addr: str, worker: int) -> grpc.Channel:
     raise RuntimeError(f"could not land a connection on worker {worker}")
 
 
-def run(calls: int, concurrency: int, sup: int, ch: grpc.Channel, req) -> tuple[float, float]:
+def run(calls: int, concurrency: int, sup: int, ch: grpc.Channel,
+        req) -> tuple[float, float, dict[str, float]]:
     stub = pb_grpc.SiloStub(ch)
+    n0 = counts(sup)
     cpu0, t0 = server_cpu(sup), time.perf_counter()
     done = 0
     while done < calls:
@@ -57,7 +76,10 @@ def run(calls: int, concurrency: int, sup: int, ch: grpc.Channel, req) -> tuple[
         for f in futures:
             f.result()
         done += len(futures)
-    return (server_cpu(sup) - cpu0) / calls * 1e6, calls / (time.perf_counter() - t0)
+    cpu = (server_cpu(sup) - cpu0) / calls * 1e6
+    rate = calls / (time.perf_counter() - t0)
+    n1 = counts(sup)
+    return cpu, rate, {k: (n1[k] - n0[k]) / calls for k in n0}
 
 
 def main() -> int:
@@ -83,10 +105,14 @@ def main() -> int:
             ch.close()
         local_w = 0 if _owner_is(c, owner_shard, 0) else 1
         remote_w = 1 - local_w
-        (cl, rl), (cr, rr) = results[local_w], results[remote_w]
-        print(f"GetJob via owner process     : {cl:7.1f} µs server CPU/call  {rl:8.0f} calls/s")
-        print(f"GetJob via the other process : {cr:7.1f} µs server CPU/call  {rr:8.0f} calls/s")
-        print(f"forwarding hop adds          : {cr - cl:7.1f} µs server CPU/call")
+        (cl, rl, nl), (cr, rr, nr) = results[local_w], results[remote_w]
+        print(f"GetJob via owner process     : {cl:7.1f} µs server CPU/call  {rl:8.0f} calls/s"
+              f"  {nl['syscalls']:5.2f} read/write syscalls  {nl['ctxsw']:5.2f} ctx switches/call")
+        print(f"GetJob via the other process : {cr:7.1f} µs server CPU/call  {rr:8.0f} calls/s"
+              f"  {nr['syscalls']:5.2f} read/write syscalls  {nr['ctxsw']:5.2f} ctx switches/call")
+        print(f"forwarding hop adds          : {cr - cl:7.1f} µs server CPU/call"
+              f"  {nr['syscalls'] - nl['syscalls']:+5.2f} syscalls"
+              f"  {nr['ctxsw'] - nl['ctxsw']:+5.2f} ctx switches per call")
         c.channel.close()
         srv.proc.send_signal(signal.SIGTERM)
     return 0

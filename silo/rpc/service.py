@@ -84,7 +84,12 @@ def rpc(fn):
             except _OwnedElsewhere as e:  # the owner gets the caller's bytes as they came
                 out = await self.node.peers[e.owner].call(
                     name, raw if raw is not None else request.SerializeToString())
-                return response_type.FromString(out)
+                if raw is not None:
+                    # From grpcio (raw registration): its serializer passes bytes through
+                    # (silo.rpc.server.reply_serializer), so the owner's reply goes out as
+                    # the owner encoded it, not parsed here and encoded again.
+                    return out
+                return response_type.FromString(out)  # an in-process caller (web UI)
         except SiloError as e:
             if e.trailers:
                 context.set_trailing_metadata(e.trailers)
@@ -352,10 +357,16 @@ class SiloService(pb_grpc.SiloServicer):
                 continue  # stopped, restarting or silent: its shards wait, others serve
             else:
                 try:
-                    got = pb.LeaseTasksResponse.FromString(await self.node.peers[owner].call(
-                        "LeaseTasks@local", sub.SerializeToString()))
+                    reply = await self.node.peers[owner].call(
+                        "LeaseTasks@local", sub.SerializeToString())
                 except SiloError:
                     continue  # that process is restarting: its shards wait, others serve
+                # Parsed straight into the reply: repeated fields append on merge, so no
+                # intermediate message and no copy of each task out of it.
+                before = len(out.tasks)
+                out.MergeFromString(reply)
+                remaining -= len(out.tasks) - before
+                continue
             out.tasks.extend(got.tasks)
             out.refresh_tasks.extend(got.refresh_tasks)
             remaining -= len(got.tasks)

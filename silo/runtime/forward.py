@@ -138,16 +138,8 @@ def _raw_frame(body: bytes) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-async def _read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> bytes:
-    head = await reader.readexactly(4)
-    (n,) = _LEN.unpack(head)
-    if n > limit:
-        raise ValueError(f"frame of {n} bytes is too large")
-    return await reader.readexactly(n)
-
-
-def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
-    sock = writer.get_extra_info("socket")
+def _peer_uid(transport: asyncio.BaseTransport) -> int | None:
+    sock = transport.get_extra_info("socket")
     if sock is None:
         return None
     try:
@@ -155,6 +147,147 @@ def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
     except OSError:
         return None
     return _SO_PEERCRED.unpack(creds)[1]
+
+
+class _Frames(asyncio.Protocol):
+    """Length-prefixed frames cut out of the byte stream as it arrives.
+
+    Each `data_received` hands every complete frame to `frame(body)` at once, in the
+    loop's I/O callback: no reader task to wake and no `readexactly` pair per frame
+    (asyncio streams cost ~30 % of a hop's instructions, bench/forward_cost.py). A body
+    is a memoryview valid only during the call; `limit` bounds a frame's announced size
+    (a few bytes until the handshake is done)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._need = 4  # bytes _buf must hold before a frame in it is complete
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        if buf:  # the rest of a frame begun in an earlier read
+            buf += data
+            if len(buf) < self._need:
+                return
+            data = bytes(buf)
+            self._buf = bytearray()
+        n = len(data)
+        pos = 0
+        with memoryview(data) as view:
+            while n - pos >= 4:
+                (size,) = _LEN.unpack_from(data, pos)
+                if size > self.limit:
+                    self.bad_frame(ValueError(f"frame of {size} bytes is too large"))
+                    return
+                end = pos + 4 + size
+                if end > n:
+                    break
+                self.frame(view[pos + 4:end])
+                if self.transport is None or self.transport.is_closing():
+                    return
+                pos = end
+        if pos < n:
+            self._buf = bytearray(data[pos:])
+            self._need = (4 + _LEN.unpack_from(data, pos)[0]) if n - pos >= 4 else 4
+
+    def frame(self, body: memoryview) -> None:
+        raise NotImplementedError
+
+    def bad_frame(self, e: Exception) -> None:
+        raise NotImplementedError
+
+
+class _ServerConnection(_Frames):
+    """One sibling's connection to this process's PeerServer: the handshake (client
+    nonce, then its proof), then request frames, each answered by its own task."""
+
+    def __init__(self, server: PeerServer) -> None:
+        super().__init__(HANDSHAKE_FRAME)
+        self._server = server
+        self._client_nonce = b""
+        self._server_nonce = b""
+        self._ready = False
+        self._refused = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._server._conns.add(self)
+        if _peer_uid(transport) != os.getuid():
+            self._refuse()
+            return
+        self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT_S, self._refuse)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._refuse()  # a caller that hung up before proving itself was refused too
+        self._server._conns.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        self.transport = None
+
+    def _refuse(self) -> None:
+        if self._ready or self._refused or self.transport is None:
+            return
+        self._refused = True
+        self._server.refused += 1
+        log.warning("refused a connection to %s: not a worker of this server",
+                    self._server.path)
+        self.transport.close()
+
+    def bad_frame(self, e: Exception) -> None:
+        if not self._ready:
+            self._refuse()
+            return
+        log.warning("dropped a peer connection: bad frame (%s)", e)
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def frame(self, body: memoryview) -> None:
+        if self._ready:
+            try:
+                req_id, method, payload, auth, deadline = _request_decoder.decode(body)
+            except (ValueError, msgspec.DecodeError) as e:
+                self.bad_frame(e)
+                return
+            server = self._server
+            t = asyncio.create_task(server._answer(self, req_id, method, payload,
+                                                   Forwarded(auth, deadline)))
+            server._tasks.add(t)
+            t.add_done_callback(server._tasks.discard)
+            return
+        secret = self._server._secret
+        if not self._client_nonce:
+            if len(body) != NONCE_BYTES:
+                self._refuse()
+                return
+            self._client_nonce = bytes(body)
+            self._server_nonce = os.urandom(NONCE_BYTES)
+            self.write(_raw_frame(self._server_nonce + _mac(
+                secret, b"S", self._client_nonce, self._server_nonce)))
+            return
+        if not hmac.compare_digest(bytes(body), _mac(secret, b"C", self._server_nonce,
+                                                     self._client_nonce)):
+            self._refuse()
+            return
+        self._ready = True
+        self.limit = MAX_FRAME
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class PeerServer:
@@ -166,56 +299,16 @@ class PeerServer:
         self._secret = secret
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._conns: set[asyncio.StreamWriter] = set()
+        self._conns: set[_ServerConnection] = set()
         self.refused = 0  # connections that failed the uid check or the handshake
 
     async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, path=self.path,
-                                                       limit=MAX_FRAME)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _ServerConnection(self),
+                                                     path=self.path)
         os.chmod(self.path, 0o600)
 
-    async def _handshake(self, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> bool:
-        if _peer_uid(writer) != os.getuid():
-            return False
-        client_nonce = await _read_frame(reader, HANDSHAKE_FRAME)
-        if len(client_nonce) != NONCE_BYTES:
-            return False
-        server_nonce = os.urandom(NONCE_BYTES)
-        writer.write(_raw_frame(server_nonce
-                                + _mac(self._secret, b"S", client_nonce, server_nonce)))
-        proof = await _read_frame(reader, HANDSHAKE_FRAME)
-        return hmac.compare_digest(proof, _mac(self._secret, b"C", server_nonce, client_nonce))
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._conns.add(writer)
-        try:
-            try:
-                ok = await asyncio.wait_for(self._handshake(reader, writer),
-                                            HANDSHAKE_TIMEOUT_S)
-            except (TimeoutError, ValueError, asyncio.IncompleteReadError, ConnectionError):
-                ok = False
-            if not ok:
-                self.refused += 1
-                log.warning("refused a connection to %s: not a worker of this server",
-                            self.path)
-                return
-            while True:
-                body = await _read_frame(reader)
-                req_id, method, payload, auth, deadline = _request_decoder.decode(body)
-                t = asyncio.create_task(self._answer(writer, req_id, method, payload,
-                                                     Forwarded(auth, deadline)))
-                self._tasks.add(t)
-                t.add_done_callback(self._tasks.discard)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        except (ValueError, msgspec.DecodeError) as e:
-            log.warning("dropped a peer connection: bad frame (%s)", e)
-        finally:
-            self._conns.discard(writer)
-            writer.close()
-
-    async def _answer(self, writer: asyncio.StreamWriter, req_id: int, method: str,
+    async def _answer(self, conn: _ServerConnection, req_id: int, method: str,
                       payload: bytes, meta: Forwarded) -> None:
         try:
             if meta.deadline and time.monotonic() >= meta.deadline:
@@ -229,8 +322,8 @@ class PeerServer:
         except Exception as e:  # noqa: BLE001 - every call gets an answer
             log.exception("forwarded %s failed", method)
             code, message, trailers, out = grpc.StatusCode.INTERNAL.value[0], str(e), (), b""
-        if not writer.is_closing():
-            writer.write(_frame((req_id, code, message, trailers, out)))
+        if not conn.is_closing():
+            conn.write(_frame((req_id, code, message, trailers, out)))
 
     @property
     def in_flight(self) -> int:
@@ -244,8 +337,8 @@ class PeerServer:
             await asyncio.wait(list(self._tasks), timeout=grace_s)
         for t in list(self._tasks):
             t.cancel()
-        for w in list(self._conns):  # their handlers see EOF and end without a traceback
-            w.close()
+        for c in list(self._conns):
+            c.close()
         for _ in range(100):
             if not self._conns:
                 break
@@ -253,6 +346,61 @@ class PeerServer:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+
+class _ClientConnection(_Frames):
+    """This process's end of a connection to a sibling's PeerServer: the handshake, then
+    reply frames, each completing the call waiting under its id."""
+
+    def __init__(self, client: PeerClient) -> None:
+        super().__init__(HANDSHAKE_FRAME)
+        self._client = client
+        self._nonce = os.urandom(NONCE_BYTES)
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        transport.write(_raw_frame(self._nonce))  # type: ignore[attr-defined]
+
+    def frame(self, body: memoryview) -> None:
+        if self.ready.done():
+            try:
+                req_id, code, message, trailers, out = _reply_decoder.decode(body)
+            except (ValueError, msgspec.DecodeError) as e:
+                self.bad_frame(e)
+                return
+            client = self._client
+            client._silent_until = 0.0
+            fut = client._pending.pop(req_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result((code, message, tuple(trailers), out))
+            return
+        answer = bytes(body)
+        server_nonce, proof = answer[:NONCE_BYTES], answer[NONCE_BYTES:]
+        if not hmac.compare_digest(proof, _mac(self._client._secret, b"S", self._nonce,
+                                               server_nonce)):
+            self._fail_handshake(ValueError("the socket's owner is not a worker of this server"))
+            return
+        self.transport.write(_raw_frame(  # type: ignore[union-attr]
+            _mac(self._client._secret, b"C", server_nonce, self._nonce)))
+        self.limit = MAX_FRAME
+        self.ready.set_result(None)
+
+    def _fail_handshake(self, e: Exception) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(e)
+        if self.transport is not None:
+            self.transport.close()
+
+    def bad_frame(self, e: Exception) -> None:
+        self._fail_handshake(e)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError("connection closed during the handshake"))
+            self.ready.exception()  # retrieved: the connecting call may have given up
+        self._client._lost(self)
 
 
 class PeerClient:
@@ -267,39 +415,45 @@ class PeerClient:
         self._unresponsive = unresponsive  # the supervisor saw it miss liveness pings
         self._silent_until = 0.0  # after a call timed out: skip it (LeaseTasks) a while
         self._secret = secret
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
+        self._conn: _ClientConnection | None = None
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._next_id = 0
         self._connecting: asyncio.Lock = asyncio.Lock()
 
-    async def _connect(self) -> asyncio.StreamWriter:
+    def _open(self) -> _ClientConnection | None:
+        c = self._conn
+        return c if c is not None and c.transport is not None \
+            and not c.transport.is_closing() else None
+
+    async def _connect(self) -> _ClientConnection:
         async with self._connecting:
-            if self._writer is not None and not self._writer.is_closing():
-                return self._writer
+            c = self._open()
+            if c is not None:
+                return c
+            loop = asyncio.get_running_loop()
             try:
-                reader, writer = await asyncio.open_unix_connection(self.path, limit=MAX_FRAME)
+                _, c = await loop.create_unix_connection(lambda: _ClientConnection(self),
+                                                         self.path)
             except OSError as e:
                 raise self._unavailable(f"cannot reach it ({e.strerror or e})") from None
             try:
-                await self._handshake(reader, writer)
-            except (ValueError, asyncio.IncompleteReadError, ConnectionError) as e:
-                writer.close()
+                await c.ready
+            except (ValueError, ConnectionError) as e:
+                if c.transport is not None:
+                    c.transport.close()
                 raise self._unavailable(f"handshake failed ({e})") from None
-            self._writer = writer
-            self._reader_task = asyncio.create_task(self._read_replies(reader, writer))
-            return writer
+            self._conn = c
+            return c
 
-    async def _handshake(self, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> None:
-        client_nonce = os.urandom(NONCE_BYTES)
-        writer.write(_raw_frame(client_nonce))
-        answer = await _read_frame(reader, HANDSHAKE_FRAME)
-        server_nonce, proof = answer[:NONCE_BYTES], answer[NONCE_BYTES:]
-        if not hmac.compare_digest(proof, _mac(self._secret, b"S", client_nonce,
-                                               server_nonce)):
-            raise ValueError("the socket's owner is not a worker of this server")
-        writer.write(_raw_frame(_mac(self._secret, b"C", server_nonce, client_nonce)))
+    def _lost(self, c: _ClientConnection) -> None:
+        """The connection closed: every call waiting on it fails UNAVAILABLE."""
+        if self._conn is not c:
+            return
+        self._conn = None
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(self._unavailable("connection lost"))
 
     @property
     def silent(self) -> bool:
@@ -310,27 +464,6 @@ class PeerClient:
     def _unavailable(self, why: str) -> SiloError:
         return SiloError(grpc.StatusCode.UNAVAILABLE,
                          f"shard not ready: owner process {self.name} is unavailable: {why}")
-
-    async def _read_replies(self, reader: asyncio.StreamReader,
-                            writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                body = await _read_frame(reader)
-                req_id, code, message, trailers, out = _reply_decoder.decode(body)
-                self._silent_until = 0.0
-                fut = self._pending.pop(req_id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result((code, message, tuple(trailers), out))
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
-            pass
-        finally:
-            if self._writer is writer:
-                self._writer = None
-            writer.close()
-            pending, self._pending = self._pending, {}
-            for fut in pending.values():
-                if not fut.done():
-                    fut.set_exception(self._unavailable("connection lost"))
 
     async def call(self, method: str, payload: bytes, timeout_s: float | None = None) -> bytes:
         """Send one call; return the reply bytes or raise the owner's status as SiloError.
@@ -361,19 +494,20 @@ class PeerClient:
         fut: asyncio.Future[Reply] = loop.create_future()
         timer = loop.call_later(max(0.0, deadline - now), self._expire, fut, by_client, limit)
         try:
-            writer = self._writer
-            if writer is None or writer.is_closing():
+            conn = self._open()
+            if conn is None:
                 connecting = asyncio.ensure_future(self._connect())
                 await asyncio.wait((connecting, fut), return_when=asyncio.FIRST_COMPLETED)
                 if fut.done():  # timed out while connecting
                     connecting.cancel()
                     return self._result(fut.result())
-                writer = connecting.result()
+                conn = connecting.result()
             self._next_id += 1
             req_id = self._next_id
             self._pending[req_id] = fut
             try:
-                writer.write(_frame((req_id, method, payload, auth, deadline)))
+                conn.transport.write(  # type: ignore[union-attr]
+                    _frame((req_id, method, payload, auth, deadline)))
                 reply = await fut
             finally:
                 self._pending.pop(req_id, None)
@@ -400,9 +534,7 @@ class PeerClient:
         return out
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader_task
+        c = self._conn
+        if c is not None and c.transport is not None:
+            c.transport.close()
+            await asyncio.sleep(0)  # its connection_lost runs: waiting calls fail at once
