@@ -36,11 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from silo._proto import silo_pb2 as pb  # noqa: E402
 from silo.cluster.shardmap import ShardMap  # noqa: E402
-from silo.rpc.admission import process_admission  # noqa: E402
+from silo.rpc.admission import guard_dispatch, process_admission  # noqa: E402
 from silo.rpc.server import _behind_admission  # noqa: E402
 from silo.rpc.service import SiloService  # noqa: E402
+from silo.runtime.forward import Forwarded  # noqa: E402
 from silo.runtime.node import Node  # noqa: E402
 from silo.shard.state import ShardConfig  # noqa: E402
+
+_REPLY = {"Enqueue": "EnqueueResponse", "GetJob": "GetJobResponse",
+          "LeaseTasks": "LeaseTasksResponse", "ReportOutcome": "ReportOutcomeResponse"}
 
 # What grpcio hands a handler for an h2load call (h2load's own headers).
 _METADATA = (("user-agent", "h2load nghttp2/1.52.0"), ("te", "trailers"))
@@ -93,24 +97,61 @@ async def run(args: argparse.Namespace) -> dict:
                             payload=pb.SerializedBytes(msgpack=b"\x81\xa1i\x01"))
     ctx = _Context()
     handlers = {m: _behind_admission(m, getattr(service, m), service, admission)
-                for m in ("Enqueue", "GetJob")}
+                for m in ("Enqueue", "GetJob", "LeaseTasks", "ReportOutcome")}
+    if args.forwarded:  # the owner's side of a forwarded call: what the peer socket runs
+        guarded = guard_dispatch(service.dispatch, admission)
+        meta = Forwarded("", 0.0)
+
+        def as_forwarded(m: str):
+            async def call(body: bytes, _ctx):
+                code, message, _, out = await guarded(m, body, meta)
+                if code:
+                    raise RuntimeError(f"call failed: {code} {message}")
+                return getattr(pb, _REPLY[m]).FromString(out)
+            return call
+
+        handlers = {m: as_forwarded(m) for m in handlers}
     first = await handlers["Enqueue"](enq.SerializeToString(), ctx)
     bodies = {"Enqueue": enq.SerializeToString(),
               "GetJob": pb.GetJobRequest(shard=shard_id, id=first.id).SerializeToString()}
+    lease_body = pb.LeaseTasksRequest(worker_id="w", max_tasks=16,
+                                      task_group="h2load").SerializeToString()
+
+    async def job_round(n: int) -> None:
+        """n jobs through the unary API as load.py's saturation drives them: n Enqueues
+        at once, LeaseTasks of 16 until all are leased, then n ReportOutcome(success)."""
+        enqueue, lease_tasks = handlers["Enqueue"], handlers["LeaseTasks"]
+        report = handlers["ReportOutcome"]
+        await asyncio.gather(*(enqueue(bodies["Enqueue"], ctx) for _ in range(n)))
+        tasks: list = []
+        while len(tasks) < n:
+            got = await asyncio.gather(*(lease_tasks(lease_body, ctx)
+                                         for _ in range(-(-(n - len(tasks)) // 16))))
+            tasks += [t for r in got for t in r.tasks]
+        await asyncio.gather(*(report(pb.ReportOutcomeRequest(
+            shard=t.shard, task_id=t.id, success=pb.SerializedBytes(msgpack=b"\xc0"))
+            .SerializeToString(), ctx) for t in tasks))
     threshold = gc.get_threshold()
     tune_gc()
     out: dict = {}
     try:
         for method in args.method.split(","):
-            fn, body = handlers[method], bodies[method]
+            if method == "Job":
+                async def one_round() -> None:
+                    await job_round(args.concurrency)
+            else:
+                fn, body = handlers[method], bodies[method]
+
+                async def one_round(fn=fn, body=body) -> None:
+                    await asyncio.gather(*(fn(body, ctx) for _ in range(args.concurrency)))
             for _ in range(2):  # warm-up rounds
-                await asyncio.gather(*(fn(body, ctx) for _ in range(args.concurrency)))
+                await one_round()
             clock = _GcClock()
             gc.callbacks.append(clock)
             rounds = max(1, args.calls // args.concurrency)
             p0, t0, w0 = time.process_time(), time.thread_time(), time.perf_counter()
             for _ in range(rounds):
-                await asyncio.gather(*(fn(body, ctx) for _ in range(args.concurrency)))
+                await one_round()
             p1, t1, w1 = time.process_time(), time.thread_time(), time.perf_counter()
             gc.callbacks.remove(clock)
             n = rounds * args.concurrency
@@ -133,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--calls", type=int, default=20000)
     ap.add_argument("--concurrency", type=int, default=128)
-    ap.add_argument("--method", default="Enqueue,GetJob")
+    ap.add_argument("--method", default="Enqueue,GetJob",
+                    help="comma list of Enqueue, GetJob, Job (a whole job: Enqueue, its share "
+                         "of a LeaseTasks of 16, ReportOutcome; figures per job)")
+    ap.add_argument("--forwarded", action="store_true",
+                    help="serve each call as the owner serves a forwarded one (peer socket's "
+                         "dispatch, no socket): the owner's side of a hop")
     ap.add_argument("--store", choices=("file", "memory"), default="file")
     args = ap.parse_args(argv)
     try:
