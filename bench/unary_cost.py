@@ -98,7 +98,7 @@ async def run(args: argparse.Namespace) -> dict:
     ctx = _Context()
     handlers = {m: _behind_admission(m, getattr(service, m), service, admission)
                 for m in ("Enqueue", "GetJob", "LeaseTasks", "ReportOutcome")}
-    if args.forwarded:  # the owner's side of a forwarded call: what the peer socket runs
+    if getattr(args, "forwarded", False):  # the owner's side of a forwarded call: what the peer socket runs
         guarded = guard_dispatch(service.dispatch, admission)
         meta = Forwarded("", 0.0)
 

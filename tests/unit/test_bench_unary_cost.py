@@ -28,3 +28,13 @@ def test_both_methods_are_served_and_measured_and_gc_is_left_as_it_was():
         assert r["calls"] == 64 and r["cpu_us_per_call"] > 0
         assert len(r["gc_collections_per_1000_calls"]) == 3
     assert gc.get_threshold() == threshold
+
+
+def test_whole_jobs_directly_and_as_forwarded_calls():
+    """Job: every enqueued job is leased and reported in its round (else the round would
+    never end or ReportOutcome would fail); --forwarded serves them through dispatch."""
+    for forwarded in (False, True):
+        args = argparse.Namespace(calls=32, concurrency=16, method="Job", store="memory",
+                                  forwarded=forwarded)
+        rep = asyncio.run(unary_cost.run(args))
+        assert rep["Job"]["calls"] == 32 and rep["Job"]["cpu_us_per_call"] > 0
