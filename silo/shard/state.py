@@ -436,9 +436,14 @@ class Shard:
         The old row is the active job's remembered one; a job that is not active
         (terminal → restart, import over a terminal job) must pass its `old` status.
         """
-        self.committer.put(keys.job_status(tenant, job_id), encode(status))
+        t, j = keys.enc_str(tenant), keys.enc_str(job_id)
+        self.committer.put(b"\x02" + t + j, encode(status))  # keys.job_status
         self.info_cache.put_status(tenant, job_id, status)  # GetJob reads it from memory
-        new_key = status_index_key(tenant, job_id, status)
+        ts = status.changed_at_ms  # status_index_key, from the encodings above
+        if status.kind == SCHEDULED and status.next_attempt_starts_after_ms is not None:
+            ts = status.next_attempt_starts_after_ms
+        new_key = (b"\x03" + t + _STATUS_KEY_PART[status.kind]
+                   + (_U64_MAX - max(0, ts)).to_bytes(8, "big") + j)
         job = self.active.get((tenant, job_id))
         if old is not None:
             old_key: bytes | None = status_index_key(tenant, job_id, old)
