@@ -75,6 +75,8 @@ def wall_clock_ms() -> int:
 
 _STATUS_KEY_PART = {kind: keys.enc_str(name) for kind, name in STATUS_NAMES.items()}
 _U64_MAX = (1 << 64) - 1
+# Stale lease-expiry entries tolerated beyond twice the live leases (Shard.put_lease).
+_STALE_EXPIRY_SLACK = 4096
 
 
 def scheduled_index_key(tenant: str, job_id: str, start_ms: int) -> bytes:
@@ -482,7 +484,15 @@ class Shard:
         task_id = lease.task.task_id
         self.leases[task_id] = lease
         self.committer.put(keys.lease(task_id), encode(lease))
-        heapq.heappush(self.lease_expiry, (lease.expiry_ms, task_id))
+        heap = self.lease_expiry
+        if len(heap) > 2 * len(self.leases) + _STALE_EXPIRY_SLACK:
+            # Mostly entries of leases that ended (or were renewed) before expiring: the
+            # reaper would pop each once, a heappop per job in a burst every pass.
+            # Rebuilt from the live leases instead, about once per SLACK ended leases.
+            heap[:] = [(ls.expiry_ms, tid) for tid, ls in self.leases.items()]
+            heapq.heapify(heap)
+        else:
+            heapq.heappush(heap, (lease.expiry_ms, task_id))
 
     def drop_lease(self, task_id: str) -> None:
         self.leases.pop(task_id, None)

@@ -192,3 +192,28 @@ def test_batch_checks_each_shard_and_tenant_pair_once_with_the_same_answers():
         assert isinstance(out[2], SiloError) and "tenant_id is required" in out[2].message
         assert svc.calls == 2
     run(body)
+
+
+def test_lease_expiry_heap_drops_ended_leases_and_still_reaps(monkeypatch):
+    """Ended leases leave stale expiry entries; put_lease rebuilds the heap from the
+    live leases past a bound, so it stays small and a live lease still expires."""
+    from silo.shard import state
+    from silo.shard.reaper import reap_expired_leases
+
+    monkeypatch.setattr(state, "_STALE_EXPIRY_SLACK", 4)
+
+    async def body(s, clock):
+        keep = await add(s)
+        (kept,) = await lease.lease_tasks(s, "w", 1, "g")
+        for _ in range(30):
+            await add(s)
+            (t,) = await lease.lease_tasks(s, "w", 1, "g")
+            outcome.stage_final(s, t.lease.task.task_id, outcome.Success(b"\xc0"))
+            await s.committer.commit()
+            assert len(s.lease_expiry) <= 2 * 2 + 4 + 1  # at most 2 live at a put
+        assert len(s.leases) == 1
+        clock.t += s.config.lease_ms + 1
+        assert await reap_expired_leases(s) == 1
+        assert kept.lease.task.task_id not in s.leases
+        assert ("-", keep) not in s.active or s.active[("-", keep)].kind == SCHEDULED
+    run(body)
