@@ -74,6 +74,7 @@ def wall_clock_ms() -> int:
 
 
 _STATUS_KEY_PART = {kind: keys.enc_str(name) for kind, name in STATUS_NAMES.items()}
+_SCHEDULED_PART = _STATUS_KEY_PART[SCHEDULED]
 _U64_MAX = (1 << 64) - 1
 # Stale lease-expiry entries tolerated beyond twice the live leases (Shard.put_lease).
 _STALE_EXPIRY_SLACK = 4096
@@ -82,8 +83,10 @@ _STALE_EXPIRY_SLACK = 4096
 def scheduled_index_key(tenant: str, job_id: str, start_ms: int) -> bytes:
     """The 0x03 row of a Scheduled job whose pending step starts at start_ms (the status'
     next-attempt time, which every pending step carries: a task key's start time, or a
-    chain step's start_ms)."""
-    return status_index_key(tenant, job_id, JobStatus(SCHEDULED, 0, start_ms))
+    chain step's start_ms). = status_index_key(tenant, job_id, JobStatus(SCHEDULED, 0,
+    start_ms)), without the JobStatus (it runs once per leased task)."""
+    return (b"\x03" + keys.enc_str(tenant) + _SCHEDULED_PART
+            + (_U64_MAX - max(0, start_ms)).to_bytes(8, "big") + keys.enc_str(job_id))
 
 
 def status_index_key(tenant: str, job_id: str, status: JobStatus) -> bytes:

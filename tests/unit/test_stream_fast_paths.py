@@ -18,7 +18,7 @@ from silo.rpc import batch, stream
 from silo.rpc.service import _FORWARDED
 from silo.shard import lease, outcome
 from silo.shard.buffer import ReadyBuffer
-from silo.shard.state import status_index_key
+from silo.shard.state import scheduled_index_key, status_index_key
 from silo.storage import keys
 from silo.storage.records import SCHEDULED, SUCCEEDED, JobStatus, RunAttempt, task_decoder
 from tests.unit.test_shard import T0, add, run
@@ -55,6 +55,9 @@ def test_put_status_writes_the_general_keys():
         assert w[status_index_key("t\x00x", job_id, old)] is None
         assert status_index_key("t\x00x", job_id, status) == keys.status_index(
             "t\x00x", "Succeeded", T0 + 5, job_id)
+        for start in (0, -5, T0 + 9):
+            assert scheduled_index_key("t\x00x", job_id, start) == keys.status_index(
+                "t\x00x", "Scheduled", start, job_id)
     run(body)
 
 
