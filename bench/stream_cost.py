@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 import tempfile
 import time
@@ -176,7 +177,16 @@ async def run(args: argparse.Namespace) -> dict:
         await asyncio.gather(*(enqueuer(total) for _ in range(args.enqueuers)),
                              until_done(total))
 
+    threshold = gc.get_threshold()
     tune_gc()
+    try:
+        return await _measure(args, node, ctx, worker, session, phase)
+    finally:
+        gc.unfreeze()  # as it was: the caller may be a test process
+        gc.set_threshold(*threshold)
+
+
+async def _measure(args, node, ctx, worker, session, phase) -> dict:
     await phase(args.warmup)
     committers = [s.committer for s in node.shards.values()]
     b0 = sum(c.batches_written for c in committers)
