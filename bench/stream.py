@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import shutil
 import socket
 import subprocess
@@ -135,6 +136,64 @@ async def client(slot: int, cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 
+def thread_cpu(server_pid: int | None) -> dict[str, float]:
+    """CPU seconds of the server's worker processes by kind of thread: `main` (the event
+    loop: Python, grpc's calls into its core, the syscalls it makes), `slatedb` (SlateDB's
+    runtime threads), `other` (grpc's poller, executors)."""
+    out = {"main": 0.0, "slatedb": 0.0, "other": 0.0}
+    for w in proc_children(server_pid) if server_pid else []:
+        try:
+            tids = os.listdir(f"/proc/{w}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{w}/task/{tid}/stat", "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            name = data[data.index(b"(") + 1:data.rindex(b")")]
+            fields = data[data.rindex(b")") + 2:].split()
+            cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            kind = ("main" if int(tid) == w else
+                    "slatedb" if name.startswith(b"slatedb") else "other")
+            out[kind] += cpu
+    return out
+
+
+SYSCALLS = ("sendmsg", "recvmsg", "write", "read", "writev", "readv", "epoll_wait",
+            "epoll_pwait", "futex", "sendto", "recvfrom", "openat", "pwrite64", "fsync",
+            "fdatasync", "rename", "getpid", "eventfd2", "clock_nanosleep", "poll",
+            "ppoll", "sched_yield", "madvise", "mmap", "munmap")
+
+
+def start_syscalls(server_pid: int | None, args: argparse.Namespace
+                   ) -> subprocess.Popen[bytes] | None:
+    """--syscalls: `perf stat` of syscall tracepoints over the server's worker processes
+    for the window (counts, not samples: what the server asks of the kernel per job)."""
+    if not args.syscalls or server_pid is None:
+        return None
+    pids = ",".join(str(w) for w in proc_children(server_pid))
+    ev = ",".join(["raw_syscalls:sys_enter"] + [f"syscalls:sys_enter_{n}" for n in SYSCALLS])
+    return subprocess.Popen(["perf", "stat", "-x", ",", "-e", ev, "-p", pids, "--",
+                             "sleep", str(args.duration)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def syscall_counts(proc: subprocess.Popen[bytes] | None) -> dict[str, float]:
+    if proc is None:
+        return {}
+    _, err = proc.communicate(timeout=60)
+    out: dict[str, float] = {}
+    for line in err.decode().splitlines():
+        parts = line.split(",")
+        if len(parts) > 3 and parts[0].strip().isdigit():
+            name = parts[2].rsplit("sys_enter_", 1)[-1].replace("raw_syscalls:sys_enter",
+                                                                  "all")
+            out[name] = float(parts[0])
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -198,9 +257,13 @@ def run(args: argparse.Namespace, scenario: str, protocol: str) -> dict[str, Any
         before = server_done(target, args)
         commits0 = commit_counts(metrics_addr)
         cpu.start()
+        threads0 = thread_cpu(server.pid)
         spies = start_profiles(server.pid, args, f"{scenario}-{protocol}")
+        sc = start_syscalls(server.pid, args)
         time.sleep(args.duration)
         w = cpu.stop()
+        threads1 = thread_cpu(server.pid)
+        syscalls = syscall_counts(sc)
         for s in spies:
             s.wait(timeout=60)
         after = server_done(target, args)
@@ -224,6 +287,9 @@ def run(args: argparse.Namespace, scenario: str, protocol: str) -> dict[str, Any
         "commits_per_job": round(commits / max(jobs, 1), 2),
         "server_cpu_us_per_commit": round(w["server_cpu_s"] / max(commits, 1) * 1e6, 1),
         "relays_per_job": round((commits1[2] - commits0[2]) / max(jobs, 1), 2),
+        "thread_cpu_us_per_job": {k: round((threads1[k] - threads0[k]) / max(jobs, 1) * 1e6, 1)
+                                  for k in threads0},
+        "syscalls_per_job": {k: round(v / max(jobs, 1), 3) for k, v in syscalls.items() if v},
         "cpu": w,
         "clients": [r["stats"] | r["counts"] for _, r in sorted(results)],
     }
@@ -302,6 +368,12 @@ def report(r: dict[str, Any]) -> None:
           f"{r['ops_per_commit']} ops each, server CPU {r['server_cpu_us_per_commit']:,.0f} µs "
           "per commit")
     print(f"  relayed calls           {r['relays_per_job']} per job (between worker processes)")
+    print("  server CPU / job by thread  " + ", ".join(
+        f"{k} {v:,.1f} µs" for k, v in r["thread_cpu_us_per_job"].items()))
+    if r["syscalls_per_job"]:
+        print("  syscalls / job          " + ", ".join(
+            f"{k} {v}" for k, v in sorted(r["syscalls_per_job"].items(),
+                                          key=lambda kv: -kv[1])))
     print(f"  server CPU              {c['server_cores']:.2f} cores, by process "
           + " + ".join(f"{x:.2f}" for x in c["server_cores_by_process"]))
     print(f"  loadgen CPU             {c['loadgen_cores']:.2f} cores")
@@ -335,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="instead of py-spy: `perf record -g` of the server's worker "
                          "processes over the window into DIR/<scenario>-<protocol>.perf.data "
                          "(then `perf report -i F --sort comm,dso -g none`)")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="count the server's syscalls per job over the window (perf stat "
+                         "of syscall tracepoints)")
     ap.add_argument("--tree", metavar="DIR",
                     help="run the server of another source tree (e.g. an export of the "
                          "commit before a change) for a before/after pair")

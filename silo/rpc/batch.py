@@ -74,13 +74,22 @@ async def enqueue_jobs(svc: Any, jobs: list[pb.EnqueueRequest],
     or the exception its unary Enqueue would have ended with. `slow(job)` is the unary
     path, for jobs that name their own id."""
     p = _Pass(len(jobs), "")
+    # (shard id, tenant) -> (shard, tenant) once checked: the checks depend on nothing
+    # else, and nothing changes them within this synchronous pass (a batch has few).
+    checked: dict[tuple[str, str], tuple[Shard, str]] = {}
     for i, job in enumerate(jobs):
         if job.id:
             p.later.append(i)
             continue
         try:
-            s = svc.shard(job.shard)
-            tenant = svc.tenant(s, job)
+            ck = (job.shard, job.tenant)
+            hit = checked.get(ck)
+            if hit is None:
+                s = svc.shard(job.shard)
+                tenant = svc.tenant(s, job)
+                checked[ck] = (s, tenant)
+            else:
+                s, tenant = hit
             p.out[i] = enqueue_op.stage_new(s, tenant=tenant, **convert.enqueue_fields(job))
             commit = s.committer.commit()
         except Exception as e:  # noqa: BLE001 - answered per job, as the unary call would be
@@ -99,15 +108,20 @@ async def report_outcomes(svc: Any, requests: list[pb.ReportOutcomeRequest],
     `slow(request)` (the unary path, concurrently): they may read the job's retry policy
     from storage first."""
     p = _Pass(len(requests), None)
+    checked: dict[tuple[str, str], Shard] = {}  # as in enqueue_jobs
     for i, req in enumerate(requests):
         try:
-            s = svc.shard(req.shard)
-            svc.worker_tenant(s, req)
+            ck = (req.shard, req.tenant_id)
+            s = checked.get(ck)  # type: ignore[assignment]
+            if s is None:
+                s = svc.shard(req.shard)
+                svc.worker_tenant(s, req)
+                checked[ck] = s
             kind, o = convert.outcome_from_pb(req)
             if kind == "failure":
                 p.later.append(i)
                 continue
-            lease = await outcome_op.stage_outcome(s, req.task_id, o)  # never waits here
+            lease = outcome_op.stage_final(s, req.task_id, o)  # type: ignore[arg-type]
             commit = s.committer.commit()
         except Exception as e:  # noqa: BLE001 - answered per item, as the unary call would be
             p.out[i] = e

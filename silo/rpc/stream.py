@@ -24,7 +24,7 @@ from silo._proto import silo_stream_pb2 as spb
 from silo._proto import silo_stream_pb2_grpc as spb_grpc
 from silo.errors import SiloError
 from silo.rpc import batch, guard
-from silo.rpc.service import _METHODS, SiloService, _OwnedElsewhere
+from silo.rpc.service import _FORWARDED, _METHODS, SiloService, _OwnedElsewhere
 from silo.runtime import forward
 from silo.shard import give_back
 from silo.shard.ready import wait_due
@@ -204,7 +204,17 @@ SiloService.EXTRA_LOCAL["UnaryMany@local"] = _unary_many_local
 
 def owner_elsewhere(svc: SiloService, shard_id: str) -> int | None:
     """The worker process owning shard_id if it is another one; None when the shard is
-    here, unknown or invalid (the local handler then answers exactly as the unary call)."""
+    here, unknown or invalid (the local handler then answers exactly as the unary call).
+
+    A shard here or named in the map is answered from the node's dicts (what
+    `svc.shard` would decide, without its UUID parse and raised _OwnedElsewhere: this
+    runs once per job and outcome, and half of them belong to the other process)."""
+    node = svc.node
+    if shard_id in node.shards:
+        return None
+    owner = node.owner_of.get(shard_id)
+    if owner is not None and owner != node.index and not _FORWARDED.get():
+        return owner
     try:
         svc.shard(shard_id)
     except _OwnedElsewhere as e:
@@ -237,8 +247,13 @@ async def enqueue_many(svc: SiloService, jobs: list[pb.EnqueueRequest]
     once its own job is durable, as before."""
     remote: dict[int, list[int]] = {}
     local: list[int] = []
+    owners: dict[str, int | None] = {}  # a batch names few shards
     for i, job in enumerate(jobs):
-        owner = owner_elsewhere(svc, job.shard)
+        sid = job.shard
+        if sid in owners:
+            owner = owners[sid]
+        else:
+            owner = owners[sid] = owner_elsewhere(svc, sid)
         if owner is None:
             local.append(i)
         else:

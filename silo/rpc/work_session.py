@@ -155,8 +155,13 @@ class WorkSession:
         process go to it as one forwarded batch (a relay costs more than the item)."""
         remote: dict[int, list] = {}
         here: list = []
+        owners: dict[str, int | None] = {}  # a message names few shards
         for r in requests:
-            owner = stream.owner_elsewhere(self.svc, r.shard)
+            sid = r.shard
+            if sid in owners:
+                owner = owners[sid]
+            else:
+                owner = owners[sid] = stream.owner_elsewhere(self.svc, sid)
             if owner is None:
                 if kind == ACK.OUTCOME:
                     here.append(r)

@@ -123,6 +123,26 @@ class ReadyBuffer:
                 self.journal[key] = None
         return out
 
+    def pop_one(self, now: int) -> tuple[bytes, Task] | None:
+        """`pop_due(now, limit=1)` without the list: the first due task, or None (a
+        lease takes its tasks one at a time, so this runs once per leased task)."""
+        heap, live = self.heap, self.tasks
+        plen = self.prefix_len
+        while heap:
+            key = heap[0]
+            if key not in live:
+                heapq.heappop(heap)
+                if self._dead:
+                    self._dead -= 1
+                continue
+            if int.from_bytes(key[plen:plen + 8], "big") > now:  # keys.task_start_ms
+                return None
+            heapq.heappop(heap)
+            if self.journal is not None:
+                self.journal[key] = None
+            return key, live.pop(key)
+        return None
+
     def head_ms(self) -> int | None:
         """Start time of the earliest buffered task (None: nothing buffered)."""
         best = None

@@ -102,10 +102,10 @@ async def lease_tasks(shard: Shard, worker_id: str, max_tasks: int, task_group: 
     active = shard.active
     plen = buf.prefix_len
     while len(taken) < max_tasks:
-        due = buf.pop_due(now, limit=1)
-        if not due:
+        due = buf.pop_one(now)
+        if due is None:
             break
-        key, task = due[0]
+        key, task = due
         shard.committer.delete(key)
         shard.depth[task_group] = shard.depth.get(task_group, 0) - 1
         ref = (task.tenant, task.job_id)

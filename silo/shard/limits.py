@@ -106,6 +106,14 @@ def start_attempt(shard: Shard, job: ActiveJob, *, tenant: str, job_id: str, att
                   relative: int, task_group: str, priority: int, start_ms: int,
                   limits: list[Limit], now: int, retry: bool = False) -> None:
     """Begin the limit chain of a new attempt (enqueue, retry, restart)."""
+    if not limits:  # = walk's end for an empty chain, without building the Chain
+        task_id = new_id()
+        key = keys.task(task_group, start_ms, priority, job_id, attempt, tenant)
+        shard.add_task(key, RunAttempt(task_id, tenant, job_id, attempt, relative,
+                                       task_group, []))
+        job.task_key = key
+        job.request_key = None
+        return
     chain = Chain(new_id(), tenant, job_id, attempt, relative, task_group, priority, start_ms,
                   limits, [])
     walk(shard, job, chain, 0, now, join_queue=retry)

@@ -65,10 +65,22 @@ async def report_outcome(shard: Shard, task_id: str, outcome: Outcome) -> None:
 async def stage_outcome(shard: Shard, task_id: str, outcome: Outcome) -> Lease:
     """`report_outcome` up to its commit wait; returns the attempt's lease. A Success or
     Cancelled never waits (a Failure may read the job's retry policy)."""
+    if not isinstance(outcome, Failure):
+        return stage_final(shard, task_id, outcome)
     lease = shard.leases.get(task_id)
     if lease is None or not isinstance(lease.task, RunAttempt):
         raise errors.lease_not_found()
     await finish_attempt(shard, lease, outcome)
+    return lease
+
+
+def stage_final(shard: Shard, task_id: str, outcome: Success | Cancelled) -> Lease:
+    """`stage_outcome` of a Success or Cancelled, which never reads storage: synchronous,
+    so a batch of outcomes (silo.rpc.batch) stages each without a coroutine."""
+    lease = shard.leases.get(task_id)
+    if lease is None or not isinstance(lease.task, RunAttempt):
+        raise errors.lease_not_found()
+    _end_attempt(shard, lease, outcome, None, None)
     return lease
 
 
@@ -87,13 +99,23 @@ async def finish_attempt(shard: Shard, lease: Lease, outcome: Outcome) -> None:
         policy = info.retry_policy if info is not None else None
         if shard.leases.get(task.task_id) is not lease:
             raise errors.lease_not_found()  # reported (or reaped) while we read
+    _end_attempt(shard, lease, outcome, info, policy)
+
+
+def _end_attempt(shard: Shard, lease: Lease, outcome: Outcome, info: JobInfo | None,
+                 policy) -> None:
+    """The synchronous step of finish_attempt, once a failure's retry policy is known."""
+    task = lease.task
+    assert isinstance(task, RunAttempt)
+    tenant, job_id = task.tenant, task.job_id
     job = shard.active.get((tenant, job_id))
     if job is None:  # cannot happen while the lease exists; keep storage consistent anyway
         job = ActiveJob(RUNNING, task_id=task.task_id)
     now = shard.now()
     shard.drop_lease(task.task_id)
     # Every end of an attempt frees its slots; a retry queues for them again from scratch.
-    limits.release(shard, tenant, list(task.held_queues), task.task_id, now)
+    if task.held_queues:
+        limits.release(shard, tenant, list(task.held_queues), task.task_id, now)
     attempt = Attempt(job_id, task.attempt, task.relative_attempt, task.task_id, 0,
                       lease.started_at_ms, now)
     if isinstance(outcome, Failure) and job.cancelled_at_ms is not None:

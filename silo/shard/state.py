@@ -74,14 +74,19 @@ def wall_clock_ms() -> int:
 
 
 _STATUS_KEY_PART = {kind: keys.enc_str(name) for kind, name in STATUS_NAMES.items()}
+_SCHEDULED_PART = _STATUS_KEY_PART[SCHEDULED]
 _U64_MAX = (1 << 64) - 1
+# Stale lease-expiry entries tolerated beyond twice the live leases (Shard.put_lease).
+_STALE_EXPIRY_SLACK = 4096
 
 
 def scheduled_index_key(tenant: str, job_id: str, start_ms: int) -> bytes:
     """The 0x03 row of a Scheduled job whose pending step starts at start_ms (the status'
     next-attempt time, which every pending step carries: a task key's start time, or a
-    chain step's start_ms)."""
-    return status_index_key(tenant, job_id, JobStatus(SCHEDULED, 0, start_ms))
+    chain step's start_ms). = status_index_key(tenant, job_id, JobStatus(SCHEDULED, 0,
+    start_ms)), without the JobStatus (it runs once per leased task)."""
+    return (b"\x03" + keys.enc_str(tenant) + _SCHEDULED_PART
+            + (_U64_MAX - max(0, start_ms)).to_bytes(8, "big") + keys.enc_str(job_id))
 
 
 def status_index_key(tenant: str, job_id: str, status: JobStatus) -> bytes:
@@ -436,9 +441,14 @@ class Shard:
         The old row is the active job's remembered one; a job that is not active
         (terminal → restart, import over a terminal job) must pass its `old` status.
         """
-        self.committer.put(keys.job_status(tenant, job_id), encode(status))
+        t, j = keys.enc_str(tenant), keys.enc_str(job_id)
+        self.committer.put(b"\x02" + t + j, encode(status))  # keys.job_status
         self.info_cache.put_status(tenant, job_id, status)  # GetJob reads it from memory
-        new_key = status_index_key(tenant, job_id, status)
+        ts = status.changed_at_ms  # status_index_key, from the encodings above
+        if status.kind == SCHEDULED and status.next_attempt_starts_after_ms is not None:
+            ts = status.next_attempt_starts_after_ms
+        new_key = (b"\x03" + t + _STATUS_KEY_PART[status.kind]
+                   + (_U64_MAX - max(0, ts)).to_bytes(8, "big") + j)
         job = self.active.get((tenant, job_id))
         if old is not None:
             old_key: bytes | None = status_index_key(tenant, job_id, old)
@@ -477,7 +487,15 @@ class Shard:
         task_id = lease.task.task_id
         self.leases[task_id] = lease
         self.committer.put(keys.lease(task_id), encode(lease))
-        heapq.heappush(self.lease_expiry, (lease.expiry_ms, task_id))
+        heap = self.lease_expiry
+        if len(heap) > 2 * len(self.leases) + _STALE_EXPIRY_SLACK:
+            # Mostly entries of leases that ended (or were renewed) before expiring: the
+            # reaper would pop each once, a heappop per job in a burst every pass.
+            # Rebuilt from the live leases instead, about once per SLACK ended leases.
+            heap[:] = [(ls.expiry_ms, tid) for tid, ls in self.leases.items()]
+            heapq.heapify(heap)
+        else:
+            heapq.heappush(heap, (lease.expiry_ms, task_id))
 
     def drop_lease(self, task_id: str) -> None:
         self.leases.pop(task_id, None)

@@ -1,0 +1,31 @@
+"""bench/stream_cost.py drives EnqueueMany and a worker stream through the server's own
+code until every job's outcome is acked, and reports a cost per job (a smoke test: the
+figures themselves are for the bench)."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import sys
+from pathlib import Path
+
+import uvloop
+
+_PATH = Path(__file__).resolve().parents[2] / "bench" / "stream_cost.py"
+_spec = importlib.util.spec_from_file_location("bench_stream_cost", _PATH)
+assert _spec is not None and _spec.loader is not None
+stream_cost = importlib.util.module_from_spec(_spec)
+sys.modules["bench_stream_cost"] = stream_cost
+_spec.loader.exec_module(stream_cost)
+
+
+def test_every_job_runs_to_its_ack_and_gc_is_left_as_it_was():
+    threshold = gc.get_threshold()
+    args = argparse.Namespace(jobs=300, warmup=100, shards=2, batch=32, enqueuers=2,
+                              slots=64, backlog=200, store="memory")
+    rep = uvloop.run(stream_cost.run(args))
+    assert rep["jobs"] == 300 and rep["cpu_us_per_job"] > 0
+    assert rep["commits_per_job"] > 0 and rep["down_msgs_per_job"] > 0
+    assert rep["up_msgs_per_job"] > 0
+    assert gc.get_threshold() == threshold
