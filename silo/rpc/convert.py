@@ -147,7 +147,7 @@ def job_to_pb(view: JobView) -> pb.GetJobResponse:
     if info.limits:
         m.limits.extend([limit_to_pb(x) for x in info.limits])
     if info.metadata:
-        m.metadata.update(info.metadata)
+        _copy_map(m.metadata, info.metadata)
     m.status = status.kind
     m.status_changed_at_ms = status.changed_at_ms
     if view.attempts:
@@ -161,6 +161,13 @@ def job_to_pb(view: JobView) -> pb.GetJobResponse:
     if view.result is not None:
         m.result.msgpack = view.result
     return m
+
+
+def _copy_map(dst, src: dict[str, str]) -> None:
+    """Copy a str->str dict into a protobuf map field item by item: the map's `update` is
+    the pure-Python `MutableMapping.update` (0.68 against 0.41 us for two entries)."""
+    for k, v in src.items():
+        dst[k] = v
 
 
 def refresh_task_to_pb(lease, shard_id: str, lease_ms: int) -> pb.RefreshFloatingLimitTask:
@@ -177,7 +184,7 @@ def fill_refresh_task(m: pb.RefreshFloatingLimitTask, lease, shard_id: str,
     m.current_max_concurrency = t.current_max_concurrency
     m.last_refreshed_at_ms = t.last_refreshed_at_ms
     if t.metadata:
-        m.metadata.update(t.metadata)
+        _copy_map(m.metadata, t.metadata)
     m.lease_ms = lease_ms
     m.shard = shard_id
     m.task_group = t.task_group
@@ -206,7 +213,7 @@ def fill_task(m: pb.Task, leased: LeasedTask, shard_id: str, lease_ms: int) -> N
     m.relative_attempt_number = t.relative_attempt
     m.is_last_attempt = is_last_attempt(info.retry_policy, t.relative_attempt)
     if info.metadata:
-        m.metadata.update(info.metadata)
+        _copy_map(m.metadata, info.metadata)
     if info.limits:
         m.limits.extend([limit_to_pb(x) for x in info.limits])
     m.payload.msgpack = info.payload
