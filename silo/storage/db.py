@@ -47,7 +47,7 @@ from slatedb.uniffi import (
 )
 
 from silo.observability import events, metrics, tracing
-from silo.storage import ffi, keys, slatedb_settings
+from silo.storage import commit_calls, ffi, keys, slatedb_settings
 from silo.storage.scan import ResumingScan
 from silo.storage.slatedb_metrics import ExportedRecorder
 
@@ -176,6 +176,10 @@ class GroupCommitter:
         self._last_handle: object | None = None
         self.flush_on_commit = False
         self._durability_task: asyncio.Task[None] | None = None
+        # The write and WAL flush made straight through the FFI (silo.storage.
+        # commit_calls) when flush_on_commit is on and the database allows it; decided
+        # at the first write (None: not yet, False: the generated calls).
+        self._calls: commit_calls.CommitCalls | bool | None = None
         self._failed: BaseException | None = None
         # Called once when a write or durability wait fails (e.g. the database was
         # fenced by another opener): the owner decides how to recover.
@@ -394,7 +398,10 @@ class GroupCommitter:
             try:
                 wb = WriteBatch()
                 self._fill(wb, b.writes)
-                handle = await self._db.write(wb)
+                calls = self._commit_calls()
+                # With flush_on_commit the handle is never awaited: the fast write frees
+                # it at once and returns True instead.
+                handle = await (calls.write(wb) if calls else self._db.write(wb))
             except Exception as e:  # noqa: BLE001
                 log.error("shard write failed: %s", e)
                 self._fail(e)
@@ -412,6 +419,16 @@ class GroupCommitter:
             if self._durability_task is None:
                 self._durability_task = asyncio.create_task(self._confirm_durability())
 
+    def _commit_calls(self) -> commit_calls.CommitCalls | None:
+        """The fast calls, if flush_on_commit is on and the database allows them."""
+        if not self.flush_on_commit:
+            return None
+        calls = self._calls
+        if calls is None:
+            calls = self._calls = (commit_calls.CommitCalls(self._db)
+                                   if commit_calls.available_for(self._db) else False)
+        return calls or None
+
     async def _confirm_durability(self) -> None:
         """Wait for the newest written batch only: the WAL is durable in write order, so
         one await_durable confirms every batch written before it too. At most one such
@@ -424,11 +441,15 @@ class GroupCommitter:
                 self._unconfirmed.clear()
                 t0 = time.perf_counter()
                 try:
-                    if self.flush_on_commit:
+                    if self.flush_on_commit or handle is True:
                         # Flush the WAL now rather than at the next flush_interval tick:
                         # the batch is durable ~1 ms after it is written, at the price of
                         # one object-store write per commit instead of per interval.
-                        await self._db.flush_with_options(_WAL_FLUSH)
+                        calls = self._calls
+                        if calls:
+                            await calls.flush_wal()
+                        else:
+                            await self._db.flush_with_options(_WAL_FLUSH)
                     else:
                         await handle.await_durable()
                     metrics.COMMIT_DURABLE_WAIT.observe((self.name,), time.perf_counter() - t0)

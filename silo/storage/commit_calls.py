@@ -1,0 +1,202 @@
+"""The group committer's two SlateDB calls per commit, made straight through the FFI.
+
+Every commit with `flush_on_commit` is `db.write(batch)` then
+`db.flush_with_options(FlushOptions(flush_type=WAL))`. Through the generated bindings
+each one lowers its arguments in Python (the FlushOptions record through the generic
+RustBufferBuilder: a context manager, a reserve and four packed fields per commit),
+allocates a fresh RustCallStatus and RustBuffer per call, lifts a WriteHandle object the
+committer never uses (and whose `__del__` makes one more FFI call to free it), and goes
+through `silo.storage.wake`'s generic `rust_call_async`. Measured with py-spy on
+`bench/commit_cost.py` those wrappers were about a quarter of the Python thread's time
+per commit.
+
+`CommitCalls` makes the same Rust calls with the same arguments and byte formats:
+
+* `write(batch)`: `clone_db` + `clone_writebatch` (the generated lowering of `self` and
+  of the batch), `method_db_write` to start the future, the C poll of
+  `silo.storage._wake` until it is ready, `rust_future_complete_u64` (checked with the
+  bindings' own `_uniffi_check_call_status` and error converter, so a failure raises the
+  same `slatedb.uniffi.Error`), `free_writehandle` on the returned handle at once, and
+  `rust_future_free_u64` in `finally` (also on cancellation), as the generated code does;
+* `flush_wal()`: the FlushOptions argument lowered once at construction (its bytes
+  kept), then per call one `rustbuffer_from_bytes` of those bytes, `clone_db`,
+  `method_db_flush_with_options`, the same poll, complete and free (`_void` variants).
+
+The synchronous calls that keep the GIL (`clone_*`, `rustbuffer_from_bytes`) are all on
+`silo.storage.ffi.GIL_HOLDING_SYMBOLS`; everything that starts, completes or frees a
+future, or frees a write handle, releases it, as in the generated bindings.
+
+Only used where `silo.storage.wake` delivers completions on the running loop (the
+server's workers) and the bindings are the version `silo.storage.ffi` patched;
+`available_for(db)` says so, and the committer falls back to the generated calls
+otherwise (fake databases in tests, other versions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+from types import ModuleType
+
+from silo.storage import ffi, wake
+
+_POLL_READY = wake._POLL_READY
+_POLL_WAKE = wake._POLL_WAKE
+
+_made: dict[str, object] = {}  # the process's bound functions, made once
+
+
+def _bound(mod: ModuleType) -> dict[str, object]:
+    """The FFI functions CommitCalls uses, with a plain-address call status: `keep` ones
+    through PyDLL (GIL kept, as `ffi.apply(hold_gil=True)` does for the same symbols),
+    the others through CDLL (GIL released)."""
+    if _made:
+        return _made
+    lib = mod._UniffiLib
+    keep = ctypes.PyDLL(lib._name)
+    release = ctypes.CDLL(lib._name)
+    u64, addr, rb = ctypes.c_uint64, ctypes.c_void_p, mod._UniffiRustBuffer
+    signatures = {
+        # name: (GIL kept, argtypes, restype)
+        "uniffi_slatedb_uniffi_fn_clone_db": (True, (u64, addr), u64),
+        "uniffi_slatedb_uniffi_fn_clone_writebatch": (True, (u64, addr), u64),
+        "ffi_slatedb_uniffi_rustbuffer_from_bytes": (True, (ffi._ForeignBytesArg, addr), rb),
+        "uniffi_slatedb_uniffi_fn_method_db_write": (False, (u64, u64), u64),
+        "uniffi_slatedb_uniffi_fn_method_db_flush_with_options": (False, (u64, rb), u64),
+        "ffi_slatedb_uniffi_rust_future_complete_u64": (False, (u64, addr), u64),
+        "ffi_slatedb_uniffi_rust_future_free_u64": (False, (u64,), None),
+        "ffi_slatedb_uniffi_rust_future_complete_void": (False, (u64, addr), None),
+        "ffi_slatedb_uniffi_rust_future_free_void": (False, (u64,), None),
+        "uniffi_slatedb_uniffi_fn_free_writehandle": (False, (u64, addr), None),
+    }
+    out: dict[str, object] = {}
+    for name, (gil, argtypes, restype) in signatures.items():
+        if gil and name not in ffi.GIL_HOLDING_SYMBOLS:
+            raise RuntimeError(f"{name} is not a GIL-holding symbol")
+        fn = getattr(keep if gil else release, name)
+        fn.argtypes = argtypes
+        fn.restype = restype
+        out[name] = fn
+    for name in ("u64", "void"):
+        poll = getattr(lib, f"ffi_slatedb_uniffi_rust_future_poll_{name}")
+        known = wake._poll_addresses.get(id(poll))
+        if known is None or known[0] is not poll:
+            raise RuntimeError(f"rust_future_poll_{name} is not patched by silo.storage.wake")
+        out[f"poll_{name}"] = known[1]
+    _made.update(out)
+    return _made
+
+
+def available_for(db) -> bool:
+    """True if `db` is a slatedb Db of the patched bindings and completions of calls
+    awaited on the running loop go through silo.storage.wake."""
+    if not (wake.installed() and ffi.is_applied()):
+        return False
+    mod = ffi._bindings()
+    return isinstance(db, mod.Db) and getattr(mod, wake._MARKER, False)
+
+
+class CommitCalls:
+    """`await write(batch)` and `await flush_wal()` on one database (see the module
+    docstring). Build it on the loop that awaits the calls, after `wake.install()`."""
+
+    __slots__ = ("_db", "_fns", "_status", "_sp", "_flush_arg", "_flush_bytes", "_mod")
+
+    def __init__(self, db) -> None:
+        mod = self._mod = ffi._bindings()
+        self._db = db
+        self._fns = _bound(mod)
+        self._status = mod._UniffiRustCallStatus()
+        self._sp = ctypes.addressof(self._status)
+        lowered = mod._UniffiFfiConverterTypeFlushOptions.lower(
+            mod.FlushOptions(flush_type=mod.FlushType.WAL))
+        try:
+            self._flush_bytes = ctypes.string_at(lowered.data, lowered.len)
+        finally:
+            lowered.free()
+        self._flush_arg = ffi._ForeignBytesArg(len(self._flush_bytes), self._flush_bytes)
+
+    def _check(self, converter) -> None:
+        """Raise the call's error as the generated code would, with a fresh status after."""
+        status = self._status
+        self._status = self._mod._UniffiRustCallStatus()
+        self._sp = ctypes.addressof(self._status)
+        self._mod._uniffi_check_call_status(converter, status)
+        raise self._mod.InternalError(f"call failed with status {status.code}")
+
+    def _clone_db(self) -> int:
+        h = self._fns["uniffi_slatedb_uniffi_fn_clone_db"](self._db._handle, self._sp)
+        if self._status.code:
+            self._check(None)
+        return h
+
+    async def write(self, batch) -> bool:
+        """db.write(batch), its WriteHandle freed at once. Returns True (the committer's
+        marker of a written batch)."""
+        f = self._fns
+        db_h = self._clone_db()
+        wb_h = f["uniffi_slatedb_uniffi_fn_clone_writebatch"](batch._handle, self._sp)
+        if self._status.code:
+            self._check(None)  # db_h leaks here, as in the generated code
+        fut = f["uniffi_slatedb_uniffi_fn_method_db_write"](db_h, wb_h)
+        try:
+            await _drive(self._mod, fut, f["poll_u64"],
+                         self._mod._UniffiLib.ffi_slatedb_uniffi_rust_future_poll_u64)
+            handle = f["ffi_slatedb_uniffi_rust_future_complete_u64"](fut, self._sp)
+            if self._status.code:
+                self._check(self._mod._UniffiFfiConverterTypeError)
+        finally:
+            f["ffi_slatedb_uniffi_rust_future_free_u64"](fut)
+        f["uniffi_slatedb_uniffi_fn_free_writehandle"](handle, self._sp)
+        if self._status.code:
+            self._check(None)
+        return True
+
+    async def flush_wal(self) -> None:
+        """db.flush_with_options(FlushOptions(flush_type=FlushType.WAL))."""
+        f = self._fns
+        db_h = self._clone_db()
+        arg = f["ffi_slatedb_uniffi_rustbuffer_from_bytes"](self._flush_arg, self._sp)
+        if self._status.code:
+            self._check(None)
+        fut = f["uniffi_slatedb_uniffi_fn_method_db_flush_with_options"](db_h, arg)
+        try:
+            await _drive(self._mod, fut, f["poll_void"],
+                         self._mod._UniffiLib.ffi_slatedb_uniffi_rust_future_poll_void)
+            f["ffi_slatedb_uniffi_rust_future_complete_void"](fut, self._sp)
+            if self._status.code:
+                self._check(self._mod._UniffiFfiConverterTypeError)
+        finally:
+            f["ffi_slatedb_uniffi_rust_future_free_void"](fut)
+
+
+async def _drive(mod: ModuleType, rust_future: int, address: int, ffi_poll) -> None:
+    """Poll rust_future until it is ready: silo.storage.wake's loop (same tokens, queue
+    and streak), or the generated one if the loop's wake was uninstalled."""
+    loop = asyncio.get_running_loop()
+    w = wake._wakes.get(loop)
+    if w is None or not w.native.attached:
+        await wake._counted(wake._poll_generated(mod, loop, rust_future, ffi_poll))
+        return
+    poll = wake._wake.poll
+    while True:
+        data = w.base | next(wake._tokens)
+        code = poll(address, rust_future, data)
+        if code is None:
+            fut = loop.create_future()
+            w.futures[data] = fut
+            try:
+                code = await fut
+            except BaseException:
+                w.futures.pop(data, None)
+                raise
+        elif code == _POLL_WAKE or w.streak >= wake.SYNC_STREAK:
+            w.streak = 0
+            await asyncio.sleep(0)
+        else:
+            w.streak += 1
+        if code == _POLL_READY:
+            return
+        if not w.native.attached:
+            await wake._counted(wake._poll_generated(mod, loop, rust_future, ffi_poll))
+            return
