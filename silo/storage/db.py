@@ -30,7 +30,6 @@ runs after another one staged its writes reads what that one wrote, durable or n
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import time
@@ -140,17 +139,41 @@ def _fill_generic(batch: WriteBatch, writes: dict[bytes, bytes | None]) -> None:
 
 
 class _Batch:
-    __slots__ = ("writes", "future", "ops", "acked", "timer", "nbytes")
+    """One commit's writes and the operations waiting for it.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    Two outcomes: `done` (the storage outcome, set by the writer through
+    GroupCommitter._settle) and `acked` (what the operations see: the same outcome, or
+    StorageError once the write bound passes, whichever comes first). Each operation
+    awaits its own future in `waiters`, resolved directly when the batch is acked: a
+    shared future behind asyncio.shield, resolved from a done callback of the storage
+    future, cost two more loop passes (and a shield per operation) between the WAL
+    flush returning and the operations going on."""
+
+    __slots__ = ("writes", "done", "ops", "acked", "acked_exc", "waiters", "timer", "nbytes")
+
+    def __init__(self) -> None:
         self.writes: dict[bytes, bytes | None] = {}
-        # `future` is the storage outcome (set by the writer); `acked` is what the
-        # operations await: the same outcome, or StorageError once the write bound passes.
-        self.future: asyncio.Future[None] = loop.create_future()
-        self.acked: asyncio.Future[None] = loop.create_future()
+        self.done = False
+        self.acked = False
+        self.acked_exc: BaseException | None = None
+        self.waiters: list[asyncio.Future[None]] = []
         self.timer: asyncio.TimerHandle | None = None
         self.ops = 0
         self.nbytes = 0  # keys and values staged (an estimate: overwrites count twice)
+
+    def ack(self, exc: BaseException | None) -> None:
+        """Give every waiter the outcome (once; a cancelled waiter is skipped)."""
+        if self.acked:
+            return
+        self.acked = True
+        self.acked_exc = exc
+        waiters, self.waiters = self.waiters, []
+        for f in waiters:
+            if not f.done():
+                if exc is None:
+                    f.set_result(None)
+                else:
+                    f.set_exception(exc)
 
 
 class GroupCommitter:
@@ -209,14 +232,13 @@ class GroupCommitter:
             raise StorageError("shard is closing")
         b = self._staged
         if b is None:
-            b = self._staged = _Batch(self._loop)
+            b = self._staged = _Batch()
             if self._idle():
                 self._loop.call_soon(self._hand_off_next_pass, b)
             elif self._interval > 0:
                 self._loop.call_later(self._interval, self._hand_off, b)
             # else: handed off by _kick when the commit in flight is durable
             self._pending.add(b)
-            b.future.add_done_callback(functools.partial(self._settled, b))
             if self.stalled_since is not None:
                 self._arm_write_bound(b)  # fails at once: it would only queue behind
         return b
@@ -267,9 +289,17 @@ class GroupCommitter:
         if len(b.writes) >= self.max_batch_keys or b.nbytes >= self.max_batch_bytes:
             # Sealed at an operation's end, so no operation's writes are split.
             self._hand_off(b)
+        f = self._loop.create_future()
+        if b.acked:  # failed at once (storage stalled)
+            if b.acked_exc is None:
+                f.set_result(None)
+            else:
+                f.set_exception(b.acked_exc)
+        else:
+            b.waiters.append(f)
         if tracing.ENABLED:
-            return tracing.awaiting("storage.commit", asyncio.shield(b.acked))
-        return asyncio.shield(b.acked)
+            return tracing.awaiting("storage.commit", f)
+        return f
 
     # ---- the write bound (full disk, stuck object store) -----------------------
 
@@ -277,21 +307,20 @@ class GroupCommitter:
         """Fail b's waiters if b is not durable within write_timeout_s of the writer
         starting on it. While storage is stalled, batches fail at once: their waiters
         would only queue behind it."""
-        if b.timer is not None or b.acked.done():
+        if b.timer is not None or b.acked:
             return
         delay = 0.0 if self.stalled_since is not None else self.write_timeout_s
         b.timer = self._loop.call_later(delay, self._write_bound_passed, b)
 
-    def _settled(self, b: _Batch, fut: asyncio.Future[None]) -> None:
+    def _settle(self, b: _Batch, exc: BaseException | None) -> None:
+        """The storage outcome of b (the writer's; once): its waiters get it now."""
+        if b.done:
+            return
+        b.done = True
         self._pending.discard(b)
         if b.timer is not None:
             b.timer.cancel()
-        exc = StorageError("write cancelled") if fut.cancelled() else fut.exception()
-        if not b.acked.done():
-            if exc is None:
-                b.acked.set_result(None)
-            else:
-                b.acked.set_exception(exc)
+        b.ack(exc)
         if exc is None and self.stalled_since is not None:
             stalled_s = time.monotonic() - self.stalled_since
             self.stalled_since = None
@@ -300,7 +329,7 @@ class GroupCommitter:
                 self.on_stall(False)
 
     def _write_bound_passed(self, b: _Batch) -> None:
-        if b.acked.done():
+        if b.acked:
             return
         if self.stalled_since is None:
             self.stalled_since = time.monotonic()
@@ -311,10 +340,8 @@ class GroupCommitter:
                 self.on_stall(True)
         # Every batch not yet durable queues behind this one: its waiters fail now too.
         for p in [b, *self._pending]:
-            if not p.acked.done():
-                p.acked.set_exception(StorageError(
-                    f"write not durable within {self.write_timeout_s:g} s (storage stalled)"))
-                p.acked.exception()  # retrieved: a batch may have no waiter left
+            p.ack(StorageError(
+                f"write not durable within {self.write_timeout_s:g} s (storage stalled)"))
 
     def _hand_off(self, b: _Batch) -> None:
         if self._staged is b:
@@ -388,7 +415,7 @@ class GroupCommitter:
                 # batch): it is durable once everything written before it is.
                 self._inflight.remove(b)
                 if self._last_handle is None:
-                    b.future.set_result(None)
+                    self._settle(b, None)
                     self._kick()
                     continue
                 self._unconfirmed.append((self._last_handle, b))
@@ -406,8 +433,7 @@ class GroupCommitter:
                 log.error("shard write failed: %s", e)
                 self._fail(e)
                 self._inflight.remove(b)
-                if not b.future.done():
-                    b.future.set_exception(StorageError(f"write failed: {e}"))
+                self._settle(b, StorageError(f"write failed: {e}"))
                 self._kick()
                 continue
             self._inflight.remove(b)
@@ -457,12 +483,10 @@ class GroupCommitter:
                     log.error("shard durability wait failed: %s", e)
                     self._fail(e)
                     for b in batches:
-                        if not b.future.done():
-                            b.future.set_exception(StorageError(f"durability wait failed: {e}"))
+                        self._settle(b, StorageError(f"durability wait failed: {e}"))
                     continue
                 for b in batches:
-                    if not b.future.done():
-                        b.future.set_result(None)
+                    self._settle(b, None)
         finally:
             self._durability_task = None
             self._kick()
