@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+from collections.abc import Coroutine
 from types import ModuleType
 
 from silo.storage import ffi, wake
@@ -154,15 +155,36 @@ class CommitCalls:
 
     async def flush_wal(self) -> None:
         """db.flush_with_options(FlushOptions(flush_type=FlushType.WAL))."""
+        await self.flush_wal_started()
+
+    def flush_wal_started(self) -> Coroutine[None, None, None]:
+        """flush_wal() with the request already on its way: the future is made and polled
+        once now (which sends SlateDB's writer the flush), and the returned coroutine
+        awaits the rest. The committer's durability task starts one loop pass after the
+        write returns; the flush no longer waits for that pass. Any error is raised by
+        the coroutine, as flush_wal() would."""
         f = self._fns
-        db_h = self._clone_db()
-        arg = f["ffi_slatedb_uniffi_rustbuffer_from_bytes"](self._flush_arg, self._sp)
-        if self._status.code:
-            self._check(None)
+        try:
+            db_h = self._clone_db()
+            arg = f["ffi_slatedb_uniffi_rustbuffer_from_bytes"](self._flush_arg, self._sp)
+            if self._status.code:
+                self._check(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            return _raise(e)
         fut = f["uniffi_slatedb_uniffi_fn_method_db_flush_with_options"](db_h, arg)
+        first = None
+        try:
+            first = _poll_once(fut, f["poll_void"])
+        except BaseException as e:  # noqa: BLE001
+            f["ffi_slatedb_uniffi_rust_future_free_void"](fut)
+            return _raise(e)
+        return self._finish_flush(fut, first)
+
+    async def _finish_flush(self, fut: int, first) -> None:
+        f = self._fns
         try:
             await _drive(self._mod, fut, f["poll_void"],
-                         self._mod._UniffiLib.ffi_slatedb_uniffi_rust_future_poll_void)
+                         self._mod._UniffiLib.ffi_slatedb_uniffi_rust_future_poll_void, first)
             f["ffi_slatedb_uniffi_rust_future_complete_void"](fut, self._sp)
             if self._status.code:
                 self._check(self._mod._UniffiFfiConverterTypeError)
@@ -170,33 +192,66 @@ class CommitCalls:
             f["ffi_slatedb_uniffi_rust_future_free_void"](fut)
 
 
-async def _drive(mod: ModuleType, rust_future: int, address: int, ffi_poll) -> None:
-    """Poll rust_future until it is ready: silo.storage.wake's loop (same tokens, queue
-    and streak), or the generated one if the loop's wake was uninstalled."""
+async def _raise(e: BaseException) -> None:
+    raise e
+
+
+def _poll_once(rust_future: int, address: int):
+    """Poll once through silo.storage.wake: (data, code) if answered during the poll,
+    (data, an asyncio future the drain resolves) if not, or None without a wake on the
+    running loop (then _drive polls the generated way)."""
     loop = asyncio.get_running_loop()
     w = wake._wakes.get(loop)
     if w is None or not w.native.attached:
-        await wake._counted(wake._poll_generated(mod, loop, rust_future, ffi_poll))
-        return
-    poll = wake._wake.poll
+        return None
+    data = w.base | next(wake._tokens)
+    code = wake._wake.poll(address, rust_future, data)
+    if code is None:
+        fut = loop.create_future()
+        w.futures[data] = fut
+        return data, fut
+    return data, code
+
+
+async def _drive(mod: ModuleType, rust_future: int, address: int, ffi_poll,
+                 first=None) -> None:
+    """Poll rust_future until it is ready: silo.storage.wake's loop (same tokens, queue
+    and streak), or the generated one if the loop's wake is not (or no longer)
+    installed. `first`: the result of a _poll_once already made."""
+    loop = asyncio.get_running_loop()
+    w = wake._wakes.get(loop)
     while True:
-        data = w.base | next(wake._tokens)
-        code = poll(address, rust_future, data)
-        if code is None:
-            fut = loop.create_future()
-            w.futures[data] = fut
+        if w is None or not w.native.attached:
+            if first is not None:  # a poll is pending on the queue: wait for it first
+                data, got = first
+                if type(got) is not int:
+                    try:
+                        await got
+                    except BaseException:
+                        if w is not None:
+                            w.futures.pop(data, None)
+                        raise
+            await wake._counted(wake._poll_generated(mod, loop, rust_future, ffi_poll))
+            return
+        if first is None:
+            first = _poll_once(rust_future, address)
+            if first is None:
+                continue  # uninstalled meanwhile
+        data, got = first
+        first = None
+        if type(got) is int:
+            code = got
+            if code == _POLL_WAKE or w.streak >= wake.SYNC_STREAK:
+                # Answered during the poll: give the loop its pass (see wake.py).
+                w.streak = 0
+                await asyncio.sleep(0)
+            else:
+                w.streak += 1
+        else:
             try:
-                code = await fut
+                code = await got
             except BaseException:
                 w.futures.pop(data, None)
                 raise
-        elif code == _POLL_WAKE or w.streak >= wake.SYNC_STREAK:
-            w.streak = 0
-            await asyncio.sleep(0)
-        else:
-            w.streak += 1
         if code == _POLL_READY:
-            return
-        if not w.native.attached:
-            await wake._counted(wake._poll_generated(mod, loop, rust_future, ffi_poll))
             return

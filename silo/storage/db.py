@@ -149,7 +149,8 @@ class _Batch:
     future, cost two more loop passes (and a shield per operation) between the WAL
     flush returning and the operations going on."""
 
-    __slots__ = ("writes", "done", "ops", "acked", "acked_exc", "waiters", "timer", "nbytes")
+    __slots__ = ("writes", "done", "ops", "acked", "acked_exc", "waiters", "timer", "nbytes",
+                 "queued")
 
     def __init__(self) -> None:
         self.writes: dict[bytes, bytes | None] = {}
@@ -160,6 +161,7 @@ class _Batch:
         self.timer: asyncio.TimerHandle | None = None
         self.ops = 0
         self.nbytes = 0  # keys and values staged (an estimate: overwrites count twice)
+        self.queued = False  # in the writer's queue (sealed there if not before)
 
     def ack(self, exc: BaseException | None) -> None:
         """Give every waiter the outcome (once; a cancelled waiter is skipped)."""
@@ -249,8 +251,13 @@ class GroupCommitter:
         in silo.shard.ready.wait_due on the task just enqueued) runs in between and
         stages into the same batch, so the enqueue and the lease of its task share one
         write and one WAL flush instead of two in a row (measured at 20 jobs/s: 3.0 ->
-        2.0 commits per job). Costs one callback; the batch is still written at once."""
-        self._loop.call_soon(self._hand_off, b)
+        2.0 commits per job). Costs one callback; the batch is still written at once:
+        the writer is woken here and seals the batch when it runs, in the next pass, where
+        a callback sealing it would have run (one pass and one callback fewer than
+        sealing in a callback and then waking the writer)."""
+        if self._staged is b and not b.queued:
+            b.queued = True
+            self._queue.put_nowait(b)
 
     def _idle(self) -> bool:
         """No commit in flight: nothing handed to the writer and not yet durable."""
@@ -344,6 +351,15 @@ class GroupCommitter:
                 f"write not durable within {self.write_timeout_s:g} s (storage stalled)"))
 
     def _hand_off(self, b: _Batch) -> None:
+        """Seal b and queue it for the writer (unless it is queued already)."""
+        if self._staged is b:
+            self._seal(b)
+            if not b.queued:
+                b.queued = True
+                self._queue.put_nowait(b)
+
+    def _seal(self, b: _Batch) -> None:
+        """No more writes join b: it is the writer's."""
         if self._staged is b:
             self._staged = None
             if self._on_seal is not None:
@@ -351,7 +367,6 @@ class GroupCommitter:
                 # exactly the operations in this batch and the batches before it.
                 self._on_seal(b.writes)
             self._inflight.append(b)
-            self._queue.put_nowait(b)
 
     # ---- reads ---------------------------------------------------------------
 
@@ -409,6 +424,7 @@ class GroupCommitter:
             b = await self._queue.get()
             if b is None:
                 return
+            self._seal(b)  # queued unsealed by _hand_off_next_pass
             self._arm_write_bound(b)
             if not b.writes:
                 # Nothing to write (an operation that changed nothing still awaits the
@@ -443,7 +459,13 @@ class GroupCommitter:
             metrics.COMMIT_BATCH_OPS.observe((self.name,), b.ops)
             self._unconfirmed.append((handle, b))
             if self._durability_task is None:
-                self._durability_task = asyncio.create_task(self._confirm_durability())
+                first = None
+                if calls:
+                    # Send the WAL flush now: the task's first step is a loop pass away.
+                    batches = [u for _, u in self._unconfirmed]
+                    self._unconfirmed.clear()
+                    first = (calls.flush_wal_started(), batches, time.perf_counter())
+                self._durability_task = asyncio.create_task(self._confirm_durability(first))
 
     def _commit_calls(self) -> commit_calls.CommitCalls | None:
         """The fast calls, if flush_on_commit is on and the database allows them."""
@@ -455,29 +477,36 @@ class GroupCommitter:
                                    if commit_calls.available_for(self._db) else False)
         return calls or None
 
-    async def _confirm_durability(self) -> None:
+    def _durability_wait(self, handle) -> Awaitable[None]:
+        if self.flush_on_commit or handle is True:
+            # Flush the WAL now rather than at the next flush_interval tick: the batch is
+            # durable ~1 ms after it is written, at the price of one object-store write
+            # per commit instead of per interval.
+            calls = self._calls
+            if calls:
+                return calls.flush_wal_started()
+            return self._db.flush_with_options(_WAL_FLUSH)
+        return handle.await_durable()
+
+    async def _confirm_durability(self, first=None) -> None:
         """Wait for the newest written batch only: the WAL is durable in write order, so
         one await_durable confirms every batch written before it too. At most one such
         wait is in flight, so a flush costs one cross-thread wake-up however many
-        batches it carries."""
+        batches it carries. `first`: (a wait already started, the batches it covers,
+        its start time), from the writer."""
         try:
-            while self._unconfirmed:
-                handle = self._unconfirmed[-1][0]
-                batches = [b for _, b in self._unconfirmed]
-                self._unconfirmed.clear()
-                t0 = time.perf_counter()
+            while first is not None or self._unconfirmed:
+                if first is not None:
+                    wait, batches, t0 = first
+                    first = None
+                else:
+                    handle = self._unconfirmed[-1][0]
+                    batches = [b for _, b in self._unconfirmed]
+                    self._unconfirmed.clear()
+                    t0 = time.perf_counter()
+                    wait = self._durability_wait(handle)
                 try:
-                    if self.flush_on_commit or handle is True:
-                        # Flush the WAL now rather than at the next flush_interval tick:
-                        # the batch is durable ~1 ms after it is written, at the price of
-                        # one object-store write per commit instead of per interval.
-                        calls = self._calls
-                        if calls:
-                            await calls.flush_wal()
-                        else:
-                            await self._db.flush_with_options(_WAL_FLUSH)
-                    else:
-                        await handle.await_durable()
+                    await wait
                     metrics.COMMIT_DURABLE_WAIT.observe((self.name,), time.perf_counter() - t0)
                 except Exception as e:  # noqa: BLE001
                     log.error("shard durability wait failed: %s", e)

@@ -124,3 +124,25 @@ def test_the_lowered_flush_options_are_the_generated_bytes() -> None:
         await db.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_started_flush_is_on_its_way_before_it_is_awaited() -> None:
+    """flush_wal_started() sends the flush when called (the durability task awaits it a
+    loop pass later): the write is in the store's WAL although nobody awaited yet."""
+    root = tempfile.mkdtemp()
+
+    async def main() -> None:
+        assert wake.install()
+        # A 10 s WAL ticker: only the explicit flush can make the write durable here.
+        db = await sdb.open_database(f"file://{root}", "s", flush_interval_ms=10_000,
+                                     l0_sst_size_bytes=64 << 20)
+        await db.put(b"k", b"v")  # in the WAL buffer, not durable
+        calls = commit_calls.CommitCalls(db)
+        started = calls.flush_wal_started()
+        await asyncio.sleep(0.5)  # the coroutine has not run
+        other = await _open(root)
+        assert await other.get(b"k") == b"v"
+        await started
+        await other.shutdown()
+
+    asyncio.run(main())
