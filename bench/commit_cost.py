@@ -79,7 +79,8 @@ async def run(a: argparse.Namespace) -> None:
               f"{batches} batches; per op {(t1 - t0) / ops * 1e6:,.0f} us wall, "
               f"{(c1 - c0) / ops * 1e6:,.0f} us CPU; per batch "
               f"{(c1 - c0) / max(batches, 1) * 1e6:,.0f} us CPU, "
-              f"{(s1 - s0) / max(batches, 1):.1f} voluntary context switches; {_threads()} threads")
+              f"{(s1 - s0) / max(batches, 1):.1f} voluntary context switches; {_threads()} threads"
+              f"; late flushes {getattr(getattr(gc, '_calls', None), 'late_flushes', '-')}")
         await gc.close()
         await db.shutdown()
     finally:

@@ -69,6 +69,8 @@ def _bound(mod: ModuleType) -> dict[str, object]:
         "ffi_slatedb_uniffi_rust_future_complete_void": (False, (u64, addr), None),
         "ffi_slatedb_uniffi_rust_future_free_void": (False, (u64,), None),
         "uniffi_slatedb_uniffi_fn_free_writehandle": (False, (u64, addr), None),
+        "uniffi_slatedb_uniffi_fn_clone_writehandle": (True, (u64, addr), u64),
+        "uniffi_slatedb_uniffi_fn_method_writehandle_await_durable": (False, (u64,), u64),
     }
     out: dict[str, object] = {}
     for name, (gil, argtypes, restype) in signatures.items():
@@ -101,7 +103,8 @@ class CommitCalls:
     """`await write(batch)` and `await flush_wal()` on one database (see the module
     docstring). Build it on the loop that awaits the calls, after `wake.install()`."""
 
-    __slots__ = ("_db", "_fns", "_status", "_sp", "_flush_arg", "_flush_bytes", "_mod")
+    __slots__ = ("_db", "_fns", "_status", "_sp", "_flush_arg", "_flush_bytes", "_mod",
+                 "late_flushes")
 
     def __init__(self, db) -> None:
         mod = self._mod = ffi._bindings()
@@ -116,6 +119,7 @@ class CommitCalls:
         finally:
             lowered.free()
         self._flush_arg = ffi._ForeignBytesArg(len(self._flush_bytes), self._flush_bytes)
+        self.late_flushes = 0  # confirm(): writes the early flush did not carry
 
     def _check(self, converter) -> None:
         """Raise the call's error as the generated code would, with a fresh status after."""
@@ -134,24 +138,86 @@ class CommitCalls:
     async def write(self, batch) -> bool:
         """db.write(batch), its WriteHandle freed at once. Returns True (the committer's
         marker of a written batch)."""
+        handle = await self.write_started(batch)
+        self._free_handle(handle)
+        return True
+
+    def write_started(self, batch) -> Coroutine[None, None, int]:
+        """db.write(batch) with the future made and polled once now (which hands SlateDB's
+        writer task the batch, unless it holds writers back); the coroutine returns the
+        WriteHandle (its handle id: free it with _free_handle)."""
         f = self._fns
-        db_h = self._clone_db()
-        wb_h = f["uniffi_slatedb_uniffi_fn_clone_writebatch"](batch._handle, self._sp)
-        if self._status.code:
-            self._check(None)  # db_h leaks here, as in the generated code
+        try:
+            db_h = self._clone_db()
+            wb_h = f["uniffi_slatedb_uniffi_fn_clone_writebatch"](batch._handle, self._sp)
+            if self._status.code:
+                self._check(None)  # db_h leaks here, as in the generated code
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            return _raise(e)
         fut = f["uniffi_slatedb_uniffi_fn_method_db_write"](db_h, wb_h)
         try:
+            first = _poll_once(fut, f["poll_u64"])
+        except BaseException as e:  # noqa: BLE001
+            f["ffi_slatedb_uniffi_rust_future_free_u64"](fut)
+            return _raise(e)
+        return self._finish_write(fut, first)
+
+    async def _finish_write(self, fut: int, first) -> int:
+        f = self._fns
+        try:
             await _drive(self._mod, fut, f["poll_u64"],
-                         self._mod._UniffiLib.ffi_slatedb_uniffi_rust_future_poll_u64)
+                         self._mod._UniffiLib.ffi_slatedb_uniffi_rust_future_poll_u64, first)
             handle = f["ffi_slatedb_uniffi_rust_future_complete_u64"](fut, self._sp)
             if self._status.code:
                 self._check(self._mod._UniffiFfiConverterTypeError)
+            return handle
         finally:
             f["ffi_slatedb_uniffi_rust_future_free_u64"](fut)
-        f["uniffi_slatedb_uniffi_fn_free_writehandle"](handle, self._sp)
+
+    def _free_handle(self, handle: int) -> None:
+        self._fns["uniffi_slatedb_uniffi_fn_free_writehandle"](handle, self._sp)
         if self._status.code:
             self._check(None)
-        return True
+
+    def write_flushing(self, batch) -> tuple[Coroutine[None, None, int],
+                                             Coroutine[None, None, None]]:
+        """Send db.write(batch) and, right behind it, the WAL flush, before either is
+        awaited: SlateDB's writer task takes both from one queue in order, so the flush
+        normally carries the write, and the flush no longer waits for the event loop to
+        see the write's completion first (a loop pass and a thread hop per commit).
+        Returns (the write's coroutine, giving the handle; the flush's coroutine); await
+        the write first, then give both to confirm(), which checks the write really is
+        durable."""
+        return self.write_started(batch), self.flush_wal_started()
+
+    async def confirm(self, flush: Coroutine[None, None, None], handle: int) -> None:
+        """The write behind `handle` is durable once `flush` (sent behind it) returns, if
+        SlateDB took the write first: its WriteHandle then says durable at once (a poll
+        answered on this thread, no wait). If the flush went first (SlateDB held the
+        write back under memory pressure before queueing it), flush again, now behind
+        the write, and wait on the handle. Frees the handle."""
+        try:
+            await flush
+            f = self._fns
+            h = f["uniffi_slatedb_uniffi_fn_clone_writehandle"](handle, self._sp)
+            if self._status.code:
+                self._check(None)
+            fut = f["uniffi_slatedb_uniffi_fn_method_writehandle_await_durable"](h)
+            try:
+                first = _poll_once(fut, f["poll_void"])
+                if first is None or type(first[1]) is not int or first[1] != _POLL_READY:
+                    self.late_flushes += 1
+                    await self.flush_wal()
+                await _drive(self._mod, fut, f["poll_void"],
+                             self._mod._UniffiLib.ffi_slatedb_uniffi_rust_future_poll_void,
+                             first)
+                f["ffi_slatedb_uniffi_rust_future_complete_void"](fut, self._sp)
+                if self._status.code:
+                    self._check(self._mod._UniffiFfiConverterTypeError)
+            finally:
+                f["ffi_slatedb_uniffi_rust_future_free_void"](fut)
+        finally:
+            self._free_handle(handle)
 
     async def flush_wal(self) -> None:
         """db.flush_with_options(FlushOptions(flush_type=FlushType.WAL))."""

@@ -30,6 +30,7 @@ runs after another one staged its writes reads what that one wrote, durable or n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -442,9 +443,23 @@ class GroupCommitter:
                 wb = WriteBatch()
                 self._fill(wb, b.writes)
                 calls = self._commit_calls()
-                # With flush_on_commit the handle is never awaited: the fast write frees
-                # it at once and returns True instead.
-                handle = await (calls.write(wb) if calls else self._db.write(wb))
+                early = None
+                if calls and self._durability_task is None:
+                    # The WAL flush goes right behind the write (CommitCalls.
+                    # write_flushing); the durability step checks it carried the write.
+                    t0 = time.perf_counter()
+                    wait_write, early = calls.write_flushing(wb)
+                    try:
+                        write_handle = await wait_write
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            await early  # its future is freed by running it out
+                        raise
+                    handle = True
+                else:
+                    # With flush_on_commit the handle is never awaited: the fast write
+                    # frees it at once and returns True instead.
+                    handle = await (calls.write(wb) if calls else self._db.write(wb))
             except Exception as e:  # noqa: BLE001
                 log.error("shard write failed: %s", e)
                 self._fail(e)
@@ -460,7 +475,11 @@ class GroupCommitter:
             self._unconfirmed.append((handle, b))
             if self._durability_task is None:
                 first = None
-                if calls:
+                if early is not None:
+                    batches = [u for _, u in self._unconfirmed]
+                    self._unconfirmed.clear()
+                    first = (calls.confirm(early, write_handle), batches, t0)
+                elif calls:
                     # Send the WAL flush now: the task's first step is a loop pass away.
                     batches = [u for _, u in self._unconfirmed]
                     self._unconfirmed.clear()

@@ -146,3 +146,37 @@ def test_a_started_flush_is_on_its_way_before_it_is_awaited() -> None:
         await other.shutdown()
 
     asyncio.run(main())
+
+
+def test_an_early_flush_that_missed_its_write_is_followed_by_one_that_carries_it(
+        monkeypatch) -> None:
+    """confirm() checks the write's own handle: when the early flush did not carry the
+    write (as when SlateDB holds a write back and the flush overtakes it; here the early
+    flush does nothing at all), it flushes again and waits, so the batch is still durable
+    before its waiters return."""
+    root = tempfile.mkdtemp()
+
+    async def no_flush() -> None:
+        return None
+
+    def flush_first(self, batch):
+        return self.write_started(batch), no_flush()
+
+    async def main() -> None:
+        assert wake.install()
+        db = await sdb.open_database(f"file://{root}", "s", flush_interval_ms=10_000,
+                                     l0_sst_size_bytes=64 << 20, flush_on_commit=False)
+        c = _committer(db)
+        c.put(b"warm", b"0")
+        await c.commit()
+        monkeypatch.setattr(commit_calls.CommitCalls, "write_flushing", flush_first)
+        for i in range(5):
+            c.put(b"k%d" % i, b"v%d" % i)
+            await c.commit()
+        assert c._calls.late_flushes >= 1
+        other = await _open(root)
+        for i in range(5):
+            assert await other.get(b"k%d" % i) == b"v%d" % i
+        await other.shutdown()
+
+    asyncio.run(main())
