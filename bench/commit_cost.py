@@ -68,17 +68,18 @@ async def run(a: argparse.Namespace) -> None:
                 await op()
 
         await worker(50)  # warm-up
-        b0, t0 = gc.batches_written, time.perf_counter()
+        b0, t0, p0 = gc.batches_written, time.perf_counter(), time.thread_time()
         c0, s0 = _usage()
         per = a.commits // a.concurrency
         await asyncio.gather(*(worker(per) for _ in range(a.concurrency)))
-        (c1, s1), t1 = _usage(), time.perf_counter()
+        (c1, s1), t1, p1 = _usage(), time.perf_counter(), time.thread_time()
         ops, batches = per * a.concurrency, gc.batches_written - b0
         print(f"flush_on_commit={a.flush_on_commit} flush_interval={a.flush_interval_ms} ms "
               f"keys/op={a.keys} concurrency={a.concurrency} wake={a.wake}: {ops / (t1 - t0):,.0f} ops/s, "
               f"{batches} batches; per op {(t1 - t0) / ops * 1e6:,.0f} us wall, "
               f"{(c1 - c0) / ops * 1e6:,.0f} us CPU; per batch "
-              f"{(c1 - c0) / max(batches, 1) * 1e6:,.0f} us CPU, "
+              f"{(c1 - c0) / max(batches, 1) * 1e6:,.0f} us CPU "
+              f"({(p1 - p0) / max(batches, 1) * 1e6:,.0f} in the event loop's thread), "
               f"{(s1 - s0) / max(batches, 1):.1f} voluntary context switches; {_threads()} threads"
               f"; late flushes {getattr(getattr(gc, '_calls', None), 'late_flushes', '-')}")
         await gc.close()
