@@ -3,11 +3,12 @@
 over SlateDB on a local file store, no gRPC, no state machine.
 
     PYTHONPATH=. .venv/bin/python bench/commit_cost.py [--commits 2000] [--keys 1]
-        [--flush-on-commit 1] [--flush-interval-ms 10] [--concurrency 1]
+        [--flush-on-commit 1] [--flush-interval-ms 10] [--concurrency 1] [--wake 1]
 
 Each commit stages --keys 200-byte puts and awaits their durability; --concurrency
 operations run at once (they share batches as in the server). CPU is the whole
-process's (getrusage: the Python thread and SlateDB's Tokio threads).
+process's (getrusage: the Python thread and SlateDB's Tokio threads). --wake 1 (the
+default) delivers SlateDB completions through silo.storage.wake, as the server does.
 """
 
 from __future__ import annotations
@@ -21,15 +22,26 @@ import tempfile
 import time
 
 
-def _cpu_s() -> float:
+def _usage() -> tuple[float, int]:
+    """(CPU seconds, voluntary context switches) of the whole process, all threads: a
+    thread that blocks (futex, epoll, eventfd) switches voluntarily, so the second counts
+    the thread hops, whatever the load (preemptions by other processes are not in it)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    return r.ru_utime + r.ru_stime, r.ru_nvcsw
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
 
 
 async def run(a: argparse.Namespace) -> None:
     from silo.storage.db import GroupCommitter, open_database
     from silo.storage.slatedb_settings import StorageTuning, slatedb_settings
 
+    if a.wake:
+        from silo.storage import wake
+
+        wake.install()
     d = tempfile.mkdtemp(prefix="silo-commit-cost-")
     try:
         db = await open_database(f"file://{d}", "s", flush_interval_ms=a.flush_interval_ms,
@@ -56,16 +68,20 @@ async def run(a: argparse.Namespace) -> None:
                 await op()
 
         await worker(50)  # warm-up
-        b0, c0, t0 = gc.batches_written, _cpu_s(), time.perf_counter()
+        b0, t0, p0 = gc.batches_written, time.perf_counter(), time.thread_time()
+        c0, s0 = _usage()
         per = a.commits // a.concurrency
         await asyncio.gather(*(worker(per) for _ in range(a.concurrency)))
-        c1, t1 = _cpu_s(), time.perf_counter()
+        (c1, s1), t1, p1 = _usage(), time.perf_counter(), time.thread_time()
         ops, batches = per * a.concurrency, gc.batches_written - b0
         print(f"flush_on_commit={a.flush_on_commit} flush_interval={a.flush_interval_ms} ms "
-              f"keys/op={a.keys} concurrency={a.concurrency}: {ops / (t1 - t0):,.0f} ops/s, "
+              f"keys/op={a.keys} concurrency={a.concurrency} wake={a.wake}: {ops / (t1 - t0):,.0f} ops/s, "
               f"{batches} batches; per op {(t1 - t0) / ops * 1e6:,.0f} us wall, "
               f"{(c1 - c0) / ops * 1e6:,.0f} us CPU; per batch "
-              f"{(c1 - c0) / max(batches, 1) * 1e6:,.0f} us CPU")
+              f"{(c1 - c0) / max(batches, 1) * 1e6:,.0f} us CPU "
+              f"({(p1 - p0) / max(batches, 1) * 1e6:,.0f} in the event loop's thread), "
+              f"{(s1 - s0) / max(batches, 1):.1f} voluntary context switches; {_threads()} threads"
+              f"; late flushes {getattr(getattr(gc, '_calls', None), 'late_flushes', '-')}")
         await gc.close()
         await db.shutdown()
     finally:
@@ -79,9 +95,16 @@ def main() -> None:
     ap.add_argument("--flush-on-commit", type=int, default=1)
     ap.add_argument("--flush-interval-ms", type=int, default=10)
     ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--wake", type=int, default=1,
+                    help="1: completions through silo.storage.wake (as the server)")
+    ap.add_argument("--pin", type=int, default=1,
+                    help="1: run on one CPU, as a server worker does (silo.runtime.supervisor)")
     import uvloop
 
-    uvloop.run(run(ap.parse_args()))
+    a = ap.parse_args()
+    if a.pin:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    uvloop.run(run(a))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,14 @@
  *     event loop watches the eventfd and calls `Wake.drain()`, which returns the queued
  *     pairs; wake.py resolves the matching asyncio futures.
  *
+ * The eventfd is written after the mutex is released. A worker process is pinned to one
+ * core: written under the mutex, the write woke the event loop's thread, the kernel
+ * switched to it at once, and its drain() then blocked on the mutex the Tokio thread
+ * still held: two more context switches and two futex calls per completion (seen with
+ * strace: FUTEX_WAIT on the lock right after epoll returned). A queue's eventfd is only
+ * closed once no continuation is between its unlock and its write (`writers`), so the
+ * fd number written to is never one that was closed and reused meanwhile.
+ *
  * A completion for a slot that no longer has a queue, or for a token nobody waits for
  * (its task was cancelled), is dropped or ignored: Rust calls each stored continuation
  * exactly once, at the latest when the future is freed, and nothing here dereferences
@@ -38,6 +46,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -59,7 +68,8 @@ typedef struct {
     entry *spare;   /* swapped with items by drain(); touched only under the GIL */
     size_t spare_cap;
     int efd;        /* -1 once closed (or detached in a forked child) */
-    int signalled;  /* the eventfd was written since the last drain */
+    int signalled;  /* the eventfd was written (or is being written) since the last drain */
+    int writers;    /* continuations about to write efd outside the lock (atomic) */
     uint64_t lost;  /* completions dropped because items could not grow */
     unsigned slot;
     int attached;   /* g_slots[slot] points here */
@@ -88,6 +98,8 @@ static void continuation(uint64_t data, int8_t code)
         return;
     }
     unsigned slot = (unsigned)(data >> TOKEN_BITS);
+    queue *writer = NULL;
+    int efd = -1;
     pthread_mutex_lock(&g_lock);
     queue *q = g_slots[slot];
     if (q != NULL) {
@@ -107,23 +119,37 @@ static void continuation(uint64_t data, int8_t code)
             q->lost++;
         }
         if (!q->signalled) {
-            /* Under the lock, so close() cannot free the fd number in between. */
-            uint64_t one = 1;
-            ssize_t n = write(q->efd, &one, sizeof one);
-            (void)n; /* only EAGAIN at a counter of 2^64-2 is possible: still readable */
             q->signalled = 1;
+            efd = q->efd;
+            /* Counted under the lock: retire() waits for it before closing efd. */
+            __atomic_add_fetch(&q->writers, 1, __ATOMIC_ACQ_REL);
+            writer = q;
         }
     }
     pthread_mutex_unlock(&g_lock);
+    if (writer != NULL) {
+        uint64_t one = 1;
+        ssize_t n = write(efd, &one, sizeof one);
+        (void)n; /* only EAGAIN at a counter of 2^64-2 is possible: still readable */
+        __atomic_sub_fetch(&writer->writers, 1, __ATOMIC_RELEASE);
+    }
 }
 
-/* Must hold g_lock. */
+/* Must hold g_lock. No continuation reaches q afterwards; call retire() after unlocking. */
 static void detach_locked(queue *q)
 {
     if (q->attached) {
         g_slots[q->slot] = NULL;
         q->attached = 0;
     }
+}
+
+/* After detach_locked (and without g_lock): close q's eventfd once the continuations
+ * that were about to write it have done so (a few instructions each; close is rare). */
+static void retire(queue *q)
+{
+    while (__atomic_load_n(&q->writers, __ATOMIC_ACQUIRE) != 0)
+        sched_yield();
     if (q->efd >= 0) {
         close(q->efd);
         q->efd = -1;
@@ -141,6 +167,7 @@ static void after_fork_child(void)
             q->attached = 0;
             q->len = 0;
             q->signalled = 0;
+            q->writers = 0;
             if (q->efd >= 0) {
                 close(q->efd);
                 q->efd = -1;
@@ -196,6 +223,7 @@ static PyObject *Wake_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         pthread_mutex_lock(&g_lock);
         detach_locked(q);
         pthread_mutex_unlock(&g_lock);
+        retire(q);
         free(q);
         return NULL;
     }
@@ -210,6 +238,7 @@ static void Wake_dealloc(WakeObject *self)
         pthread_mutex_lock(&g_lock);
         detach_locked(q);
         pthread_mutex_unlock(&g_lock);
+        retire(q);
         free(q->items);
         free(q->spare);
         free(q);
@@ -223,6 +252,7 @@ static PyObject *Wake_close(WakeObject *self, PyObject *unused)
     detach_locked(self->q);
     self->q->len = 0;
     pthread_mutex_unlock(&g_lock);
+    retire(self->q);
     Py_RETURN_NONE;
 }
 

@@ -30,7 +30,7 @@ runs after another one staged its writes reads what that one wrote, durable or n
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import json
 import logging
 import time
@@ -47,7 +47,7 @@ from slatedb.uniffi import (
 )
 
 from silo.observability import events, metrics, tracing
-from silo.storage import ffi, keys, slatedb_settings
+from silo.storage import commit_calls, ffi, keys, slatedb_settings
 from silo.storage.scan import ResumingScan
 from silo.storage.slatedb_metrics import ExportedRecorder
 
@@ -140,17 +140,43 @@ def _fill_generic(batch: WriteBatch, writes: dict[bytes, bytes | None]) -> None:
 
 
 class _Batch:
-    __slots__ = ("writes", "future", "ops", "acked", "timer", "nbytes")
+    """One commit's writes and the operations waiting for it.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    Two outcomes: `done` (the storage outcome, set by the writer through
+    GroupCommitter._settle) and `acked` (what the operations see: the same outcome, or
+    StorageError once the write bound passes, whichever comes first). Each operation
+    awaits its own future in `waiters`, resolved directly when the batch is acked: a
+    shared future behind asyncio.shield, resolved from a done callback of the storage
+    future, cost two more loop passes (and a shield per operation) between the WAL
+    flush returning and the operations going on."""
+
+    __slots__ = ("writes", "done", "ops", "acked", "acked_exc", "waiters", "timer", "nbytes",
+                 "queued")
+
+    def __init__(self) -> None:
         self.writes: dict[bytes, bytes | None] = {}
-        # `future` is the storage outcome (set by the writer); `acked` is what the
-        # operations await: the same outcome, or StorageError once the write bound passes.
-        self.future: asyncio.Future[None] = loop.create_future()
-        self.acked: asyncio.Future[None] = loop.create_future()
+        self.done = False
+        self.acked = False
+        self.acked_exc: BaseException | None = None
+        self.waiters: list[asyncio.Future[None]] = []
         self.timer: asyncio.TimerHandle | None = None
         self.ops = 0
         self.nbytes = 0  # keys and values staged (an estimate: overwrites count twice)
+        self.queued = False  # in the writer's queue (sealed there if not before)
+
+    def ack(self, exc: BaseException | None) -> None:
+        """Give every waiter the outcome (once; a cancelled waiter is skipped)."""
+        if self.acked:
+            return
+        self.acked = True
+        self.acked_exc = exc
+        waiters, self.waiters = self.waiters, []
+        for f in waiters:
+            if not f.done():
+                if exc is None:
+                    f.set_result(None)
+                else:
+                    f.set_exception(exc)
 
 
 class GroupCommitter:
@@ -176,6 +202,10 @@ class GroupCommitter:
         self._last_handle: object | None = None
         self.flush_on_commit = False
         self._durability_task: asyncio.Task[None] | None = None
+        # The write and WAL flush made straight through the FFI (silo.storage.
+        # commit_calls) when flush_on_commit is on and the database allows it; decided
+        # at the first write (None: not yet, False: the generated calls).
+        self._calls: commit_calls.CommitCalls | bool | None = None
         self._failed: BaseException | None = None
         # Called once when a write or durability wait fails (e.g. the database was
         # fenced by another opener): the owner decides how to recover.
@@ -205,14 +235,13 @@ class GroupCommitter:
             raise StorageError("shard is closing")
         b = self._staged
         if b is None:
-            b = self._staged = _Batch(self._loop)
+            b = self._staged = _Batch()
             if self._idle():
                 self._loop.call_soon(self._hand_off_next_pass, b)
             elif self._interval > 0:
                 self._loop.call_later(self._interval, self._hand_off, b)
             # else: handed off by _kick when the commit in flight is durable
             self._pending.add(b)
-            b.future.add_done_callback(functools.partial(self._settled, b))
             if self.stalled_since is not None:
                 self._arm_write_bound(b)  # fails at once: it would only queue behind
         return b
@@ -223,8 +252,13 @@ class GroupCommitter:
         in silo.shard.ready.wait_due on the task just enqueued) runs in between and
         stages into the same batch, so the enqueue and the lease of its task share one
         write and one WAL flush instead of two in a row (measured at 20 jobs/s: 3.0 ->
-        2.0 commits per job). Costs one callback; the batch is still written at once."""
-        self._loop.call_soon(self._hand_off, b)
+        2.0 commits per job). Costs one callback; the batch is still written at once:
+        the writer is woken here and seals the batch when it runs, in the next pass, where
+        a callback sealing it would have run (one pass and one callback fewer than
+        sealing in a callback and then waking the writer)."""
+        if self._staged is b and not b.queued:
+            b.queued = True
+            self._queue.put_nowait(b)
 
     def _idle(self) -> bool:
         """No commit in flight: nothing handed to the writer and not yet durable."""
@@ -263,9 +297,17 @@ class GroupCommitter:
         if len(b.writes) >= self.max_batch_keys or b.nbytes >= self.max_batch_bytes:
             # Sealed at an operation's end, so no operation's writes are split.
             self._hand_off(b)
+        f = self._loop.create_future()
+        if b.acked:  # failed at once (storage stalled)
+            if b.acked_exc is None:
+                f.set_result(None)
+            else:
+                f.set_exception(b.acked_exc)
+        else:
+            b.waiters.append(f)
         if tracing.ENABLED:
-            return tracing.awaiting("storage.commit", asyncio.shield(b.acked))
-        return asyncio.shield(b.acked)
+            return tracing.awaiting("storage.commit", f)
+        return f
 
     # ---- the write bound (full disk, stuck object store) -----------------------
 
@@ -273,21 +315,20 @@ class GroupCommitter:
         """Fail b's waiters if b is not durable within write_timeout_s of the writer
         starting on it. While storage is stalled, batches fail at once: their waiters
         would only queue behind it."""
-        if b.timer is not None or b.acked.done():
+        if b.timer is not None or b.acked:
             return
         delay = 0.0 if self.stalled_since is not None else self.write_timeout_s
         b.timer = self._loop.call_later(delay, self._write_bound_passed, b)
 
-    def _settled(self, b: _Batch, fut: asyncio.Future[None]) -> None:
+    def _settle(self, b: _Batch, exc: BaseException | None) -> None:
+        """The storage outcome of b (the writer's; once): its waiters get it now."""
+        if b.done:
+            return
+        b.done = True
         self._pending.discard(b)
         if b.timer is not None:
             b.timer.cancel()
-        exc = StorageError("write cancelled") if fut.cancelled() else fut.exception()
-        if not b.acked.done():
-            if exc is None:
-                b.acked.set_result(None)
-            else:
-                b.acked.set_exception(exc)
+        b.ack(exc)
         if exc is None and self.stalled_since is not None:
             stalled_s = time.monotonic() - self.stalled_since
             self.stalled_since = None
@@ -296,7 +337,7 @@ class GroupCommitter:
                 self.on_stall(False)
 
     def _write_bound_passed(self, b: _Batch) -> None:
-        if b.acked.done():
+        if b.acked:
             return
         if self.stalled_since is None:
             self.stalled_since = time.monotonic()
@@ -307,12 +348,19 @@ class GroupCommitter:
                 self.on_stall(True)
         # Every batch not yet durable queues behind this one: its waiters fail now too.
         for p in [b, *self._pending]:
-            if not p.acked.done():
-                p.acked.set_exception(StorageError(
-                    f"write not durable within {self.write_timeout_s:g} s (storage stalled)"))
-                p.acked.exception()  # retrieved: a batch may have no waiter left
+            p.ack(StorageError(
+                f"write not durable within {self.write_timeout_s:g} s (storage stalled)"))
 
     def _hand_off(self, b: _Batch) -> None:
+        """Seal b and queue it for the writer (unless it is queued already)."""
+        if self._staged is b:
+            self._seal(b)
+            if not b.queued:
+                b.queued = True
+                self._queue.put_nowait(b)
+
+    def _seal(self, b: _Batch) -> None:
+        """No more writes join b: it is the writer's."""
         if self._staged is b:
             self._staged = None
             if self._on_seal is not None:
@@ -320,7 +368,6 @@ class GroupCommitter:
                 # exactly the operations in this batch and the batches before it.
                 self._on_seal(b.writes)
             self._inflight.append(b)
-            self._queue.put_nowait(b)
 
     # ---- reads ---------------------------------------------------------------
 
@@ -378,13 +425,14 @@ class GroupCommitter:
             b = await self._queue.get()
             if b is None:
                 return
+            self._seal(b)  # queued unsealed by _hand_off_next_pass
             self._arm_write_bound(b)
             if not b.writes:
                 # Nothing to write (an operation that changed nothing still awaits the
                 # batch): it is durable once everything written before it is.
                 self._inflight.remove(b)
                 if self._last_handle is None:
-                    b.future.set_result(None)
+                    self._settle(b, None)
                     self._kick()
                     continue
                 self._unconfirmed.append((self._last_handle, b))
@@ -394,13 +442,29 @@ class GroupCommitter:
             try:
                 wb = WriteBatch()
                 self._fill(wb, b.writes)
-                handle = await self._db.write(wb)
+                calls = self._commit_calls()
+                early = None
+                if calls and self._durability_task is None:
+                    # The WAL flush goes right behind the write (CommitCalls.
+                    # write_flushing); the durability step checks it carried the write.
+                    t0 = time.perf_counter()
+                    wait_write, early = calls.write_flushing(wb)
+                    try:
+                        write_handle = await wait_write
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            await early  # its future is freed by running it out
+                        raise
+                    handle = True
+                else:
+                    # With flush_on_commit the handle is never awaited: the fast write
+                    # frees it at once and returns True instead.
+                    handle = await (calls.write(wb) if calls else self._db.write(wb))
             except Exception as e:  # noqa: BLE001
                 log.error("shard write failed: %s", e)
                 self._fail(e)
                 self._inflight.remove(b)
-                if not b.future.done():
-                    b.future.set_exception(StorageError(f"write failed: {e}"))
+                self._settle(b, StorageError(f"write failed: {e}"))
                 self._kick()
                 continue
             self._inflight.remove(b)
@@ -410,38 +474,67 @@ class GroupCommitter:
             metrics.COMMIT_BATCH_OPS.observe((self.name,), b.ops)
             self._unconfirmed.append((handle, b))
             if self._durability_task is None:
-                self._durability_task = asyncio.create_task(self._confirm_durability())
+                first = None
+                if early is not None:
+                    batches = [u for _, u in self._unconfirmed]
+                    self._unconfirmed.clear()
+                    first = (calls.confirm(early, write_handle), batches, t0)
+                elif calls:
+                    # Send the WAL flush now: the task's first step is a loop pass away.
+                    batches = [u for _, u in self._unconfirmed]
+                    self._unconfirmed.clear()
+                    first = (calls.flush_wal_started(), batches, time.perf_counter())
+                self._durability_task = asyncio.create_task(self._confirm_durability(first))
 
-    async def _confirm_durability(self) -> None:
+    def _commit_calls(self) -> commit_calls.CommitCalls | None:
+        """The fast calls, if flush_on_commit is on and the database allows them."""
+        if not self.flush_on_commit:
+            return None
+        calls = self._calls
+        if calls is None:
+            calls = self._calls = (commit_calls.CommitCalls(self._db)
+                                   if commit_calls.available_for(self._db) else False)
+        return calls or None
+
+    def _durability_wait(self, handle) -> Awaitable[None]:
+        if self.flush_on_commit or handle is True:
+            # Flush the WAL now rather than at the next flush_interval tick: the batch is
+            # durable ~1 ms after it is written, at the price of one object-store write
+            # per commit instead of per interval.
+            calls = self._calls
+            if calls:
+                return calls.flush_wal_started()
+            return self._db.flush_with_options(_WAL_FLUSH)
+        return handle.await_durable()
+
+    async def _confirm_durability(self, first=None) -> None:
         """Wait for the newest written batch only: the WAL is durable in write order, so
         one await_durable confirms every batch written before it too. At most one such
         wait is in flight, so a flush costs one cross-thread wake-up however many
-        batches it carries."""
+        batches it carries. `first`: (a wait already started, the batches it covers,
+        its start time), from the writer."""
         try:
-            while self._unconfirmed:
-                handle = self._unconfirmed[-1][0]
-                batches = [b for _, b in self._unconfirmed]
-                self._unconfirmed.clear()
-                t0 = time.perf_counter()
+            while first is not None or self._unconfirmed:
+                if first is not None:
+                    wait, batches, t0 = first
+                    first = None
+                else:
+                    handle = self._unconfirmed[-1][0]
+                    batches = [b for _, b in self._unconfirmed]
+                    self._unconfirmed.clear()
+                    t0 = time.perf_counter()
+                    wait = self._durability_wait(handle)
                 try:
-                    if self.flush_on_commit:
-                        # Flush the WAL now rather than at the next flush_interval tick:
-                        # the batch is durable ~1 ms after it is written, at the price of
-                        # one object-store write per commit instead of per interval.
-                        await self._db.flush_with_options(_WAL_FLUSH)
-                    else:
-                        await handle.await_durable()
+                    await wait
                     metrics.COMMIT_DURABLE_WAIT.observe((self.name,), time.perf_counter() - t0)
                 except Exception as e:  # noqa: BLE001
                     log.error("shard durability wait failed: %s", e)
                     self._fail(e)
                     for b in batches:
-                        if not b.future.done():
-                            b.future.set_exception(StorageError(f"durability wait failed: {e}"))
+                        self._settle(b, StorageError(f"durability wait failed: {e}"))
                     continue
                 for b in batches:
-                    if not b.future.done():
-                        b.future.set_result(None)
+                    self._settle(b, None)
         finally:
             self._durability_task = None
             self._kick()

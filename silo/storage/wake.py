@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import gc
 import itertools
 import logging
@@ -212,6 +213,17 @@ def _patch(mod: ModuleType) -> None:
             _patch_locked(mod)
 
 
+async def _poll_generated(mod: ModuleType, loop, rust_future, ffi_poll) -> None:
+    """The generated poll loop (ctypes continuation, call_soon_threadsafe), for a call
+    whose loop was uninstalled while it waited."""
+    while True:
+        fut = loop.create_future()
+        ffi_poll(rust_future, mod._uniffi_continuation_callback,
+                 mod._UniffiContinuationHandleMap.insert((loop, fut)))
+        if await fut == _POLL_READY:
+            return
+
+
 def _patch_locked(mod: ModuleType) -> None:
     callback_t = mod._UNIFFI_RUST_FUTURE_CONTINUATION_CALLBACK
     lib = mod._UniffiLib
@@ -236,14 +248,7 @@ def _patch_locked(mod: ModuleType) -> None:
     counted = _counted
     sleep0 = asyncio.sleep
 
-    async def poll_generated(loop, rust_future, ffi_poll) -> None:
-        # The generated poll loop (ctypes continuation, call_soon_threadsafe).
-        while True:
-            fut = loop.create_future()
-            ffi_poll(rust_future, mod._uniffi_continuation_callback,
-                     mod._UniffiContinuationHandleMap.insert((loop, fut)))
-            if await fut == _POLL_READY:
-                return
+    poll_generated = functools.partial(_poll_generated, mod)
 
     async def rust_call_async(rust_future, ffi_poll, ffi_complete, ffi_free, lift_func,
                               error_ffi_converter):
@@ -287,5 +292,7 @@ def _patch_locked(mod: ModuleType) -> None:
             ffi_free(rust_future)
 
     rust_call_async.__doc__ = "silo.storage.wake: " + (generated.__doc__ or "")
+    # rust_call_async's poll loop is repeated in CommitCalls._drive (the committer's
+    # calls), not shared: an extra coroutine frame on every read is not worth it.
     mod._uniffi_rust_call_async = rust_call_async
     setattr(mod, _MARKER, True)

@@ -256,3 +256,83 @@ async def _test_put_empty_stages_what_put_would() -> None:
     db.gate.set()
     await asyncio.wait_for(c.commit(), 1.0)
     await c.close()
+
+
+def test_waiters_resume_one_loop_pass_after_the_batch_is_durable() -> None:
+    """The durability wait returning resolves each operation's own future directly: the
+    operation runs on in the next loop pass (through a done callback and asyncio.shield
+    it took two more)."""
+    asyncio.run(_test_waiters_resume_one_loop_pass_after_the_batch_is_durable())
+
+
+async def _test_waiters_resume_one_loop_pass_after_the_batch_is_durable() -> None:
+    loop = asyncio.get_running_loop()
+    passes = [0]
+    ticking = [True]
+
+    def tick() -> None:  # one increment per loop pass
+        passes[0] += 1
+        if ticking[0]:
+            loop.call_soon(tick)
+
+    durable_at: list[int] = []
+
+    class Handle:
+        async def await_durable(self) -> None:
+            await asyncio.sleep(0)
+            durable_at.append(passes[0])
+
+    class Db:
+        async def write(self, _batch) -> Handle:
+            return Handle()
+
+    c = GroupCommitter(Db(), commit_interval_s=0)
+    c._fill = lambda wb, writes: None
+    loop.call_soon(tick)
+    c.put(b"k", b"v")
+    await c.commit()
+    resumed_at = passes[0]
+    ticking[0] = False
+    assert durable_at and resumed_at - durable_at[0] <= 1
+    await c.close()
+
+
+def test_an_idle_committer_starts_writing_two_loop_passes_after_staging() -> None:
+    """The pass after the staging one lets what it woke join the batch; the writer then
+    seals and writes it in the next pass (a sealing callback plus a writer wake-up took
+    one more)."""
+    asyncio.run(_test_an_idle_committer_starts_writing_two_loop_passes_after_staging())
+
+
+async def _test_an_idle_committer_starts_writing_two_loop_passes_after_staging() -> None:
+    loop = asyncio.get_running_loop()
+    passes = [0]
+    ticking = [True]
+
+    def tick() -> None:
+        passes[0] += 1
+        if ticking[0]:
+            loop.call_soon(tick)
+
+    written_at: list[int] = []
+    sizes: list[int] = []
+
+    class Db(_FakeDb):
+        async def write(self, batch) -> _Handle:
+            written_at.append(passes[0])
+            return await super().write(batch)
+
+    c = GroupCommitter(Db(), commit_interval_s=0)
+    c._fill = lambda wb, writes: sizes.append(len(writes))
+    await asyncio.sleep(0)  # the writer task is parked on its queue
+    loop.call_soon(tick)
+    await asyncio.sleep(0)
+    staged_at = passes[0]
+    c.put(b"a", b"1")
+    first = c.commit()
+    loop.call_soon(lambda: (c.put(b"b", b"2"), c.commit()))  # runs in the next pass
+    await first
+    ticking[0] = False
+    assert sizes == [2]  # both in one batch
+    assert written_at[0] - staged_at <= 2
+    await c.close()
