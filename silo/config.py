@@ -53,6 +53,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     object_store_url: str = ""
     flush_interval_ms: int = 10
     commit_interval_ms: float = 0.0
+    commit_min_gap_ms: float = 0.0
     l0_sst_size_bytes: int = 8 * MiB
     flush_on_commit: bool = True
     l0_flush_interval_s: int = 30
@@ -234,6 +235,14 @@ OPTIONS: tuple[Option, ...] = (
         "storage.commit_interval_ms",
         _float(0, 1000),
         "group-commit cap: longest a batch waits behind a commit in flight (0 = adaptive, no cap)",
+        "MS",
+    ),
+    Option(
+        "commit_min_gap_ms",
+        "storage.commit_min_gap_ms",
+        _float(0, 1000),
+        "under concurrency, start a group commit no sooner than this after the previous one "
+        "started (0 = off; a lone write still commits at once)",
         "MS",
     ),
     Option(

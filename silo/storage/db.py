@@ -225,6 +225,14 @@ class GroupCommitter:
         self._pending: set[_Batch] = set()  # batches whose waiters have no outcome yet
         # Called with True when storage stalls, False when a write is durable again.
         self.on_stall: Callable[[bool], None] | None = None
+        # storage.commit_min_gap_ms: when the last batch carried more than one operation
+        # (calls arrive concurrently), an idle writer starts the next commit no sooner
+        # than this after the previous one started, so commits carry more operations
+        # each; a lone operation still commits at once. 0 = off.
+        self.min_gap_s = 0.0
+        self._last_start = 0.0  # loop time the writer took the last batch
+        self._last_ops = 0  # operations in that batch
+        self._gap_timer: asyncio.TimerHandle | None = None
 
     # ---- staging (synchronous; call from the shard's loop) ----------------
 
@@ -237,7 +245,11 @@ class GroupCommitter:
         if b is None:
             b = self._staged = _Batch()
             if self._idle():
-                self._loop.call_soon(self._hand_off_next_pass, b)
+                gap = self._gap_left()
+                if gap > 0:
+                    self._loop.call_later(gap, self._hand_off_next_pass, b)
+                else:
+                    self._loop.call_soon(self._hand_off_next_pass, b)
             elif self._interval > 0:
                 self._loop.call_later(self._interval, self._hand_off, b)
             # else: handed off by _kick when the commit in flight is durable
@@ -264,11 +276,28 @@ class GroupCommitter:
         """No commit in flight: nothing handed to the writer and not yet durable."""
         return not self._inflight and not self._unconfirmed and self._durability_task is None
 
+    def _gap_left(self) -> float:
+        """Seconds until an idle writer may start the next commit (min_gap_s): 0 when
+        the gap is off, has passed, or the last batch held a single operation."""
+        if self.min_gap_s <= 0 or self._last_ops <= 1:
+            return 0.0
+        return self._last_start + self.min_gap_s - self._loop.time()
+
     def _kick(self) -> None:
-        """The commit in flight finished: send what gathered meanwhile, now."""
+        """The commit in flight finished: send what gathered meanwhile, now (or once
+        the minimum gap since the last commit's start has passed)."""
         b = self._staged
         if b is not None and self._idle():
+            gap = self._gap_left()
+            if gap > 0:
+                if self._gap_timer is None:
+                    self._gap_timer = self._loop.call_later(gap, self._gap_passed)
+                return
             self._hand_off(b)
+
+    def _gap_passed(self) -> None:
+        self._gap_timer = None
+        self._kick()
 
     def put(self, key: bytes, value: bytes) -> None:
         b = self._batch()
@@ -426,6 +455,8 @@ class GroupCommitter:
             if b is None:
                 return
             self._seal(b)  # queued unsealed by _hand_off_next_pass
+            self._last_start = self._loop.time()
+            self._last_ops = b.ops
             self._arm_write_bound(b)
             if not b.writes:
                 # Nothing to write (an operation that changed nothing still awaits the
