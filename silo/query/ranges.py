@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from slatedb.uniffi import DurabilityLevel, IterationOrder, ScanOptions
 
-from silo.query import pace
+from silo.query import lift, pace
 from silo.query.plan import Scan
 from silo.storage import keys
 from silo.storage.scan import ResumingScan
@@ -58,11 +58,12 @@ _DESCENDING = ScanOptions(durability_filter=DurabilityLevel.MEMORY, dirty=False,
 
 async def rows(db, start: bytes, end: bytes | None, slice_: int = SLICE,
                descending: bool = False) -> AsyncIterator[list]:
-    """Rows with start <= key < end, a slice per await (last key first if descending)."""
+    """Rows (lift.KV: key, value) with start <= key < end, a slice per await (last key
+    first if descending)."""
     it = ResumingScan(db, start, end, options=_DESCENDING if descending else None,
                       descending=descending)
     while True:
-        batch = await it.next_batch(slice_)
+        batch = await it.next_batch(slice_, lift.next_pairs)
         if not batch:
             return
         _count(len(batch))
