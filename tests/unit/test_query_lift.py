@@ -93,3 +93,38 @@ def test_other_iterators_go_through_their_own_next_batch():
 
     got = asyncio.run(lift.next_pairs(It(), 1))
     assert got == [(b"a", b"1")] and got[0].key == b"a" and got[0].value == b"1"
+
+
+def test_whole_range_reads_ask_for_read_ahead_and_short_reads_do_not():
+    """ranges.rows: full slices read ahead (uncached blocks), a LIMIT's short slices
+    and descending reads keep their own options."""
+    from silo.query import ranges
+
+    class Db:
+        def __init__(self) -> None:
+            self.opened: list = []
+
+        async def scan(self, kr):
+            self.opened.append(None)
+            return Empty()
+
+        async def scan_with_options(self, kr, options):
+            self.opened.append(options)
+            return Empty()
+
+    class Empty:
+        async def next_batch(self, n):
+            return []
+
+    async def drain(db, **kw):
+        async for _ in ranges.rows(db, b"a", b"b", **kw):
+            pass
+
+    db = Db()
+    asyncio.run(drain(db))
+    asyncio.run(drain(db, slice_=5))
+    asyncio.run(drain(db, descending=True))
+    bulk, short, desc = db.opened
+    assert bulk.read_ahead_bytes == ranges.READ_AHEAD_BYTES and not bulk.cache_blocks
+    assert short is None
+    assert desc is ranges._DESCENDING
