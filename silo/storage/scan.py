@@ -78,12 +78,15 @@ class ResumingScan:
         if self._it is None:
             await self._open()
 
-    async def next_batch(self, n: int) -> list:
+    async def next_batch(self, n: int, fetch=None) -> list:
+        """Up to n rows (rows with .key); `fetch(iterator, n)`, when given, reads them
+        instead of the iterator's own next_batch (silo.query.lift: key/value only)."""
         while True:
             try:
                 if self._it is None:
                     await self._open()
-                rows = await self._it.next_batch(n)
+                rows = await (self._it.next_batch(n) if fetch is None
+                              else fetch(self._it, n))
             except Exception as e:
                 if not is_missing_object(e) or self._in_a_row >= MAX_RESUMES:
                     raise
