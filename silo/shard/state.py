@@ -80,24 +80,32 @@ _U64_MAX = (1 << 64) - 1
 _STALE_EXPIRY_SLACK = 4096
 
 
+def _index_row(tenant_enc: bytes, status_part: bytes, ts_ms: int, job_enc: bytes) -> bytes:
+    """keys.status_index from parts already encoded (inlined: it runs on every
+    transition, and put_status has the tenant and id encoded for the status row)."""
+    return (b"\x03" + tenant_enc + status_part
+            + (_U64_MAX - max(0, ts_ms)).to_bytes(8, "big") + job_enc)
+
+
+def _index_ts(status: JobStatus) -> int:
+    """The time a status is indexed by: Scheduled by next-attempt time, else the change."""
+    if status.kind == SCHEDULED and status.next_attempt_starts_after_ms is not None:
+        return status.next_attempt_starts_after_ms
+    return status.changed_at_ms
+
+
 def scheduled_index_key(tenant: str, job_id: str, start_ms: int) -> bytes:
     """The 0x03 row of a Scheduled job whose pending step starts at start_ms (the status'
     next-attempt time, which every pending step carries: a task key's start time, or a
     chain step's start_ms). = status_index_key(tenant, job_id, JobStatus(SCHEDULED, 0,
     start_ms)), without the JobStatus (it runs once per leased task)."""
-    return (b"\x03" + keys.enc_str(tenant) + _SCHEDULED_PART
-            + (_U64_MAX - max(0, start_ms)).to_bytes(8, "big") + keys.enc_str(job_id))
+    return _index_row(keys.enc_str(tenant), _SCHEDULED_PART, start_ms, keys.enc_str(job_id))
 
 
 def status_index_key(tenant: str, job_id: str, status: JobStatus) -> bytes:
-    """The 0x03 row of a job in this status: Scheduled by next-attempt time, else by
-    the time of the change. Equal to keys.status_index (inlined: it runs on every
-    transition)."""
-    ts = status.changed_at_ms
-    if status.kind == SCHEDULED and status.next_attempt_starts_after_ms is not None:
-        ts = status.next_attempt_starts_after_ms
-    return (b"\x03" + keys.enc_str(tenant) + _STATUS_KEY_PART[status.kind]
-            + (_U64_MAX - max(0, ts)).to_bytes(8, "big") + keys.enc_str(job_id))
+    """The 0x03 row of a job in this status (equal to keys.status_index)."""
+    return _index_row(keys.enc_str(tenant), _STATUS_KEY_PART[status.kind], _index_ts(status),
+                      keys.enc_str(job_id))
 
 
 class ActiveJob:
@@ -448,11 +456,7 @@ class Shard:
         t, j = keys.enc_str(tenant), keys.enc_str(job_id)
         self.committer.put(b"\x02" + t + j, encode(status))  # keys.job_status
         self.info_cache.put_status(tenant, job_id, status)  # GetJob reads it from memory
-        ts = status.changed_at_ms  # status_index_key, from the encodings above
-        if status.kind == SCHEDULED and status.next_attempt_starts_after_ms is not None:
-            ts = status.next_attempt_starts_after_ms
-        new_key = (b"\x03" + t + _STATUS_KEY_PART[status.kind]
-                   + (_U64_MAX - max(0, ts)).to_bytes(8, "big") + j)
+        new_key = _index_row(t, _STATUS_KEY_PART[status.kind], _index_ts(status), j)
         job = self.active.get((tenant, job_id))
         if old is not None:
             old_key: bytes | None = status_index_key(tenant, job_id, old)
