@@ -173,10 +173,23 @@ class _Batch:
         waiters, self.waiters = self.waiters, []
         for f in waiters:
             if not f.done():
-                if exc is None:
-                    f.set_result(None)
-                else:
-                    f.set_exception(exc)
+                _resolve(f, exc)
+
+    def waiter(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """A future for one more operation: resolved with the outcome if it is known."""
+        f = loop.create_future()
+        if self.acked:  # failed at once (storage stalled)
+            _resolve(f, self.acked_exc)
+        else:
+            self.waiters.append(f)
+        return f
+
+
+def _resolve(f: asyncio.Future[None], exc: BaseException | None) -> None:
+    if exc is None:
+        f.set_result(None)
+    else:
+        f.set_exception(exc)
 
 
 class GroupCommitter:
@@ -326,14 +339,7 @@ class GroupCommitter:
         if len(b.writes) >= self.max_batch_keys or b.nbytes >= self.max_batch_bytes:
             # Sealed at an operation's end, so no operation's writes are split.
             self._hand_off(b)
-        f = self._loop.create_future()
-        if b.acked:  # failed at once (storage stalled)
-            if b.acked_exc is None:
-                f.set_result(None)
-            else:
-                f.set_exception(b.acked_exc)
-        else:
-            b.waiters.append(f)
+        f = b.waiter(self._loop)
         if tracing.ENABLED:
             return tracing.awaiting("storage.commit", f)
         return f
@@ -507,15 +513,19 @@ class GroupCommitter:
             if self._durability_task is None:
                 first = None
                 if early is not None:
-                    batches = [u for _, u in self._unconfirmed]
-                    self._unconfirmed.clear()
+                    batches = self._take_unconfirmed()
                     first = (calls.confirm(early, write_handle), batches, t0)
                 elif calls:
                     # Send the WAL flush now: the task's first step is a loop pass away.
-                    batches = [u for _, u in self._unconfirmed]
-                    self._unconfirmed.clear()
+                    batches = self._take_unconfirmed()
                     first = (calls.flush_wal_started(), batches, time.perf_counter())
                 self._durability_task = asyncio.create_task(self._confirm_durability(first))
+
+    def _take_unconfirmed(self) -> list[_Batch]:
+        """The batches written and not yet confirmed durable: the next wait covers them."""
+        batches = [b for _, b in self._unconfirmed]
+        self._unconfirmed.clear()
+        return batches
 
     def _commit_calls(self) -> commit_calls.CommitCalls | None:
         """The fast calls, if flush_on_commit is on and the database allows them."""
@@ -551,8 +561,7 @@ class GroupCommitter:
                     first = None
                 else:
                     handle = self._unconfirmed[-1][0]
-                    batches = [b for _, b in self._unconfirmed]
-                    self._unconfirmed.clear()
+                    batches = self._take_unconfirmed()
                     t0 = time.perf_counter()
                     wait = self._durability_wait(handle)
                 try:
