@@ -107,12 +107,9 @@ def start_attempt(shard: Shard, job: ActiveJob, *, tenant: str, job_id: str, att
                   limits: list[Limit], now: int, retry: bool = False) -> None:
     """Begin the limit chain of a new attempt (enqueue, retry, restart)."""
     if not limits:  # = walk's end for an empty chain, without building the Chain
-        task_id = new_id()
-        key = keys.task(task_group, start_ms, priority, job_id, attempt, tenant)
-        shard.add_task(key, RunAttempt(task_id, tenant, job_id, attempt, relative,
-                                       task_group, []))
-        job.task_key = key
-        job.request_key = None
+        _place_task(shard, job, keys.task(task_group, start_ms, priority, job_id, attempt,
+                                          tenant),
+                    RunAttempt(new_id(), tenant, job_id, attempt, relative, task_group, []))
         return
     chain = Chain(new_id(), tenant, job_id, attempt, relative, task_group, priority, start_ms,
                   limits, [])
@@ -166,7 +163,11 @@ def capacity(shard: Shard, tenant: str, limit: ConcurrencyLimit | FloatingConcur
 
 
 def _add_chain_task(shard: Shard, job: ActiveJob, chain: Chain, task) -> None:
-    key = chain.task_key()
+    _place_task(shard, job, chain.task_key(), task)
+
+
+def _place_task(shard: Shard, job: ActiveJob, key: bytes, task) -> None:
+    """The job's pending step is now the task under key (no ticket row any more)."""
     shard.add_task(key, task)
     job.task_key = key
     job.request_key = None
