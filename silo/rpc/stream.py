@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
 
 import grpc
 import msgspec
@@ -237,6 +238,19 @@ def _set_result(r: spb.EnqueueResult, got: object) -> None:
         r.id = got  # type: ignore[assignment]
 
 
+def owner_lookup(svc: SiloService) -> Callable[[str], int | None]:
+    """owner_elsewhere remembered per shard for one batch (a batch names few shards)."""
+    seen: dict[str, int | None] = {}
+
+    def lookup(shard_id: str) -> int | None:
+        if shard_id in seen:
+            return seen[shard_id]
+        owner = seen[shard_id] = owner_elsewhere(svc, shard_id)
+        return owner
+
+    return lookup
+
+
 async def enqueue_many(svc: SiloService, jobs: list[pb.EnqueueRequest]
                        ) -> spb.EnqueueManyResponse:
     """The jobs of this process's shards in one pass (silo.rpc.batch: each checked as
@@ -247,13 +261,9 @@ async def enqueue_many(svc: SiloService, jobs: list[pb.EnqueueRequest]
     once its own job is durable, as before."""
     remote: dict[int, list[int]] = {}
     local: list[int] = []
-    owners: dict[str, int | None] = {}  # a batch names few shards
+    owner_of = owner_lookup(svc)
     for i, job in enumerate(jobs):
-        sid = job.shard
-        if sid in owners:
-            owner = owners[sid]
-        else:
-            owner = owners[sid] = owner_elsewhere(svc, sid)
+        owner = owner_of(job.shard)
         if owner is None:
             local.append(i)
         else:

@@ -155,13 +155,9 @@ class WorkSession:
         process go to it as one forwarded batch (a relay costs more than the item)."""
         remote: dict[int, list] = {}
         here: list = []
-        owners: dict[str, int | None] = {}  # a message names few shards
+        owner_of = stream.owner_lookup(self.svc)
         for r in requests:
-            sid = r.shard
-            if sid in owners:
-                owner = owners[sid]
-            else:
-                owner = owners[sid] = stream.owner_elsewhere(self.svc, sid)
+            owner = owner_of(r.shard)
             if owner is None:
                 if kind == ACK.OUTCOME:
                     here.append(r)
