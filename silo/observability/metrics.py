@@ -234,6 +234,10 @@ PROCESS_CPU = Gauge("silo_process_cpu_seconds", "CPU seconds of the process",
                     ("process",), mode="liveall")
 PROCESS_RSS = Gauge("silo_process_resident_memory_bytes", "Resident memory of the process",
                     ("process",), mode="liveall")
+METRICS_FLUSHED_AT = Gauge("silo_metrics_flushed_at_seconds",
+                           "Wall time at which the process's last counter flush began: a stale "
+                           "value means its event loop is stuck; every count made before it "
+                           "is in the scrape", ("process",), mode="liveall")
 ASYNCIO_TASKS = Gauge("silo_asyncio_tasks", "Alive asyncio tasks of the process",
                       ("process",), mode="liveall")
 WORKER_RESTARTS = Counter("silo_worker_restarts_total", "Worker processes restarted",
@@ -436,10 +440,13 @@ async def flush_forever(node) -> None:
     while True:
         await asyncio.sleep(FLUSH_INTERVAL_S)
         t0 = time.perf_counter()
+        began = time.time()
         try:
             sample_node(node, with_slatedb=tick % SLATEDB_SAMPLE_EVERY == 0)
             tick += 1
             flush()
+            # set last: a scrape that sees this time sees every count made before it
+            METRICS_FLUSHED_AT.set((_state["process"],), began)
         except Exception:  # noqa: BLE001 - metrics must never take the worker down
             log.exception("metrics flush failed")
         elapsed = time.perf_counter() - t0

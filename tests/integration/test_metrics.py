@@ -74,6 +74,13 @@ def test_metrics_count_enqueues_over_all_processes(tmp_path):
         # every worker process reports its CPU and memory (per-process gauges)
         procs = {s.labels["process"] for s in fam["silo_process_resident_memory_bytes"]}
         assert procs == {"w0", "w1"}
+        # each worker stamps when its last flush began: a barrier for tests, a liveness
+        # signal for operators (a stuck loop stops advancing it)
+        since = time.time()
+        flushed = wait_for(lambda: (f := scrape(srv)) and (stamps := {
+            s.labels["process"]: s.value for s in f["silo_metrics_flushed_at_seconds"]}) and
+            min(stamps.values()) > since and stamps, what="a flush of every worker")
+        assert set(flushed) == {"w0", "w1"} and max(flushed.values()) < time.time()
         assert total(fam, "silo_shards_owned") == 4
         # the ready queue depth (queue depth per task group)
         wait_for(lambda: total(scrape(srv), "silo_ready_tasks", task_group="g") == n,

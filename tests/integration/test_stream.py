@@ -147,26 +147,29 @@ def test_enqueue_many_answers_each_job_with_its_id_or_its_enqueue_error(srv):
     arun(body())
 
 
-def forwarded_calls(srv, method: str) -> float:
-    """silo_forwarded_calls_total of one method, summed over peers (flushed once a second)."""
+PROCESSES = 2  # the srv fixture's --processes
+
+
+def scrape(srv) -> list[tuple[str, float]]:
     with urllib.request.urlopen(srv.metrics_url, timeout=10) as r:
         text = r.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("silo_forwarded_calls_total{")
-               and f'method="{method}"' in line)
+    return [(line.rsplit(" ", 1)[0], float(line.rsplit(" ", 1)[1]))
+            for line in text.splitlines() if line and not line.startswith("#")]
 
 
-def settled_forwarded_calls(srv, method: str) -> float:
-    """The count once it stopped moving (calls of earlier tests flushed)."""
-    last = forwarded_calls(srv, method)
+def flushed_forwarded_calls(srv, *methods: str) -> list[float]:
+    """The counts of every call made before now: workers flush counts once a second, so wait
+    until each worker's last flush began after this call (silo_metrics_flushed_at_seconds)."""
+    since = time.time()
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        time.sleep(1.2)
-        now = forwarded_calls(srv, method)
-        if now == last:
-            return now
-        last = now
-    raise AssertionError(f"forwarded {method} calls never settled")
+    while True:
+        rows = scrape(srv)
+        flushed = [v for name, v in rows if name.startswith("silo_metrics_flushed_at_seconds{")]
+        if len(flushed) >= PROCESSES and all(v > since for v in flushed):
+            return [sum(v for name, v in rows if name.startswith("silo_forwarded_calls_total{")
+                        and f'method="{m}"' in name) for m in methods]
+        assert time.monotonic() < deadline, f"workers did not flush metrics: {flushed}"
+        time.sleep(0.2)
 
 
 def test_enqueue_many_relays_one_call_per_owner_process_not_one_per_job(srv):
@@ -179,16 +182,12 @@ def test_enqueue_many_relays_one_call_per_owner_process_not_one_per_job(srv):
             for t, r in zip([t for t in TENANTS for _ in range(2)], resp.results, strict=True):
                 assert (await c.status(t, r.id)).status == pb.JOB_STATUS_SCHEDULED
 
-    enqueues = settled_forwarded_calls(srv, "Enqueue")
-    batches = settled_forwarded_calls(srv, "EnqueueMany@local")
+    before = flushed_forwarded_calls(srv, "Enqueue", "EnqueueMany@local")
     arun(body())
-    deadline = time.monotonic() + 30
-    while forwarded_calls(srv, "EnqueueMany@local") == batches:
-        assert time.monotonic() < deadline, "no forwarded EnqueueMany"
-        time.sleep(0.2)
+    enqueues, batches = (a - b for a, b in zip(
+        flushed_forwarded_calls(srv, "Enqueue", "EnqueueMany@local"), before, strict=True))
     # 32 jobs over 4 shards in 2 processes: the other process's half went as one relay
-    assert forwarded_calls(srv, "EnqueueMany@local") == batches + 1
-    assert forwarded_calls(srv, "Enqueue") == enqueues
+    assert (batches, enqueues) == (1, 0)
 
 
 # ---- the worker stream -------------------------------------------------------------------
@@ -286,14 +285,12 @@ def test_outcomes_of_the_other_process_go_as_one_relay_with_per_item_codes(srv):
                 (grpc.StatusCode.NOT_FOUND.value[0], "lease not found")}
             call.cancel()
 
-    outcomes = settled_forwarded_calls(srv, "ReportOutcome")
-    batches = settled_forwarded_calls(srv, "UnaryMany@local")
+    before = flushed_forwarded_calls(srv, "ReportOutcome", "UnaryMany@local")
     arun(body())
-    deadline = time.monotonic() + 30
-    while forwarded_calls(srv, "UnaryMany@local") < batches + 2:
-        assert time.monotonic() < deadline, "outcomes were not relayed in batches"
-        time.sleep(0.2)
-    assert forwarded_calls(srv, "ReportOutcome") == outcomes
+    outcomes, batches = (a - b for a, b in zip(
+        flushed_forwarded_calls(srv, "ReportOutcome", "UnaryMany@local"), before, strict=True))
+    assert batches >= 2, "outcomes were not relayed in batches"
+    assert outcomes == 0
 
 
 def test_a_relayed_lease_that_filled_its_slots_leases_again_without_a_wait_call(srv):
@@ -312,11 +309,11 @@ def test_a_relayed_lease_that_filled_its_slots_leases_again_without_a_wait_call(
                                               add_slots=len(tasks)))
             call.cancel()
 
-    waits = settled_forwarded_calls(srv, "StreamWait@local")
-    leases = settled_forwarded_calls(srv, "LeaseTasks@local")
+    before = flushed_forwarded_calls(srv, "StreamWait@local", "LeaseTasks@local")
     arun(body())
-    leases = settled_forwarded_calls(srv, "LeaseTasks@local") - leases
-    waits = forwarded_calls(srv, "StreamWait@local") - waits
+    waits, leases = (a - b for a, b in zip(
+        flushed_forwarded_calls(srv, "StreamWait@local", "LeaseTasks@local"), before,
+        strict=True))
     assert leases > 0
     assert waits < leases  # before: one wait call before every relayed lease
 
