@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+from collections import deque
 from typing import TYPE_CHECKING
 
 from slatedb.uniffi import KeyRange
@@ -48,7 +49,7 @@ FIRST_REFILL = 256
 class ReadyBuffer:
     __slots__ = ("task_group", "prefix", "end", "prefix_len", "size", "tasks", "heap",
                  "refresh", "refresh_heap", "cursor", "complete", "journal", "_refill",
-                 "_dead", "refills")
+                 "_dead", "refills", "scanned", "fetched_ahead")
 
     def __init__(self, task_group: str, size: int) -> None:
         self.task_group = task_group
@@ -66,6 +67,10 @@ class ReadyBuffer:
         self._refill: asyncio.Future[None] | None = None
         self._dead = 0
         self.refills = 0
+        # Keys a refill brought in from storage, in key order (= lease order): their
+        # infos may not be cached, so silo.shard.prefetch reads the next few ahead.
+        self.scanned: deque[bytes] = deque()
+        self.fetched_ahead = 0  # entries at the front of `scanned` already looked at
 
     # ---- synchronous changes (the shard's state-machine steps) -------------------
 
@@ -235,7 +240,7 @@ class ReadyBuffer:
         for k, t in journal.items():
             if k > start and (last is None or k <= last):
                 found[k] = t
-        added = 0
+        added: list[bytes] = []
         for k, v in found.items():
             if v is None or k in self.tasks:
                 continue
@@ -247,7 +252,8 @@ class ReadyBuffer:
                 continue
             self.tasks[k] = task
             heapq.heappush(self.heap, k)
-            added += 1
+            added.append(k)
+        self._note_scanned(added)
         if complete:
             self.complete = True
         else:
@@ -258,3 +264,17 @@ class ReadyBuffer:
         # holds, and reads at most `size` rows, so it stays within size + the call's max.
         if added or self.refresh:
             shard.ready.notify(self.task_group)
+
+    def _note_scanned(self, added: list[bytes]) -> None:
+        """Queue a refill's new keys for prefetching, in order after the ones still held
+        (a refill reads above the cursor, so they sort after every earlier scanned key)."""
+        if not added:
+            return
+        added.sort()  # the scan's rows are sorted; only overlaid writes may be out of place
+        q = self.scanned
+        if len(q) + len(added) > 2 * self.size:  # trimmed or removed keys piled up
+            live = [k for k in q if k in self.tasks]
+            q.clear()
+            q.extend(live)
+            self.fetched_ahead = min(self.fetched_ahead, len(q))
+        q.extend(added)

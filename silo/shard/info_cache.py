@@ -11,6 +11,10 @@ of a job's status row) has written one after the info was cached, so GetJob of a
 the cache needs no storage read at all (two async FFI gets were ~60 % of its server
 CPU). A status is only ever the one just staged: `put` forgets it, and so do `discard`,
 eviction and `Shard.drop_status` (DeleteJob); without one, GetJob reads the row from storage.
+
+Infos read ahead of a lease (silo.shard.prefetch) come in through `begin_fetch` /
+`put_fetched`: a `put` or `discard` of the job while its read is in flight cancels the
+fetch, so a read that started before the job changed never overwrites what changed it.
 """
 
 from __future__ import annotations
@@ -23,17 +27,19 @@ _ENTRY_OVERHEAD = 580
 
 
 class InfoCache:
-    __slots__ = ("_entries", "_bytes", "budget", "_status")
+    __slots__ = ("_entries", "_bytes", "budget", "_status", "_fetching")
 
     def __init__(self, budget_bytes: int) -> None:
         self._entries: dict[tuple[str, str], JobInfo] = {}
         self._status: dict[tuple[str, str], JobStatus] = {}
         self._bytes = 0
         self.budget = budget_bytes
+        self._fetching: set[tuple[str, str]] = set()  # prefetch reads in flight
 
     def put(self, info: JobInfo) -> None:
         key = (info.tenant, info.id)
         self._status.pop(key, None)  # only a status staged after this put is known
+        self._fetching.discard(key)  # a read in flight is older than this info
         size = len(info.payload) + _ENTRY_OVERHEAD
         if size > self.budget:
             return
@@ -60,7 +66,26 @@ class InfoCache:
         """The job's latest staged status, when it was staged while the job was cached."""
         return self._status.get((tenant, job_id))
 
+    def begin_fetch(self, key: tuple[str, str]) -> bool:
+        """A prefetch read of key starts (False: one is in flight already)."""
+        if key in self._fetching:
+            return False
+        self._fetching.add(key)
+        return True
+
+    def end_fetch(self, key: tuple[str, str]) -> None:
+        self._fetching.discard(key)
+
+    def put_fetched(self, info: JobInfo) -> None:
+        """A prefetch read came back: cache it unless the job was put or discarded since."""
+        key = (info.tenant, info.id)
+        if key in self._fetching:
+            self._fetching.discard(key)
+            if key not in self._entries:
+                self.put(info)
+
     def discard(self, tenant: str, job_id: str) -> None:
+        self._fetching.discard((tenant, job_id))
         self._status.pop((tenant, job_id), None)
         old = self._entries.pop((tenant, job_id), None)
         if old is not None:
@@ -68,6 +93,7 @@ class InfoCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._fetching.clear()
         self._status.clear()
         self._bytes = 0
 

@@ -16,7 +16,7 @@ import msgspec
 from silo import errors
 from silo.ids import new_id
 from silo.observability import tracing
-from silo.shard import limits, pending
+from silo.shard import limits, pending, prefetch
 from silo.shard.state import ActiveJob, Shard, scheduled_index_key
 from silo.shard.validate import validate_worker_id
 from silo.storage import keys
@@ -142,7 +142,9 @@ async def lease_tasks(shard: Shard, worker_id: str, max_tasks: int, task_group: 
     buf.refill_soon(shard)
     if not taken and not refreshes:
         return []
-    return await _with_infos(shard, taken) + [LeasedTask(ls, None) for ls in refreshes]
+    out = await _with_infos(shard, taken) + [LeasedTask(ls, None) for ls in refreshes]
+    prefetch.advance(shard, buf)  # the next scanned tasks' infos, read after we reply
+    return out
 
 
 def _lease_refresh(shard: Shard, task: Task, worker_id: str, now: int) -> Lease:

@@ -220,6 +220,7 @@ class Shard:
         self.leases: dict[str, Lease] = {}
         self.lease_expiry: list[tuple[int, str]] = []
         self.info_cache = InfoCache(config.info_cache_bytes)
+        self.prefetches: set[asyncio.Future[None]] = set()  # silo.shard.prefetch reads
         self.conc: dict[tuple[str, str], ConcurrencyQueue] = {}
         self.requests: dict[bytes, RequestTicket] = {}
         self.rate_buckets: dict[tuple[str, str], RateLimitState] = {}
@@ -348,6 +349,8 @@ class Shard:
     async def close(self) -> None:
         if self._depth_count is not None:
             self._depth_count.cancel()
+        for fut in list(self.prefetches):  # reads ahead of leases (silo.shard.prefetch)
+            fut.cancel()
         self.depth_scan = None  # a count never started: let its iterator go
         await self.committer.close()
         # Write the memtable out as an L0 SST, so the next open has no WAL to replay
