@@ -257,17 +257,22 @@ async def read_jobs(shard: Shard, scan: Scan, now: int, *, count_from_counters: 
             raw += await _tenant_rows(shard, t, need_info, limit[0] if limit else None,
                                       bool(need & _STATUS_COLUMNS))
     parts = []
+    # A job met in two index ranges (its status changed between the two reads) is listed
+    # twice, possibly chunks apart: one set over all chunks keeps its first row only.
+    seen: set[tuple[str, str]] = set()
     for i in range(0, len(raw), BUILD_CHUNK):
-        parts.append(_build_jobs(shard.id, need, now, raw[i : i + BUILD_CHUNK]))
+        parts.append(_build_jobs(shard.id, need, now, raw[i : i + BUILD_CHUNK], seen))
         await pace.tick()  # let Enqueue/LeaseTasks in between chunks (pace.py)
     if not parts:
-        return _build_jobs(shard.id, need, now, [])
+        return _build_jobs(shard.id, need, now, [], seen)
     return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
 
 
 def _build_jobs(shard_id: str, need: set[str], now: int,
-                raw: list[tuple[bytes, bytes | None, bytes | None]]) -> pa.Table:
-    """The jobs rows of raw (a job listed twice: its first row), column by column.
+                raw: list[tuple[bytes, bytes | None, bytes | None]],
+                seen: set[tuple[str, str]]) -> pa.Table:
+    """The jobs rows of raw not in seen (a job listed twice: its first row), column by
+    column; adds the jobs built to seen.
 
     Only the columns the statement reads (`need`, from DataFusion's projection) are
     decoded and built; the others are all-null arrays, which the statement never sees.
@@ -282,7 +287,6 @@ def _build_jobs(shard_id: str, need: set[str], now: int,
     ids: list[str] = []
     statuses: list[JobStatus | None] = []
     infos: list[JobInfo | None] = []
-    seen: set[tuple[str, str]] = set()
     for suffix, rs, ri in raw:
         tenant, pos = dec_str(suffix, 0)
         job_id, _ = dec_str(suffix, pos)

@@ -71,3 +71,20 @@ def test_a_scan_without_status_columns_reads_only_the_info_rows():
     assert info_only == N and both == 2 * N
     assert _rows(a) == _rows(b.select(["id", "priority"]))
     assert set(b.column("status_kind").to_pylist()) == {"Waiting"}
+
+
+def test_a_job_met_in_two_index_ranges_is_one_row_even_chunks_apart(monkeypatch):
+    """A job whose status changed between two range reads is met in both: one row."""
+    from silo.query import scan
+
+    real = ranges.index_ranges
+    monkeypatch.setattr(scan, "BUILD_CHUNK", 7)  # the duplicates land in other chunks
+    monkeypatch.setattr(scan.ranges, "index_ranges",
+                        lambda sc, tenants, now: (r := real(sc, tenants, now)) and r + r)
+
+    async def body(s):
+        return await query_shard(s, "SELECT id FROM jobs WHERE tenant = 't' AND "
+                                    "status_kind = 'Waiting'", [])
+
+    got = asyncio.run(_with_shard(body)).column("id").to_pylist()
+    assert sorted(got) == [f"j{i:04d}" for i in range(N)]
