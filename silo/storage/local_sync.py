@@ -292,7 +292,10 @@ def _start_background() -> None:
 
 
 def _after_fork_in_child() -> None:
-    """Threads do not survive fork: a child starts its own pool and thread when needed."""
+    """Threads do not survive fork: a child starts its own pool and thread when needed
+    (and a lock another thread held at the fork would stay held)."""
+    global _state_lock  # noqa: PLW0603
+    _state_lock = threading.Lock()
     _state["pool"] = None
     _state["thread"] = None
     _open.clear()

@@ -322,3 +322,14 @@ def test_local_dir_only_for_file_stores() -> None:
     assert local_sync.local_dir("file:///data%20dir/", "a") == ("/data dir/a", "/data dir")
     assert local_sync.local_dir("memory:///", "a") is None
     assert local_sync.local_dir("s3://bucket/p", "a") is None
+
+
+def test_a_forked_child_starts_its_own_pool_and_thread() -> None:
+    """Threads do not survive fork: the child must not hand rounds to the parent's pool."""
+    local_sync._pool()
+    pid = os.fork()
+    if pid == 0:  # the child: only os._exit, nothing that could need another thread
+        ok = local_sync._state["pool"] is None and local_sync._state["thread"] is None
+        os._exit(0 if ok and not local_sync._open else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
