@@ -56,6 +56,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     commit_min_gap_ms: float = 0.0
     l0_sst_size_bytes: int = 8 * MiB
     flush_on_commit: bool = True
+    local_fsync: bool = True
     l0_flush_interval_s: int = 30
     compactor_poll_interval_ms: int = 5000
     gc_interval_s: int = 30
@@ -258,6 +259,13 @@ OPTIONS: tuple[Option, ...] = (
         _bool,
         "flush the WAL right after each group commit instead of at the next flush "
         "interval: durable acks in ~1-3 ms, one object-store write per commit",
+    ),
+    Option(
+        "local_fsync",
+        "storage.local_fsync",
+        _bool,
+        "on the local directory store, fsync each commit's WAL objects before answering, "
+        "and SlateDB's other new files every second (no effect on S3 or memory stores)",
     ),
     Option(
         "l0_flush_interval_s",

@@ -50,6 +50,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 WAIT_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
           1800.0, 3600.0)
+FSYNC_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5)
 BATCH_OPS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 
@@ -222,6 +223,10 @@ COMMIT_BATCH_OPS = Histogram("silo_commit_batch_operations",
 COMMIT_DURABLE_WAIT = Histogram("silo_commit_durable_wait_seconds",
                                 "Time waiting for a written batch to become durable",
                                 ("shard",), buckets=LATENCY_S)
+LOCAL_FSYNC = Histogram("silo_local_fsync_seconds",
+                        "Time fsyncing a commit's new WAL objects on the local directory store "
+                        "(storage.local_fsync), before its operations are answered",
+                        ("shard",), buckets=FSYNC_S)
 STORAGE_ERRORS = Counter("silo_storage_errors_total", "Failed writes or durability waits",
                          ("shard",))
 FORWARDED = Counter("silo_forwarded_calls_total", "Calls forwarded to another worker process",

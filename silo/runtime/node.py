@@ -26,6 +26,7 @@ from silo.shard.memtable_flush import maybe_flush_memtable
 from silo.shard.reaper import reap_expired_leases
 from silo.shard.retention import expire_due
 from silo.shard.state import Shard, ShardConfig
+from silo.storage import local_sync
 
 log = logging.getLogger(__name__)
 
@@ -174,4 +175,6 @@ class Node:
 
         await asyncio.gather(*(close_one(s) for s in self.shards.values()),
                              return_exceptions=True)
+        # What the closes wrote (L0 SSTs, manifests) on disk before the process exits.
+        await local_sync.final_pass([s.db for s in self.shards.values()])
         self.shards.clear()

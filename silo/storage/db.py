@@ -47,7 +47,7 @@ from slatedb.uniffi import (
 )
 
 from silo.observability import events, metrics, tracing
-from silo.storage import commit_calls, ffi, keys, slatedb_settings
+from silo.storage import commit_calls, ffi, keys, local_sync, slatedb_settings
 from silo.storage.scan import ResumingScan
 from silo.storage.slatedb_metrics import ExportedRecorder
 
@@ -117,7 +117,8 @@ async def open_database(
     slatedb_settings.configure_builder(builder, path)  # the process's shared block cache
     recorder = METRICS_RECORDERS[name] = ExportedRecorder()  # see silo.storage.slatedb_metrics
     builder.with_metrics_recorder(recorder)
-    return await builder.build()
+    sync = await local_sync.prepare(store_url, name)  # fsync on a file:// store
+    return await local_sync.attach(await builder.build(), sync)
 
 
 async def scan_prefix(db, prefix: bytes, batch: int = 1024) -> list[tuple[bytes, bytes]]:
@@ -220,6 +221,7 @@ class GroupCommitter:
         # at the first write (None: not yet, False: the generated calls).
         self._calls: commit_calls.CommitCalls | bool | None = None
         self._failed: BaseException | None = None
+        self._local_sync = local_sync.of(db)  # fsyncs each flush's WAL objects, or None
         # Called once when a write or durability wait fails (e.g. the database was
         # fenced by another opener): the owner decides how to recover.
         self.on_failure: Callable[[BaseException], None] | None = None
@@ -567,6 +569,8 @@ class GroupCommitter:
                 try:
                     await wait
                     metrics.COMMIT_DURABLE_WAIT.observe((self.name,), time.perf_counter() - t0)
+                    if self._local_sync is not None:  # on disk before anyone is answered
+                        await self._local_sync.after_flush(batches, self.name)
                 except Exception as e:  # noqa: BLE001
                     log.error("shard durability wait failed: %s", e)
                     self._fail(e)

@@ -1,0 +1,361 @@
+"""fsync for SlateDB's local directory store: an acknowledged write survives a power loss.
+
+SlateDB 0.17 writes every object of the local store (`object_store`'s LocalFileSystem,
+the default `file://` store) as a temporary `<name>#<n>` file that is then linked
+(`wal/`, `manifest/`, `compactions/`: create-if-absent) or renamed (`compacted/` SSTs)
+into place, and deletes garbage with `unlink`; it never calls fsync, and the bindings
+refuse the store's own `fsync` setting (`ObjectStoreBuilder.with_config("fsync", …)` is
+"invalid Local object store config key"). A WAL flush returning therefore means the
+write is in the page cache: a killed process loses nothing, a crashed kernel or a power
+loss may lose it.
+
+What this module adds (`storage.local_fsync`, on by default; file:// stores only):
+
+* **The ack path.** After a commit's WAL flush returns and before any of its waiters is
+  resolved, `GroupCommitter` awaits `LocalSync.after_flush`: in a thread of this
+  process's fsync pool (never on the event loop) every WAL object newer than the last one
+  synced is fsynced, then the `wal/` directory. WAL objects are named by a 20-digit id
+  that SlateDB increments by one per flush (`wal/00000000000000000042.sst`), so the new
+  ones are found by opening `next`, `next+1`, … until one is missing (a miss costs ~1 µs;
+  listing a `wal/` of 4,096 objects cost ~1.1 ms here). A round that wrote something and
+  found no new object lists the directory once instead, so a gap in the ids cannot hide
+  one. One round per commit however many operations it carries (group commit); at most
+  one per shard at a time (the committer has one durability wait in flight).
+* **Open.** `prepare` notes the newest WAL id before SlateDB opens the database; `attach`
+  then syncs what the open wrote (the fencing WAL object, any replayed flush) and the
+  directories from the WAL's up to the store root, which a first open creates.
+* **Everything else** (L0 and compacted SSTs, manifests, compactor state, garbage
+  collector deletions) is written by SlateDB's own threads, which cannot be ordered from
+  outside. A background thread walks each open database's directories except `wal/`
+  every `BACKGROUND_INTERVAL_S` and fsyncs every file it has not synced yet, then every
+  directory whose entries changed; the first pass after an open syncs every such file
+  once (covering what a crashed predecessor left unsynced). `final_pass` (at a worker's
+  stop, after its shards closed) runs one more pass, so the L0 SST and manifest a close
+  writes are durable before the process exits.
+
+Residual window: a background file is on disk at the latest one pass after it was
+written (≤ BACKGROUND_INTERVAL_S + the pass), or earlier by the kernel's own writeback.
+A power loss inside that window right after an L0 flush may lose the new SST or
+manifest; an acknowledged job is lost only if, in the same window, the garbage collector's
+deletion of the WAL objects that SST replaced reached the disk before the SST did (SlateDB
+deletes WAL objects only once a manifest naming that SST is written, and only when they
+are older than `storage.gc_min_age_s`).
+
+An fsync error fails the commit's waiters exactly as a failed WAL flush does (the
+committer's durability-wait error path: nothing is acknowledged, the shard's storage is
+marked failed). An error in a background pass is kept and raised by the next commit's
+round, so it fails the shard the same way (after an fsync error Linux may already have
+dropped the unwritten pages, so a retried fsync proves nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import TypeVar
+from urllib.parse import unquote, urlparse
+
+from silo.observability import metrics
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+__all__ = ["ENABLED", "LocalSync", "attach", "configure", "final_pass", "of", "prepare"]
+
+# storage.local_fsync of this process: silo.runtime.worker sets it before opening shards.
+ENABLED = True
+BACKGROUND_INTERVAL_S = 1.0
+PASSES_ENABLED = True  # False: the background thread skips its passes (tests run them)
+POOL_THREADS = 2  # rounds of different shards of one process may overlap
+WAL_DIR = "wal"
+_WAL_SUFFIX = ".sst"
+_WAL_DIGITS = 20
+_O_FILE = os.O_RDONLY | os.O_CLOEXEC
+_O_DIR = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_DIRECTORY", 0)
+
+
+def fsync(fd: int, path: str) -> None:
+    """fsync one open file or directory (`path` names it). The seam tests record through
+    (module attribute, looked up at each call)."""
+    os.fsync(fd)
+
+
+def _fsync_path(path: str, flags: int = _O_FILE) -> None:
+    fd = os.open(path, flags)
+    try:
+        fsync(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _fsync_in(dir_fd: int, dir_path: str, name: str) -> bool:
+    """fsync the file `name` of the open directory; False if it does not exist."""
+    try:
+        fd = os.open(name, _O_FILE, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    try:
+        fsync(fd, os.path.join(dir_path, name))
+    finally:
+        os.close(fd)
+    return True
+
+
+def _wal_name(wal_id: int) -> str:
+    return f"{wal_id:0{_WAL_DIGITS}d}{_WAL_SUFFIX}"
+
+
+def _wal_ids(names: list[str]) -> list[int]:
+    """The ids of the finished WAL objects among `names` (temporaries carry a `#`)."""
+    n = len(_WAL_SUFFIX)
+    return sorted(int(name[:-n]) for name in names
+                  if name.endswith(_WAL_SUFFIX) and name[:-n].isdigit())
+
+
+class LocalSync:
+    """fsyncs one database's files on the local store (see the module docstring)."""
+
+    def __init__(self, db_dir: str, store_root: str) -> None:
+        self.db_dir = db_dir
+        self.store_root = store_root  # the file:// store's directory
+        self.wal_dir = os.path.join(db_dir, WAL_DIR)
+        self._wal_fd: int | None = None  # kept open: names are opened relative to it
+        self._next_wal = 1  # the lowest WAL id not yet synced
+        self._wal_lock = threading.Lock()
+        self._bg_lock = threading.Lock()
+        # background: directory path -> the entries synced there (files and subdirs)
+        self._synced: dict[str, frozenset[str]] = {}
+        self._error: OSError | None = None  # from a background pass: fails the next round
+        self.closed = False
+
+    # ---- the ack path (runs in the fsync pool) ----------------------------------
+
+    def note_existing(self) -> None:
+        """Before SlateDB opens the database: what is in `wal/` now is not the open's."""
+        try:
+            ids = _wal_ids(os.listdir(self.wal_dir))
+        except FileNotFoundError:
+            ids = []
+        self._next_wal = ids[-1] + 1 if ids else 1
+
+    def sync_opened(self) -> None:
+        """After the open: its WAL objects, then every directory from the database's up
+        to the store's parent (a first open may have created all of them)."""
+        self.sync_wal(wrote=False)
+        d = self.db_dir
+        stop = os.path.dirname(self.store_root)
+        while True:
+            _fsync_path(d, _O_DIR)
+            parent = os.path.dirname(d)
+            if d == stop or parent == d:
+                break
+            d = parent
+
+    def sync_wal(self, wrote: bool) -> float:
+        """fsync every WAL object newer than the last synced, then `wal/`; returns the
+        seconds it took. `wrote`: the round's flush carried writes, so finding no new
+        object means a gap in the ids: list the directory."""
+        t0 = time.perf_counter()
+        with self._wal_lock:
+            if self._error is not None:
+                raise OSError(self._error.errno, f"earlier fsync failed: {self._error}")
+            try:
+                self._sync_wal(wrote)
+            except OSError as e:
+                self._error = e
+                raise
+        return time.perf_counter() - t0
+
+    def _sync_wal(self, wrote: bool) -> None:
+        if self._wal_fd is None:
+            try:
+                self._wal_fd = os.open(self.wal_dir, _O_DIR)
+            except FileNotFoundError:
+                return  # nothing flushed yet
+        wal_fd = self._wal_fd
+        n = self._next_wal
+        start = n
+        while _fsync_in(wal_fd, self.wal_dir, _wal_name(n)):
+            n += 1
+        if n == start and wrote:
+            for wal_id in _wal_ids(os.listdir(wal_fd)):
+                if wal_id >= n and _fsync_in(wal_fd, self.wal_dir, _wal_name(wal_id)):
+                    n = wal_id + 1
+        if n != start:
+            fsync(wal_fd, self.wal_dir)
+            self._next_wal = n
+
+    async def after_flush(self, batches: list, shard: str) -> None:
+        """The commit path's step (GroupCommitter, once the flush covering `batches`
+        returned): the round in the fsync pool; raises what the fsync raised."""
+        wrote = any(b.writes for b in batches)
+        loop = asyncio.get_running_loop()
+        spent = await loop.run_in_executor(_pool(), self.sync_wal, wrote)
+        metrics.LOCAL_FSYNC.observe((shard,), spent)
+
+    # ---- background files (runs in the background thread) ------------------------
+
+    def sync_background(self) -> None:
+        """fsync every file under the database's directory (except `wal/`) not synced
+        yet, then each directory whose entries changed. Errors are kept (`_error`)."""
+        with self._bg_lock:
+            try:
+                self._sync_tree()
+            except FileNotFoundError:
+                pass  # the database's directory went away (a test's tmp dir, a wipe)
+            except OSError as e:
+                with self._wal_lock:
+                    if self._error is None:
+                        self._error = e
+                log.error("fsync of %s failed: %s", self.db_dir, e)
+
+    def _sync_tree(self) -> None:
+        changed: list[str] = []
+        for top, dirs, files in os.walk(self.db_dir):
+            if top == self.db_dir and WAL_DIR in dirs:
+                dirs.remove(WAL_DIR)
+                entries = frozenset([WAL_DIR, *dirs, *files])
+            else:
+                entries = frozenset([*dirs, *files])
+            entries = frozenset(e for e in entries if "#" not in e)  # uploads in progress
+            before = self._synced.get(top, frozenset())
+            file_names = set(files)
+            for name in sorted(entries - before):
+                if name in file_names:
+                    path = os.path.join(top, name)
+                    try:
+                        _fsync_path(path)
+                    except FileNotFoundError:  # deleted meanwhile (GC)
+                        entries = entries - {name}
+            if entries != before:
+                changed.append(top)
+            self._synced[top] = entries
+        # Deepest first, so a new directory's own entry is synced after its contents.
+        for top in sorted(changed, key=len, reverse=True):
+            try:
+                _fsync_path(top, _O_DIR)
+            except FileNotFoundError:
+                self._synced.pop(top, None)
+
+    def close(self) -> None:
+        with self._wal_lock:
+            self.closed = True
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
+                self._wal_fd = None
+
+
+# ---- the process's syncers, pool and background thread --------------------------
+
+_by_db: weakref.WeakKeyDictionary[object, LocalSync] = weakref.WeakKeyDictionary()
+_open: dict[str, LocalSync] = {}  # db_dir -> its syncer, until final_pass
+_state: dict[str, object] = {"pool": None, "thread": None}
+_state_lock = threading.Lock()
+_stop = threading.Event()
+
+
+def configure(enabled: bool) -> None:
+    """storage.local_fsync for the databases this process opens from now on."""
+    global ENABLED  # noqa: PLW0603 - a process-wide setting, set once at start-up
+    ENABLED = enabled
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    pool = _state["pool"]
+    if pool is None:
+        with _state_lock:
+            pool = _state["pool"]
+            if pool is None:
+                pool = _state["pool"] = concurrent.futures.ThreadPoolExecutor(
+                    POOL_THREADS, thread_name_prefix="silo-fsync")
+    return pool  # type: ignore[return-value]
+
+
+def _background_loop() -> None:
+    while not _stop.wait(BACKGROUND_INTERVAL_S):
+        for s in list(_open.values()):
+            if PASSES_ENABLED and not s.closed:
+                s.sync_background()
+
+
+def _start_background() -> None:
+    with _state_lock:
+        if _state["thread"] is None:
+            t = threading.Thread(target=_background_loop, name="silo-fsync-bg", daemon=True)
+            _state["thread"] = t
+            t.start()
+
+
+def _after_fork_in_child() -> None:
+    """Threads do not survive fork: a child starts its own pool and thread when needed
+    (and a lock another thread held at the fork would stay held)."""
+    global _state_lock  # noqa: PLW0603
+    _state_lock = threading.Lock()
+    _state["pool"] = None
+    _state["thread"] = None
+    _open.clear()
+    _by_db.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def local_dir(store_url: str, name: str) -> tuple[str, str] | None:
+    """(database directory, store directory) for a file:// store URL, else None."""
+    u = urlparse(store_url)
+    if u.scheme != "file":
+        return None
+    root = os.path.abspath(unquote(u.path) or "/")
+    return os.path.normpath(os.path.join(root, name)), root
+
+
+async def prepare(store_url: str, name: str) -> LocalSync | None:
+    """A syncer for the database `name` of the store, made before SlateDB opens it;
+    None when the store is not local or storage.local_fsync is off."""
+    where = local_dir(store_url, name) if ENABLED else None
+    if where is None:
+        return None
+    s = LocalSync(*where)
+    await asyncio.get_running_loop().run_in_executor(_pool(), s.note_existing)
+    return s
+
+
+async def attach(db: T, s: LocalSync | None) -> T:
+    """After the open (s from `prepare`, or None): sync what it wrote, then serve db's
+    commits (`of`) and its background files. Returns db."""
+    if s is None:
+        return db
+    await asyncio.get_running_loop().run_in_executor(_pool(), s.sync_opened)
+    _by_db[db] = s
+    old = _open.pop(s.db_dir, None)
+    if old is not None:
+        old.close()
+    _open[s.db_dir] = s
+    _start_background()
+    return db
+
+
+def of(db: object) -> LocalSync | None:
+    """The syncer of a database opened by silo.storage.db.open_database, if any."""
+    try:
+        return _by_db.get(db)
+    except TypeError:  # not weakly referenceable (a test's fake database)
+        return None
+
+
+async def final_pass(dbs: list[object]) -> None:
+    """Once these databases are shut down: sync their remaining background files (the
+    L0 SST and manifest a close writes) and forget them."""
+    loop = asyncio.get_running_loop()
+    for db in dbs:
+        s = of(db)
+        if s is None or _open.get(s.db_dir) is not s:
+            continue
+        del _open[s.db_dir]
+        await loop.run_in_executor(_pool(), s.sync_background)
+        s.close()
