@@ -1,0 +1,87 @@
+"""silo.storage.sched: SlateDB's threads run under SCHED_BATCH (they do not preempt the
+event loop when a commit wakes them), set when a database opens and again by the
+committer for threads started later; SILO_SLATEDB_SCHED_BATCH=0 leaves them alone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+
+import pytest
+
+from silo.storage import db as sdb
+from silo.storage import sched
+
+pytestmark = pytest.mark.skipif(not sched.enabled(), reason="no SCHED_BATCH here")
+
+
+def _slatedb_threads() -> dict[int, int]:
+    """tid -> scheduling policy, for this process's SlateDB threads."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        if sched._comm(tid).startswith(sched.THREAD_PREFIXES):
+            try:
+                out[int(tid)] = os.sched_getscheduler(int(tid))
+            except OSError:
+                pass
+    return out
+
+
+async def _open():
+    return await sdb.open_database(f"file://{tempfile.mkdtemp()}", "s",
+                                   flush_interval_ms=10, l0_sst_size_bytes=64 << 20,
+                                   flush_on_commit=True)
+
+
+def test_opening_a_database_puts_slatedb_threads_under_sched_batch() -> None:
+    async def main() -> None:
+        db = await _open()
+        await db.put(b"k", b"v")
+        threads = _slatedb_threads()
+        assert threads, "no SlateDB thread found by name"
+        assert set(threads.values()) == {os.SCHED_BATCH}
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the loop's thread is not
+        await db.shutdown()
+
+    asyncio.run(main())
+
+
+def test_the_committer_sets_threads_started_later(monkeypatch) -> None:
+    async def main() -> None:
+        db = await _open()
+        c = sdb.GroupCommitter(db, commit_interval_s=0)
+        c.flush_on_commit = True
+        tid = next(iter(_slatedb_threads()))
+        os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))  # as if new
+        c.put(b"a", b"1")
+        await c.commit()  # the first batch scans
+        assert os.sched_getscheduler(tid) == os.SCHED_BATCH
+        os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        c.put(b"b", b"2")
+        await c.commit()  # within RESCAN_S of the last scan: none
+        assert os.sched_getscheduler(tid) == os.SCHED_OTHER
+        c._sched_at = 0.0  # the interval has passed
+        c.put(b"c", b"3")
+        await c.commit()
+        assert os.sched_getscheduler(tid) == os.SCHED_BATCH
+        await c.close()
+        await db.shutdown()
+
+    asyncio.run(main())
+
+
+def test_off_by_environment(monkeypatch) -> None:
+    monkeypatch.setenv("SILO_SLATEDB_SCHED_BATCH", "0")
+    assert not sched.enabled()
+    for tid in _slatedb_threads():  # threads of earlier tests in this process
+        os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+
+    async def main() -> None:
+        db = await _open()
+        await db.put(b"k", b"v")
+        assert set(_slatedb_threads().values()) == {os.SCHED_OTHER}
+        assert sched.apply() == 0
+        await db.shutdown()
+
+    asyncio.run(main())
