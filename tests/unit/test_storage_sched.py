@@ -5,6 +5,7 @@ committer for threads started later; SILO_SLATEDB_SCHED_BATCH=0 leaves them alon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 
@@ -21,10 +22,8 @@ def _slatedb_threads() -> dict[int, int]:
     out = {}
     for tid in os.listdir("/proc/self/task"):
         if sched._comm(tid).startswith(sched.THREAD_PREFIXES):
-            try:
+            with contextlib.suppress(OSError):  # ended meanwhile
                 out[int(tid)] = os.sched_getscheduler(int(tid))
-            except OSError:
-                pass
     return out
 
 
