@@ -9,8 +9,8 @@ Each commit stages --keys 200-byte puts and awaits their durability; --concurren
 operations run at once (they share batches as in the server). CPU is the whole
 process's (getrusage: the Python thread and SlateDB's Tokio threads), then per thread
 name with its context switches (/proc). --wake 1 (the default) delivers SlateDB
-completions through silo.storage.wake, as the server does; SlateDB's threads run under
-SCHED_BATCH as in the server (silo.storage.sched; SILO_SLATEDB_SCHED_BATCH=0: not).
+completions through silo.storage.wake, as the server does; SILO_SLATEDB_SCHED_BATCH=1
+puts SlateDB's threads under SCHED_BATCH (silo.storage.sched, opt-in as in the server).
 """
 
 from __future__ import annotations

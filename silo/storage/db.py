@@ -118,7 +118,7 @@ async def open_database(
     recorder = METRICS_RECORDERS[name] = ExportedRecorder()  # see silo.storage.slatedb_metrics
     builder.with_metrics_recorder(recorder)
     db = await builder.build()
-    sched.apply()  # SlateDB's threads (started by now) do not preempt the loop: see sched
+    sched.apply()  # opt-in: SlateDB's threads (started by now) under SCHED_BATCH
     return db
 
 

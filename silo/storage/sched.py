@@ -20,11 +20,17 @@ never preempted. What waits is only SlateDB's share of the core while the loop t
 work; durability is unchanged (an operation still answers only after its flush).
 
 Threads are found by name in /proc/self/task. A thread inherits its creator's policy:
-Tokio's blocking threads are mostly started from a (batch) worker, but some from the loop
-thread (a call polled there), so `apply` is cheap to repeat and the committer repeats it
-now and then (silo.storage.db.GroupCommitter).
+Tokio's blocking threads are started on demand, from a (batch) worker or possibly from
+the loop thread (a call polled there), so `apply` is cheap to repeat and the committer
+repeats it every RESCAN_S (silo.storage.db.GroupCommitter).
 
-`SILO_SLATEDB_SCHED_BATCH=0` in the environment turns it off (for before/after runs).
+Opt-in, `SILO_SLATEDB_SCHED_BATCH=1` in the server's environment, until a quiet steady-
+rate run shows it does not cost latency: a batch thread also does not preempt *other*
+processes on its core, so when the worker's core is shared (a load generator, another
+server), each of a commit's ~3 SlateDB wake-ups may wait out that process's time slice
+where it used to preempt it. Measured so far only on a shared, loaded box (bench/README.md
+"What one group commit costs", stop 21), where neither the saving in CPU per job nor a
+cost in steady-rate latency stood out of the noise.
 """
 
 from __future__ import annotations
@@ -43,8 +49,8 @@ RESCAN_S = 5.0
 
 
 def enabled() -> bool:
-    """Off with SILO_SLATEDB_SCHED_BATCH=0, or where the OS has no SCHED_BATCH."""
-    return (os.environ.get("SILO_SLATEDB_SCHED_BATCH", "1") != "0"
+    """On with SILO_SLATEDB_SCHED_BATCH=1, where the OS has SCHED_BATCH."""
+    return (os.environ.get("SILO_SLATEDB_SCHED_BATCH", "0") == "1"
             and hasattr(os, "SCHED_BATCH") and os.path.isdir("/proc/self/task"))
 
 
@@ -58,7 +64,7 @@ def _comm(tid: str) -> str:
 
 def apply() -> int:
     """Put every SlateDB thread of this process under SCHED_BATCH; returns how many were
-    changed now (0 when all already were, or when off)."""
+    changed now (0 when all already were, or when off: then a cheap no-op)."""
     if not enabled():
         return 0
     changed = 0

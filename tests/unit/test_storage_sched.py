@@ -1,6 +1,7 @@
-"""silo.storage.sched: SlateDB's threads run under SCHED_BATCH (they do not preempt the
-event loop when a commit wakes them), set when a database opens and again by the
-committer for threads started later; SILO_SLATEDB_SCHED_BATCH=0 leaves them alone."""
+"""silo.storage.sched: with SILO_SLATEDB_SCHED_BATCH=1, SlateDB's threads run under
+SCHED_BATCH (they do not preempt the event loop when a commit wakes them), set when a
+database opens and again by the committer for threads started later; without it (the
+default) they are left alone."""
 
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ import pytest
 from silo.storage import db as sdb
 from silo.storage import sched
 
-pytestmark = pytest.mark.skipif(not sched.enabled(), reason="no SCHED_BATCH here")
+pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="no SCHED_BATCH here")
+
+
+@pytest.fixture
+def opted_in(monkeypatch):
+    monkeypatch.setenv("SILO_SLATEDB_SCHED_BATCH", "1")
+    assert sched.enabled()
 
 
 def _slatedb_threads() -> dict[int, int]:
@@ -33,7 +40,7 @@ async def _open():
                                    flush_on_commit=True)
 
 
-def test_opening_a_database_puts_slatedb_threads_under_sched_batch() -> None:
+def test_opening_a_database_puts_slatedb_threads_under_sched_batch(opted_in) -> None:
     async def main() -> None:
         db = await _open()
         await db.put(b"k", b"v")
@@ -46,7 +53,7 @@ def test_opening_a_database_puts_slatedb_threads_under_sched_batch() -> None:
     asyncio.run(main())
 
 
-def test_the_committer_sets_threads_started_later(monkeypatch) -> None:
+def test_the_committer_sets_threads_started_later(opted_in) -> None:
     async def main() -> None:
         db = await _open()
         c = sdb.GroupCommitter(db, commit_interval_s=0)
@@ -70,8 +77,8 @@ def test_the_committer_sets_threads_started_later(monkeypatch) -> None:
     asyncio.run(main())
 
 
-def test_off_by_environment(monkeypatch) -> None:
-    monkeypatch.setenv("SILO_SLATEDB_SCHED_BATCH", "0")
+def test_off_by_default(monkeypatch) -> None:
+    monkeypatch.delenv("SILO_SLATEDB_SCHED_BATCH", raising=False)
     assert not sched.enabled()
     for tid in _slatedb_threads():  # threads of earlier tests in this process
         os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
