@@ -7,8 +7,10 @@ over SlateDB on a local file store, no gRPC, no state machine.
 
 Each commit stages --keys 200-byte puts and awaits their durability; --concurrency
 operations run at once (they share batches as in the server). CPU is the whole
-process's (getrusage: the Python thread and SlateDB's Tokio threads). --wake 1 (the
-default) delivers SlateDB completions through silo.storage.wake, as the server does.
+process's (getrusage: the Python thread and SlateDB's Tokio threads), then per thread
+name with its context switches (/proc). --wake 1 (the default) delivers SlateDB
+completions through silo.storage.wake, as the server does; SILO_SLATEDB_SCHED_BATCH=1
+puts SlateDB's threads under SCHED_BATCH (silo.storage.sched, opt-in as in the server).
 """
 
 from __future__ import annotations
@@ -32,6 +34,40 @@ def _usage() -> tuple[float, int]:
 
 def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
+
+
+def _per_thread() -> dict[str, list[float]]:
+    """Thread name -> [CPU seconds, voluntary, involuntary context switches], summed over
+    the threads of that name (SlateDB's Tokio workers and blocking threads share one)."""
+    out: dict[str, list[float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/self/task/{tid}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        row = out.setdefault(name, [0.0, 0, 0])
+        row[0] += (int(fields[11]) + int(fields[12])) / tick
+        row[1] += int(status["voluntary_ctxt_switches"])
+        row[2] += int(status["nonvoluntary_ctxt_switches"])
+    return out
+
+
+def _thread_delta(before: dict[str, list[float]], after: dict[str, list[float]],
+                  n: int) -> str:
+    """Per thread name: CPU us / voluntary / involuntary switches per batch (threads that
+    ended meanwhile are missing from `after`; their share is in the process totals)."""
+    parts = []
+    for name, row in sorted(after.items()):
+        b = before.get(name, [0.0, 0, 0])
+        parts.append(f"{name} {(row[0] - b[0]) / n * 1e6:,.0f} us {(row[1] - b[1]) / n:.2f}v "
+                     f"{(row[2] - b[2]) / n:.2f}i")
+    return "; ".join(parts)
 
 
 async def run(a: argparse.Namespace) -> None:
@@ -70,9 +106,11 @@ async def run(a: argparse.Namespace) -> None:
         await worker(50)  # warm-up
         b0, t0, p0 = gc.batches_written, time.perf_counter(), time.thread_time()
         c0, s0 = _usage()
+        th0 = _per_thread()
         per = a.commits // a.concurrency
         await asyncio.gather(*(worker(per) for _ in range(a.concurrency)))
         (c1, s1), t1, p1 = _usage(), time.perf_counter(), time.thread_time()
+        th1 = _per_thread()
         ops, batches = per * a.concurrency, gc.batches_written - b0
         print(f"flush_on_commit={a.flush_on_commit} flush_interval={a.flush_interval_ms} ms "
               f"keys/op={a.keys} concurrency={a.concurrency} wake={a.wake}: {ops / (t1 - t0):,.0f} ops/s, "
@@ -82,6 +120,8 @@ async def run(a: argparse.Namespace) -> None:
               f"({(p1 - p0) / max(batches, 1) * 1e6:,.0f} in the event loop's thread), "
               f"{(s1 - s0) / max(batches, 1):.1f} voluntary context switches; {_threads()} threads"
               f"; late flushes {getattr(getattr(gc, '_calls', None), 'late_flushes', '-')}")
+        print(f"  per batch by thread (CPU, voluntary/involuntary switches): "
+              f"{_thread_delta(th0, th1, max(batches, 1))}")
         await gc.close()
         await db.shutdown()
     finally:

@@ -174,7 +174,8 @@ def start_syscalls(server_pid: int | None, args: argparse.Namespace
     if not args.syscalls or server_pid is None:
         return None
     pids = ",".join(str(w) for w in proc_children(server_pid))
-    ev = ",".join(["raw_syscalls:sys_enter"] + [f"syscalls:sys_enter_{n}" for n in SYSCALLS])
+    ev = ",".join(["raw_syscalls:sys_enter", "context-switches"]
+                  + [f"syscalls:sys_enter_{n}" for n in SYSCALLS])
     return subprocess.Popen(["perf", "stat", "-x", ",", "-e", ev, "-p", pids, "--",
                              "sleep", str(args.duration)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

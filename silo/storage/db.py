@@ -7,11 +7,11 @@ is adaptive: when no commit is in flight, what is staged goes to SlateDB one eve
 pass later (so what the staging woke joins it, see `_hand_off_next_pass`); while one is
 in flight (written, not yet durable), new writes gather and go as the next batch the
 moment it is durable. So a lone RPC pays no window and a loaded shard writes large
-batches, with no interval to tune. An optional
-cap (`commit_interval`, > 0) bounds how long a gathered batch waits behind an in-flight
-commit: past it the batch is written anyway (pipelined behind the one in flight). Each
-batch is one WriteBatch and one durability wait, shared by all its RPCs (group commit);
-each RPC answers only after its own write is durable.
+batches, with no interval to tune. An optional cap (`commit_interval`, > 0) bounds how
+long a gathered batch waits behind an in-flight commit: past it the batch is written
+anyway (pipelined behind the one in flight). Each batch is one WriteBatch and one
+durability wait, shared by all its RPCs (group commit); each RPC answers only after its
+own write is durable.
 
 A batch is sealed (handed to the writer, pipelined behind the one in flight) once it
 holds `max_batch_keys` keys or `max_batch_bytes` bytes at the end of an operation: an
@@ -47,7 +47,7 @@ from slatedb.uniffi import (
 )
 
 from silo.observability import events, metrics, tracing
-from silo.storage import commit_calls, ffi, keys, local_sync, slatedb_settings
+from silo.storage import commit_calls, ffi, keys, local_sync, sched, slatedb_settings
 from silo.storage.scan import ResumingScan
 from silo.storage.slatedb_metrics import ExportedRecorder
 
@@ -118,7 +118,9 @@ async def open_database(
     recorder = METRICS_RECORDERS[name] = ExportedRecorder()  # see silo.storage.slatedb_metrics
     builder.with_metrics_recorder(recorder)
     sync = await local_sync.prepare(store_url, name)  # fsync on a file:// store
-    return await local_sync.attach(await builder.build(), sync)
+    db = await builder.build()
+    sched.apply()  # opt-in: SlateDB's threads (started by now) under SCHED_BATCH
+    return await local_sync.attach(db, sync)
 
 
 async def scan_prefix(db, prefix: bytes, batch: int = 1024) -> list[tuple[bytes, bytes]]:
@@ -134,10 +136,7 @@ async def scan_prefix(db, prefix: bytes, batch: int = 1024) -> list[tuple[bytes,
 
 def _fill_generic(batch: WriteBatch, writes: dict[bytes, bytes | None]) -> None:
     for k, v in writes.items():
-        if v is None:
-            batch.delete(k)
-        else:
-            batch.put(k, v)
+        batch.delete(k) if v is None else batch.put(k, v)
 
 
 class _Batch:
@@ -248,6 +247,7 @@ class GroupCommitter:
         self._last_start = 0.0  # loop time the writer took the last batch
         self._last_ops = 0  # operations in that batch
         self._gap_timer: asyncio.TimerHandle | None = None
+        self._sched_at = 0.0  # loop time of the next silo.storage.sched.apply()
 
     # ---- staging (synchronous; call from the shard's loop) ----------------
 
@@ -463,7 +463,10 @@ class GroupCommitter:
             if b is None:
                 return
             self._seal(b)  # queued unsealed by _hand_off_next_pass
-            self._last_start = self._loop.time()
+            now = self._last_start = self._loop.time()
+            if now >= self._sched_at:  # Tokio threads started since (silo.storage.sched)
+                self._sched_at = now + sched.RESCAN_S
+                sched.apply()
             self._last_ops = b.ops
             self._arm_write_bound(b)
             if not b.writes:
