@@ -10,7 +10,8 @@ operations run at once (they share batches as in the server). CPU is the whole
 process's (getrusage: the Python thread and SlateDB's Tokio threads), then per thread
 name with its context switches (/proc). --wake 1 (the default) delivers SlateDB
 completions through silo.storage.wake, as the server does; SILO_SLATEDB_SCHED_BATCH=1
-puts SlateDB's threads under SCHED_BATCH (silo.storage.sched, opt-in as in the server).
+puts SlateDB's threads under SCHED_BATCH (silo.storage.sched, storage.slatedb_sched_batch
+in the server).
 """
 
 from __future__ import annotations
@@ -71,9 +72,11 @@ def _thread_delta(before: dict[str, list[float]], after: dict[str, list[float]],
 
 
 async def run(a: argparse.Namespace) -> None:
+    from silo.storage import sched
     from silo.storage.db import GroupCommitter, open_database
     from silo.storage.slatedb_settings import StorageTuning, slatedb_settings
 
+    sched.configure(os.environ.get("SILO_SLATEDB_SCHED_BATCH", "0") == "1")
     if a.wake:
         from silo.storage import wake
 

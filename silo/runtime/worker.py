@@ -41,7 +41,7 @@ from silo.runtime.node import Node
 from silo.runtime.status import ProcessTable
 from silo.runtime.trim import limit_arenas, trim_forever
 from silo.shard.state import ShardConfig
-from silo.storage import local_sync, wake
+from silo.storage import local_sync, sched, wake
 from silo.storage.slatedb_settings import StorageTuning, set_block_cache_bytes, slatedb_settings
 
 log = logging.getLogger("silo.worker")
@@ -106,6 +106,7 @@ async def serve_worker(spec: WorkerSpec) -> int:
     wake.install()  # SlateDB completions without Python on Tokio threads (silo.storage.wake)
     set_block_cache_bytes(config.block_cache_bytes)  # shared by this process's shards
     local_sync.configure(config.local_fsync)  # before any shard opens
+    sched.configure(config.slatedb_sched_batch)
     node = Node(
         spec.shard_map,
         config.object_store_url_resolved(),

@@ -24,8 +24,9 @@ Tokio's blocking threads are started on demand, from a (batch) worker or possibl
 the loop thread (a call polled there), so `apply` is cheap to repeat and the committer
 repeats it every RESCAN_S (silo.storage.db.GroupCommitter).
 
-Opt-in, `SILO_SLATEDB_SCHED_BATCH=1` in the server's environment, until a quiet steady-
-rate run shows it does not cost latency: a batch thread also does not preempt *other*
+Opt-in (`storage.slatedb_sched_batch`, env `SILO_SLATEDB_SCHED_BATCH`, flag
+`--slatedb-sched-batch`; the worker calls `configure` before its shards open) until a
+quiet steady-rate run shows it does not cost latency: a batch thread also does not preempt *other*
 processes on its core, so when the worker's core is shared (a load generator, another
 server), each of a commit's ~3 SlateDB wake-ups may wait out that process's time slice
 where it used to preempt it. Measured so far only on a shared, loaded box (bench/README.md
@@ -48,10 +49,18 @@ THREAD_PREFIXES = ("slatedb-uniffi", "async-compat")
 RESCAN_S = 5.0
 
 
+_state = {"on": False}
+
+
+def configure(on: bool) -> None:
+    """This process's setting (storage.slatedb_sched_batch)."""
+    _state["on"] = on
+
+
 def enabled() -> bool:
-    """On with SILO_SLATEDB_SCHED_BATCH=1, where the OS has SCHED_BATCH."""
-    return (os.environ.get("SILO_SLATEDB_SCHED_BATCH", "0") == "1"
-            and hasattr(os, "SCHED_BATCH") and os.path.isdir("/proc/self/task"))
+    """Configured on, and the OS has SCHED_BATCH."""
+    return (_state["on"] and hasattr(os, "SCHED_BATCH")
+            and os.path.isdir("/proc/self/task"))
 
 
 def _comm(tid: str) -> str:

@@ -1,4 +1,4 @@
-"""silo.storage.sched: with SILO_SLATEDB_SCHED_BATCH=1, SlateDB's threads run under
+"""silo.storage.sched: with storage.slatedb_sched_batch on, SlateDB's threads run under
 SCHED_BATCH (they do not preempt the event loop when a commit wakes them), set when a
 database opens and again by the committer for threads started later; without it (the
 default) they are left alone."""
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="no SCHED
 
 @pytest.fixture
 def opted_in(monkeypatch):
-    monkeypatch.setenv("SILO_SLATEDB_SCHED_BATCH", "1")
+    monkeypatch.setitem(sched._state, "on", True)
     assert sched.enabled()
 
 
@@ -78,7 +78,6 @@ def test_the_committer_sets_threads_started_later(opted_in) -> None:
 
 
 def test_off_by_default(monkeypatch) -> None:
-    monkeypatch.delenv("SILO_SLATEDB_SCHED_BATCH", raising=False)
     assert not sched.enabled()
     for tid in _slatedb_threads():  # threads of earlier tests in this process
         os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
@@ -91,3 +90,11 @@ def test_off_by_default(monkeypatch) -> None:
         await db.shutdown()
 
     asyncio.run(main())
+
+
+def test_the_option_reaches_the_process_setting() -> None:
+    from silo.config import load_config
+
+    assert load_config({}, {}, None).slatedb_sched_batch is False
+    assert load_config({}, {"SILO_SLATEDB_SCHED_BATCH": "1"}, None).slatedb_sched_batch is True
+    assert load_config({"slatedb_sched_batch": True}, {}, None).slatedb_sched_batch is True
