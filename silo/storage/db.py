@@ -572,19 +572,27 @@ class GroupCommitter:
                 try:
                     await wait
                     metrics.COMMIT_DURABLE_WAIT.observe((self.name,), time.perf_counter() - t0)
-                    if self._local_sync is not None:  # on disk before anyone is answered
-                        await self._local_sync.after_flush(batches, self.name)
                 except Exception as e:  # noqa: BLE001
-                    log.error("shard durability wait failed: %s", e)
-                    self._fail(e)
-                    for b in batches:
-                        self._settle(b, StorageError(f"durability wait failed: {e}"))
+                    self._settle_all(batches, e)
                     continue
-                for b in batches:
-                    self._settle(b, None)
+                if self._local_sync is not None:  # fsynced before anyone is answered; the
+                    self._local_sync.then_sync(batches, self.name, self._settle_all)  # next
+                    continue  # commit is written and flushed meanwhile (local_sync)
+                self._settle_all(batches, None)
         finally:
             self._durability_task = None
             self._kick()
+
+    def _settle_all(self, batches: list[_Batch], e: BaseException | None) -> None:
+        if e is None:
+            for b in batches:
+                self._settle(b, None)
+            return
+        if not isinstance(e, asyncio.CancelledError):  # cancelled: the loop is closing
+            log.error("shard durability wait failed: %s", e)
+            self._fail(e)
+        for b in batches:
+            self._settle(b, StorageError(f"durability wait failed: {e}"))
 
     def _fail(self, e: BaseException) -> None:
         first = self._failed is None
@@ -603,3 +611,5 @@ class GroupCommitter:
         await self._writer
         while self._durability_task is not None:
             await asyncio.shield(self._durability_task)
+        if self._local_sync is not None:
+            await self._local_sync.drain()

@@ -19,8 +19,12 @@ What this module adds (`storage.local_fsync`, on by default; file:// stores only
   ones are found by opening `next`, `next+1`, … until one is missing (a miss costs ~1 µs;
   listing a `wal/` of 4,096 objects cost ~1.1 ms here). A round that wrote something and
   found no new object lists the directory once instead, so a gap in the ids cannot hide
-  one. One round per commit however many operations it carries (group commit); at most
-  one per shard at a time (the committer has one durability wait in flight).
+  one. One round covers every flush that returned while the previous round ran, at most
+  one per shard at a time (`then_sync`). The committer does not wait for a round before
+  writing and flushing the next commit: a round takes as long as a write + flush or
+  longer (two fsyncs), so waiting doubled the time from one commit to the next. A round
+  that finds a later flush's object already there syncs it too; the round covering that
+  flush then does not list (`_ahead`).
 * **Open.** `prepare` notes the newest WAL id before SlateDB opens the database; `attach`
   then syncs what the open wrote (the fencing WAL object, any replayed flush) and the
   directories from the WAL's up to the store root, which a first open creates.
@@ -57,6 +61,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
@@ -132,6 +137,11 @@ class LocalSync:
         self._synced: dict[str, frozenset[str]] = {}
         self._error: OSError | None = None  # from a background pass: fails the next round
         self.closed = False
+        # Objects a round synced beyond its own flush's one (the next commit's, flushed
+        # while it ran): that many later rounds may find nothing new without listing.
+        self._ahead = 0
+        self._chain: asyncio.Future[None] | None = None  # the task running rounds
+        self._waiting: list = []  # (batches, done) whose flush returned, for the next round
 
     # ---- the ack path (runs in the fsync pool) ----------------------------------
 
@@ -146,7 +156,7 @@ class LocalSync:
     def sync_opened(self) -> None:
         """After the open: its WAL objects, then every directory from the database's up
         to the store's parent (a first open may have created all of them)."""
-        self.sync_wal(wrote=False)
+        self.sync_wal(0)
         d = self.db_dir
         stop = os.path.dirname(self.store_root)
         while True:
@@ -156,22 +166,23 @@ class LocalSync:
                 break
             d = parent
 
-    def sync_wal(self, wrote: bool) -> float:
+    def sync_wal(self, flushes: int) -> float:
         """fsync every WAL object newer than the last synced, then `wal/`; returns the
-        seconds it took. `wrote`: the round's flush carried writes, so finding no new
-        object means a gap in the ids: list the directory."""
+        seconds it took. `flushes`: how many of the round's flushes carried writes (one
+        object each); finding fewer new objects than that, and no earlier round having
+        synced the missing ones ahead (`_ahead`), means a gap in the ids: list."""
         t0 = time.perf_counter()
         with self._wal_lock:
             if self._error is not None:
                 raise OSError(self._error.errno, f"earlier fsync failed: {self._error}")
             try:
-                self._sync_wal(wrote)
+                self._sync_wal(flushes)
             except OSError as e:
                 self._error = e
                 raise
         return time.perf_counter() - t0
 
-    def _sync_wal(self, wrote: bool) -> None:
+    def _sync_wal(self, flushes: int) -> None:
         if self._wal_fd is None:
             try:
                 self._wal_fd = os.open(self.wal_dir, _O_DIR)
@@ -182,7 +193,13 @@ class LocalSync:
         start = n
         while _fsync_in(wal_fd, self.wal_dir, _wal_name(n)):
             n += 1
-        if n == start and wrote:
+        missing = flushes - (n - start)
+        if flushes and missing < 0:  # a later flush's object, found while we probed
+            self._ahead -= missing
+        elif missing > 0 and self._ahead >= missing:
+            self._ahead -= missing  # earlier rounds synced these flushes' objects
+        elif missing > 0 and n == start:
+            self._ahead = 0
             for wal_id in _wal_ids(os.listdir(wal_fd)):
                 if wal_id >= n and _fsync_in(wal_fd, self.wal_dir, _wal_name(wal_id)):
                     n = wal_id + 1
@@ -190,13 +207,50 @@ class LocalSync:
             fsync(wal_fd, self.wal_dir)
             self._next_wal = n
 
-    async def after_flush(self, batches: list, shard: str) -> None:
-        """The commit path's step (GroupCommitter, once the flush covering `batches`
+    async def after_flush(self, batches: list, shard: str, flushes: int = 1) -> None:
+        """The commit path's step (GroupCommitter, once the flushes covering `batches`
         returned): the round in the fsync pool; raises what the fsync raised."""
-        wrote = any(b.writes for b in batches)
+        wrote = flushes if any(b.writes for b in batches) else 0
         loop = asyncio.get_running_loop()
         spent = await loop.run_in_executor(_pool(), self.sync_wal, wrote)
         metrics.LOCAL_FSYNC.observe((shard,), spent)
+
+    def then_sync(self, batches: list, shard: str,
+                  done: Callable[[list, BaseException | None], None]) -> None:
+        """Have a round cover `batches`, whose flush returned, then call done(batches,
+        None or the error). It does not wait: the next commit is written and flushed
+        meanwhile. One round at a time: flushes that return during a round gather for
+        the next one, which covers them all (group commit, one level down)."""
+        self._waiting.append((batches, done))
+        if self._chain is None:
+            self._chain = asyncio.ensure_future(self._rounds(shard))
+
+    async def _rounds(self, shard: str) -> None:
+        group: list = []
+        try:
+            while self._waiting:
+                group, self._waiting = self._waiting, []
+                err: BaseException | None = None
+                try:
+                    await self.after_flush([b for bs, _ in group for b in bs], shard,
+                                           flushes=len(group))
+                except Exception as e:  # noqa: BLE001 - to the waiters, like a failed flush
+                    err = e
+                for bs, done in group:
+                    done(bs, err)
+                group = []
+        except asyncio.CancelledError as e:  # the loop is going away: the waiters fail
+            for bs, done in group + self._waiting:
+                done(bs, e)
+            self._waiting = []
+            raise
+        finally:
+            self._chain = None
+
+    async def drain(self) -> None:
+        """Until every round started so far has ended (the committer's close)."""
+        while self._chain is not None:
+            await asyncio.wait([self._chain])
 
     # ---- background files (runs in the background thread) ------------------------
 

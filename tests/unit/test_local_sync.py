@@ -143,6 +143,61 @@ def test_a_waiter_is_answered_only_after_its_fsync(tmp_path, rec) -> None:
     asyncio.run(main())
 
 
+def test_the_next_commit_is_written_and_flushed_while_a_round_runs(tmp_path, rec) -> None:
+    """A held round does not hold up the next commit's write and flush; its waiters are
+    answered after its own round, which runs after the held one (commit order)."""
+    root = str(tmp_path)
+
+    async def main() -> None:
+        db = await _open(root)
+        c = _committer(db)
+        rec.loop = asyncio.get_running_loop()
+        rec.entered = asyncio.Event()
+        rec.hold = threading.Event()
+        c.put(b"a", b"1")
+        first = asyncio.ensure_future(c.commit())
+        await asyncio.wait_for(rec.entered.wait(), 30)  # round 1 holds in its fsync
+        wal_before = _wal_files(root)
+        c.put(b"b", b"2")
+        second = asyncio.ensure_future(c.commit())
+        for _ in range(3000):  # the second commit's flush lands its own WAL object (≤ 30 s)
+            if c.batches_written == 2 and len(_wal_files(root)) > len(wal_before):
+                break
+            await asyncio.sleep(0.01)
+        assert c.batches_written == 2 and len(_wal_files(root)) > len(wal_before)
+        assert not first.done() and not second.done()
+        order: list[str] = []
+        first.add_done_callback(lambda _: order.append("first"))
+        second.add_done_callback(lambda _: order.append("second"))
+        rec.hold.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 30)
+        assert order == ["first", "second"]
+        assert _wal_files(root) <= rec.paths()
+        rec.hold = None
+        await c.close()
+        await db.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_round_that_synced_the_next_flush_spares_its_round_a_listing(tmp_path, rec,
+                                                                      monkeypatch) -> None:
+    wal = tmp_path / "s" / "wal"
+    wal.mkdir(parents=True)
+    s = local_sync.LocalSync(str(tmp_path / "s"), str(tmp_path))
+    listed = []
+    real = os.listdir
+    monkeypatch.setattr(local_sync.os, "listdir", lambda p: listed.append(p) or real(p))
+    for i in (1, 2):  # round 1 finds its own object and the next commit's
+        (wal / local_sync._wal_name(i)).write_bytes(b"w")
+    s.sync_wal(1)
+    s.sync_wal(1)  # round 2: its object was synced already, no listing
+    assert listed == []
+    s.sync_wal(1)  # a third round finding nothing: a gap, so it lists
+    assert len(listed) == 1
+    s.close()
+
+
 def test_no_fsync_runs_on_the_event_loop_thread(tmp_path, rec) -> None:
     root = str(tmp_path)
 
@@ -209,7 +264,7 @@ def test_a_failed_fsync_fails_the_waiting_writes_like_a_failed_flush(tmp_path, r
         # The error stays: a later round raises it without trying again.
         rec.fail = None
         with pytest.raises(OSError, match="earlier fsync failed"):
-            local_sync.of(db).sync_wal(wrote=True)
+            local_sync.of(db).sync_wal(1)
         await c.close()
         await db.shutdown()
 
@@ -300,17 +355,17 @@ def test_a_gap_in_wal_ids_is_found_by_listing(tmp_path, rec) -> None:
         (wal / local_sync._wal_name(i)).write_bytes(b"w")
     (wal / (local_sync._wal_name(5) + "#1")).write_bytes(b"upload")
     s = local_sync.LocalSync(str(tmp_path / "s"), str(tmp_path))
-    s.sync_wal(wrote=False)  # 1, 2 by probing; 3 is missing
+    s.sync_wal(0)  # 1, 2 by probing; 3 is missing
     assert rec.paths_under(tmp_path) == {str(wal / local_sync._wal_name(i))
                                          for i in (1, 2)} | {str(wal)}
     rec.calls.clear()
-    s.sync_wal(wrote=False)  # a round that wrote nothing does not list
+    s.sync_wal(0)  # a round that wrote nothing does not list
     assert rec.paths_under(tmp_path) == set()
-    s.sync_wal(wrote=True)  # a round that wrote and found nothing new lists
+    s.sync_wal(1)  # a round that wrote and found nothing new lists
     assert rec.paths_under(tmp_path) == {str(wal / local_sync._wal_name(4)), str(wal)}
     rec.calls.clear()
     (wal / local_sync._wal_name(5)).write_bytes(b"w")
-    s.sync_wal(wrote=True)  # probing again from 5
+    s.sync_wal(1)  # probing again from 5
     assert [p for p, _ in rec.calls if p.startswith(str(tmp_path))] == [
         str(wal / local_sync._wal_name(5)), str(wal)]
     s.close()
