@@ -191,7 +191,7 @@ _KIND_NAMES = {0x01: "job info", 0x02: "job status", 0x03: "status index",
                0x04: "metadata index", 0x05: "task", 0x06: "lease", 0x07: "attempt",
                0x0E: "pending pointer", 0x10: "group time index",
                0x11: "metadata time index", 0xF0: "shard counter",
-               0xF8: "tenant status counter"}
+               0xF8: "tenant status counter", 0xF9: "tenant counts"}
 
 
 class _KeyTally:

@@ -31,6 +31,7 @@ from silo.storage.records import (
     RequestTicket,
     RunAttempt,
     Task,
+    encode,
     job_info_decoder,
 )
 
@@ -45,12 +46,14 @@ class LeasedTask(NamedTuple):
 def _start_lease(shard: Shard, job: ActiveJob, task: RunAttempt, worker_id: str, priority: int,
                  now: int) -> Lease:
     lease = Lease(worker_id, task, now + shard.config.lease_ms, now, priority)
-    shard.put_lease(lease)
+    shard.track_lease(lease)
     job.kind = RUNNING
     job.task_key = None
     job.task_id = task.task_id
+    # The lease is stored as the value of the job's Running index row (Shard.put_lease).
     shard.put_status(task.tenant, task.job_id,
-                     JobStatus(RUNNING, now, None, None, last_attempt=task.attempt))
+                     JobStatus(RUNNING, now, None, None, last_attempt=task.attempt),
+                     index_value=encode(lease))
     shard.count_status(task.tenant, SCHEDULED, RUNNING)
     return lease
 
