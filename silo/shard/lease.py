@@ -1,8 +1,9 @@
 """Leasing: hand due tasks to a worker (LeaseTasks) or one named job (LeaseTask).
 
 A lease moves a job Scheduled → Running in one durable batch: the task row is deleted,
-the lease row written (expiry = now + lease_ms) and the status set to Running. The
-lease row is the running attempt; the attempt row is written when the attempt ends.
+the status set to Running, and the lease (expiry = now + lease_ms) stored as the value
+of the job's Running status-index row (Shard.put_lease). The lease is the running
+attempt; the attempt row is written when the attempt ends.
 """
 
 from __future__ import annotations
