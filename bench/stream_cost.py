@@ -123,7 +123,8 @@ async def run(args: argparse.Namespace) -> dict:
     store = "memory:///" if args.store == "memory" else f"file://{tmp}"
     smap = ShardMap.create(args.shards)
     node = Node(smap, store, ShardConfig(flush_interval_ms=10, write_timeout_ms=3_600_000,
-                                          lease_ms=3_600_000), tenancy=True,
+                                          lease_ms=3_600_000,
+                                          flush_on_commit=getattr(args, "flush_on_commit", False)), tenancy=True,
                 dev_mode=False, advertised_addr="127.0.0.1:1", reaper_interval_ms=60_000)
     await node.open()
     svc = SiloService(node)
@@ -186,8 +187,70 @@ async def run(args: argparse.Namespace) -> dict:
         gc.set_threshold(*threshold)
 
 
+_KIND_NAMES = {0x01: "job info", 0x02: "job status", 0x03: "status index",
+               0x04: "metadata index", 0x05: "task", 0x06: "lease", 0x07: "attempt",
+               0x0E: "pending pointer", 0x10: "group time index",
+               0x11: "metadata time index", 0xF0: "shard counter",
+               0xF8: "tenant status counter", 0xF9: "tenant counts"}
+
+
+class _KeyTally:
+    """Every key a committer hands to SlateDB, by kind: puts, deletes, bytes (key +
+    value), and deletes of keys no earlier batch wrote (they never reached storage).
+    Wraps the committers' fill (bench only: nothing of it runs in the server)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[int, str], list[int]] = {}
+        self.written: set[bytes] = set()
+        self.on = False
+
+    def wrap(self, committer) -> None:
+        fill = committer._fill
+
+        def counted(wb, writes):
+            if self.on:
+                for k, v in writes.items():
+                    if v is None:
+                        op = "delete" if k in self.written else "delete (never written)"
+                        self.written.discard(k)
+                    else:
+                        op = "put"
+                        self.written.add(k)
+                    r = self.rows.setdefault((k[0], op), [0, 0, 0])
+                    r[0] += 1
+                    r[1] += len(k)
+                    r[2] += 0 if v is None else len(v)
+            else:
+                for k, v in writes.items():
+                    if v is None:
+                        self.written.discard(k)
+                    else:
+                        self.written.add(k)
+            fill(wb, writes)
+
+        committer._fill = counted
+
+    def table(self, jobs: int) -> str:
+        out = ["| kind | op | per job | key B | value B | B per job |", "|---|---|---|---|---|---|"]
+        tk = tb = 0.0
+        for (kind, op), (n, kb, vb) in sorted(self.rows.items()):
+            tk += n / jobs
+            tb += (kb + vb) / jobs
+            out.append(f"| 0x{kind:02X} {_KIND_NAMES.get(kind, '?')} | {op} | {n / jobs:.3f} "
+                       f"| {kb / n:.1f} | {vb / n:.1f} | {(kb + vb) / jobs:.1f} |")
+        out.append(f"| total | | {tk:.2f} | | | {tb:.0f} |")
+        return "\n".join(out)
+
+
 async def _measure(args, node, ctx, worker, session, phase) -> dict:
+    tally = None
+    if getattr(args, "keys", False):
+        tally = _KeyTally()
+        for s in node.shards.values():
+            tally.wrap(s.committer)
     await phase(args.warmup)
+    if tally is not None:
+        tally.on = True
     committers = [s.committer for s in node.shards.values()]
     b0 = sum(c.batches_written for c in committers)
     o0 = sum(c.ops_written for c in committers)
@@ -207,6 +270,9 @@ async def _measure(args, node, ctx, worker, session, phase) -> dict:
         "down_msgs_per_job": round((ctx.down - d0) / n, 3),
         "up_msgs_per_job": round((worker.up_msgs - u0) / n, 3),
     }
+    if tally is not None:
+        tally.on = False
+        out["keys"] = "\n" + tally.table(n)
     ctx.up.put_nowait(grpc.aio.EOF)
     await session
     await node.close()
@@ -223,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slots", type=int, default=512)
     ap.add_argument("--backlog", type=int, default=8000)
     ap.add_argument("--store", choices=("file", "memory"), default="file")
+    ap.add_argument("--flush-on-commit", action="store_true",
+                    help="as `silo serve` (each commit flushes the WAL: smaller batches)")
+    ap.add_argument("--keys", action="store_true",
+                    help="tally the keys and bytes written per job, by kind (slower)")
     args = ap.parse_args(argv)
     import uvloop
 

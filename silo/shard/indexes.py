@@ -13,7 +13,9 @@ writes the info (enqueue, import) and deleted in the batch that deletes it (Dele
 retention), and no other transition touches them.
 
 Jobs in memory remember their current 0x03 row (ActiveJob.index_key) so that a
-transition deletes it without a read; at open it is loaded from the index itself.
+transition deletes it without a read; at open it is loaded from the index itself. A
+Running job's row also holds its lease (layout 4): the open restores the leases from
+those rows (load_running).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from silo.storage.records import (
     encode_i64,
     job_info_decoder,
     job_status_decoder,
+    lease_decoder,
 )
 from silo.storage.scan import ResumingScan
 
@@ -81,6 +84,12 @@ async def backfill_if_needed(shard: Shard) -> int:
     found = await layout_version(shard)
     if found >= keys.LAYOUT_VERSION:
         return 0
+    if found >= 3:
+        # Layout 4 changed where leases and counters live, not the indexes: both forms
+        # are read (Shard._rebuild, silo.shard.counters), nothing to backfill.
+        shard.committer.put(keys.shard_meta("layout_version"), encode_i64(keys.LAYOUT_VERSION))
+        await shard.committer.commit()
+        return 0
     from silo.shard.state import status_index_key  # noqa: PLC0415 - state imports us lazily
 
     t0 = time.perf_counter()
@@ -126,18 +135,22 @@ async def backfill_if_needed(shard: Shard) -> int:
     return written
 
 
-async def load_index_keys(shard: Shard) -> None:
-    """Point every running job at its current 0x03 row (read from the index: the Running
-    rows only, so the cost is bounded by what runs; a parked job's row is derived from
-    its request, a queued job's from its task when it is leased)."""
+async def load_running(shard: Shard) -> None:
+    """At open: the Running jobs, from their status-index rows (0x03; the Running rows
+    only, so the cost is bounded by what runs). A row's value is its lease (layout 4,
+    Shard.put_lease): the job is Running again with it. An empty value is a lease of
+    an older layout, already restored from its 0x06 row. Each running job remembers
+    its row (a parked job's row is derived from its request, a queued job's from its
+    task when it is leased)."""
     tenants = {t for (t, s), n in shard.tenant_status.items()
                if n > 0 and s == STATUS_NAMES[RUNNING]}
     active = shard.active
     for tenant in sorted(tenants):
-        for status in (RUNNING,):
-            prefix = keys.status_index_prefix(tenant, STATUS_NAMES[status])
-            async for rows in _scan_batches(shard.db, prefix):
-                for r in rows:
-                    job = active.get((tenant, keys.decode_status_index(r.key)[3]))
-                    if job is not None and job.kind == status:
-                        job.index_key = r.key
+        prefix = keys.status_index_prefix(tenant, STATUS_NAMES[RUNNING])
+        async for rows in _scan_batches(shard.db, prefix):
+            for r in rows:
+                job = active.get((tenant, keys.decode_status_index(r.key)[3]))
+                if job is None and r.value:
+                    job = await shard.restore_lease(lease_decoder.decode(r.value))
+                if job is not None and job.kind == RUNNING:
+                    job.index_key = r.key

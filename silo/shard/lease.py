@@ -1,8 +1,9 @@
 """Leasing: hand due tasks to a worker (LeaseTasks) or one named job (LeaseTask).
 
 A lease moves a job Scheduled → Running in one durable batch: the task row is deleted,
-the lease row written (expiry = now + lease_ms) and the status set to Running. The
-lease row is the running attempt; the attempt row is written when the attempt ends.
+the status set to Running, and the lease (expiry = now + lease_ms) stored as the value
+of the job's Running status-index row (Shard.put_lease). The lease is the running
+attempt; the attempt row is written when the attempt ends.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from silo.storage.records import (
     RequestTicket,
     RunAttempt,
     Task,
+    encode,
     job_info_decoder,
 )
 
@@ -45,12 +47,14 @@ class LeasedTask(NamedTuple):
 def _start_lease(shard: Shard, job: ActiveJob, task: RunAttempt, worker_id: str, priority: int,
                  now: int) -> Lease:
     lease = Lease(worker_id, task, now + shard.config.lease_ms, now, priority)
-    shard.put_lease(lease)
+    shard.track_lease(lease)
     job.kind = RUNNING
     job.task_key = None
     job.task_id = task.task_id
+    # The lease is stored as the value of the job's Running index row (Shard.put_lease).
     shard.put_status(task.tenant, task.job_id,
-                     JobStatus(RUNNING, now, None, None, last_attempt=task.attempt))
+                     JobStatus(RUNNING, now, None, None, last_attempt=task.attempt),
+                     index_value=encode(lease))
     shard.count_status(task.tenant, SCHEDULED, RUNNING)
     return lease
 

@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Callable
 
 from slatedb.uniffi import FlushOptions, FlushType
 
+from silo.shard import counters
 from silo.shard import depth as depth_counters
 from silo.shard.buffer import ReadyBuffer
 from silo.shard.info_cache import InfoCache
@@ -205,8 +206,8 @@ class Shard:
         self.config = config
         self.clock = clock
         self.committer = GroupCommitter(
-            db, commit_interval_s=config.commit_interval_ms / 1000, on_seal=self._seal_counters
-        )
+            db, commit_interval_s=config.commit_interval_ms / 1000,
+            on_seal=lambda writes: counters.seal(self, writes))
         self.committer.flush_on_commit = config.flush_on_commit
         self.committer.write_timeout_s = config.write_timeout_ms / 1000
         self.committer.min_gap_s = config.commit_min_gap_ms / 1000
@@ -218,6 +219,9 @@ class Shard:
         self.depth_scan: ResumingScan | None = None  # an older shard's deferred count
         self._depth_count: asyncio.Future[None] | None = None
         self.leases: dict[str, Lease] = {}
+        # Task ids whose lease is stored in a 0x06 row (see put_lease); every other
+        # lease is the value of its job's Running status-index row.
+        self.lease_rows: set[str] = set()
         self.lease_expiry: list[tuple[int, str]] = []
         self.info_cache = InfoCache(config.info_cache_bytes)
         self.prefetches: set[asyncio.Future[None]] = set()  # silo.shard.prefetch reads
@@ -230,8 +234,10 @@ class Shard:
         self.tenant_status: dict[tuple[str, str], int] = {}
         self.scheduled_jobs = 0  # Scheduled jobs of every tenant (a pending-work hint)
         self.created_at_ms = 0
+        # silo.shard.counters: what the next batch must write.
         self._dirty_shard_counters = False
-        self._dirty_tenant_status: set[tuple[str, str]] = set()
+        self._dirty_tenants: set[str] = set()
+        self._legacy_counters: list[bytes] = []  # rows of an older layout, to delete
         self._locks: dict[tuple[str, str], list] = {}
         self.ready = ReadySignal()  # wakes worker streams (silo.rpc.stream)
 
@@ -273,19 +279,7 @@ class Shard:
         """Rebuild the in-memory indexes from the database (the only source of truth)."""
         t0 = time.perf_counter()
         db = self.db
-        persisted: dict[str, int] = {}
-        for k, v in await scan_prefix(db, keys.kind_prefix(keys.SHARD_COUNTER)):
-            name, _ = keys.dec_str(k, 1)
-            if depth_counters.read_counter(persisted, name, v):
-                continue
-            if name == "total_jobs":
-                self.total_jobs = decode_i64(v)
-            elif name == "completed_jobs":
-                self.completed_jobs = decode_i64(v)
-        for k, v in await scan_prefix(db, keys.kind_prefix(keys.TENANT_STATUS_COUNTER)):
-            self.tenant_status[keys.decode_tenant_status_counter(k)] = decode_i64(v)
-        self.scheduled_jobs = sum(n for (_, st), n in self.tenant_status.items()
-                                  if st == STATUS_NAMES[SCHEDULED])
+        persisted = await counters.load(self)
         created = await db.get(keys.shard_meta("created_at_ms"))
         await depth_counters.load(self, persisted, new=created is None)
         if created is None:
@@ -317,20 +311,15 @@ class Shard:
             name, pos = keys.dec_str(k, 1)
             unique_key, _ = keys.dec_str(k, pos)
             self.rate_buckets[(name, unique_key)] = rate_state_decoder.decode(v)
+        # Leases in 0x06 rows (refresh tasks', and those written before layout 4), then
+        # those kept in their job's Running status-index row (load_running).
         for _k, v in await scan_prefix(db, keys.kind_prefix(keys.LEASE)):
             lease = lease_decoder.decode(v)
-            task = lease.task
-            self.leases[task.task_id] = lease
-            heapq.heappush(self.lease_expiry, (lease.expiry_ms, task.task_id))
-            if isinstance(task, RunAttempt):
-                job = ActiveJob(RUNNING, task_id=task.task_id)
-                c = await db.get(keys.cancellation(task.tenant, task.job_id))
-                if c is not None:
-                    job.cancelled_at_ms = cancellation_decoder.decode(c).cancelled_at_ms
-                self.active[(task.tenant, task.job_id)] = job
-        from silo.shard.indexes import load_index_keys  # noqa: PLC0415
+            self.lease_rows.add(lease.task.task_id)
+            await self.restore_lease(lease)
+        from silo.shard.indexes import load_running  # noqa: PLC0415
 
-        await load_index_keys(self)
+        await load_running(self)
         log.debug(
             "shard %s opened: %d scheduled jobs, %d leases, %d jobs (%.0f ms)",
             self.id,
@@ -339,6 +328,21 @@ class Shard:
             self.total_jobs,
             (time.perf_counter() - t0) * 1000,
         )
+
+    async def restore_lease(self, lease: Lease) -> ActiveJob | None:
+        """At open: a lease read from storage is live again; a RunAttempt's job is
+        Running (with its cancel request, if any). Returns that job."""
+        task = lease.task
+        self.leases[task.task_id] = lease
+        heapq.heappush(self.lease_expiry, (lease.expiry_ms, task.task_id))
+        if not isinstance(task, RunAttempt):
+            return None
+        job = ActiveJob(RUNNING, task_id=task.task_id)
+        c = await self.db.get(keys.cancellation(task.tenant, task.job_id))
+        if c is not None:
+            job.cancelled_at_ms = cancellation_decoder.decode(c).cancelled_at_ms
+        self.active[(task.tenant, task.job_id)] = job
+        return job
 
     def _count_task(self, key: bytes, n: int) -> None:
         group, pos = keys.dec_str(key, 1)
@@ -372,6 +376,7 @@ class Shard:
         self.depth_scan = None
         depth_counters.mark_complete(self)  # an empty shard's counters are complete
         self.leases.clear()
+        self.lease_rows.clear()
         self.lease_expiry.clear()
         self.info_cache.clear()
         self.conc.clear()
@@ -380,8 +385,8 @@ class Shard:
         self.floating.clear()
         self.total_jobs = self.completed_jobs = 0
         self.scheduled_jobs = 0
-        for key in self.tenant_status:
-            self._dirty_tenant_status.add(key)
+        self._dirty_tenants.update(t for t, _ in self.tenant_status)
+        self._legacy_counters = []  # deleted with every other row
         self.tenant_status = dict.fromkeys(self.tenant_status, 0)
         self._dirty_shard_counters = True
         self.created_at_ms = self.clock()
@@ -450,11 +455,13 @@ class Shard:
             self.committer.delete(keys.pending_pointer(task.tenant, task.job_id))
 
     def put_status(self, tenant: str, job_id: str, status: JobStatus,
-                   old: JobStatus | None = None) -> None:
+                   old: JobStatus | None = None, index_value: bytes = b"") -> None:
         """Write a job's status and move its status-index row in the same batch.
 
         The old row is the active job's remembered one; a job that is not active
         (terminal → restart, import over a terminal job) must pass its `old` status.
+        `index_value`: the new index row's value (a Running row holds the lease, see
+        put_lease; every other row is empty).
         """
         t, j = keys.enc_str(tenant), keys.enc_str(job_id)
         self.committer.put(b"\x02" + t + j, encode(status))  # keys.job_status
@@ -467,7 +474,7 @@ class Shard:
             old_key = job.index_key if job is not None else None
         if old_key is not None and old_key != new_key:
             self.committer.delete(old_key)
-        self.committer.put(new_key, b"")
+        self.committer.put(new_key, index_value)
         if job is not None:
             job.index_key = new_key
         if status.kind in TERMINAL:
@@ -495,9 +502,31 @@ class Shard:
             self.committer.delete(keys.metadata_index(tenant, k, v, job_id))
 
     def put_lease(self, lease: Lease) -> None:
+        """Track a new or renewed lease and store it.
+
+        A RunAttempt's lease is the value of its job's Running status-index row (0x03):
+        that row lives exactly as long as the lease (put when the job starts running,
+        deleted by the status change that ends the attempt), so storing the lease there
+        saves the 0x06 row's put and delete, 2 of a job's ~17 keys (layout 4). A lease
+        already in a 0x06 row (written before layout 4, or of a refresh task) stays
+        there until it ends.
+        """
+        task = lease.task
+        task_id = task.task_id
+        self.track_lease(lease)
+        if task_id not in self.lease_rows and isinstance(task, RunAttempt):
+            job = self.active.get((task.tenant, task.job_id))
+            if job is not None and job.kind == RUNNING and job.index_key is not None:
+                self.committer.put(job.index_key, encode(lease))
+                return
+        self.committer.put(keys.lease(task_id), encode(lease))
+        self.lease_rows.add(task_id)
+
+    def track_lease(self, lease: Lease) -> None:
+        """A lease in memory and in the expiry heap (put_lease stores it; a lease
+        starting with its job's Running status stores it in that put_status)."""
         task_id = lease.task.task_id
         self.leases[task_id] = lease
-        self.committer.put(keys.lease(task_id), encode(lease))
         heap = self.lease_expiry
         if len(heap) > 2 * len(self.leases) + _STALE_EXPIRY_SLACK:
             # Mostly entries of leases that ended (or were renewed) before expiring: the
@@ -509,41 +538,33 @@ class Shard:
             heapq.heappush(heap, (lease.expiry_ms, task_id))
 
     def drop_lease(self, task_id: str) -> None:
+        """Forget a lease and delete its 0x06 row if it has one. A lease kept in its
+        job's Running index row leaves storage with that row: every caller ending a
+        RunAttempt's lease stages the job's next status (put_status) in the same step."""
         self.leases.pop(task_id, None)
-        self.committer.delete(keys.lease(task_id))
+        if task_id in self.lease_rows:
+            self.lease_rows.discard(task_id)
+            self.committer.delete(keys.lease(task_id))
 
     def put_attempt(self, tenant: str, attempt: Attempt) -> None:
         self.committer.put(keys.attempt(tenant, attempt.job_id, attempt.attempt), encode(attempt))
 
     def count_status(self, tenant: str, old: int | None, new: int | None) -> None:
         """Move one job between per-tenant status counters (None = absent)."""
+        counts = self.tenant_status
         if old is not None:
             k = (tenant, STATUS_NAMES[old])
-            self.tenant_status[k] = self.tenant_status.get(k, 0) - 1
-            self._dirty_tenant_status.add(k)
+            counts[k] = counts.get(k, 0) - 1
         if new is not None:
             k = (tenant, STATUS_NAMES[new])
-            self.tenant_status[k] = self.tenant_status.get(k, 0) + 1
-            self._dirty_tenant_status.add(k)
+            counts[k] = counts.get(k, 0) + 1
+        self._dirty_tenants.add(tenant)
         self.scheduled_jobs += (new == SCHEDULED) - (old == SCHEDULED)
 
     def count_jobs(self, total: int = 0, completed: int = 0) -> None:
         self.total_jobs += total
         self.completed_jobs += completed
         self._dirty_shard_counters = True
-
-    def _seal_counters(self, writes: dict[bytes, bytes | None]) -> None:
-        self.depth.seal(writes)
-        if self._dirty_shard_counters:
-            writes[keys.shard_counter("total_jobs")] = encode_i64(self.total_jobs)
-            writes[keys.shard_counter("completed_jobs")] = encode_i64(self.completed_jobs)
-            self._dirty_shard_counters = False
-        if self._dirty_tenant_status:
-            for k in self._dirty_tenant_status:
-                n = self.tenant_status.get(k, 0)
-                key = keys.tenant_status_counter(*k)
-                writes[key] = encode_i64(n) if n else None
-            self._dirty_tenant_status.clear()
 
     # ---- per-job serialisation for read-then-write operations -------------------
 

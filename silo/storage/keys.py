@@ -16,10 +16,10 @@ Tuple encoding:
 |---|---|---|---|
 | 0x01 | job info | (tenant, job_id) | JobInfo (immutable after enqueue) |
 | 0x02 | job status | (tenant, job_id) | JobStatus |
-| 0x03 | status/time index | (tenant, status_name, u64::MAX − ts u64, job_id) | empty; ts = next attempt start for Scheduled, else changed_at (newest first) |
+| 0x03 | status/time index | (tenant, status_name, u64::MAX − ts u64, job_id) | empty, but a Running row holds the job's Lease (layout 4); ts = next attempt start for Scheduled, else changed_at (newest first) |
 | 0x04 | metadata index | (tenant, key, value, job_id) | empty |
 | 0x05 | task (ready queue) | (task_group, start_ms u64, priority u8, job_id, attempt u32, tenant) | Task |
-| 0x06 | lease | (task_id) | Lease |
+| 0x06 | lease | (task_id) | Lease; since layout 4 only a refresh task's (a RunAttempt's lease is its job's Running 0x03 row) |
 | 0x07 | attempt | (tenant, job_id, attempt u32) | Attempt (terminal attempts; a running one is the lease) |
 | 0x08 | concurrency request (parked) | (tenant, queue, start_ms u64, priority u8, job_id, attempt u32) | RequestTicket |
 | 0x09 | concurrency holder | (tenant, queue, task_id) | granted_at_ms i64 |
@@ -30,8 +30,9 @@ Tuple encoding:
 | 0x0E | pending task pointer | (tenant, job_id) | the 0x05 key of the job's pending task, only while that key's start time is not the job's next-attempt time (a rate-limit re-check) |
 | 0x10 | enqueue-time index | (tenant, task_group, u64::MAX − enqueue_ms u64, job_id) | empty; the jobs of a task group, newest enqueue first (the job list's order; a tenant's whole list merges its groups' ranges) |
 | 0x11 | metadata time index | (tenant, key, value, u64::MAX − enqueue_ms u64, job_id) | empty; the jobs with key = value, newest enqueue first |
-| 0xF0 | shard counter | (name) | i64 big-endian (absolute value); names `total_jobs`, `completed_jobs`, and `tasks:<task_group>` (the group's pending task rows, silo.shard.depth) |
-| 0xF8 | tenant status counter | (tenant, status) | i64 big-endian (absolute value) |
+| 0xF0 | shard counter | (name) | `jobs`: msgpack [total, completed] (layout 4; before: `total_jobs`, `completed_jobs`, i64 big-endian each); `tasks:<task_group>`: i64 big-endian, the group's pending task rows (silo.shard.depth); absolute values |
+| 0xF8 | tenant status counter | (tenant, status) | i64 big-endian (absolute value); layouts ≤ 3 only, replaced by 0xF9 |
+| 0xF9 | tenant counts | (tenant) | msgpack array of the tenant's job counts per status, by status number (Scheduled, Running, Succeeded, Failed, Cancelled); absent = all 0 (layout 4) |
 | 0xFE | shard meta | (name) | bytes |
 
 Shard meta names: `created_at_ms` (i64), `layout_version` (i64; absent = 1),
@@ -39,8 +40,22 @@ Shard meta names: `created_at_ms` (i64), `layout_version` (i64; absent = 1),
 the first release (no 0x03/0x04/0x0D rows); layout 2 adds the status, metadata and expiry
 indexes; layout 3 adds the enqueue-time indexes 0x10/0x11 (immutable after enqueue, like
 the job info they derive from, so only enqueue, import, delete and retention write them).
-A shard opened with an older layout backfills what is missing once, then writes
-`layout_version = LAYOUT_VERSION` in the same batch as the last backfilled rows.
+Layout 4 changes where two things live, without a backfill:
+* a RunAttempt's lease is the value of its job's Running status-index row (0x03), which
+  lives exactly as long as the lease, instead of a 0x06 row (its put and delete were 2
+  of a job's ~17 keys); the open restores leases from both (silo.shard.indexes.
+  load_running, then the 0x06 rows), and an old 0x06 lease stays in its row until it
+  ends;
+* the job counters are one row per tenant (0xF9) and the shard's `jobs` row instead of
+  one row per (tenant, status) and two totals (a batch wrote up to 3 rows per tenant it
+  touched, now 1; silo.shard.counters); older rows are read at open and replaced by the
+  shard's first batch, in that one batch.
+A data dir of layout 4 must not be opened by an older release: it would see no leases
+(running jobs never expire) and no counters.
+
+A shard opened with an older layout backfills what is missing once (layouts 1 and 2),
+then writes `layout_version = LAYOUT_VERSION` in the same batch as the last backfilled
+rows (layout 3: at once, nothing to backfill).
 
 The task key orders the ready queue exactly as upstream Silo: earliest start first,
 then priority (lower first), then job id and attempt; the tenant only disambiguates
@@ -67,10 +82,11 @@ GROUP_TIME_INDEX = 0x10
 METADATA_TIME_INDEX = 0x11
 SHARD_COUNTER = 0xF0
 TENANT_STATUS_COUNTER = 0xF8
+TENANT_COUNTS = 0xF9
 SHARD_META = 0xFE
 
 # The layout this release writes; see the module docstring.
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 
 _U64_MAX = (1 << 64) - 1
 
@@ -376,6 +392,10 @@ def shard_counter(name: str) -> bytes:
 
 def tenant_status_counter(tenant: str, status: str) -> bytes:
     return b"\xf8" + enc_str(tenant) + enc_str(status)
+
+
+def tenant_counts(tenant: str) -> bytes:
+    return b"\xf9" + enc_str(tenant)
 
 
 def decode_tenant_status_counter(key: bytes) -> tuple[str, str]:

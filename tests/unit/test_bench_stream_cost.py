@@ -29,3 +29,15 @@ def test_every_job_runs_to_its_ack_and_gc_is_left_as_it_was():
     assert rep["commits_per_job"] > 0 and rep["down_msgs_per_job"] > 0
     assert rep["up_msgs_per_job"] > 0
     assert gc.get_threshold() == threshold
+
+
+def test_key_tally_counts_every_kind_a_job_writes():
+    args = argparse.Namespace(jobs=200, warmup=50, shards=1, batch=32, enqueuers=1,
+                              slots=64, backlog=200, store="memory", keys=True)
+    rep = uvloop.run(stream_cost.run(args))
+    table = rep["keys"]
+    for kind in ("0x01 job info", "0x02 job status", "0x03 status index", "0x05 task",
+                 "0x07 attempt"):
+        assert f"| {kind} | put |" in table
+    total = float(table.strip().splitlines()[-1].split("|")[3])
+    assert 8 < total < 30  # keys per job, whatever the layout of the day

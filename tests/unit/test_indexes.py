@@ -176,7 +176,7 @@ def test_layout_2_data_dir_gets_the_enqueue_time_indexes(tmp_path, caplog):
         with caplog.at_level(logging.INFO, logger="silo.shard.indexes"):
             s = await _open(url, sid, clock)
         assert "layout 2 found" in caplog.text and "backfill done" in caplog.text
-        assert await layout_version(s) == keys.LAYOUT_VERSION == 3
+        assert await layout_version(s) == keys.LAYOUT_VERSION == 4
         await check(s)
         await s.close()
     asyncio.run(main())

@@ -111,7 +111,7 @@ def test_expiry_index_round_trip_and_due_bound(at, tenant, job, now):
 @given(texts, texts, u64, texts, st.dictionaries(texts, texts, max_size=4))
 def test_new_job_index_rows_equal_the_per_row_functions(tenant, job, ms, group, metadata):
     """The enqueue path's one-pass builder writes byte-for-byte the rows of
-    metadata_index + time_index_rows (the layout is fixed: LAYOUT_VERSION 3)."""
+    metadata_index + time_index_rows (the index rows of layout 3 and later)."""
     expected = [keys.metadata_index(tenant, k, v, job) for k, v in metadata.items()]
     expected += keys.time_index_rows(tenant, job, ms, group, metadata)
     assert keys.new_job_index_rows(tenant, job, ms, group, metadata) == expected
