@@ -114,20 +114,26 @@ def test_every_wal_object_is_synced_before_its_commit_is_answered(tmp_path, rec)
     asyncio.run(main())
 
 
+async def _commit_held_in_its_fsync(root: str, rec: Recorder):
+    """A database, its committer, and a commit whose round is held in its WAL fsync."""
+    db = await _open(root)
+    c = _committer(db)
+    rec.loop = asyncio.get_running_loop()
+    rec.entered = asyncio.Event()
+    rec.hold = threading.Event()
+    c.put(b"a", b"1")
+    f = asyncio.ensure_future(c.commit())
+    await asyncio.wait_for(rec.entered.wait(), 30)
+    return db, c, f
+
+
 def test_a_waiter_is_answered_only_after_its_fsync(tmp_path, rec) -> None:
     """The WAL object's fsync is held: the commit's waiters stay pending until it ends,
     and the event loop keeps running meanwhile (the fsync is not on its thread)."""
     root = str(tmp_path)
 
     async def main() -> None:
-        db = await _open(root)
-        c = _committer(db)
-        rec.loop = asyncio.get_running_loop()
-        rec.entered = asyncio.Event()
-        rec.hold = threading.Event()
-        c.put(b"a", b"1")
-        f = asyncio.ensure_future(c.commit())
-        await asyncio.wait_for(rec.entered.wait(), 30)
+        db, c, f = await _commit_held_in_its_fsync(root, rec)
         ticks = 0
         for _ in range(5):  # the loop is free while the fsync is held
             await asyncio.sleep(0)
@@ -149,14 +155,7 @@ def test_the_next_commit_is_written_and_flushed_while_a_round_runs(tmp_path, rec
     root = str(tmp_path)
 
     async def main() -> None:
-        db = await _open(root)
-        c = _committer(db)
-        rec.loop = asyncio.get_running_loop()
-        rec.entered = asyncio.Event()
-        rec.hold = threading.Event()
-        c.put(b"a", b"1")
-        first = asyncio.ensure_future(c.commit())
-        await asyncio.wait_for(rec.entered.wait(), 30)  # round 1 holds in its fsync
+        db, c, first = await _commit_held_in_its_fsync(root, rec)
         wal_before = _wal_files(root)
         c.put(b"b", b"2")
         second = asyncio.ensure_future(c.commit())
