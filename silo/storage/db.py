@@ -11,7 +11,8 @@ batches, with no interval to tune. An optional cap (`commit_interval`, > 0) boun
 long a gathered batch waits behind an in-flight commit: past it the batch is written
 anyway (pipelined behind the one in flight). Each batch is one WriteBatch and one
 durability wait, shared by all its RPCs (group commit); each RPC answers only after its
-own write is durable.
+own write is durable. On the local store that includes an fsync round after the flush
+(silo.storage.local_sync): the round runs while the next batch is written and flushed.
 
 A batch is sealed (handed to the writer, pipelined behind the one in flight) once it
 holds `max_batch_keys` keys or `max_batch_bytes` bytes at the end of an operation: an
