@@ -1,8 +1,9 @@
 """Lease expiry: a task whose worker stopped heartbeating is failed as WORKER_CRASHED.
 
 The expiry heap is in memory (rebuilt at open from the stored leases: Running index
-rows, older 0x06 rows), so a reaper pass costs nothing when no lease is due. An expired attempt of a job with a cancel request
-ends Cancelled; otherwise it fails and follows the normal retry policy.
+rows, older 0x06 rows), so a reaper pass costs nothing when no lease is due. An
+expired attempt of a job with a cancel request ends Cancelled; otherwise it fails and
+follows the normal retry policy.
 """
 
 from __future__ import annotations
