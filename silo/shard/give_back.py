@@ -3,9 +3,10 @@
 Used by the worker stream (silo.rpc.stream) for the tasks a stopping worker had
 received but not started, and for the tasks the server leased for a stream but could
 not send. Running → Scheduled without counting an attempt: the lease leaves storage
-(with its Running index row), the same RunAttempt (same task id, attempt number and held concurrency slots) is put
-back due at its original start, and the status says Scheduled again. A job cancelled
-meanwhile ends Cancelled instead, as its worker would have reported.
+(with its Running index row), the same RunAttempt (same task id, attempt number and
+held concurrency slots) is put back due at its original start, and the status says
+Scheduled again. A job cancelled meanwhile ends Cancelled instead, as its worker would
+have reported.
 """
 
 from __future__ import annotations
