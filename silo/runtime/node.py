@@ -98,7 +98,6 @@ class Node:
             t0 = time.perf_counter()
             s = await Shard.open(sid, by_id[sid].range_start, by_id[sid].range_end,
                                  self.store_url, self.shard_config, count_depth=False)
-            s.committer.name = sid
             events.shard_opened(s, time.perf_counter() - t0)
             return s
 

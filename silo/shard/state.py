@@ -211,6 +211,7 @@ class Shard:
         self.committer.flush_on_commit = config.flush_on_commit
         self.committer.write_timeout_s = config.write_timeout_ms / 1000
         self.committer.min_gap_s = config.commit_min_gap_ms / 1000
+        self.committer.name = shard_id  # metric labels, from the open's first commit on
         self.active: dict[tuple[str, str], ActiveJob] = {}
         self.buffers: dict[str, ReadyBuffer] = {}
         # Queue depth per task group (the silo_ready_tasks gauge): persisted counters,

@@ -90,6 +90,8 @@ def test_metrics_count_enqueues_over_all_processes(tmp_path):
                  what="slatedb write batches")
         fam = scrape(srv)
         assert total(fam, "silo_commit_batch_operations_count") >= 1
+        # every commit is labelled with its shard, those of the shard's open included
+        assert all(smp.labels["shard"] for smp in fam["silo_commit_batch_operations"])
         assert total(fam, "silo_commit_durable_wait_seconds_count") >= 1
         assert total(fam, "silo_slatedb_wal_flushes_total") > 0
         # errors are counted with their gRPC code name
