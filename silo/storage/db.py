@@ -196,6 +196,8 @@ def _resolve(f: asyncio.Future[None], exc: BaseException | None) -> None:
 class GroupCommitter:
     """Gathers the writes of many operations into one durable SlateDB batch."""
 
+    started = 0  # batches taken by any writer of this process (silo.query.pace reads it)
+
     def __init__(
         self,
         db,
@@ -465,6 +467,7 @@ class GroupCommitter:
                 return
             self._seal(b)  # queued unsealed by _hand_off_next_pass
             now = self._last_start = self._loop.time()
+            GroupCommitter.started += 1
             if now >= self._sched_at:  # Tokio threads started since (silo.storage.sched)
                 self._sched_at = now + sched.RESCAN_S
                 sched.apply()

@@ -5,28 +5,38 @@ from __future__ import annotations
 import asyncio
 
 from silo.query import pace
+from silo.storage.db import GroupCommitter
 
 
-def _fake(monkeypatch) -> tuple[list[float], list[float]]:
+def _fake(monkeypatch) -> tuple[list[float], list[float], list[float]]:
     cpu = [100.0]
+    wall = [1000.0]
     slept: list[float] = []
     real_sleep = asyncio.sleep
 
     async def sleep(s):
         slept.append(s)
+        wall[0] += s
         await real_sleep(0)
 
     monkeypatch.setattr(pace.time, "thread_time", lambda: cpu[0])
+    monkeypatch.setattr(pace.time, "monotonic", lambda: wall[0])
     monkeypatch.setattr(pace.asyncio, "sleep", sleep)
-    return cpu, slept
+    monkeypatch.setattr(GroupCommitter, "started", 0)
+    return cpu, wall, slept
 
 
-def test_rests_as_long_as_it_worked_after_the_free_allowance(monkeypatch):
-    cpu, slept = _fake(monkeypatch)
+def _commit_started() -> None:
+    GroupCommitter.started += 1
+
+
+def test_while_commits_start_rests_as_long_as_it_worked_after_the_free_allowance(monkeypatch):
+    cpu, _, slept = _fake(monkeypatch)
 
     async def main():
         with pace.paced():
             cpu[0] += pace.FREE_S * 0.9  # an indexed lookup: never rests
+            _commit_started()
             await pace.tick()
             assert slept == []
             cpu[0] += pace.FREE_S * 0.1 + 0.003  # now 3 ms past the allowance
@@ -37,10 +47,44 @@ def test_rests_as_long_as_it_worked_after_the_free_allowance(monkeypatch):
             await pace.tick()
             assert len(slept) == 1
             cpu[0] += 1.0  # a long slice: the rest is capped
+            _commit_started()
             await pace.tick()
             assert slept[-1] == pace._MAX_REST_S
         await pace.tick()  # outside a statement: a plain yield
         assert slept[-1] == 0
+    asyncio.run(main())
+
+
+def test_with_no_commit_in_this_process_it_only_yields(monkeypatch):
+    cpu, _, slept = _fake(monkeypatch)
+
+    async def main():
+        with pace.paced():
+            for _ in range(50):
+                cpu[0] += pace.BUDGET_S * 3
+                await pace.tick()
+    asyncio.run(main())
+    assert set(slept) == {0}  # one turn per slice, never a rest
+
+
+def test_a_commit_makes_it_rest_for_the_hold_then_it_goes_on(monkeypatch):
+    cpu, wall, slept = _fake(monkeypatch)
+
+    async def rested() -> bool:
+        n = len(slept)
+        cpu[0] += pace.BUDGET_S * 2
+        await pace.tick()
+        return any(s > 0 for s in slept[n:])
+
+    async def main():
+        with pace.paced():
+            cpu[0] += pace.FREE_S
+            assert not await rested()
+            _commit_started()  # an Enqueue committed
+            assert await rested()
+            assert await rested()  # no new commit, but within the hold
+            wall[0] += pace.BUSY_HOLD_S
+            assert not await rested()
     asyncio.run(main())
 
 
