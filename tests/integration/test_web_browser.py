@@ -11,6 +11,7 @@ import time
 
 import msgspec
 import pytest
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
@@ -51,8 +52,11 @@ def open_page(driver, srv, path: str, allow: tuple[str, ...] = ()):
 
 
 def wait_text(driver, css: str, text: str) -> None:
-    WebDriverWait(driver, 30).until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, css),
-                                                                     text))
+    # While a click navigates, the element found may belong to the page being left:
+    # chromium then answers "Node with given id does not belong to the document" (a
+    # plain WebDriverException, not selenium's stale-element one). Look again.
+    WebDriverWait(driver, 30, ignored_exceptions=(WebDriverException,)).until(
+        ec.text_to_be_present_in_element((By.CSS_SELECTOR, css), text))
 
 
 def sample_jobs(c) -> tuple[str, str]:
