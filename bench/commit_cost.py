@@ -73,7 +73,8 @@ def _thread_delta(before: dict[str, list[float]], after: dict[str, list[float]],
 
 async def run(a: argparse.Namespace) -> None:
     from silo.storage import sched
-    from silo.storage.db import GroupCommitter, open_database
+    from silo.storage.database import open_database
+    from silo.storage.db import GroupCommitter
     from silo.storage.slatedb_settings import StorageTuning, slatedb_settings
 
     sched.configure(os.environ.get("SILO_SLATEDB_SCHED_BATCH", "0") == "1")

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from silo.storage import db as sdb  # noqa: E402
 from silo.storage import local_sync, wake  # noqa: E402
+from silo.storage.database import open_database  # noqa: E402
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -44,8 +45,8 @@ async def run(on: bool, commits: int, concurrency: int, base: str) -> dict[str, 
             return spent
         local_sync.LocalSync.sync_wal = timed
     d = tempfile.mkdtemp(dir=base)
-    db = await sdb.open_database(f"file://{d}", "shards/b", flush_interval_ms=10,
-                                 l0_sst_size_bytes=64 << 20, flush_on_commit=True)
+    db = await open_database(f"file://{d}", "shards/b", flush_interval_ms=10,
+                             l0_sst_size_bytes=64 << 20, flush_on_commit=True)
     c = sdb.GroupCommitter(db, commit_interval_s=0)
     c.flush_on_commit = True
     rounds.clear()

@@ -55,7 +55,7 @@ from silo.query import ranges, settings  # noqa: E402
 from silo.query.engine import query_shard  # noqa: E402
 from silo.shard import enqueue as enq  # noqa: E402
 from silo.shard.state import Shard  # noqa: E402
-from silo.storage.db import METRICS_RECORDERS  # noqa: E402
+from silo.storage.database import METRICS_RECORDERS  # noqa: E402
 
 T = "bench"
 QUERIES = {

@@ -34,7 +34,7 @@ from silo.config import Config
 from silo.runtime.trim import trim_forever, tune_malloc
 from silo.runtime.worker import shard_config
 from silo.shard.state import Shard
-from silo.storage import db as sdb
+from silo.storage.database import METRICS_RECORDERS
 from silo.storage.slatedb_settings import set_block_cache_bytes
 
 libc = ctypes.CDLL("libc.so.6")
@@ -75,7 +75,7 @@ def status() -> dict[str, int]:
 
 
 def metrics(sid: str) -> dict[str, float]:
-    rec = sdb.METRICS_RECORDERS.get(f"shards/{sid}")
+    rec = METRICS_RECORDERS.get(f"shards/{sid}")
     out = {}
     if rec is None:
         return out

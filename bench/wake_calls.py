@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from silo.storage import db as sdb  # noqa: E402
 from silo.storage import wake  # noqa: E402
+from silo.storage.database import open_database  # noqa: E402
 
 GATHER = 50
 
@@ -31,8 +31,8 @@ GATHER = 50
 async def main(mode: str, ops: int, concurrency: int = 0) -> None:
     if mode == "native" and not wake.install():
         raise SystemExit("silo.storage._wake is not built")
-    d = await sdb.open_database("file://" + tempfile.mkdtemp(), "bench", flush_interval_ms=10,
-                                l0_sst_size_bytes=64 << 20)
+    d = await open_database("file://" + tempfile.mkdtemp(), "bench", flush_interval_ms=10,
+                            l0_sst_size_bytes=64 << 20)
     await d.put(b"warm", b"v")
     if concurrency:
         await committed(d, ops, concurrency)

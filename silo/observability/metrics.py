@@ -386,7 +386,7 @@ def sample_node(node, with_slatedb: bool = True) -> None:
 def sample_slatedb(shard_id: str) -> None:
     """SlateDB's counters become our counters by their increase since the last sample
     (its values are totals since the database opened); its gauges are copied."""
-    from silo.storage.db import METRICS_RECORDERS  # noqa: PLC0415 - storage imports us
+    from silo.storage.database import METRICS_RECORDERS  # noqa: PLC0415 - storage imports us
 
     recorder = METRICS_RECORDERS.get(f"shards/{shard_id}")
     if recorder is None:

@@ -44,7 +44,7 @@ def check_data_dir(data_dir: Path) -> None:
 
 def check_object_store_url(config: Config) -> None:
     """The object store URL names a store SlateDB can resolve; a local one is usable."""
-    from silo.storage.db import split_store_url  # noqa: PLC0415 - keeps this module light
+    from silo.storage.database import split_store_url  # noqa: PLC0415 - keeps this module light
 
     label = "storage.object_store_url (SILO_OBJECT_STORE_URL / --object-store-url)"
     url = config.object_store_url_resolved()

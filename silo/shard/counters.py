@@ -28,7 +28,7 @@ import msgspec
 
 from silo.shard import depth as depth_counters
 from silo.storage import keys
-from silo.storage.db import scan_prefix
+from silo.storage.database import scan_prefix
 from silo.storage.records import SCHEDULED, STATUS_NAMES, decode_i64, encode
 
 if TYPE_CHECKING:

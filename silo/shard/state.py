@@ -38,7 +38,8 @@ from silo.shard.buffer import ReadyBuffer
 from silo.shard.info_cache import InfoCache
 from silo.shard.ready import ReadySignal
 from silo.storage import keys
-from silo.storage.db import GroupCommitter, open_database, scan_prefix
+from silo.storage.database import open_database, scan_prefix
+from silo.storage.db import GroupCommitter
 from silo.storage.records import (
     RUNNING,
     SCHEDULED,

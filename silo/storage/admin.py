@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from slatedb.uniffi import AdminBuilder, CompactionSpec, ObjectStore, SourceId
 
-from silo.storage.db import split_store_url
+from silo.storage.database import split_store_url
 
 
 class SortedRun(NamedTuple):

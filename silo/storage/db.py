@@ -1,18 +1,20 @@
-"""One SlateDB database per shard, and the group committer that writes to it.
+"""The group committer: the only writer of a shard's SlateDB database.
 
-The committer is the only writer of a shard's database. State-machine operations stage
-their puts/deletes synchronously (so the in-memory state and the staged writes change
-together, with no await in between) and then await the batch's durability. The commit
-is adaptive: when no commit is in flight, what is staged goes to SlateDB one event-loop
-pass later (so what the staging woke joins it, see `_hand_off_next_pass`); while one is
-in flight (written, not yet durable), new writes gather and go as the next batch the
-moment it is durable. So a lone RPC pays no window and a loaded shard writes large
-batches, with no interval to tune. An optional cap (`commit_interval`, > 0) bounds how
-long a gathered batch waits behind an in-flight commit: past it the batch is written
-anyway (pipelined behind the one in flight). Each batch is one WriteBatch and one
-durability wait, shared by all its RPCs (group commit); each RPC answers only after its
-own write is durable. On the local store that includes an fsync round after the flush
-(silo.storage.local_sync): the round runs while the next batch is written and flushed.
+(Opening that database, and reading it raw, is silo.storage.database.)
+
+State-machine operations stage their puts/deletes synchronously (so the in-memory state
+and the staged writes change together, with no await in between) and then await the
+batch's durability. The commit is adaptive: when no commit is in flight, what is staged
+goes to SlateDB one event-loop pass later (so what the staging woke joins it, see
+`_hand_off_next_pass`); while one is in flight (written, not yet durable), new writes
+gather and go as the next batch the moment it is durable. So a lone RPC pays no window
+and a loaded shard writes large batches, with no interval to tune. An optional cap
+(`commit_interval`, > 0) bounds how long a gathered batch waits behind an in-flight
+commit: past it the batch is written anyway (pipelined behind the one in flight). Each
+batch is one WriteBatch and one durability wait, shared by all its RPCs (group commit);
+each RPC answers only after its own write is durable. On the local store that includes
+an fsync round after the flush (silo.storage.local_sync): the round runs while the next
+batch is written and flushed.
 
 A batch is sealed (handed to the writer, pipelined behind the one in flight) once it
 holds `max_batch_keys` keys or `max_batch_bytes` bytes at the end of an operation: an
@@ -32,107 +34,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlparse
 
-from slatedb.uniffi import (
-    DbBuilder,
-    FlushOptions,
-    FlushType,
-    ObjectStore,
-    Settings,
-    WriteBatch,
-)
+from slatedb.uniffi import FlushOptions, FlushType, WriteBatch
 
 from silo.observability import events, metrics, tracing
-from silo.storage import commit_calls, ffi, keys, local_sync, sched, slatedb_settings
-from silo.storage.scan import ResumingScan
-from silo.storage.slatedb_metrics import ExportedRecorder
+from silo.storage import commit_calls, ffi, local_sync, sched
+from silo.storage.database import scan_prefix
 
 log = logging.getLogger(__name__)
 
 _WAL_FLUSH = FlushOptions(flush_type=FlushType.WAL)
 
 
-# database name → SlateDB's own metrics of it, sampled by silo.observability.metrics
-METRICS_RECORDERS: dict[str, ExportedRecorder] = {}
-
-
 class StorageError(Exception):
     """A durable write or read failed; the shard can no longer be trusted to serve."""
-
-
-def split_store_url(url: str) -> tuple[str, str]:
-    """Split an object store URL into (store root URL, path inside the store).
-
-    SlateDB resolves a store from its root (`file:///`, `memory:///`, `s3://bucket`) and
-    takes the path inside it separately.
-    """
-    u = urlparse(url)
-    if u.scheme not in ("file", "memory", "s3", "gs", "az", "azure"):
-        raise ValueError(f"unsupported object store URL scheme: {url!r}")
-    root = f"{u.scheme}://{u.netloc}/"
-    return root, u.path.strip("/")
-
-
-# With flush_on_commit every commit flushes the WAL itself, so SlateDB's own flush
-# ticker has nothing to do; at flush_interval_ms (10 ms by default) it still woke every
-# shard 100 times a second. Measured idle, 8 shards in 2 processes: 0.047 cores with a
-# 10 ms ticker, 0.022 with 100 ms.
-FLUSH_ON_COMMIT_TICK_MS = 100
-
-
-def wal_flush_interval_ms(flush_interval_ms: int, flush_on_commit: bool) -> int:
-    """SlateDB's WAL flush interval: the configured one, or, when every commit flushes
-    the WAL itself, no more often than FLUSH_ON_COMMIT_TICK_MS (it then only bounds how
-    long a write made outside a commit, which Silo never makes, waits)."""
-    if flush_on_commit:
-        return max(flush_interval_ms, FLUSH_ON_COMMIT_TICK_MS)
-    return flush_interval_ms
-
-
-async def open_database(
-    store_url: str, name: str, *, flush_interval_ms: int, l0_sst_size_bytes: int,
-    extra_settings: dict[str, object] | None = None, flush_on_commit: bool = False,
-):
-    """Open (or create) the database `name` under the object store at store_url.
-
-    extra_settings: SlateDB settings by dotted key (silo.storage.slatedb_settings).
-    flush_on_commit: the committer flushes the WAL at every commit (see
-    wal_flush_interval_ms)."""
-    ffi.apply(hold_gil=True)
-    root, base = split_store_url(store_url)
-    store = ObjectStore.resolve(root)
-    path = f"{base}/{name}" if base else name
-    settings = Settings.default()
-    interval = wal_flush_interval_ms(flush_interval_ms, flush_on_commit)
-    settings.set("flush_interval", json.dumps(f"{interval}ms"))
-    settings.set("l0_sst_size_bytes", json.dumps(l0_sst_size_bytes))
-    for key, value in (extra_settings or {}).items():
-        settings.set(key, json.dumps(value))
-    builder = DbBuilder(path, store)
-    builder.with_settings(settings)
-    slatedb_settings.configure_builder(builder, path)  # the process's shared block cache
-    recorder = METRICS_RECORDERS[name] = ExportedRecorder()  # see silo.storage.slatedb_metrics
-    builder.with_metrics_recorder(recorder)
-    sync = await local_sync.prepare(store_url, name)  # fsync on a file:// store
-    db = await builder.build()
-    sched.apply()  # opt-in: SlateDB's threads (started by now) under SCHED_BATCH
-    return await local_sync.attach(db, sync)
-
-
-async def scan_prefix(db, prefix: bytes, batch: int = 1024) -> list[tuple[bytes, bytes]]:
-    """All (key, value) pairs under prefix, in key order. Not for the hot path."""
-    it = ResumingScan(db, prefix, keys.prefix_end(prefix))
-    out: list[tuple[bytes, bytes]] = []
-    while True:
-        rows = await it.next_batch(batch)
-        if not rows:
-            return out
-        out.extend((r.key, r.value) for r in rows)
 
 
 def _fill_generic(batch: WriteBatch, writes: dict[bytes, bytes | None]) -> None:

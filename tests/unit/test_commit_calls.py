@@ -15,13 +15,14 @@ import pytest
 
 from silo.storage import commit_calls, ffi, wake
 from silo.storage import db as sdb
+from silo.storage.database import open_database
 
 pytestmark = pytest.mark.skipif(not wake.available(), reason="silo.storage._wake not built")
 
 
 async def _open(root: str):
-    return await sdb.open_database(f"file://{root}", "s", flush_interval_ms=10,
-                                   l0_sst_size_bytes=64 << 20, flush_on_commit=True)
+    return await open_database(f"file://{root}", "s", flush_interval_ms=10,
+                               l0_sst_size_bytes=64 << 20, flush_on_commit=True)
 
 
 def _committer(db) -> sdb.GroupCommitter:
@@ -134,8 +135,8 @@ def test_a_started_flush_is_on_its_way_before_it_is_awaited() -> None:
     async def main() -> None:
         assert wake.install()
         # A 10 s WAL ticker: only the explicit flush can make the write durable here.
-        db = await sdb.open_database(f"file://{root}", "s", flush_interval_ms=10_000,
-                                     l0_sst_size_bytes=64 << 20)
+        db = await open_database(f"file://{root}", "s", flush_interval_ms=10_000,
+                                 l0_sst_size_bytes=64 << 20)
         await db.put(b"k", b"v")  # in the WAL buffer, not durable
         calls = commit_calls.CommitCalls(db)
         started = calls.flush_wal_started()
@@ -164,8 +165,8 @@ def test_an_early_flush_that_missed_its_write_is_followed_by_one_that_carries_it
 
     async def main() -> None:
         assert wake.install()
-        db = await sdb.open_database(f"file://{root}", "s", flush_interval_ms=10_000,
-                                     l0_sst_size_bytes=64 << 20, flush_on_commit=False)
+        db = await open_database(f"file://{root}", "s", flush_interval_ms=10_000,
+                                 l0_sst_size_bytes=64 << 20, flush_on_commit=False)
         c = _committer(db)
         c.put(b"warm", b"0")
         await c.commit()

@@ -17,7 +17,7 @@ import silo.shard.state as state_mod
 from silo.shard import cancel, delete, depth, lease, outcome
 from silo.shard.state import Shard, ShardConfig
 from silo.storage import keys
-from silo.storage.db import scan_prefix
+from silo.storage.database import scan_prefix
 from tests.unit.test_shard import Clock, add, task_rows
 
 TASK = keys.kind_prefix(keys.TASK)

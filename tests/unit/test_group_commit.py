@@ -233,7 +233,7 @@ async def _test_a_stalled_write_fails_every_batch_behind_it_at_once() -> None:
 
 
 def test_flush_on_commit_slows_only_the_idle_wal_ticker() -> None:
-    from silo.storage.db import FLUSH_ON_COMMIT_TICK_MS, wal_flush_interval_ms
+    from silo.storage.database import FLUSH_ON_COMMIT_TICK_MS, wal_flush_interval_ms
 
     assert wal_flush_interval_ms(10, flush_on_commit=False) == 10
     assert wal_flush_interval_ms(10, flush_on_commit=True) == FLUSH_ON_COMMIT_TICK_MS

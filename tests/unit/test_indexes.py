@@ -14,7 +14,7 @@ from silo.shard import cancel, delete, expedite, lease, outcome, restart
 from silo.shard.indexes import layout_version
 from silo.shard.state import Shard, ShardConfig, status_index_key
 from silo.storage import keys
-from silo.storage.db import scan_prefix
+from silo.storage.database import scan_prefix
 from silo.storage.records import (
     RetryPolicy,
     encode_i64,

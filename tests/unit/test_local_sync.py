@@ -17,6 +17,7 @@ from slatedb.uniffi import FlushOptions, FlushType
 
 from silo.storage import db as sdb
 from silo.storage import local_sync
+from silo.storage.database import open_database
 
 
 class Recorder:
@@ -66,8 +67,8 @@ def rec(monkeypatch) -> Recorder:
 
 
 async def _open(root: str):
-    return await sdb.open_database(f"file://{root}", "shards/s", flush_interval_ms=10,
-                                   l0_sst_size_bytes=64 << 20, flush_on_commit=True)
+    return await open_database(f"file://{root}", "shards/s", flush_interval_ms=10,
+                               l0_sst_size_bytes=64 << 20, flush_on_commit=True)
 
 
 def _committer(db) -> sdb.GroupCommitter:
@@ -222,8 +223,8 @@ def test_option_off_or_another_store_means_no_fsync(tmp_path, rec, monkeypatch) 
             db = await _open(str(tmp_path))
         finally:
             local_sync.configure(True)
-        mem = await sdb.open_database("memory:///", "m", flush_interval_ms=10,
-                                      l0_sst_size_bytes=64 << 20, flush_on_commit=True)
+        mem = await open_database("memory:///", "m", flush_interval_ms=10,
+                                  l0_sst_size_bytes=64 << 20, flush_on_commit=True)
         for d in (db, mem):
             assert local_sync.of(d) is None
             c = _committer(d)

@@ -18,7 +18,7 @@ from silo.shard import cancel, get_job, import_, lease, outcome, restart
 from silo.shard.retention import due_rows, expire_due
 from silo.shard.state import Shard, ShardConfig
 from silo.storage import keys
-from silo.storage.db import scan_prefix
+from silo.storage.database import scan_prefix
 from silo.storage.records import ATTEMPT_FAILED, FAILED, SUCCEEDED
 from tests.unit.test_shard import T0, Clock, add, code
 

@@ -11,7 +11,8 @@ import asyncio
 
 from silo.observability.metrics import SLATEDB_NAMES
 from silo.storage import slatedb_metrics
-from silo.storage.db import METRICS_RECORDERS, GroupCommitter, open_database
+from silo.storage.database import METRICS_RECORDERS, open_database
+from silo.storage.db import GroupCommitter
 
 
 def test_only_exported_metrics_are_registered_and_they_count(tmp_path):
@@ -28,14 +29,14 @@ def test_only_exported_metrics_are_registered_and_they_count(tmp_path):
 
     async def main():
         real = slatedb_metrics.ExportedRecorder
-        import silo.storage.db as db_mod
+        import silo.storage.database as database_mod
 
-        db_mod.ExportedRecorder = Counting
+        database_mod.ExportedRecorder = Counting
         try:
             db = await open_database(f"file://{tmp_path}", "shards/m", flush_interval_ms=1,
                                      l0_sst_size_bytes=1 << 20)
         finally:
-            db_mod.ExportedRecorder = real
+            database_mod.ExportedRecorder = real
         c = GroupCommitter(db, commit_interval_s=0)
         for i in range(5):
             c.put(b"k%d" % i, b"v")

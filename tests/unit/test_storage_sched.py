@@ -14,6 +14,7 @@ import pytest
 
 from silo.storage import db as sdb
 from silo.storage import sched
+from silo.storage.database import open_database
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="no SCHED_BATCH here")
 
@@ -35,9 +36,9 @@ def _slatedb_threads() -> dict[int, int]:
 
 
 async def _open():
-    return await sdb.open_database(f"file://{tempfile.mkdtemp()}", "s",
-                                   flush_interval_ms=10, l0_sst_size_bytes=64 << 20,
-                                   flush_on_commit=True)
+    return await open_database(f"file://{tempfile.mkdtemp()}", "s",
+                               flush_interval_ms=10, l0_sst_size_bytes=64 << 20,
+                               flush_on_commit=True)
 
 
 def test_opening_a_database_puts_slatedb_threads_under_sched_batch(opted_in) -> None:

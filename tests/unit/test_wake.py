@@ -17,7 +17,7 @@ import threading
 import pytest
 
 from silo.storage import _wake, ffi, wake  # _wake: fails here if the extension is not built
-from silo.storage import db as sdb
+from silo.storage.database import open_database
 
 READY, WAKE = 0, 1
 
@@ -315,8 +315,8 @@ def test_slatedb_calls_on_an_installed_loop_never_run_the_ctypes_continuation():
         if native:
             assert wake.install()
         tmp = tempfile.mkdtemp()
-        d = await sdb.open_database(f"file://{tmp}", "w", flush_interval_ms=10,
-                                    l0_sst_size_bytes=1 << 20)
+        d = await open_database(f"file://{tmp}", "w", flush_interval_ms=10,
+                                l0_sst_size_bytes=1 << 20)
         await asyncio.gather(*(d.put(b"k%d" % i, b"v" * 100) for i in range(200)))
         for i in range(200):
             assert await d.get(b"k%d" % i) == b"v" * 100

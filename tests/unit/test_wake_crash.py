@@ -45,13 +45,14 @@ RACE = textwrap.dedent("""
 
 STRESS = textwrap.dedent("""
     import asyncio, sys, tempfile, time, tracemalloc
-    from silo.storage import db as sdb, wake
+    from silo.storage import wake
+    from silo.storage.database import open_database
 
     async def main(seconds, native):
         if native:
             assert wake.install()
-        d = await sdb.open_database("file://" + tempfile.mkdtemp(), "s",
-                                    flush_interval_ms=10, l0_sst_size_bytes=1 << 20)
+        d = await open_database("file://" + tempfile.mkdtemp(), "s",
+                                flush_interval_ms=10, l0_sst_size_bytes=1 << 20)
         stop = time.monotonic() + seconds
 
         async def writer(n):
