@@ -61,7 +61,7 @@ release, turning each tiny FFI call into a GIL hand-off. ``hold_gil=True`` re-bi
 the explicit list :data:`GIL_HOLDING_SYMBOLS` to the same shared library opened with
 ``ctypes.PyDLL`` (same ``argtypes``/``restype``), so those calls keep the GIL.
 
-``apply`` leaves it off; the server turns it on (``silo.storage.db.open_database``).
+``apply`` leaves it off; the server turns it on (``silo.storage.database.open_database``).
 An early A/B in a toy grpc.aio server could not tell the two apart (≈ 80 µs for 4 puts
 either way), but in the real shard loop a fill that releases the GIL on every call lost
 wall time to GIL hand-offs: the cffi variant tried on 2026-12-01 (0.3 µs less Python

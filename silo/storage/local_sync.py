@@ -395,7 +395,7 @@ async def attach(db: T, s: LocalSync | None) -> T:
 
 
 def of(db: object) -> LocalSync | None:
-    """The syncer of a database opened by silo.storage.db.open_database, if any."""
+    """The syncer of a database opened by silo.storage.database.open_database, if any."""
     try:
         return _by_db.get(db)
     except TypeError:  # not weakly referenceable (a test's fake database)
