@@ -28,8 +28,8 @@ What this module does, for `file://` stores only (an object-store PUT is atomic)
   a later unsynced object before an earlier one, and dropping the torn one and every
   later one would then be safe only if each process that ever wrote this WAL had
   `storage.local_fsync` on, which this process cannot know.
-* With `storage.local_fsync` on, fsyncs every intact object SlateDB is about to replay
-  (and `wal/`), before the open: a predecessor killed before its fsync round left such
+* With `storage.local_fsync` on, makes every intact object SlateDB is about to replay
+  durable (one syncfs of the filesystem, or an fsync each, then `wal/`), before the open: a predecessor killed before its fsync round left such
   objects in the page cache only, and writes acknowledged after this open build on
   what they replay (a job enqueued there, then leased and acknowledged here).
 
@@ -40,12 +40,13 @@ never taken for a torn one: SlateDB skips it, and so does this module.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import struct
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from silo.storage import local_sync
@@ -236,15 +237,47 @@ def quarantine(db_dir: str, ids: Sequence[int], stamp: int) -> list[str]:
     return moved
 
 
+def _libc_syncfs() -> Callable[[int], int] | None:
+    try:
+        f = ctypes.CDLL(None, use_errno=True).syncfs
+    except (AttributeError, OSError):  # not Linux
+        return None
+    f.argtypes = [ctypes.c_int]
+    f.restype = ctypes.c_int
+    return f
+
+
+_SYNCFS = _libc_syncfs()
+
+
+def syncfs(fd: int, path: str) -> None:
+    """syncfs(2) of the filesystem holding the open `fd` (`path` names it): every dirty
+    page and inode of it reaches the disk, in one call. The seam tests record through."""
+    assert _SYNCFS is not None
+    if _SYNCFS(fd) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"syncfs of {path}: {os.strerror(e)}")
+
+
 def sync_replayed(wal_dir: str, objects: Sequence[WalObject]) -> None:
-    """fsync the intact objects SlateDB will replay, then `wal/` (see the docstring)."""
-    synced = False
+    """Make the intact objects SlateDB will replay durable, with `wal/` (see the module
+    docstring). One syncfs when the platform has it: after a kill the replay may hold
+    thousands of objects still dirty in the page cache: after 2,000 killed commits the
+    step took 1.17 s with an fsync each, 0.05-0.18 s with syncfs (checking them: 0.09 s;
+    loaded box)."""
+    if not any(o.problem is None and o.size > 0 for o in objects):
+        return
+    if _SYNCFS is not None:
+        fd = os.open(wal_dir, local_sync._O_DIR)
+        try:
+            syncfs(fd, wal_dir)
+        finally:
+            os.close(fd)
+        return
     for o in objects:
         if o.problem is None:
             local_sync._fsync_path(os.path.join(wal_dir, local_sync._wal_name(o.wal_id)))
-            synced = True
-    if synced:
-        local_sync._fsync_path(wal_dir, local_sync._O_DIR)
+    local_sync._fsync_path(wal_dir, local_sync._O_DIR)
 
 
 def repair(db_dir: str, label: str, replay_after: int, fsync: bool) -> list[str]:

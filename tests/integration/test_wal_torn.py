@@ -244,15 +244,40 @@ def test_torn_object_before_an_intact_one_is_refused(data) -> None:
     assert sorted(os.listdir(_wal_dir(root))) == before and _torn(root) == []
 
 
-def test_replayed_objects_are_fsynced_before_the_open(data, monkeypatch) -> None:
-    """The killed child's objects SlateDB replays were in the page cache only as far as
-    this process knows: they are fsynced before the open builds on them."""
+def _replayed_data_objects(root: Path, info: dict) -> list[str]:
+    return [str(_obj(root, i)) for i in info["after"] if os.path.getsize(_obj(root, i)) > 0]
+
+
+def test_replayed_objects_are_synced_before_the_open(data, monkeypatch) -> None:
+    """The killed child's objects SlateDB replays were in the page cache only, as far as
+    this process knows: the filesystem holding them is synced before the open builds on
+    them (one syncfs)."""
+    root, info = data
+    calls: list[tuple[str, list[int]]] = []
+    real = wal_tail.syncfs
+
+    def rec(fd: int, path: str) -> None:
+        real(fd, path)
+        calls.append((path, _wal_ids(root)))
+    monkeypatch.setattr(wal_tail, "syncfs", rec)
+    monkeypatch.setattr(local_sync, "ENABLED", True)
+
+    async def main() -> None:
+        s = await _open(root)
+        await s.close()
+    asyncio.run(main())
+    # once, on wal/, before the open wrote its fence (the listing is still the child's)
+    assert calls == [(str(_wal_dir(root)), info["after"])]
+
+
+def test_replayed_objects_fsynced_one_by_one_without_syncfs(data, monkeypatch) -> None:
     root, info = data
     synced: list[str] = []
 
     def rec(fd: int, path: str) -> None:
         os.fsync(fd)
         synced.append(path)
+    monkeypatch.setattr(wal_tail, "_SYNCFS", None)
     monkeypatch.setattr(local_sync, "fsync", rec)
     monkeypatch.setattr(local_sync, "ENABLED", True)
 
@@ -260,9 +285,21 @@ def test_replayed_objects_are_fsynced_before_the_open(data, monkeypatch) -> None
         s = await _open(root)
         await s.close()
     asyncio.run(main())
-    for wal_id in info["after"]:
-        if os.path.getsize(_obj(root, wal_id)) > 0:
-            assert str(_obj(root, wal_id)) in synced, wal_id
+    want = _replayed_data_objects(root, info)
+    assert want and set(want) <= set(synced)
+
+
+def test_nothing_synced_before_the_open_when_local_fsync_is_off(data, monkeypatch) -> None:
+    root, _info = data
+    calls: list[str] = []
+    monkeypatch.setattr(wal_tail, "syncfs", lambda fd, path: calls.append(path))
+    monkeypatch.setattr(local_sync, "ENABLED", False)
+
+    async def main() -> None:
+        s = await _open(root)
+        await s.close()
+    asyncio.run(main())
+    assert calls == []
 
 
 def test_memory_store_untouched() -> None:
