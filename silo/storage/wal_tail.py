@@ -83,7 +83,11 @@ class Plan(NamedTuple):
 
 
 class _Malformed(ValueError):
-    pass
+    """A table this reader does not understand (not evidence of tearing)."""
+
+
+class _Torn(ValueError):
+    """A checksum that does not match, or a footer no SlateDB writes: torn."""
 
 
 def _u(fmt: str, buf: bytes, pos: int) -> int:
@@ -129,34 +133,46 @@ def _root(buf: bytes) -> _Table:
 
 
 def _checked(data: bytes, start: int, length: int, what: str) -> bytes:
-    """The payload of the block at [start, start+length), or _Malformed."""
+    """The payload of the block at [start, start+length): _Torn if its checksum does not
+    match, _Malformed if the range (read from checksummed metadata) is not in the file."""
     end = start + length
     if start < 0 or length <= _CRC or end > len(data):
         raise _Malformed(f"{what} out of range")
     payload = data[start:end - _CRC]
     if zlib.crc32(payload) != _u(">I", data, end - _CRC):
-        raise _Malformed(f"{what} checksum mismatch")
+        raise _Torn(f"{what} checksum mismatch")
     return payload
 
 
 def check_object(data: bytes) -> str | None:
     """Why this WAL object (its whole content) is torn, or None if it is intact or empty.
 
-    Checks what SlateDB checks when it replays the object: the footer and format version,
-    the CRC-32 of the info block, of the filter, index and stats blocks, and of each data
-    block the index lists (when the blocks are compressed, the index cannot be read here,
-    and the data blocks are left to SlateDB)."""
+    Checks what SlateDB checks when it replays the object: the footer, the CRC-32 of the
+    info block, of the filter, index and stats blocks, and of each data block the index
+    lists. Only evidence of tearing makes it torn: a footer pointing outside the object,
+    a checksum that does not match. What this reader does not understand in checksummed
+    metadata (a format version after 2, compressed blocks whose index it cannot read, a
+    table it cannot parse) counts as intact and is left to SlateDB: a false "intact"
+    costs an open SlateDB refuses, a false "torn" would move acknowledged writes aside."""
     n = len(data)
     if n == 0:
         return None  # a fence (or an object torn to nothing: indistinguishable)
-    if n < _FOOTER:
-        return f"{n} bytes, shorter than the footer"
+    if n < _FOOTER + _CRC + 1:
+        return f"{n} bytes, shorter than a footer and an info block"
     meta = _u(">Q", data, n - _FOOTER)
     version = _u(">H", data, n - 2)
-    if version not in _VERSIONS:
-        return f"format version {version} in the footer (cut short or overwritten)"
     try:
-        info = _root(_checked(data, meta, n - _FOOTER - meta, "info block"))
+        if meta > n - _FOOTER - _CRC - 1:
+            raise _Torn(f"footer (format version {version}) points outside the object")
+        try:
+            info_bytes = _checked(data, meta, n - _FOOTER - meta, "info block")
+        except _Torn as e:
+            raise _Torn(f"{e} (format version {version} in the footer)") from None
+        if version == 0:
+            raise _Torn("format version 0 in the footer (no SlateDB writes it)")
+        if version not in _VERSIONS:
+            return None  # checksummed, in a format this reader does not know
+        info = _root(info_bytes)
         index_offset = info.scalar(_INDEX_OFFSET, "<Q")
         index = _checked(data, index_offset, info.scalar(_INDEX_LEN, "<Q"), "index block")
         blocks_end = info.scalar(_FILTER_OFFSET, "<Q")
@@ -166,15 +182,17 @@ def check_object(data: bytes) -> str | None:
             _checked(data, info.scalar(_STATS_OFFSET, "<Q"), info.scalar(_STATS_LEN, "<Q"),
                      "stats block")
         if info.scalar(_COMPRESSION, "<b"):
-            return None
+            return None  # the index is compressed: its blocks are left to SlateDB
         starts = [b.scalar(0, "<Q") for b in _root(index).tables(0)]
         if starts != sorted(starts) or (starts and starts[-1] >= blocks_end):
             raise _Malformed("index lists blocks out of order")
         for k, start in enumerate(starts):
             end = starts[k + 1] if k + 1 < len(starts) else blocks_end
             _checked(data, start, end - start, f"data block {k}")
-    except _Malformed as e:
+    except _Torn as e:
         return str(e)
+    except _Malformed:
+        return None
     return None
 
 
