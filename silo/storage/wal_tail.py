@@ -4,7 +4,8 @@ Why: on a local directory store a power loss (or kernel crash) can leave a WAL o
 whose directory entry reached the disk but whose data did not: empty, cut short, or
 zeros/stale blocks (ext4 without a journal orders nothing). SlateDB 0.17 then refuses
 to open the database (`Data error: wal data error (unsupported SST format version …
-actual_version=0)` for a short or zeroed object; an empty one it takes for a fence and
+actual_version=0)` for a short or zeroed object, `… (checksum mismatch in …/wal/N.sst)`
+for a torn page under an intact footer; an empty object it takes for a fence and
 skips), so the worker exits and the server gives up, although every acknowledged write
 is intact: an object can only be torn if it was never fsynced, and Silo answers no write
 before its WAL object and every earlier one are fsynced (silo.storage.local_sync).
@@ -13,28 +14,35 @@ What this module does, for `file://` stores only (an object-store PUT is atomic)
 
 * Reads the latest manifest's `replay_after_wal_id` (SlateDB replays only the WAL
   objects after it; older ones are already in an L0 SST and are never read), then reads
-  each newer object and checks it against SlateDB's SST layout (`check_object`): footer,
-  format version, the checksum of the info block, of the filter/index/stats blocks and
-  of every data block.
+  each newer object and checks it against SlateDB's SST layout (`check_object`): the
+  footer, the CRC-32 of the info block, of the filter/index/stats blocks and of every
+  data block. Only evidence of tearing (a checksum that does not match, a footer no
+  SlateDB writes) makes an object torn; what the reader does not understand is left to
+  SlateDB, since a false "torn" would move acknowledged writes aside.
 * `plan` (pure) decides. A torn object with only torn or empty objects after it is a
   torn tail: it and every object after it are moved into `torn/` beside `wal/` in the
   database's directory (never deleted: an operator can look at them) and one warning
-  names them. The empty ones go too: SlateDB 0.17 requires the WAL ids it replays to
-  be contiguous (`wal truncated at wal file 7` when 7 is missing and 8 exists), and
-  every failed open before this step existed wrote one more empty fence after the torn
-  object.
+  names them. The empty ones go too: SlateDB 0.17 requires the WAL ids it replays to be
+  contiguous (`wal truncated at wal file 7` when 7 is missing and 8 exists), and every
+  failed open before this step existed wrote one more empty fence after the torn one.
   A torn object followed by an intact non-empty one is refused with a one-line error
   naming the shard and both files: with several commits in flight the kernel may write
   a later unsynced object before an earlier one, and dropping the torn one and every
-  later one would then be safe only if each process that ever wrote this WAL had
-  `storage.local_fsync` on, which this process cannot know.
+  later one is safe only if every process that wrote this WAL had storage.local_fsync
+  on and this pre-open sync (older Silo versions did not), which this process cannot
+  know; the operator can (the error says what to move).
 * With `storage.local_fsync` on, makes every intact object SlateDB is about to replay
-  durable (one syncfs of the filesystem, or an fsync each, then `wal/`), before the open: a predecessor killed before its fsync round left such
-  objects in the page cache only, and writes acknowledged after this open build on
-  what they replay (a job enqueued there, then leased and acknowledged here).
+  durable (one syncfs of the filesystem, else an fsync each, then `wal/`) before the
+  open: a predecessor killed before its fsync round left such objects in the page cache
+  only, and writes acknowledged after this open build on what they replay (a job
+  enqueued there, then leased and acknowledged here).
 
-An empty object is what SlateDB writes as the fence of every open, so an empty object is
-never taken for a torn one: SlateDB skips it, and so does this module.
+Not covered: an empty object is what SlateDB writes as the fence of every open, so an
+empty object is never taken for a torn one. An unacknowledged object torn to 0 bytes with
+an intact unacknowledged one after it is then replayed without it (SlateDB skips empty
+objects; nothing acknowledged is lost, but the later commit is applied without the one
+before it). Compressed data blocks (storage.slatedb compression_codec) are not checked
+(the index that locates them is compressed): a torn one there is refused by SlateDB.
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
+
+from slatedb.uniffi import AdminBuilder
 
 from silo.storage import local_sync
 
@@ -162,14 +172,11 @@ def check_object(data: bytes) -> str | None:
     meta = _u(">Q", data, n - _FOOTER)
     version = _u(">H", data, n - 2)
     try:
+        if version == 0:
+            raise _Torn("format version 0 in the footer: zeros, or cut short")
         if meta > n - _FOOTER - _CRC - 1:
             raise _Torn(f"footer (format version {version}) points outside the object")
-        try:
-            info_bytes = _checked(data, meta, n - _FOOTER - meta, "info block")
-        except _Torn as e:
-            raise _Torn(f"{e} (format version {version} in the footer)") from None
-        if version == 0:
-            raise _Torn("format version 0 in the footer (no SlateDB writes it)")
+        info_bytes = _checked(data, meta, n - _FOOTER - meta, "info block")
         if version not in _VERSIONS:
             return None  # checksummed, in a format this reader does not know
         info = _root(info_bytes)
@@ -311,8 +318,9 @@ def repair(db_dir: str, label: str, replay_after: int, fsync: bool) -> list[str]
         raise TornWalError(
             f"{label}: WAL object {wal_dir}/{local_sync._wal_name(torn)} is torn "
             f"({problems[torn]}) but the later {local_sync._wal_name(intact)} is intact; "
-            "not opening: moving it and every later WAL object aside would drop writes that "
-            "were acknowledged unless every process that wrote them had storage.local_fsync on")
+            "not opening (to drop both and every object between and after them, none of "
+            "them acknowledged if every process that wrote them had storage.local_fsync on, "
+            f"move them into {os.path.join(db_dir, TORN_DIR)}/)")
     moved: list[str] = []
     if p.drop:
         moved = quarantine(db_dir, p.drop, int(time.time() * 1000))
@@ -329,8 +337,6 @@ def repair(db_dir: str, label: str, replay_after: int, fsync: bool) -> list[str]
 async def _replay_after(path: str, store: object) -> int | None:
     """The latest manifest's replay_after_wal_id; 0 for a database without a manifest;
     None when the manifest cannot be read (SlateDB's open then reports why)."""
-    from slatedb.uniffi import AdminBuilder  # noqa: PLC0415 - as silo.storage.admin does
-
     try:
         m = await AdminBuilder(path, store).build().read_manifest(None)
     except Exception as e:  # noqa: BLE001 - left to the open, which says what is wrong
