@@ -142,6 +142,8 @@ class GroupCommitter:
         self._calls: commit_calls.CommitCalls | bool | None = None
         self._failed: BaseException | None = None
         self._local_sync = local_sync.of(db)  # fsyncs each flush's WAL objects, or None
+        if self._local_sync is not None:
+            self._local_sync.on_room = self._kick  # a held-back commit may go
         # Called once when a write or durability wait fails (e.g. the database was
         # fenced by another opener): the owner decides how to recover.
         self.on_failure: Callable[[BaseException], None] | None = None
@@ -209,8 +211,13 @@ class GroupCommitter:
             self._queue.put_nowait(b)
 
     def _idle(self) -> bool:
-        """No commit in flight: nothing handed to the writer and not yet durable."""
-        return not self._inflight and not self._unconfirmed and self._durability_task is None
+        """No commit in flight: nothing handed to the writer and not yet durable, and no
+        flush waiting for an fsync round that has not started (silo.storage.local_sync:
+        one commit is written ahead of the round in progress, not more)."""
+        if self._inflight or self._unconfirmed or self._durability_task is not None:
+            return False
+        ls = self._local_sync
+        return ls is None or not ls.backlog
 
     def _gap_left(self) -> float:
         """Seconds until an idle writer may start the next commit (min_gap_s): 0 when
