@@ -121,6 +121,15 @@ async def _open(root: Path) -> Shard:
     return await Shard.open(SHARD, "", "", f"file://{root}", CFG)
 
 
+def _open_and_close(root) -> None:
+    """Open the shard (the repair and sync steps run) and close it again."""
+
+    async def main() -> None:
+        s = await _open(root)
+        await s.close()
+    asyncio.run(main())
+
+
 def _reopen_check(root: Path, acked: list[str], new: str = "after-repair") -> dict:
     """Open the shard; every acknowledged job must be there. Then write one more job,
     close, open again: the repaired WAL stays openable and keeps new writes."""
@@ -263,10 +272,7 @@ def test_replayed_objects_are_synced_before_the_open(data, monkeypatch) -> None:
     monkeypatch.setattr(wal_tail, "syncfs", rec)
     monkeypatch.setattr(local_sync, "ENABLED", True)
 
-    async def main() -> None:
-        s = await _open(root)
-        await s.close()
-    asyncio.run(main())
+    _open_and_close(root)
     # once, on wal/, before the open wrote its fence (the listing is still the child's)
     assert calls == [(str(_wal_dir(root)), info["after"])]
 
@@ -282,10 +288,7 @@ def test_replayed_objects_fsynced_one_by_one_without_syncfs(data, monkeypatch) -
     monkeypatch.setattr(local_sync, "fsync", rec)
     monkeypatch.setattr(local_sync, "ENABLED", True)
 
-    async def main() -> None:
-        s = await _open(root)
-        await s.close()
-    asyncio.run(main())
+    _open_and_close(root)
     want = _replayed_data_objects(root, info)
     assert want and set(want) <= set(synced)
 
@@ -296,10 +299,7 @@ def test_nothing_synced_before_the_open_when_local_fsync_is_off(data, monkeypatc
     monkeypatch.setattr(wal_tail, "syncfs", lambda fd, path: calls.append(path))
     monkeypatch.setattr(local_sync, "ENABLED", False)
 
-    async def main() -> None:
-        s = await _open(root)
-        await s.close()
-    asyncio.run(main())
+    _open_and_close(root)
     assert calls == []
 
 
