@@ -9,7 +9,8 @@ it); `--concurrency N` keeps N operations in flight (group commit gathers them).
 one JSON line per mode; `loop_cpu_us_per_commit` is the event loop thread's CPU (the
 fsync itself runs off it and is not in it). Modes: `off` (storage.local_fsync off),
 `pool` (rounds in the Python thread pool, local_sync.NATIVE off), `native` (rounds on
-_walsync's C threads, the default when it is built); `--repeat` alternates them.
+_walsync's C threads, the default when it is built), `native-seq` (the same with the
+directory fsync after the files, local_sync.OVERLAP off); `--repeat` alternates them.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ async def run(mode: str, commits: int, concurrency: int, base: str) -> dict[str,
     wake.install()
     on = mode != "off"
     local_sync.configure(on)
-    local_sync.NATIVE = mode == "native"
+    local_sync.NATIVE = mode.startswith("native")
+    local_sync.OVERLAP = mode != "native-seq"
     rounds: list[float] = []
     orig = local_sync.LocalSync._spent
 

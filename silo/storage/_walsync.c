@@ -113,10 +113,24 @@ static uint64_t round_run(int dir_fd, uint64_t start, int *err)
     return n;
 }
 
+/* A round's `wal/` fsync, offered to the other thread (see round_overlapped). Lives on
+ * the offering thread's stack, which waits for it to be done before it returns. */
+typedef struct dirjob {
+    struct dirjob *next;
+    int dir_fd;
+    int state; /* DIR_OFFERED, DIR_TAKEN, DIR_DONE: under lock */
+    int err;
+} dirjob;
+
+enum { DIR_OFFERED, DIR_TAKEN, DIR_DONE };
+
 typedef struct {
     PyObject_HEAD
     pthread_mutex_t lock;
     pthread_cond_t more;
+    pthread_cond_t dir_done;
+    dirjob *dirs;           /* offered directory fsyncs, taken before rounds; under lock */
+    int overlap;            /* offer them at all (Rounds(overlap=...)) */
     job *head, *tail;       /* waiting jobs, under lock */
     done *results;          /* finished rounds, newest first, under lock */
     int signalled;          /* efd written since the last drain, under lock */
@@ -127,13 +141,107 @@ typedef struct {
     unsigned long owner; /* g_forks when made */
 } RoundsObject;
 
+static int fsync_retrying(int fd)
+{
+    int rc;
+    do
+        rc = fsync(fd);
+    while (rc != 0 && errno == EINTR);
+    return rc == 0 ? 0 : errno;
+}
+
+#define BATCH 32
+
+/* round_run with the `wal/` fsync on the other thread while this one fsyncs the files:
+ * two fsyncs of one round then share the device's cache flush instead of paying one
+ * each. The directory fsync is offered only after every object it must cover was
+ * opened here, i.e. linked: an object found later is left to the sequential rest (or the
+ * next round), never counted as covered by a directory fsync that began before it was
+ * linked. If the other thread is busy (another shard's round), this one takes the
+ * offer back and does it after the files. Called with self->lock not held. */
+static uint64_t round_overlapped(RoundsObject *self, int dir_fd, uint64_t start, int *err)
+{
+    char name[40];
+    int fds[BATCH];
+    int count = 0;
+    *err = 0;
+    while (count < BATCH) {
+        snprintf(name, sizeof name, "%020llu.sst", (unsigned long long)(start + count));
+        int fd;
+        do
+            fd = openat(dir_fd, name, O_RDONLY | O_CLOEXEC);
+        while (fd < 0 && errno == EINTR);
+        if (fd < 0) {
+            if (errno != ENOENT)
+                *err = errno;
+            break;
+        }
+        fds[count++] = fd;
+    }
+    if (*err != 0 || count == 0) {
+        for (int i = 0; i < count; i++)
+            close(fds[i]);
+        return start;
+    }
+    dirjob d = {.next = NULL, .dir_fd = dir_fd, .state = DIR_OFFERED, .err = 0};
+    pthread_mutex_lock(&self->lock);
+    d.next = self->dirs;
+    self->dirs = &d;
+    pthread_cond_signal(&self->more);
+    pthread_mutex_unlock(&self->lock);
+
+    uint64_t n = start;
+    for (int i = 0; i < count; i++) {
+        int e = *err == 0 ? fsync_retrying(fds[i]) : 0;
+        close(fds[i]);
+        if (*err == 0 && e != 0)
+            *err = e;
+        if (*err == 0)
+            n++;
+    }
+
+    pthread_mutex_lock(&self->lock);
+    if (d.state == DIR_OFFERED) { /* not taken: withdraw it and do it here */
+        dirjob **p = &self->dirs;
+        while (*p != &d)
+            p = &(*p)->next;
+        *p = d.next;
+        d.state = DIR_TAKEN;
+        pthread_mutex_unlock(&self->lock);
+        d.err = fsync_retrying(dir_fd);
+    } else {
+        while (d.state != DIR_DONE)
+            pthread_cond_wait(&self->dir_done, &self->lock);
+        pthread_mutex_unlock(&self->lock);
+    }
+    if (*err == 0 && d.err != 0)
+        *err = d.err;
+    if (*err == 0 && count == BATCH) { /* more than one batch of objects: the rest */
+        uint64_t m = round_run(dir_fd, n, err);
+        n = *err == 0 ? m : n;
+    }
+    return n;
+}
+
 static void *worker(void *arg)
 {
     RoundsObject *self = arg;
     pthread_mutex_lock(&self->lock);
     for (;;) {
-        while (self->head == NULL && !self->stopping)
+        while (self->head == NULL && self->dirs == NULL && !self->stopping)
             pthread_cond_wait(&self->more, &self->lock);
+        if (self->dirs != NULL) { /* another round's directory fsync: it waits for it */
+            dirjob *d = self->dirs;
+            self->dirs = d->next;
+            d->state = DIR_TAKEN;
+            pthread_mutex_unlock(&self->lock);
+            int e = fsync_retrying(d->dir_fd);
+            pthread_mutex_lock(&self->lock);
+            d->err = e;
+            d->state = DIR_DONE;
+            pthread_cond_broadcast(&self->dir_done);
+            continue;
+        }
         if (self->head == NULL)
             break; /* stopping, and nothing left */
         job *j = self->head;
@@ -144,7 +252,8 @@ static void *worker(void *arg)
 
         int64_t t0 = now_ns();
         int err;
-        uint64_t n = round_run(j->dir_fd, j->start, &err);
+        uint64_t n = self->overlap ? round_overlapped(self, j->dir_fd, j->start, &err)
+                                   : round_run(j->dir_fd, j->start, &err);
         done *d = (done *)j; /* same size class: reuse the allocation */
         uint64_t token = j->token;
         d->token = token;
@@ -208,10 +317,10 @@ static int start_threads(RoundsObject *self)
 
 static PyObject *Rounds_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    if (PyTuple_GET_SIZE(args) != 0 || (kwds != NULL && PyDict_GET_SIZE(kwds) != 0)) {
-        PyErr_SetString(PyExc_TypeError, "Rounds() takes no arguments");
+    static char *kwlist[] = {"overlap", NULL};
+    int overlap = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p:Rounds", kwlist, &overlap))
         return NULL;
-    }
     int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (efd < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -222,6 +331,8 @@ static PyObject *Rounds_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     pthread_mutex_init(&self->lock, NULL);
     pthread_cond_init(&self->more, NULL);
+    pthread_cond_init(&self->dir_done, NULL);
+    self->overlap = overlap;
     self->efd = efd;
     self->owner = g_forks;
     return (PyObject *)self;
@@ -267,6 +378,7 @@ static void Rounds_dealloc(RoundsObject *self)
     if (self->owner == g_forks) {
         shut(self);
         pthread_cond_destroy(&self->more);
+        pthread_cond_destroy(&self->dir_done);
         pthread_mutex_destroy(&self->lock);
     } /* else: a forked child's copy; its lock may be held by a thread that is gone */
     Py_TYPE(self)->tp_free((PyObject *)self);

@@ -92,6 +92,7 @@ BACKGROUND_INTERVAL_S = 1.0
 PASSES_ENABLED = True  # False: the background thread skips its passes (tests run them)
 POOL_THREADS = 2  # rounds of different shards of one process may overlap
 NATIVE = True  # rounds on _walsync's C threads when it is built (False: the pool's)
+OVERLAP = True  # C rounds fsync wal/ on the other thread while the files are fsynced
 WAL_DIR = "wal"
 _WAL_SUFFIX = ".sst"
 _WAL_DIGITS = 20
@@ -462,7 +463,7 @@ class _NativeRounds:
     drain hands each result to the LocalSync that submitted the round."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.native = _walsync.Rounds()
+        self.native = _walsync.Rounds(overlap=OVERLAP)
         self.pending: dict[int, LocalSync] = {}
         loop.add_reader(self.native.fileno(), self.drain)
 

@@ -64,25 +64,30 @@ def test_c_round_reports_the_errno_that_stopped_it(tmp_path) -> None:
         os.close(w)
 
 
-def test_rounds_deliver_results_through_the_eventfd_in_order(tmp_path) -> None:
+@pytest.mark.parametrize("overlap", [True, False])
+def test_rounds_deliver_results_through_the_eventfd(tmp_path, overlap) -> None:
+    """Rounds at once on both threads (each may take the other's directory fsync or
+    withdraw its own), one of more objects than a batch of open fds (32)."""
     wal = tmp_path / "wal"
     wal.mkdir()
-    _objects(wal, (7, 8))
+    _objects(wal, [7, 8, *range(100, 140)])
     fd = os.open(wal, os.O_RDONLY | os.O_DIRECTORY)
 
     async def main() -> list:
-        r = _walsync.Rounds()
+        r = _walsync.Rounds(overlap=overlap)
         loop = asyncio.get_running_loop()
         got: list = []
         ready = asyncio.Event()
 
         def drain() -> None:
             got.extend(r.drain())
-            if len(got) == 2:
+            if len(got) == 4:
                 ready.set()
         loop.add_reader(r.fileno(), drain)
         r.submit(11, fd, 7)
         r.submit(12, fd, 9)
+        r.submit(13, fd, 100)
+        r.submit(14, fd, 8)
         await asyncio.wait_for(ready.wait(), 30)
         loop.remove_reader(r.fileno())
         r.close()
@@ -90,7 +95,8 @@ def test_rounds_deliver_results_through_the_eventfd_in_order(tmp_path) -> None:
 
     got = asyncio.run(main())
     os.close(fd)
-    assert sorted((t, n, e) for t, n, e, _ in got) == [(11, 9, 0), (12, 9, 0)]
+    assert sorted((t, n, e) for t, n, e, _ in got) == [
+        (11, 9, 0), (12, 9, 0), (13, 140, 0), (14, 9, 0)]
     assert all(ns > 0 for *_, ns in got)
 
 
