@@ -12,9 +12,9 @@ loss may lose it.
 What this module adds (`storage.local_fsync`, on by default; file:// stores only):
 
 * **The ack path.** After a commit's WAL flush returns and before any of its waiters is
-  resolved, `GroupCommitter` awaits `LocalSync.after_flush`: in a thread of this
-  process's fsync pool (never on the event loop) every WAL object newer than the last one
-  synced is fsynced, then the `wal/` directory. WAL objects are named by a 20-digit id
+  resolved, `GroupCommitter` hands its batches to `LocalSync.then_sync`: off the event
+  loop (a C thread or the fsync pool, "Where a round runs") every WAL object newer than
+  the last one synced is fsynced, then the `wal/` directory. WAL objects are named by a 20-digit id
   that SlateDB increments by one per flush (`wal/00000000000000000042.sst`), so the new
   ones are found by opening `next`, `next+1`, … until one is missing (a miss costs ~1 µs;
   listing a `wal/` of 4,096 objects cost ~1.1 ms here). A round that wrote something and
@@ -29,6 +29,8 @@ What this module adds (`storage.local_fsync`, on by default; file:// stores only
   fsyncs of a round are one job on one of its two pthreads, which never take the GIL; the
   result comes back through an eventfd the loop watches (`_NativeRounds`), and the
   waiters are answered from that callback (no task, no executor future, no self-pipe).
+  The round's `wal/` fsync runs on the other C thread while the files are fsynced, once
+  every object it covers was opened (`OVERLAP`; the two then share one device flush).
   In the pool instead, the round's five syscalls each passed the GIL back and forth with
   the loop, and run_in_executor cost the loop ~40 µs per round. The pool path remains for
   builds without the module and while a test records through the `fsync` seam. The
@@ -323,7 +325,7 @@ class LocalSync:
 
     def _listed(self, fut: asyncio.Future[float]) -> None:
         assert self._native_round is not None
-        e = fut.exception()
+        e = asyncio.CancelledError() if fut.cancelled() else fut.exception()
         if e is None:
             self._spent(self._native_round[2], fut.result())
         self._end_native(e)
