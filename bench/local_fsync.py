@@ -2,11 +2,15 @@
 and the commit's latency as a caller sees it, on vs off, on a tmp directory store.
 
     PYTHONPATH=. python bench/local_fsync.py --commits 2000 [--concurrency 1] [--dir DIR]
+        [--modes off,pool,native] [--repeat 1]
 
 One GroupCommitter over a real SlateDB database (flush_on_commit, as the server runs
 it); `--concurrency N` keeps N operations in flight (group commit gathers them). Prints
 one JSON line per mode; `loop_cpu_us_per_commit` is the event loop thread's CPU (the
-fsync itself runs in the pool and is not in it).
+fsync itself runs off it and is not in it). Modes: `off` (storage.local_fsync off),
+`pool` (rounds in the Python thread pool, local_sync.NATIVE off), `native` (rounds on
+_walsync's C threads, the default when it is built), `native-seq` (the same with the
+directory fsync after the files, local_sync.OVERLAP off); `--repeat` alternates them.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -32,18 +37,19 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(len(xs) * q))] * 1e3 if xs else 0.0
 
 
-async def run(on: bool, commits: int, concurrency: int, base: str) -> dict[str, object]:
+async def run(mode: str, commits: int, concurrency: int, base: str) -> dict[str, object]:
     wake.install()
+    on = mode != "off"
     local_sync.configure(on)
+    local_sync.NATIVE = mode.startswith("native")
+    local_sync.OVERLAP = mode != "native-seq"
     rounds: list[float] = []
-    if on:
-        orig = local_sync.LocalSync.sync_wal
+    orig = local_sync.LocalSync._spent
 
-        def timed(self, wrote):
-            spent = orig(self, wrote)
-            rounds.append(spent)
-            return spent
-        local_sync.LocalSync.sync_wal = timed
+    def timed(self, shard, seconds):
+        rounds.append(seconds)
+        orig(self, shard, seconds)
+    local_sync.LocalSync._spent = timed
     d = tempfile.mkdtemp(dir=base)
     db = await open_database(f"file://{d}", "shards/b", flush_interval_ms=10,
                              l0_sst_size_bytes=64 << 20, flush_on_commit=True)
@@ -67,16 +73,26 @@ async def run(on: bool, commits: int, concurrency: int, base: str) -> dict[str, 
             await one(left)
 
     t0, c0 = time.perf_counter(), time.thread_time()
+    r0 = resource.getrusage(resource.RUSAGE_THREAD)
+    p0 = resource.getrusage(resource.RUSAGE_SELF)
     await asyncio.gather(*(lane(k) for k in range(concurrency)))
     wall, loop_cpu = time.perf_counter() - t0, time.thread_time() - c0
+    r1 = resource.getrusage(resource.RUSAGE_THREAD)
+    p1 = resource.getrusage(resource.RUSAGE_SELF)
+    proc_cpu = p1.ru_utime + p1.ru_stime - p0.ru_utime - p0.ru_stime
     batches = c.batches_written
     await c.close()
     await db.shutdown()
-    if on:
-        local_sync.LocalSync.sync_wal = orig
-    return {"local_fsync": on, "ops": commits, "concurrency": concurrency, "commits": batches,
+    local_sync.LocalSync._spent = orig
+    return {"mode": mode, "ops": commits, "concurrency": concurrency, "commits": batches,
             "ops_per_s": round(commits / wall),
-            "loop_cpu_us_per_commit": round(loop_cpu / max(batches, 1) * 1e6, 1), "op_ms_p50": round(_pct(lat, .5), 3),
+            "loop_cpu_us_per_commit": round(loop_cpu / max(batches, 1) * 1e6, 1),
+            "process_cpu_us_per_commit": round(proc_cpu / max(batches, 1) * 1e6, 1),
+            "loop_sys_us_per_commit": round((r1.ru_stime - r0.ru_stime) / max(batches, 1) * 1e6,
+                                            1),
+            "loop_switches_per_commit": round((r1.ru_nvcsw + r1.ru_nivcsw - r0.ru_nvcsw
+                                               - r0.ru_nivcsw) / max(batches, 1), 2),
+            "op_ms_p50": round(_pct(lat, .5), 3),
             "op_ms_p99": round(_pct(lat, .99), 3),
             "fsync_rounds": len(rounds), "fsync_ms_p50": round(_pct(rounds, .5), 3),
             "fsync_ms_p99": round(_pct(rounds, .99), 3),
@@ -88,9 +104,13 @@ def main() -> None:
     p.add_argument("--commits", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--dir", default=None, help="where the tmp stores go (default: $TMPDIR)")
+    p.add_argument("--modes", default="off,pool,native")
+    p.add_argument("--repeat", type=int, default=1)
     a = p.parse_args()
-    for on in (False, True):
-        print(json.dumps(asyncio.run(run(on, a.commits, a.concurrency, a.dir))), flush=True)
+    for _ in range(a.repeat):
+        for mode in a.modes.split(","):
+            r = asyncio.run(run(mode, a.commits, a.concurrency, a.dir))
+            print(json.dumps(r), flush=True)
 
 
 if __name__ == "__main__":

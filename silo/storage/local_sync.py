@@ -12,9 +12,9 @@ loss may lose it.
 What this module adds (`storage.local_fsync`, on by default; file:// stores only):
 
 * **The ack path.** After a commit's WAL flush returns and before any of its waiters is
-  resolved, `GroupCommitter` awaits `LocalSync.after_flush`: in a thread of this
-  process's fsync pool (never on the event loop) every WAL object newer than the last one
-  synced is fsynced, then the `wal/` directory. WAL objects are named by a 20-digit id
+  resolved, `GroupCommitter` hands its batches to `LocalSync.then_sync`: off the event
+  loop (a C thread or the fsync pool, "Where a round runs") every WAL object newer than
+  the last one synced is fsynced, then the `wal/` directory. WAL objects are named by a 20-digit id
   that SlateDB increments by one per flush (`wal/00000000000000000042.sst`), so the new
   ones are found by opening `next`, `next+1`, … until one is missing (a miss costs ~1 µs;
   listing a `wal/` of 4,096 objects cost ~1.1 ms here). A round that wrote something and
@@ -30,6 +30,16 @@ What this module adds (`storage.local_fsync`, on by default; file:// stores only
   rounds of 20 objects took ~50 ms, each commit waited ~100 ms, and h2load Enqueue fell
   to ~2.5 operations per commit. A round that finds a later flush's object already
   there syncs it too; the round covering that flush then does not list (`_ahead`).
+* **Where a round runs.** With the C module built (`_walsync`, `NATIVE`), the probe and
+  fsyncs of a round are one job on one of its two pthreads, which never take the GIL; the
+  result comes back through an eventfd the loop watches (`_NativeRounds`), and the
+  waiters are answered from that callback (no task, no executor future, no self-pipe).
+  The round's `wal/` fsync runs on the other C thread while the files are fsynced, once
+  every object it covers was opened (`OVERLAP`; the two then share one device flush).
+  In the pool instead, the round's five syscalls each passed the GIL back and forth with
+  the loop, and run_in_executor cost the loop ~40 µs per round. The pool path remains for
+  builds without the module and while a test records through the `fsync` seam. The
+  listing after a gap always runs in the pool.
 * **Open.** `prepare` notes the newest WAL id before SlateDB opens the database; `attach`
   then syncs what the open wrote (the fencing WAL object, any replayed flush) and the
   directories from the WAL's up to the store root, which a first open creates.
@@ -61,6 +71,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import os
 import threading
@@ -72,6 +83,11 @@ from urllib.parse import unquote, urlparse
 
 from silo.observability import metrics
 
+try:
+    from silo.storage import _walsync
+except ImportError:  # built as an optional extension (setup.py): the pool path then
+    _walsync = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -82,6 +98,8 @@ ENABLED = True
 BACKGROUND_INTERVAL_S = 1.0
 PASSES_ENABLED = True  # False: the background thread skips its passes (tests run them)
 POOL_THREADS = 2  # rounds of different shards of one process may overlap
+NATIVE = True  # rounds on _walsync's C threads when it is built (False: the pool's)
+OVERLAP = True  # C rounds fsync wal/ on the other thread while the files are fsynced
 WAL_DIR = "wal"
 _WAL_SUFFIX = ".sst"
 _WAL_DIGITS = 20
@@ -93,6 +111,9 @@ def fsync(fd: int, path: str) -> None:
     """fsync one open file or directory (`path` names it). The seam tests record through
     (module attribute, looked up at each call)."""
     os.fsync(fd)
+
+
+_OS_FSYNC = fsync  # the seam untouched: rounds may run in C (a test's recorder: Python)
 
 
 def _fsync_path(path: str, flags: int = _O_FILE) -> None:
@@ -150,6 +171,9 @@ class LocalSync:
         # Called when a round takes the waiting flushes (the committer's `_kick`): the
         # one commit it holds back while `backlog` may go now.
         self.on_room: Callable[[], None] | None = None
+        # A round on _walsync's threads: (group, flushes, shard) until its result is in.
+        self._native_round: tuple[list, int, str] | None = None
+        self._idle: list[asyncio.Future[None]] = []  # drain()s waiting for that round
 
     # ---- the ack path (runs in the fsync pool) ----------------------------------
 
@@ -201,6 +225,15 @@ class LocalSync:
         start = n
         while _fsync_in(wal_fd, self.wal_dir, _wal_name(n)):
             n += 1
+        if n != start:
+            fsync(wal_fd, self.wal_dir)
+            self._next_wal = n
+        if self._must_list(flushes, start, n):
+            self._list_missing(wal_fd)
+
+    def _must_list(self, flushes: int, start: int, n: int) -> bool:
+        """After probing `start`..`n-1` for a round of `flushes` writing flushes: True
+        if their objects are neither found nor synced ahead by an earlier round."""
         missing = flushes - (n - start)
         if flushes and missing < 0:  # a later flush's object, found while we probed
             self._ahead -= missing
@@ -208,12 +241,33 @@ class LocalSync:
             self._ahead -= missing  # earlier rounds synced these flushes' objects
         elif missing > 0 and n == start:
             self._ahead = 0
-            for wal_id in _wal_ids(os.listdir(wal_fd)):
-                if wal_id >= n and _fsync_in(wal_fd, self.wal_dir, _wal_name(wal_id)):
-                    n = wal_id + 1
+            return True
+        return False
+
+    def _list_missing(self, wal_fd: int) -> None:
+        """A gap in the ids: fsync every object past it that the listing shows, then
+        `wal/` if there was any."""
+        n = start = self._next_wal
+        for wal_id in _wal_ids(os.listdir(wal_fd)):
+            if wal_id >= n and _fsync_in(wal_fd, self.wal_dir, _wal_name(wal_id)):
+                n = wal_id + 1
         if n != start:
             fsync(wal_fd, self.wal_dir)
             self._next_wal = n
+
+    def _listing_round(self) -> float:
+        """The listing, for a C round that found nothing (in the pool, rare)."""
+        t0 = time.perf_counter()
+        with self._wal_lock:
+            if self._error is not None:
+                raise OSError(self._error.errno, f"earlier fsync failed: {self._error}")
+            try:
+                if self._wal_fd is not None:
+                    self._list_missing(self._wal_fd)
+            except OSError as e:
+                self._error = e
+                raise
+        return time.perf_counter() - t0
 
     async def after_flush(self, batches: list, shard: str, flushes: int = 1) -> None:
         """The commit path's step (GroupCommitter, once the flushes covering `batches`
@@ -221,7 +275,11 @@ class LocalSync:
         wrote = flushes if any(b.writes for b in batches) else 0
         loop = asyncio.get_running_loop()
         spent = await loop.run_in_executor(_pool(), self.sync_wal, wrote)
-        metrics.LOCAL_FSYNC.observe((shard,), spent)
+        self._spent(shard, spent)
+
+    def _spent(self, shard: str, seconds: float) -> None:
+        """A round's time (in the pool or on a C thread): the histogram's one place."""
+        metrics.LOCAL_FSYNC.observe((shard,), seconds)
 
     def then_sync(self, batches: list, shard: str,
                   done: Callable[[list, BaseException | None], None]) -> None:
@@ -230,7 +288,15 @@ class LocalSync:
         meanwhile. One round at a time: flushes that return during a round gather for
         the next one, which covers them all (group commit, one level down)."""
         self._waiting.append((batches, done))
-        if self._chain is None:
+        if self._chain is None and self._native_round is None:
+            self._next_round(shard)
+
+    def _next_round(self, shard: str) -> None:
+        """Start the round covering `_waiting`: in C when it can, else the pool's task."""
+        rounds = _native_rounds() if self._wal_fd is not None and not self.closed else None
+        if rounds is not None:
+            self._start_native(rounds, shard)
+        else:
             self._chain = asyncio.ensure_future(self._rounds(shard))
 
     @property
@@ -238,6 +304,65 @@ class LocalSync:
         """A flush has returned and waits for a round that has not started: the committer
         writes no further commit until it starts (see the module docstring)."""
         return bool(self._waiting)
+
+    # ---- the same rounds on _walsync's C threads (no task, no executor future) ------
+
+    def _start_native(self, rounds: _NativeRounds, shard: str) -> None:
+        group, self._waiting = self._waiting, []
+        if self.on_room is not None:
+            self.on_room()
+        flushes = len(group) if any(b.writes for bs, _ in group for b in bs) else 0
+        self._native_round = (group, flushes, shard)
+        with self._wal_lock:
+            err = self._error
+        if err is not None:  # as sync_wal: a kept error fails the round without trying
+            self._end_native(OSError(err.errno, f"earlier fsync failed: {err}"))
+            return
+        rounds.submit(self, self._wal_fd, self._next_wal)  # type: ignore[arg-type]
+
+    def native_done(self, next_id: int, err: int, ns: int) -> None:
+        """A C round's result (on the loop, from _NativeRounds.drain)."""
+        assert self._native_round is not None
+        _, flushes, shard = self._native_round
+        self._spent(shard, ns / 1e9)
+        if err:
+            e = OSError(err, os.strerror(err))
+            with self._wal_lock:
+                if self._error is None:
+                    self._error = e
+            self._end_native(e)
+            return
+        start, self._next_wal = self._next_wal, next_id
+        if not self._must_list(flushes, start, next_id):
+            self._end_native(None)
+            return
+        fut = asyncio.get_running_loop().run_in_executor(_pool(), self._listing_round)
+        fut.add_done_callback(self._listed)
+
+    def _listed(self, fut: asyncio.Future[float]) -> None:
+        assert self._native_round is not None
+        e = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        if e is None:
+            self._spent(self._native_round[2], fut.result())
+        self._end_native(e)
+
+    def _end_native(self, err: BaseException | None) -> None:
+        """Answer the round's group; the next round (the flushes that returned
+        meanwhile) is submitted first, so its fsyncs start before these answers."""
+        assert self._native_round is not None
+        group, _, shard = self._native_round
+        self._native_round = None
+        if self.closed and self._wal_fd is not None:  # close() left it to this round
+            self.close()
+        if self._waiting:
+            self._next_round(shard)
+        for bs, done in group:
+            done(bs, err)
+        if self._native_round is None and self._chain is None:
+            idle, self._idle = self._idle, []
+            for f in idle:
+                if not f.done():
+                    f.set_result(None)
 
     async def _rounds(self, shard: str) -> None:
         group: list = []
@@ -265,8 +390,13 @@ class LocalSync:
 
     async def drain(self) -> None:
         """Until every round started so far has ended (the committer's close)."""
-        while self._chain is not None:
-            await asyncio.wait([self._chain])
+        while self._chain is not None or self._native_round is not None:
+            if self._chain is not None:
+                await asyncio.wait([self._chain])
+            else:
+                f = asyncio.get_running_loop().create_future()
+                self._idle.append(f)
+                await f
 
     # ---- background files (runs in the background thread) ------------------------
 
@@ -313,9 +443,11 @@ class LocalSync:
                 self._synced.pop(top, None)
 
     def close(self) -> None:
+        """Close `wal/`'s fd, or mark it for closing: a C round in flight still uses it
+        (its number could be reused meanwhile), and closes it when it ends."""
         with self._wal_lock:
             self.closed = True
-            if self._wal_fd is not None:
+            if self._wal_fd is not None and self._native_round is None:
                 os.close(self._wal_fd)
                 self._wal_fd = None
 
@@ -346,6 +478,49 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
     return pool  # type: ignore[return-value]
 
 
+class _NativeRounds:
+    """One event loop's _walsync.Rounds: its eventfd is watched by the loop, whose
+    drain hands each result to the LocalSync that submitted the round."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.native = _walsync.Rounds(overlap=OVERLAP)
+        self.pending: dict[int, LocalSync] = {}
+        loop.add_reader(self.native.fileno(), self.drain)
+
+    def submit(self, s: LocalSync, wal_fd: int, start: int) -> None:
+        token = next(_tokens)
+        self.pending[token] = s
+        self.native.submit(token, wal_fd, start)
+
+    def drain(self) -> None:
+        pop = self.pending.pop
+        for token, next_id, err, ns in self.native.drain():
+            s = pop(token, None)
+            if s is None:
+                continue
+            try:
+                s.native_done(next_id, err, ns)
+            except Exception:  # noqa: BLE001 - the other results must still be handed on
+                log.exception("fsync round result of %s", s.db_dir)
+
+
+_tokens = itertools.count(1)
+_natives: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _NativeRounds] = (
+    weakref.WeakKeyDictionary())
+
+
+def _native_rounds() -> _NativeRounds | None:
+    """The running loop's C rounds; None without the C module, with NATIVE off, or while
+    a test records through the `fsync` seam (that path is Python's)."""
+    if _walsync is None or not NATIVE or fsync is not _OS_FSYNC:
+        return None
+    loop = asyncio.get_running_loop()
+    r = _natives.get(loop)
+    if r is None:
+        r = _natives[loop] = _NativeRounds(loop)
+    return r
+
+
 def _background_loop() -> None:
     while not _stop.wait(BACKGROUND_INTERVAL_S):
         for s in list(_open.values()):
@@ -370,6 +545,7 @@ def _after_fork_in_child() -> None:
     _state["thread"] = None
     _open.clear()
     _by_db.clear()
+    _natives.clear()  # the parent's C objects are inert here (_walsync.c)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
