@@ -43,6 +43,7 @@ from silo.runtime.trim import limit_arenas, trim_forever
 from silo.shard.state import ShardConfig
 from silo.storage import local_sync, sched, wake
 from silo.storage.slatedb_settings import StorageTuning, set_block_cache_bytes, slatedb_settings
+from silo.storage.wal_tail import TornStoreError
 
 log = logging.getLogger("silo.worker")
 
@@ -243,6 +244,9 @@ def run_worker(spec: WorkerSpec) -> int:
     limit_arenas()  # before SlateDB's and gRPC's threads start (silo.runtime.trim)
     try:
         return uvloop.run(serve_worker(spec))
+    except TornStoreError as e:  # one line naming the shard and files: no traceback
+        log.error("worker %d failed: %s", spec.index, e)
+        return 1
     except Exception:  # noqa: BLE001 - report, then let the supervisor restart us
         log.exception("worker %d failed", spec.index)
         return 1

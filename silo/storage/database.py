@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 from slatedb.uniffi import DbBuilder, ObjectStore, Settings
 
-from silo.storage import ffi, keys, local_sync, sched, slatedb_settings, wal_tail
+from silo.storage import ffi, keys, local_sync, manifest_tail, sched, slatedb_settings, wal_tail
 from silo.storage.scan import ResumingScan
 from silo.storage.slatedb_metrics import ExportedRecorder
 
@@ -79,6 +79,7 @@ async def open_database(
     slatedb_settings.configure_builder(builder, path)  # the process's shared block cache
     recorder = METRICS_RECORDERS[name] = ExportedRecorder()  # see silo.storage.slatedb_metrics
     builder.with_metrics_recorder(recorder)
+    await manifest_tail.recover(store_url, name, path, store)  # torn newest manifest
     await wal_tail.recover(store_url, name, path, store)  # torn tail after a power loss
     sync = await local_sync.prepare(store_url, name)  # fsync on a file:// store
     db = await builder.build()

@@ -1,0 +1,302 @@
+"""A torn newest manifest on a local store: opened from the previous one when provably safe.
+
+Why: SlateDB writes manifests (`manifest/<id>.manifest`), SSTs and compactor state
+without fsync; silo.storage.local_sync fsyncs them in a background pass about once a
+second. After a power loss on an ext4 without a journal the newest manifest can be
+empty or zeros (its directory entry reached the disk, its data did not), and SlateDB
+0.17 then refuses to open the database (`Data error: empty manifest`, `… unsupported
+manifest format version … actual_version=0`, or a flatbuffers range error for one cut
+short), so the worker exits and the server gives up.
+
+Why the previous manifest is a correct starting point (and only then): every write
+Silo acknowledged is in a WAL object fsynced before the ack (local_sync). A manifest
+is SlateDB's index of what is already in SSTs (`replay_after_wal_id`: every WAL object
+up to it is in an L0 SST) plus fencing epochs. So the previous manifest M, its SSTs,
+and every WAL object after M's `replay_after_wal_id` reconstruct every acknowledged
+write by replay, whatever the torn one had added (an L0 flush, a compaction, an epoch
+bump, a compactor checkpoint). `decide` (pure) opens from M only if:
+
+* the newest manifest is torn by evidence: empty, shorter than its 2-byte version,
+  version 0 (zeros), or SlateDB's own decoder rejects a version it supports (a
+  manifest is published whole by a link, so only a tear leaves it undecodable); an
+  unknown version is left to SlateDB (a newer SlateDB wrote it);
+* M (the one before it) decodes, is initialized and is not a clone (external
+  databases: their state is not in this directory);
+* every SST M references is in `compacted/` and intact (silo.storage.wal_tail.
+  check_object: the same SST layout). The garbage collector may have deleted SSTs the
+  torn manifest compacted away; this is read only on this rare path, so all of it;
+* the WAL objects after M's `replay_after_wal_id` are all there: contiguous ids up to
+  the newest, at least up to the WAL id M had seen (`next_wal_sst_id` - 1), and no torn
+  object before an intact one (wal_tail's plan). The garbage collector deletes WAL
+  objects below the newest manifest's boundary; a deletion in M's range leaves a gap
+  below the boundary object it keeps, which is refused;
+* the newest compactor state (`compactions/`) decodes and its compactor epoch is not
+  above M's: measured, an open from M whose compactions file has a higher epoch (the
+  torn manifest was the compactor's epoch bump) fails with `Closed error: detected
+  newer DB client` (the compactor claims M's epoch + 1, which is fenced), and it has
+  no compaction still running or scheduled, since those may name SSTs only the torn
+  manifest had.
+
+Then the torn manifest is moved into `torn/` (like wal_tail's objects, never deleted)
+with one warning naming it, and SlateDB opens from M (writing the next manifest anew).
+Anything else raises TornManifestError, one line naming the shard and the files.
+A torn newest compactions file is refused the same way (SlateDB: `invalid compaction`
+or `unsupported compactions format version … actual_version=0`).
+
+Not covered: only the newest manifest may be torn (two torn in a row are refused); a
+manifest torn into stale blocks that still decode is not detected (a manifest has no
+checksum); nor is the residual where the garbage collector's deletions of WAL objects
+reached the disk but the directory entry of the boundary object it kept did not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+from slatedb.uniffi import AdminBuilder, CompactionStatus
+
+from silo.storage import local_sync, wal_tail
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TornManifestError", "Manifest", "Compactions", "Decision", "decide",
+           "torn_problem", "recover"]
+
+MANIFEST_DIR = "manifest"
+COMPACTIONS_DIR = "compactions"
+COMPACTED_DIR = "compacted"
+_VERSIONS = (1, 2)  # manifest and compactions formats SlateDB 0.17 reads
+_UNFINISHED = frozenset({CompactionStatus.SUBMITTED, CompactionStatus.SCHEDULED,
+                         CompactionStatus.RUNNING})
+
+
+class TornManifestError(wal_tail.TornStoreError):
+    """The newest manifest (or compactor state) is torn and falling back is not provably
+    safe: the shard does not open."""
+
+
+class Manifest(NamedTuple):
+    """What the policy needs of a decoded manifest."""
+    id: int
+    replay_after: int
+    next_wal: int
+    compactor_epoch: int
+    initialized: bool
+    clone: bool  # references external databases
+    ssts: tuple[str, ...]  # ULIDs of every SST it references
+
+
+class Compactions(NamedTuple):
+    id: int
+    compactor_epoch: int
+    unfinished: int  # compactions submitted, scheduled or running
+
+
+class Decision(NamedTuple):
+    move: int | None  # id of the torn manifest to move aside
+    refuse: str | None  # why not opening (None: open)
+
+
+def torn_problem(data: bytes, decode_error: str | None) -> str | None:
+    """Why a manifest or compactions file (its whole content) is torn, or None if it is
+    not torn by evidence. decode_error: SlateDB's error decoding it, None if it did."""
+    if not data:
+        return "empty"
+    if len(data) < 2:
+        return f"{len(data)} byte, shorter than its format version"
+    version = struct.unpack_from(">H", data, 0)[0]
+    if version == 0:
+        return "format version 0: zeros, or cut short"
+    if version in _VERSIONS and decode_error is not None:
+        return f"does not decode ({decode_error})"
+    return None  # intact, or a format this SlateDB does not know: left to SlateDB
+
+
+def decide(newest: int, newest_problem: str | None, previous: Manifest | None,
+           previous_problem: str | None, sst_problems: Mapping[str, str | None],
+           wal: Sequence[wal_tail.WalObject], compactions: Compactions | None) -> Decision:
+    """Open from the previous manifest, or refuse (see the module docstring).
+
+    newest_problem: why the newest manifest is torn (None: not torn: nothing to do).
+    previous: the manifest before it, decoded (None: absent or unreadable, with
+    previous_problem). sst_problems: each SST previous references -> None if intact,
+    else why not ("missing", a checksum). wal: every WAL object in `wal/`, checked.
+    compactions: the newest compactor state, decoded (None: there is none)."""
+    if newest_problem is None:
+        return Decision(None, None)
+    if previous is None:
+        return Decision(None, f"the previous manifest {previous_problem or 'is missing'}")
+    if not previous.initialized or previous.clone:
+        return Decision(None, "the previous manifest is of a clone (not handled)")
+    bad = sorted((u, p) for u, p in sst_problems.items() if p is not None)
+    if bad:
+        u, p = bad[0]
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        return Decision(None, f"SST {COMPACTED_DIR}/{u}.sst of the previous manifest is "
+                              f"{p}{more}")
+    after = sorted(o.wal_id for o in wal if o.wal_id > previous.replay_after)
+    want_to = max(after[-1] if after else previous.replay_after, previous.next_wal - 1)
+    missing = [i for i in range(previous.replay_after + 1, want_to + 1) if i not in set(after)]
+    if missing:
+        return Decision(None, f"WAL object {local_sync._wal_name(missing[0])} the previous "
+                              "manifest needs is missing")
+    p = wal_tail.plan(wal, previous.replay_after)
+    if p.refuse is not None:
+        return Decision(None, f"WAL object {local_sync._wal_name(p.refuse[0])} is torn "
+                              f"before the intact {local_sync._wal_name(p.refuse[1])}")
+    if compactions is not None and compactions.compactor_epoch > previous.compactor_epoch:
+        return Decision(None, f"compactor state {_name(compactions.id, '.compactions')} has "
+                              "compactor epoch "
+                              f"{compactions.compactor_epoch}, the previous manifest "
+                              f"{previous.compactor_epoch}")
+    if compactions is not None and compactions.unfinished:
+        return Decision(None, f"compactor state {_name(compactions.id, '.compactions')} has "
+                              f"{compactions.unfinished}"
+                              " compaction(s) not finished")
+    return Decision(newest, None)
+
+
+# ---- on disk -----------------------------------------------------------------------
+
+
+def _ids(names: Sequence[str], suffix: str) -> list[int]:
+    """The ids of `<20 digits><suffix>` names, ascending (temporary `…#n` files ignored)."""
+    return sorted(int(n[:-len(suffix)]) for n in names
+                  if n.endswith(suffix) and n[:-len(suffix)].isdigit())
+
+
+def _name(i: int, suffix: str) -> str:
+    return f"{i:020d}{suffix}"
+
+
+def _listing(d: str, suffix: str) -> list[int]:
+    try:
+        return _ids(os.listdir(d), suffix)
+    except FileNotFoundError:
+        return []
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return (s[0] if s else type(e).__name__)[:300]
+
+
+def _manifest(m) -> Manifest:  # noqa: ANN001 - slatedb's VersionedManifest
+    """The policy's view of SlateDB's decoded manifest."""
+    views = list(m.l0) + [v for r in m.compacted for v in r.sst_views]
+    for seg in m.segments:
+        views += list(seg.l0) + [v for r in seg.compacted for v in r.sst_views]
+    return Manifest(m.id, m.replay_after_wal_id, m.next_wal_sst_id, m.compactor_epoch,
+                    m.initialized, bool(m.external_dbs),
+                    tuple(sorted({v.sst.id.value for v in views})))
+
+
+def _sst_problem(path: str) -> str | None:
+    try:
+        data = _read(path)
+    except FileNotFoundError:
+        return "missing"
+    return wal_tail.check_object(data) if data else "empty"
+
+
+def move_aside(db_dir: str, manifest_id: int, stamp: int) -> str:
+    """Move the manifest into `torn/` as `<name>.<stamp>`, then fsync both directories,
+    so the move is durable before SlateDB writes a new manifest with the same id."""
+    torn_dir = os.path.join(db_dir, wal_tail.TORN_DIR)
+    man_dir = os.path.join(db_dir, MANIFEST_DIR)
+    os.makedirs(torn_dir, exist_ok=True)
+    name = _name(manifest_id, ".manifest")
+    dest = os.path.join(torn_dir, f"{name}.{stamp}")
+    os.rename(os.path.join(man_dir, name), dest)
+    for d in (torn_dir, man_dir, db_dir):
+        local_sync._fsync_path(d, local_sync._O_DIR)
+    return dest
+
+
+async def _compactions(admin, db_dir: str, label: str) -> Compactions | None:  # noqa: ANN001
+    """The newest compactor state decoded; TornManifestError if it is torn."""
+    d = os.path.join(db_dir, COMPACTIONS_DIR)
+    ids = _listing(d, ".compactions")
+    if not ids:
+        return None
+    try:
+        c = await admin.read_compactions(ids[-1])
+    except Exception as e:  # noqa: BLE001 - classified below, else left to SlateDB
+        path = os.path.join(d, _name(ids[-1], ".compactions"))
+        problem = torn_problem(_read(path), _first_line(e))
+        if problem is not None:
+            raise TornManifestError(
+                f"{label}: compactor state {path} is torn ({problem}); not opening") from e
+        return None
+    if c is None:
+        return None
+    return Compactions(c.id, c.compactor_epoch,
+                       sum(x.status in _UNFINISHED for x in c.recent_compactions))
+
+
+async def repair(db_dir: str, path: str, store: object, label: str) -> str | None:
+    """The whole step for one database directory: nothing if the newest manifest decodes;
+    else move it aside (returns its new path) or raise TornManifestError."""
+    admin = AdminBuilder(path, store).build()
+    man_dir = os.path.join(db_dir, MANIFEST_DIR)
+    ids = _listing(man_dir, ".manifest")
+    compactions = await _compactions(admin, db_dir, label)
+    if not ids:
+        return None
+    newest = ids[-1]
+    newest_path = os.path.join(man_dir, _name(newest, ".manifest"))
+    try:
+        await admin.read_manifest(newest)
+        return None  # the usual case: it decodes
+    except Exception as e:  # noqa: BLE001 - classified below
+        newest_problem = torn_problem(_read(newest_path), _first_line(e))
+    if newest_problem is None:
+        return None  # not torn by evidence: SlateDB's open says what is wrong
+    previous, previous_problem = None, None
+    if len(ids) > 1 and ids[-2] == newest - 1:
+        try:
+            m = await admin.read_manifest(ids[-2])
+            previous = None if m is None else _manifest(m)
+        except Exception as e:  # noqa: BLE001 - the refusal names it
+            previous_problem = f"{_name(ids[-2], '.manifest')} is unreadable ({_first_line(e)})"
+    loop = asyncio.get_running_loop()
+
+    def scan() -> tuple[dict[str, str | None], list[wal_tail.WalObject]]:
+        ssts = {u: _sst_problem(os.path.join(db_dir, COMPACTED_DIR, f"{u}.sst"))
+                for u in (previous.ssts if previous else ())}
+        wal = wal_tail.scan(os.path.join(db_dir, local_sync.WAL_DIR),
+                             previous.replay_after if previous else 0)
+        return ssts, wal
+    ssts, wal = await loop.run_in_executor(None, scan)
+    d = decide(newest, newest_problem, previous, previous_problem, ssts, wal, compactions)
+    if d.refuse is not None or d.move is None:
+        raise TornManifestError(
+            f"{label}: the newest manifest {newest_path} is torn ({newest_problem}) and "
+            f"opening from the previous one is not provably safe: {d.refuse}; not opening")
+    moved = await loop.run_in_executor(None, move_aside, db_dir, d.move,
+                                       int(time.time() * 1000))
+    log.warning("%s: moved the torn newest manifest to %s (%s); opening from manifest %d, "
+                "replaying the WAL after object %d", label, moved, newest_problem,
+                newest - 1, previous.replay_after if previous else 0)
+    return moved
+
+
+async def recover(store_url: str, name: str, path: str, store: object) -> str | None:
+    """Before SlateDB opens the database `name` (at `path` in `store`), and before
+    wal_tail (which then checks the WAL from the manifest this leaves newest): the step
+    above on a file:// store, nothing on any other. Raises TornManifestError."""
+    where = local_sync.local_dir(store_url, name)
+    if where is None or not os.path.isdir(os.path.join(where[0], MANIFEST_DIR)):
+        return None
+    return await repair(where[0], path, store, f"shard {name.removeprefix('shards/')}")
