@@ -33,9 +33,12 @@ bump, a compactor checkpoint). `decide` (pure) opens from M only if:
 * the newest compactor state (`compactions/`) decodes and its compactor epoch is not
   above M's: measured, an open from M whose compactions file has a higher epoch (the
   torn manifest was the compactor's epoch bump) fails with `Closed error: detected
-  newer DB client` (the compactor claims M's epoch + 1, which is fenced), and it has
-  no compaction still running or scheduled, since those may name SSTs only the torn
-  manifest had.
+  newer DB client` (the compactor claims M's epoch + 1, which is fenced); it has no
+  compaction submitted, running or compacted-but-not-committed (those may name SSTs
+  only the torn manifest had), and no completed compaction whose output SSTs are on
+  disk but not in M (the torn manifest committed it: how SlateDB's compactor treats a
+  completed compaction its manifest lacks is not proven here, so it is refused, though
+  one such open, tried by hand, had every job).
 
 Then the torn manifest is moved into `torn/` (like wal_tail's objects, never deleted)
 with one warning naming it, and SlateDB opens from M (writing the next manifest anew).
@@ -72,8 +75,9 @@ MANIFEST_DIR = "manifest"
 COMPACTIONS_DIR = "compactions"
 COMPACTED_DIR = "compacted"
 _VERSIONS = (1, 2)  # manifest and compactions formats SlateDB 0.17 reads
+# not yet committed to a manifest (COMPACTED: output written, manifest not yet updated)
 _UNFINISHED = frozenset({CompactionStatus.SUBMITTED, CompactionStatus.SCHEDULED,
-                         CompactionStatus.RUNNING})
+                         CompactionStatus.RUNNING, CompactionStatus.COMPACTED})
 
 
 class TornManifestError(wal_tail.TornStoreError):
@@ -95,7 +99,8 @@ class Manifest(NamedTuple):
 class Compactions(NamedTuple):
     id: int
     compactor_epoch: int
-    unfinished: int  # compactions submitted, scheduled or running
+    unfinished: int  # compactions submitted, scheduled, running or not yet committed
+    outputs: frozenset[str] = frozenset()  # ULIDs of the SSTs completed ones wrote
 
 
 class Decision(NamedTuple):
@@ -120,14 +125,16 @@ def torn_problem(data: bytes, decode_error: str | None) -> str | None:
 
 def decide(newest: int, newest_problem: str | None, previous: Manifest | None,
            previous_problem: str | None, sst_problems: Mapping[str, str | None],
-           wal: Sequence[wal_tail.WalObject], compactions: Compactions | None) -> Decision:
+           wal: Sequence[wal_tail.WalObject], compactions: Compactions | None,
+           present: frozenset[str] = frozenset()) -> Decision:
     """Open from the previous manifest, or refuse (see the module docstring).
 
     newest_problem: why the newest manifest is torn (None: not torn: nothing to do).
     previous: the manifest before it, decoded (None: absent or unreadable, with
     previous_problem). sst_problems: each SST previous references -> None if intact,
     else why not ("missing", a checksum). wal: every WAL object in `wal/`, checked.
-    compactions: the newest compactor state, decoded (None: there is none)."""
+    compactions: the newest compactor state, decoded (None: there is none). present:
+    the ULIDs of the SSTs in `compacted/`."""
     if newest_problem is None:
         return Decision(None, None)
     if previous is None:
@@ -159,6 +166,13 @@ def decide(newest: int, newest_problem: str | None, previous: Manifest | None,
         return Decision(None, f"compactor state {_name(compactions.id, '.compactions')} has "
                               f"{compactions.unfinished}"
                               " compaction(s) not finished")
+    # A compaction the compactor state calls completed whose output is on disk but not in
+    # the previous manifest: committed by the torn one (or superseded, not yet collected).
+    lost = sorted((compactions.outputs if compactions else frozenset())
+                  & (present - set(previous.ssts)))
+    if lost:
+        return Decision(None, f"a completed compaction's output {COMPACTED_DIR}/{lost[0]}.sst"
+                              " is not in the previous manifest")
     return Decision(newest, None)
 
 
@@ -242,7 +256,10 @@ async def _compactions(admin, db_dir: str, label: str) -> Compactions | None:  #
     if c is None:
         return None
     return Compactions(c.id, c.compactor_epoch,
-                       sum(x.status in _UNFINISHED for x in c.recent_compactions))
+                       sum(x.status in _UNFINISHED for x in c.recent_compactions),
+                       frozenset(h.id.value for x in c.recent_compactions
+                                 if x.status == CompactionStatus.COMPLETED
+                                 for h in x.output_ssts))
 
 
 async def repair(db_dir: str, path: str, store: object, label: str) -> str | None:
@@ -272,14 +289,20 @@ async def repair(db_dir: str, path: str, store: object, label: str) -> str | Non
             previous_problem = f"{_name(ids[-2], '.manifest')} is unreadable ({_first_line(e)})"
     loop = asyncio.get_running_loop()
 
-    def scan() -> tuple[dict[str, str | None], list[wal_tail.WalObject]]:
+    def scan() -> tuple[dict[str, str | None], list[wal_tail.WalObject], frozenset[str]]:
         ssts = {u: _sst_problem(os.path.join(db_dir, COMPACTED_DIR, f"{u}.sst"))
                 for u in (previous.ssts if previous else ())}
+        try:
+            names = os.listdir(os.path.join(db_dir, COMPACTED_DIR))
+        except FileNotFoundError:
+            names = []
+        present = frozenset(n[:-4] for n in names if n.endswith(".sst"))
         wal = wal_tail.scan(os.path.join(db_dir, local_sync.WAL_DIR),
                              previous.replay_after if previous else 0)
-        return ssts, wal
-    ssts, wal = await loop.run_in_executor(None, scan)
-    d = decide(newest, newest_problem, previous, previous_problem, ssts, wal, compactions)
+        return ssts, wal, present
+    ssts, wal, present = await loop.run_in_executor(None, scan)
+    d = decide(newest, newest_problem, previous, previous_problem, ssts, wal, compactions,
+               present)
     if d.refuse is not None or d.move is None:
         raise TornManifestError(
             f"{label}: the newest manifest {newest_path} is torn ({newest_problem}) and "

@@ -39,16 +39,31 @@ _WRITER = """
 import asyncio, json, os, sys
 from slatedb.uniffi import FlushOptions, FlushType
 from tests.integration.test_wal_torn import CFG, SHARD, _add
-from silo.shard.state import Shard
+from silo.shard.state import Shard, ShardConfig
+from silo.storage import admin
+
+FAST = {"compactor_options.poll_interval": "50ms",
+        "compactor_options.worker.compactions_poll_interval": "50ms"}
 
 async def main(root, flushes, tag):
-    s = await Shard.open(SHARD, "", "", f"file://{root}", CFG)
+    cfg = ShardConfig(flush_on_commit=True, flush_interval_ms=10, slatedb=FAST) if tag == "c" else CFG
+    s = await Shard.open(SHARD, "", "", f"file://{root}", cfg)
     acked = []
     for k in range(flushes + 1):
         if k:
             await s.db.flush_with_options(FlushOptions(flush_type=FlushType.MEM_TABLE))
         acked += [await _add(s, f"job-{tag}{k}-{i}") for i in range(5)]  # each acknowledged
     c = os.path.join(root, "shards", SHARD, "compactions")
+    if tag == "c":  # one full compaction, committed to the manifest
+        await s.db.flush_with_options(FlushOptions(flush_type=FlushType.MEM_TABLE))
+        await admin.submit_full_compaction(f"file://{root}", SHARD)
+        for _ in range(400):
+            if (await admin.storage_info(f"file://{root}", SHARD)).l0_sst_count == 0:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise SystemExit("compaction did not finish")
+        tag = "3"
     for _ in range(200):  # the open's compactor epoch bump reached the compactions file
         if len([n for n in os.listdir(c) if n.endswith(".compactions")]) >= 2 * int(tag or 1):
             break
@@ -92,7 +107,10 @@ def bases(tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
     reopened = d / "reopened"
     shutil.copytree(flushed, reopened)
     acked2 = _run(reopened, 0, "2")
-    return {"flushed": (flushed, acked), "reopened": (reopened, acked + acked2)}
+    compacted = d / "compacted"
+    acked3 = _run(compacted, 2, "c")
+    return {"flushed": (flushed, acked), "reopened": (reopened, acked + acked2),
+            "compacted": (compacted, acked3)}
 
 
 def _copy(bases, which: str, tmp_path: Path) -> tuple[Path, list[str]]:
@@ -110,6 +128,11 @@ def flushed(bases, tmp_path) -> tuple[Path, list[str]]:
 @pytest.fixture
 def reopened(bases, tmp_path) -> tuple[Path, list[str]]:
     return _copy(bases, "reopened", tmp_path)
+
+
+@pytest.fixture
+def compacted(bases, tmp_path) -> tuple[Path, list[str]]:
+    return _copy(bases, "compacted", tmp_path)
 
 
 def _tear(p: Path, how: str) -> None:
@@ -289,3 +312,12 @@ def test_intact_store_untouched(flushed) -> None:
     root, acked = flushed
     _check(root, acked)
     assert _torn(root) == []
+
+
+def test_refused_after_a_torn_compaction_result(compacted) -> None:
+    """The newest manifest committed a compaction the compactor state calls completed:
+    what SlateDB's compactor makes of that from the previous manifest is not known here,
+    so it is refused."""
+    root, _ = compacted
+    _zero(_manifest(root))
+    _refused(root, _manifest(root).name, "completed compaction")

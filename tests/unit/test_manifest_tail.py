@@ -18,10 +18,12 @@ def wal(*ids: int, torn: tuple[int, ...] = ()) -> list[WalObject]:
 def go(prev: Manifest | None = PREV, ssts: dict | None = None,
        objects: list[WalObject] | None = None,
        compactions: Compactions | None = COMP,
-       problem: str | None = "empty") -> Decision:
+       problem: str | None = "empty", present: frozenset[str] = frozenset({"A", "S"})
+       ) -> Decision:
     return decide(5, problem, prev, None if prev else "is missing",
                   {"A": None} if ssts is None else ssts,
-                  wal(1, *range(2, 18)) if objects is None else objects, compactions)
+                  wal(1, *range(2, 18)) if objects is None else objects, compactions,
+                  present)
 
 
 # ---- torn_problem ------------------------------------------------------------------
@@ -108,3 +110,14 @@ def test_newer_compactor_epoch_refused() -> None:
 def test_unfinished_compaction_refused() -> None:
     d = go(compactions=Compactions(5, 1, 1))
     assert d.move is None and "not finished" in d.refuse
+
+
+def test_completed_compaction_missing_from_the_previous_refused() -> None:
+    """Its output is on disk but not in the previous manifest: the torn one committed it."""
+    d = go(compactions=Compactions(5, 1, 0, frozenset({"S"})))
+    assert d.move is None and "compacted/S.sst" in d.refuse
+
+
+def test_completed_compaction_already_in_the_previous_or_collected_is_fine() -> None:
+    assert go(compactions=Compactions(5, 1, 0, frozenset({"A"}))) == Decision(5, None)
+    assert go(compactions=Compactions(5, 1, 0, frozenset({"GONE"}))) == Decision(5, None)
