@@ -1,4 +1,5 @@
-"""A torn newest manifest on a local store: opened from the previous one when provably safe.
+"""A torn newest manifest (or compactor state) on a local store: opened from the one before
+it when that is provably safe, else refused in one line.
 
 Why: SlateDB writes manifests (`manifest/<id>.manifest`), SSTs and compactor state
 without fsync; silo.storage.local_sync fsyncs them in a background pass about once a
@@ -30,8 +31,8 @@ bump, a compactor checkpoint). `decide` (pure) opens from M only if:
   object before an intact one (wal_tail's plan). The garbage collector deletes WAL
   objects below the newest manifest's boundary; a deletion in M's range leaves a gap
   below the boundary object it keeps, which is refused;
-* the newest compactor state (`compactions/`) decodes and its compactor epoch is not
-  above M's: measured, an open from M whose compactions file has a higher epoch (the
+* the compactor state SlateDB will start from (the newest in `compactions/`, or the
+  one before it if that is torn, below) has a compactor epoch not above M's: measured, an open from M whose compactions file has a higher epoch (the
   torn manifest was the compactor's epoch bump) fails with `Closed error: detected
   newer DB client` (the compactor claims M's epoch + 1, which is fenced); it has no
   compaction submitted, running or compacted-but-not-committed (those may name SSTs
@@ -42,11 +43,20 @@ bump, a compactor checkpoint). `decide` (pure) opens from M only if:
 
 Then the torn manifest is moved into `torn/` (like wal_tail's objects, never deleted)
 with one warning naming it, and SlateDB opens from M (writing the next manifest anew).
-Anything else raises TornManifestError, one line naming the shard and the files.
-A torn newest compactions file is refused the same way (SlateDB: `invalid compaction`
-or `unsupported compactions format version … actual_version=0`).
+Anything else raises TornManifestError, one line naming the shard and the files; the
+worker logs it without a traceback and exits 2, and `silo serve` exits 2 if no worker
+could start (silo.runtime.supervisor).
 
-Not covered: only the newest manifest may be torn (two torn in a row are refused); a
+The compactor state (`compactions/<id>.compactions`, same 2-byte version + flatbuffer)
+tears the same way and SlateDB refuses it too (`invalid compaction` when empty,
+`unsupported compactions format version … actual_version=0`). It holds no data, only
+the compactor's epoch and its compactions' progress; the manifest is where a result is
+committed. So a torn newest one is moved aside (`decide_compactions`) when the one
+before it decodes, has no compaction left unfinished (one it calls running may already
+be committed, by what the torn state recorded) and an epoch not above the manifest's;
+a lone torn first one (written empty at the compactor's first start) goes without.
+
+Not covered: only the newest file may be torn (two torn in a row are refused); a
 manifest torn into stale blocks that still decode is not detected (a manifest has no
 checksum); nor is the residual where the garbage collector's deletions of WAL objects
 reached the disk but the directory entry of the boundary object it kept did not.
@@ -69,7 +79,7 @@ from silo.storage import local_sync, wal_tail
 log = logging.getLogger(__name__)
 
 __all__ = ["TornManifestError", "Manifest", "Compactions", "Decision", "decide",
-           "torn_problem", "recover"]
+           "decide_compactions", "torn_problem", "recover"]
 
 MANIFEST_DIR = "manifest"
 COMPACTIONS_DIR = "compactions"
@@ -81,8 +91,8 @@ _UNFINISHED = frozenset({CompactionStatus.SUBMITTED, CompactionStatus.SCHEDULED,
 
 
 class TornManifestError(wal_tail.TornStoreError):
-    """The newest manifest (or compactor state) is torn and falling back is not provably
-    safe: the shard does not open."""
+    """The newest manifest or compactor state is torn and starting from the one before it
+    is not provably safe: the shard does not open."""
 
 
 class Manifest(NamedTuple):
@@ -97,6 +107,7 @@ class Manifest(NamedTuple):
 
 
 class Compactions(NamedTuple):
+    """What the policy needs of a decoded compactor state."""
     id: int
     compactor_epoch: int
     unfinished: int  # compactions submitted, scheduled, running or not yet committed
@@ -104,6 +115,7 @@ class Compactions(NamedTuple):
 
 
 class Decision(NamedTuple):
+    """Move the torn file `move` aside and open, or refuse (and move nothing)."""
     move: int | None  # id of the torn manifest to move aside
     refuse: str | None  # why not opening (None: open)
 
@@ -140,7 +152,8 @@ def decide(newest: int, newest_problem: str | None, previous: Manifest | None,
     if previous is None:
         return Decision(None, f"the previous manifest {previous_problem or 'is missing'}")
     if not previous.initialized or previous.clone:
-        return Decision(None, "the previous manifest is of a clone (not handled)")
+        return Decision(None, "the previous manifest is uninitialized or of a clone "
+                              "(not handled)")
     bad = sorted((u, p) for u, p in sst_problems.items() if p is not None)
     if bad:
         u, p = bad[0]
@@ -149,7 +162,8 @@ def decide(newest: int, newest_problem: str | None, previous: Manifest | None,
                               f"{p}{more}")
     after = sorted(o.wal_id for o in wal if o.wal_id > previous.replay_after)
     want_to = max(after[-1] if after else previous.replay_after, previous.next_wal - 1)
-    missing = [i for i in range(previous.replay_after + 1, want_to + 1) if i not in set(after)]
+    have = set(after)
+    missing = [i for i in range(previous.replay_after + 1, want_to + 1) if i not in have]
     if missing:
         return Decision(None, f"WAL object {local_sync._wal_name(missing[0])} the previous "
                               "manifest needs is missing")
@@ -173,6 +187,33 @@ def decide(newest: int, newest_problem: str | None, previous: Manifest | None,
     if lost:
         return Decision(None, f"a completed compaction's output {COMPACTED_DIR}/{lost[0]}.sst"
                               " is not in the previous manifest")
+    return Decision(newest, None)
+
+
+def decide_compactions(newest: int, problem: str | None, previous: Compactions | None,
+                       previous_problem: str | None, manifest_epoch: int | None) -> Decision:
+    """Start the compactor from the compactor state before the torn newest one, or refuse.
+
+    The compactor state records compactions and the compactor's epoch; the manifest
+    SlateDB opens from is what a compaction's result is committed to. The previous state
+    is a safe start if it has no compaction left unfinished (a compaction it calls
+    running may be committed already, by what the torn state recorded) and its epoch is
+    not above the manifest's (the compactor claims the manifest's epoch + 1). A lone torn
+    first state (id 1: written empty at the compactor's first start) goes without one:
+    SlateDB creates it anew. manifest_epoch: the compactor epoch of the manifest SlateDB
+    opens from (None: no manifest)."""
+    if problem is None:
+        return Decision(None, None)
+    if previous is None:
+        if newest == 1 and previous_problem is None:
+            return Decision(newest, None)
+        return Decision(None, f"the previous compactor state {previous_problem or 'is missing'}")
+    if previous.unfinished:
+        return Decision(None, f"the previous compactor state has {previous.unfinished} "
+                              "compaction(s) not finished")
+    if manifest_epoch is not None and previous.compactor_epoch > manifest_epoch:
+        return Decision(None, f"the previous compactor state has compactor epoch "
+                              f"{previous.compactor_epoch}, the manifest {manifest_epoch}")
     return Decision(newest, None)
 
 
@@ -224,37 +265,20 @@ def _sst_problem(path: str) -> str | None:
     return wal_tail.check_object(data) if data else "empty"
 
 
-def move_aside(db_dir: str, manifest_id: int, stamp: int) -> str:
-    """Move the manifest into `torn/` as `<name>.<stamp>`, then fsync both directories,
-    so the move is durable before SlateDB writes a new manifest with the same id."""
+def move_aside(db_dir: str, sub: str, name: str, stamp: int) -> str:
+    """Move `sub/name` into `torn/` as `<name>.<stamp>`, then fsync both directories, so
+    the move is durable before SlateDB writes a new file with the same id."""
     torn_dir = os.path.join(db_dir, wal_tail.TORN_DIR)
-    man_dir = os.path.join(db_dir, MANIFEST_DIR)
+    src_dir = os.path.join(db_dir, sub)
     os.makedirs(torn_dir, exist_ok=True)
-    name = _name(manifest_id, ".manifest")
     dest = os.path.join(torn_dir, f"{name}.{stamp}")
-    os.rename(os.path.join(man_dir, name), dest)
-    for d in (torn_dir, man_dir, db_dir):
+    os.rename(os.path.join(src_dir, name), dest)
+    for d in (torn_dir, src_dir, db_dir):
         local_sync._fsync_path(d, local_sync._O_DIR)
     return dest
 
 
-async def _compactions(admin, db_dir: str, label: str) -> Compactions | None:  # noqa: ANN001
-    """The newest compactor state decoded; TornManifestError if it is torn."""
-    d = os.path.join(db_dir, COMPACTIONS_DIR)
-    ids = _listing(d, ".compactions")
-    if not ids:
-        return None
-    try:
-        c = await admin.read_compactions(ids[-1])
-    except Exception as e:  # noqa: BLE001 - classified below, else left to SlateDB
-        path = os.path.join(d, _name(ids[-1], ".compactions"))
-        problem = torn_problem(_read(path), _first_line(e))
-        if problem is not None:
-            raise TornManifestError(
-                f"{label}: compactor state {path} is torn ({problem}); not opening") from e
-        return None
-    if c is None:
-        return None
+def _compactions_view(c) -> Compactions:  # noqa: ANN001 - slatedb's VersionedCompactions
     return Compactions(c.id, c.compactor_epoch,
                        sum(x.status in _UNFINISHED for x in c.recent_compactions),
                        frozenset(h.id.value for x in c.recent_compactions
@@ -262,64 +286,102 @@ async def _compactions(admin, db_dir: str, label: str) -> Compactions | None:  #
                                  for h in x.output_ssts))
 
 
-async def repair(db_dir: str, path: str, store: object, label: str) -> str | None:
-    """The whole step for one database directory: nothing if the newest manifest decodes;
-    else move it aside (returns its new path) or raise TornManifestError."""
-    admin = AdminBuilder(path, store).build()
-    man_dir = os.path.join(db_dir, MANIFEST_DIR)
-    ids = _listing(man_dir, ".manifest")
-    compactions = await _compactions(admin, db_dir, label)
+class _Newest(NamedTuple):
+    """The newest file of `manifest/` or `compactions/`, and the one before it."""
+    id: int
+    path: str
+    problem: str | None  # why it is torn; None: it decodes (or is left to SlateDB)
+    value: object  # SlateDB's decoding of it, when it decodes
+    previous: object  # SlateDB's decoding of the one before it (None: missing, unreadable)
+    previous_problem: str | None
+
+
+async def _newest(db_dir: str, sub: str, suffix: str, read) -> _Newest | None:  # noqa: ANN001
+    """Read the newest file of `sub` with `read` (SlateDB's decoder, by id); if it is torn,
+    the one before it too. None: the directory has none."""
+    ids = _listing(os.path.join(db_dir, sub), suffix)
     if not ids:
         return None
-    newest = ids[-1]
-    newest_path = os.path.join(man_dir, _name(newest, ".manifest"))
+    path = os.path.join(db_dir, sub, _name(ids[-1], suffix))
     try:
-        await admin.read_manifest(newest)
-        return None  # the usual case: it decodes
-    except Exception as e:  # noqa: BLE001 - classified below
-        newest_problem = torn_problem(_read(newest_path), _first_line(e))
-    if newest_problem is None:
-        return None  # not torn by evidence: SlateDB's open says what is wrong
+        return _Newest(ids[-1], path, None, await read(ids[-1]), None, None)
+    except Exception as e:  # noqa: BLE001 - classified here
+        problem = torn_problem(_read(path), _first_line(e))
     previous, previous_problem = None, None
-    if len(ids) > 1 and ids[-2] == newest - 1:
+    if problem is not None and len(ids) > 1 and ids[-2] == ids[-1] - 1:
         try:
-            m = await admin.read_manifest(ids[-2])
-            previous = None if m is None else _manifest(m)
+            previous = await read(ids[-2])
         except Exception as e:  # noqa: BLE001 - the refusal names it
-            previous_problem = f"{_name(ids[-2], '.manifest')} is unreadable ({_first_line(e)})"
-    loop = asyncio.get_running_loop()
+            previous_problem = f"{_name(ids[-2], suffix)} is unreadable ({_first_line(e)})"
+    return _Newest(ids[-1], path, problem, None, previous, previous_problem)
 
-    def scan() -> tuple[dict[str, str | None], list[wal_tail.WalObject], frozenset[str]]:
-        ssts = {u: _sst_problem(os.path.join(db_dir, COMPACTED_DIR, f"{u}.sst"))
-                for u in (previous.ssts if previous else ())}
-        try:
-            names = os.listdir(os.path.join(db_dir, COMPACTED_DIR))
-        except FileNotFoundError:
-            names = []
-        present = frozenset(n[:-4] for n in names if n.endswith(".sst"))
-        wal = wal_tail.scan(os.path.join(db_dir, local_sync.WAL_DIR),
-                             previous.replay_after if previous else 0)
-        return ssts, wal, present
-    ssts, wal, present = await loop.run_in_executor(None, scan)
-    d = decide(newest, newest_problem, previous, previous_problem, ssts, wal, compactions,
-               present)
-    if d.refuse is not None or d.move is None:
-        raise TornManifestError(
-            f"{label}: the newest manifest {newest_path} is torn ({newest_problem}) and "
-            f"opening from the previous one is not provably safe: {d.refuse}; not opening")
-    moved = await loop.run_in_executor(None, move_aside, db_dir, d.move,
-                                       int(time.time() * 1000))
-    log.warning("%s: moved the torn newest manifest to %s (%s); opening from manifest %d, "
-                "replaying the WAL after object %d", label, moved, newest_problem,
-                newest - 1, previous.replay_after if previous else 0)
+
+async def repair(db_dir: str, path: str, store: object, label: str) -> list[str]:
+    """The whole step for one database directory: nothing if the newest manifest and
+    compactor state decode; else move the torn one(s) aside (returns their new paths)
+    or raise TornManifestError."""
+    admin = AdminBuilder(path, store).build()
+    man = await _newest(db_dir, MANIFEST_DIR, ".manifest", admin.read_manifest)
+    comp = await _newest(db_dir, COMPACTIONS_DIR, ".compactions", admin.read_compactions)
+    if (man is None or man.problem is None) and (comp is None or comp.problem is None):
+        return []  # the usual case (or not torn by evidence: SlateDB's open says why)
+    compactions = None  # the compactor state SlateDB will start from
+    if comp is not None:
+        c = comp.previous if comp.problem is not None else comp.value
+        compactions = None if c is None else _compactions_view(c)
+    moves: list[tuple[str, str, str]] = []  # (directory, name, why)
+    previous = None
+    if man is not None and man.problem is not None:
+        previous = None if man.previous is None else _manifest(man.previous)
+
+        def scan() -> tuple[dict[str, str | None], list[wal_tail.WalObject], frozenset[str]]:
+            ssts = {u: _sst_problem(os.path.join(db_dir, COMPACTED_DIR, f"{u}.sst"))
+                    for u in (previous.ssts if previous else ())}
+            try:
+                names = os.listdir(os.path.join(db_dir, COMPACTED_DIR))
+            except FileNotFoundError:
+                names = []
+            present = frozenset(n[:-4] for n in names if n.endswith(".sst"))
+            wal = wal_tail.scan(os.path.join(db_dir, local_sync.WAL_DIR),
+                                previous.replay_after if previous else 0)
+            return ssts, wal, present
+        ssts, wal, present = await asyncio.get_running_loop().run_in_executor(None, scan)
+        d = decide(man.id, man.problem, previous, man.previous_problem, ssts, wal,
+                   compactions, present)
+        if d.refuse is not None:
+            raise TornManifestError(
+                f"{label}: the newest manifest {man.path} is torn ({man.problem}) and "
+                f"opening from the previous one is not provably safe: {d.refuse}; "
+                "not opening")
+        moves.append((MANIFEST_DIR, _name(man.id, ".manifest"), man.problem))
+    if comp is not None and comp.problem is not None:
+        epoch = (previous.compactor_epoch if previous is not None
+                 else getattr(man.value if man else None, "compactor_epoch", None))
+        d = decide_compactions(comp.id, comp.problem, compactions, comp.previous_problem,
+                               epoch)
+        if d.refuse is not None:
+            raise TornManifestError(
+                f"{label}: the newest compactor state {comp.path} is torn ({comp.problem}) "
+                f"and starting from the previous one is not provably safe: {d.refuse}; "
+                "not opening")
+        moves.append((COMPACTIONS_DIR, _name(comp.id, ".compactions"), comp.problem))
+    stamp = int(time.time() * 1000)
+    moved = []
+    for sub, name, why in moves:
+        dest = await asyncio.get_running_loop().run_in_executor(
+            None, move_aside, db_dir, sub, name, stamp)
+        log.warning("%s: moved the torn newest %s to %s (%s); SlateDB starts from the "
+                    "one before it", label, "manifest" if sub == MANIFEST_DIR
+                    else "compactor state", dest, why)
+        moved.append(dest)
     return moved
 
 
-async def recover(store_url: str, name: str, path: str, store: object) -> str | None:
+async def recover(store_url: str, name: str, path: str, store: object) -> list[str]:
     """Before SlateDB opens the database `name` (at `path` in `store`), and before
     wal_tail (which then checks the WAL from the manifest this leaves newest): the step
     above on a file:// store, nothing on any other. Raises TornManifestError."""
     where = local_sync.local_dir(store_url, name)
     if where is None or not os.path.isdir(os.path.join(where[0], MANIFEST_DIR)):
-        return None
+        return []
     return await repair(where[0], path, store, f"shard {name.removeprefix('shards/')}")

@@ -301,11 +301,26 @@ def test_refused_after_a_torn_compactor_epoch_bump(reopened) -> None:
 
 
 @pytest.mark.parametrize("how", ["empty", "zeros"])
-def test_torn_compactions_file_is_refused_in_one_line(flushed, how) -> None:
+def test_torn_compactions_file_starts_from_the_previous(flushed, how, caplog) -> None:
+    root, acked = flushed
+    newest = _ids(root, "compactions", ".compactions")[-1]
+    name = f"{newest:020d}.compactions"
+    _tear(_db(root) / "compactions" / name, how)
+    with caplog.at_level("WARNING", logger="silo.storage.manifest_tail"):
+        _check(root, acked)
+    [moved] = _torn(root)
+    assert moved.startswith(name + ".")
+    [line] = [r.getMessage() for r in caplog.records if "compactor state" in r.getMessage()]
+    assert f"shard {SHARD}" in line and name in line
+
+
+def test_two_torn_compactions_files_are_refused_in_one_line(flushed) -> None:
     root, _ = flushed
     newest = _ids(root, "compactions", ".compactions")[-1]
-    _tear(_db(root) / "compactions" / f"{newest:020d}.compactions", how)
-    _refused(root, f"{newest:020d}.compactions")
+    for i in (newest, newest - 1):
+        _zero(_db(root) / "compactions" / f"{i:020d}.compactions")
+    _refused(root, f"{newest:020d}.compactions", f"{newest - 1:020d}.compactions")
+
 
 
 def test_intact_store_untouched(flushed) -> None:

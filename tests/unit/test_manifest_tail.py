@@ -3,7 +3,14 @@ to the previous one is safe. No I/O: made-up manifests, WAL listings and compact
 
 from __future__ import annotations
 
-from silo.storage.manifest_tail import Compactions, Decision, Manifest, decide, torn_problem
+from silo.storage.manifest_tail import (
+    Compactions,
+    Decision,
+    Manifest,
+    decide,
+    decide_compactions,
+    torn_problem,
+)
 from silo.storage.wal_tail import WalObject
 
 PREV = Manifest(id=4, replay_after=7, next_wal=8, compactor_epoch=1, initialized=True,
@@ -121,3 +128,38 @@ def test_completed_compaction_missing_from_the_previous_refused() -> None:
 def test_completed_compaction_already_in_the_previous_or_collected_is_fine() -> None:
     assert go(compactions=Compactions(5, 1, 0, frozenset({"A"}))) == Decision(5, None)
     assert go(compactions=Compactions(5, 1, 0, frozenset({"GONE"}))) == Decision(5, None)
+
+
+# ---- decide_compactions ------------------------------------------------------------
+
+
+def test_compactions_not_torn_nothing_done() -> None:
+    assert decide_compactions(5, None, None, None, 1) == Decision(None, None)
+
+
+def test_compactions_start_from_the_previous_state() -> None:
+    assert decide_compactions(5, "empty", Compactions(4, 1, 0), None, 1) == Decision(5, None)
+    assert decide_compactions(5, "empty", Compactions(4, 0, 0), None, None) == Decision(5, None)
+
+
+def test_lone_first_compactions_state_goes() -> None:
+    """Id 1 is written empty at the compactor's first start; SlateDB makes it anew."""
+    assert decide_compactions(1, "empty", None, None, 0) == Decision(1, None)
+
+
+def test_compactions_previous_missing_or_unreadable_refused() -> None:
+    assert "missing" in decide_compactions(5, "empty", None, None, 1).refuse
+    d = decide_compactions(5, "empty", None, "00000000000000000004.compactions is "
+                           "unreadable (x)", 1)
+    assert "00000000000000000004.compactions" in d.refuse
+    assert decide_compactions(1, "empty", None, "x is unreadable", 0).refuse
+
+
+def test_compactions_previous_with_unfinished_compaction_refused() -> None:
+    """A compaction the previous state calls running may already be in the manifest."""
+    assert "not finished" in decide_compactions(5, "empty", Compactions(4, 1, 1), None,
+                                                1).refuse
+
+
+def test_compactions_previous_epoch_above_the_manifest_refused() -> None:
+    assert "epoch 3" in decide_compactions(5, "empty", Compactions(4, 3, 0), None, 2).refuse
