@@ -314,6 +314,16 @@ def test_torn_compactions_file_starts_from_the_previous(flushed, how, caplog) ->
     assert f"shard {SHARD}" in line and name in line
 
 
+def test_torn_compactions_file_after_a_reopen(reopened) -> None:
+    """After an open's compactor epoch bump (manifest and compactor state at epoch 2): the
+    state before the torn one has epoch 2 too, the compactor claims 3; every job is there."""
+    root, acked = reopened
+    newest = _ids(root, "compactions", ".compactions")[-1]
+    _zero(_db(root) / "compactions" / f"{newest:020d}.compactions")
+    _check(root, acked)
+    assert len(_torn(root)) == 1
+
+
 def test_two_torn_compactions_files_are_refused_in_one_line(flushed) -> None:
     root, _ = flushed
     newest = _ids(root, "compactions", ".compactions")[-1]
