@@ -7,8 +7,10 @@ need the store URL split (split_store_url), and the metrics sampler only needs
 METRICS_RECORDERS; none of them need the committer. This module holds what turns a store
 URL and a shard name into an open database: the SlateDB settings Silo sets (the WAL
 flush interval, L0 SST size, extra settings by dotted key), the process's shared block
-cache, SlateDB's metrics recorder, the local fsync hook (silo.storage.local_sync) and
-the thread scheduling (silo.storage.sched).
+cache, SlateDB's metrics recorder, the repairs of a torn store tail a power loss can
+leave on a local store before SlateDB reads it (silo.storage.manifest_tail for the newest
+manifest and compactor state, then silo.storage.wal_tail for the WAL), the local fsync
+hook (silo.storage.local_sync) and the thread scheduling (silo.storage.sched).
 """
 
 from __future__ import annotations
