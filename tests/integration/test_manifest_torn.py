@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from slatedb.uniffi import AdminBuilder, ObjectStore
 
 from silo.shard import get_job
 from silo.shard.state import Shard
@@ -278,10 +279,15 @@ def test_refused_when_a_wal_object_the_previous_manifest_needs_is_gone(flushed) 
     """The garbage collector deletes WAL objects below the torn manifest's boundary; the
     previous manifest needs them."""
     root, _ = flushed
+    newest = _ids(root, "manifest", ".manifest")[-1]
+
+    async def replay_after() -> int:
+        admin = AdminBuilder(str(_db(root)).lstrip("/"), ObjectStore.resolve("file:///"))
+        return (await admin.build().read_manifest(newest - 1)).replay_after_wal_id
+    boundary = asyncio.run(replay_after())
     _zero(_manifest(root))
     wal = _db(root) / "wal"
-    ids = _ids(root, "wal", ".sst")
-    first_needed = [i for i in ids if i > 7][0]  # the previous manifest's replay_after: 7
+    first_needed = [i for i in _ids(root, "wal", ".sst") if i > boundary][0]
     (wal / f"{first_needed:020d}.sst").unlink()
     _refused(root, f"{first_needed:020d}.sst", "missing")
 
