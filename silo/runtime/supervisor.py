@@ -46,7 +46,7 @@ from silo.observability import events, metrics
 from silo.runtime import control, status
 from silo.runtime.checks import StartupError, fail, run_checks
 from silo.runtime.forward import new_secret
-from silo.runtime.worker import DRAIN_TIMEOUT_S, WorkerSpec, run_worker
+from silo.runtime.worker import DRAIN_TIMEOUT_S, EXIT_TORN_STORE, WorkerSpec, run_worker
 
 log = logging.getLogger("silo")
 
@@ -172,6 +172,7 @@ class Slot:
         self.ready = False
         self.ever_ready = False
         self.failed_once = False
+        self.torn_store = False  # its last start failed on a torn local store (exit 2)
         self.ready_at = 0.0
         self.failures = 0  # deaths in a row, for the back-off
         self.restarts = 0
@@ -257,6 +258,11 @@ class Supervisor:
                 self.spawn(i)
             if not self.start_up():
                 self.stop_workers()
+                if any(s.torn_store for s in self.slots.values()):
+                    # a start-up error naming its cause (exit 2); the worker's one line
+                    # before it names the shard and the files
+                    raise StartupError("no worker could start: a shard's local store is "
+                                       "torn (see the worker's error)")
                 return 1
             log.info("silo serving on %s (advertised %s) data_dir=%s shards=%d tenancy=%s "
                      "dev_mode=%s processes=%d webui=%s", bind_addr,
@@ -401,6 +407,7 @@ class Supervisor:
         now = time.monotonic()
         if not slot.ever_ready:
             slot.failed_once = True
+        slot.torn_store = os.WIFEXITED(code) and os.WEXITSTATUS(code) == EXIT_TORN_STORE
         if slot.ever_ready and slot.ready_at and now - slot.ready_at >= STABLE_S:
             slot.failures = 0
         slot.failures += 1

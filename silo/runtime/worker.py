@@ -43,6 +43,7 @@ from silo.runtime.trim import limit_arenas, trim_forever
 from silo.shard.state import ShardConfig
 from silo.storage import local_sync, sched, wake
 from silo.storage.slatedb_settings import StorageTuning, set_block_cache_bytes, slatedb_settings
+from silo.storage.wal_tail import TornStoreError
 
 log = logging.getLogger("silo.worker")
 
@@ -50,6 +51,7 @@ DRAIN_TIMEOUT_S = 10.0
 LAME_DUCK_S = 0.3  # new public calls answered UNAVAILABLE before the gRPC server stops
 CLOSE_WAIT_S = 30.0  # a drained worker waits this long at most for the supervisor's CLOSE
 STORAGE_FAILED = 70  # exit status: a shard's storage failed; the supervisor restarts us
+EXIT_TORN_STORE = 2  # exit status: a shard's local store is torn (wal_tail.TornStoreError)
 
 
 class WorkerSpec:
@@ -243,6 +245,9 @@ def run_worker(spec: WorkerSpec) -> int:
     limit_arenas()  # before SlateDB's and gRPC's threads start (silo.runtime.trim)
     try:
         return uvloop.run(serve_worker(spec))
+    except TornStoreError as e:  # one line naming the shard and files: no traceback
+        log.error("worker %d failed: %s", spec.index, e)
+        return EXIT_TORN_STORE
     except Exception:  # noqa: BLE001 - report, then let the supervisor restart us
         log.exception("worker %d failed", spec.index)
         return 1

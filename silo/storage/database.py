@@ -7,8 +7,10 @@ need the store URL split (split_store_url), and the metrics sampler only needs
 METRICS_RECORDERS; none of them need the committer. This module holds what turns a store
 URL and a shard name into an open database: the SlateDB settings Silo sets (the WAL
 flush interval, L0 SST size, extra settings by dotted key), the process's shared block
-cache, SlateDB's metrics recorder, the local fsync hook (silo.storage.local_sync) and
-the thread scheduling (silo.storage.sched).
+cache, SlateDB's metrics recorder, the repairs of a torn store tail a power loss can
+leave on a local store before SlateDB reads it (silo.storage.manifest_tail for the newest
+manifest and compactor state, then silo.storage.wal_tail for the WAL), the local fsync
+hook (silo.storage.local_sync) and the thread scheduling (silo.storage.sched).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from urllib.parse import urlparse
 
 from slatedb.uniffi import DbBuilder, ObjectStore, Settings
 
-from silo.storage import ffi, keys, local_sync, sched, slatedb_settings, wal_tail
+from silo.storage import ffi, keys, local_sync, manifest_tail, sched, slatedb_settings, wal_tail
 from silo.storage.scan import ResumingScan
 from silo.storage.slatedb_metrics import ExportedRecorder
 
@@ -79,6 +81,7 @@ async def open_database(
     slatedb_settings.configure_builder(builder, path)  # the process's shared block cache
     recorder = METRICS_RECORDERS[name] = ExportedRecorder()  # see silo.storage.slatedb_metrics
     builder.with_metrics_recorder(recorder)
+    await manifest_tail.recover(store_url, name, path, store)  # torn newest manifest
     await wal_tail.recover(store_url, name, path, store)  # torn tail after a power loss
     sync = await local_sync.prepare(store_url, name)  # fsync on a file:// store
     db = await builder.build()

@@ -63,7 +63,7 @@ from silo.storage import local_sync
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TornWalError", "WalObject", "Plan", "check_object", "plan", "recover"]
+__all__ = ["TornStoreError", "TornWalError", "WalObject", "Plan", "check_object", "plan", "recover"]
 
 TORN_DIR = "torn"
 _FOOTER = 10  # u64 offset of the info block + u16 format version, big-endian
@@ -74,7 +74,13 @@ _INDEX_OFFSET, _INDEX_LEN, _FILTER_OFFSET, _FILTER_LEN, _COMPRESSION = 1, 2, 3, 
 _STATS_OFFSET, _STATS_LEN = 8, 9
 
 
-class TornWalError(RuntimeError):
+class TornStoreError(RuntimeError):
+    """A torn tail of the local store (WAL, manifest, compactor state) that cannot be
+    repaired without guessing: the shard does not open. The message is one line naming
+    the shard and the files (the worker logs it as is, without a traceback)."""
+
+
+class TornWalError(TornStoreError):
     """The WAL cannot be repaired without guessing: the shard does not open."""
 
 
