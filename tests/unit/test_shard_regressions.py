@@ -10,11 +10,11 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 
-from silo.shard import enqueue, lease, outcome
+from silo.shard import enqueue, give_back, lease, outcome
 from silo.shard.reaper import reap_expired_leases
 from silo.shard.state import Shard, ShardConfig
 from silo.storage import keys
-from silo.storage.records import SCHEDULED, ConcurrencyLimit, RetryPolicy
+from silo.storage.records import RUNNING, SCHEDULED, ConcurrencyLimit, RetryPolicy
 
 T0 = 1_700_000_000_000
 CFG = ShardConfig(commit_interval_ms=0, flush_interval_ms=1, lease_ms=1000)
@@ -92,5 +92,32 @@ def test_a_reaped_retry_granted_at_once_leaves_no_running_index_row(tmp_path):
         assert await reap_expired_leases(s) == 1
         assert await index_rows(s, jid) == ["Scheduled"]
         assert s.tenant_status.get(("-", "Running"), 0) == 0
+        await s.close()
+    run(tmp_path, body)
+
+
+def test_a_given_back_named_lease_goes_through_its_limit_again(tmp_path):
+    """enqueue (limit k1 max 1), LeaseTask of that job (bypasses limits), give it back,
+    LeaseTasks.
+
+    The named lease held no slot; give back requeued that slot-less RunAttempt, so
+    LeaseTasks ran the job without its concurrency slot: with another job holding k1's
+    one slot, two jobs of k1 ran at once.
+    """
+    async def body(open_shard, clock):
+        s = await open_shard()
+        first = await add(s, key="k1", job_id="first")
+        named = await lease.lease_task(s, "-", first, "w")
+        second = await add(s, key="k1", job_id="second")
+        [holder] = await lease.lease_tasks(s, "w", 1, "g")
+        assert holder.lease.task.job_id == second
+        await give_back.give_back(s, "w", named.lease.task.task_id)
+        assert await lease.lease_tasks(s, "w", 5, "g") == []  # k1's one slot is held
+        await outcome.report_outcome(s, holder.lease.task.task_id, outcome.Success(b""))
+        [again] = await lease.lease_tasks(s, "w", 5, "g")
+        assert again.lease.task.job_id == first and list(again.lease.task.held_queues) == [
+            "k1"]
+        assert again.lease.task.attempt == 1
+        assert s.active[("-", first)].kind == RUNNING
         await s.close()
     run(tmp_path, body)
