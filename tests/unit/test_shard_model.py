@@ -62,6 +62,7 @@ from silo.storage.records import (
     RUNNING,
     SCHEDULED,
     STATUS_NAMES,
+    SUCCEEDED,
     TERMINAL,
     ConcurrencyLimit,
     RetryPolicy,
@@ -83,6 +84,17 @@ POLICIES = [None, RetryPolicy(0, 0, 0, False, 1.0), RetryPolicy(2, 0, 0, False, 
 KEYS = [None, "k1", "k2"]
 START_OFFSETS = [0, -100, 500, 3000]  # 0: start_at_ms unset (now)
 STEPS = [1, 300, LEASE_MS, LEASE_MS + 1, 4000]
+
+
+# Operations worth racing, by the status of the job they are drawn for.
+_RACES = {
+    SCHEDULED: ["cancel", "expedite", "lease_named", "lease_tasks", "delete", "restart"],
+    RUNNING: ["success", "failure", "cancelled", "heartbeat", "give_back", "cancel",
+              "reap", "lease_tasks"],
+    SUCCEEDED: ["restart", "delete", "cancel"],
+    FAILED: ["restart", "delete", "cancel", "lease_named"],
+    CANCELLED: ["restart", "delete", "cancel", "expedite"],
+}
 
 
 class Clock:
@@ -336,6 +348,81 @@ class ShardMachine(RuleBasedStateMachine):
             assert job.task_id is not None
             self.ended_tasks.append(job.task_id)
             self.model.end(job, "crashed", self.now)
+
+    def _op(self, name: str, job: MJob, worker: str):
+        """One operation on `job` as a coroutine, for running two at once."""
+        s, t, j = self.s, job.tenant, job.job_id
+        tid = job.task_id or "no-such-task"
+        return {
+            "success": lambda: outcome.report_outcome(s, tid, outcome.Success(b"")),
+            "failure": lambda: outcome.report_outcome(s, tid, outcome.Failure("E", b"")),
+            "cancelled": lambda: outcome.report_outcome(s, tid, outcome.Cancelled()),
+            "heartbeat": lambda: outcome.heartbeat(s, job.worker, tid),
+            "give_back": lambda: give_back.give_back(s, job.worker, tid),
+            "cancel": lambda: cancel.cancel_job(s, t, j),
+            "restart": lambda: restart.restart_job(s, t, j),
+            "expedite": lambda: expedite.expedite_job(s, t, j),
+            "delete": lambda: delete.delete_job(s, t, j),
+            "lease_named": lambda: lease.lease_task(s, t, j, worker),
+            "lease_tasks": lambda: lease.lease_tasks(s, worker, 2, job.group),
+            "reap": lambda: reap_expired_leases(s),
+        }[name]()
+
+    @precondition(has_jobs)
+    @rule(data=st.data(), same=st.booleans(), expire=st.booleans())
+    def two_at_once(self, data, same: bool, expire: bool) -> None:
+        """Two operations that fit the jobs' states, interleaved on the event loop (on
+        one job, or two). Which order won is the shard's: the model takes the shard's
+        word for every job afterwards (resync), and the invariants then check the
+        shard's own consistency (counters = index rows = pending steps = leases =
+        holders). `expire`: the clock first passes the first job's lease expiry."""
+        first = self.pick(data)
+        second = first if same else self.pick(data)
+        ops = [data.draw(st.sampled_from(_RACES[j.status]), label="op")
+               for j in (first, second)]
+        if expire and first.status == RUNNING:
+            self.clock.t = max(self.now, first.expiry_ms)
+
+        async def both():
+            return await asyncio.gather(self._op(ops[0], first, "w1"),
+                                        self._op(ops[1], second, "w2"),
+                                        return_exceptions=True)
+
+        for r in self.run(both()):
+            if isinstance(r, BaseException) and not isinstance(r, SiloError):
+                raise r
+        self.resync()
+
+    def resync(self) -> None:
+        """Set the model from what the shard shows of each job (after a race)."""
+        relative: dict[tuple[str, str], int] = {}
+        for _k, task in self.task_rows():
+            relative[(task.tenant, task.job_id)] = getattr(task, "relative_attempt", 1)
+        for t in self.s.requests.values():
+            relative[(t.tenant, t.job_id)] = t.relative_attempt
+        for ref, job in list(self.model.jobs.items()):
+            try:
+                v = self.run(get_job.get_job(self.s, job.tenant, job.job_id, True))
+            except SiloError:
+                del self.model.jobs[ref]
+                continue
+            job.status = v.status.kind
+            job.ended = len(v.attempts) - (job.status == RUNNING)  # + the running one
+            job.task_id, job.holds, job.cancelled_at_ms = None, False, None
+            if job.status == SCHEDULED:
+                job.start_ms = v.status.next_attempt_starts_after_ms or 0
+                job.relative = relative.get(ref, job.relative)
+            elif job.status == RUNNING:
+                active = self.s.active[ref]
+                ls = self.s.leases[active.task_id]
+                assert isinstance(ls.task, RunAttempt)
+                job.task_id, job.worker = ls.task.task_id, ls.worker_id
+                job.expiry_ms, job.started_ms = ls.expiry_ms, ls.started_at_ms
+                job.holds = bool(ls.task.held_queues)
+                job.relative = ls.task.relative_attempt
+                job.cancelled_at_ms = active.cancelled_at_ms
+        self.ended_tasks = [t for t in self.ended_tasks
+                            if t not in {j.task_id for j in self.model.running()}]
 
     @rule()
     def reopen(self) -> None:
