@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from silo._proto import silo_pb2, silo_stream_pb2_grpc
+from silo._proto import silo_pb2
 from silo.errors import SiloError
 from silo.rpc import stream
 from silo.rpc.admission import Admission
@@ -98,8 +98,7 @@ def build_server(service: SiloService, max_message_bytes: int,
                  admission: Admission | None = None) -> grpc.aio.Server:
     server = grpc.aio.server(options=server_options(max_message_bytes))
     add_silo_service(service, server, admission)
-    silo_stream_pb2_grpc.add_SiloStreamServicer_to_server(stream.SiloStreamService(service),
-                                                          server)
+    stream.add_stream_service(stream.SiloStreamService(service), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

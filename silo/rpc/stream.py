@@ -329,12 +329,35 @@ class SiloStreamService(spb_grpc.SiloStreamServicer):
         except SiloError as e:
             await context.abort(e.code, guard.bounded(e.message))
 
-    async def EnqueueMany(self, request, context):
+    async def EnqueueMany(self, request: bytes, context):
         await self._auth(context)
-        return await enqueue_many(self.svc, list(request.jobs))
+        try:
+            parsed = guard.parse_request(spb.EnqueueManyRequest, "EnqueueMany", request)
+        except SiloError as e:
+            await context.abort(e.code, e.message)
+        return await enqueue_many(self.svc, list(parsed.jobs))
 
     async def Work(self, request_iterator, context):
         from silo.rpc.work_session import WorkSession  # noqa: PLC0415 - it builds on this module
 
         await self._auth(context)
         await WorkSession(self.svc, context).run()
+
+
+def add_stream_service(service: SiloStreamService, server: grpc.aio.Server) -> None:
+    """Register silostream.v1.SiloStream with raw-bytes request deserializers, as the
+    Silo service is (silo.rpc.server): a body that does not parse then reaches our code
+    and ends INVALID_ARGUMENT, instead of failing inside grpcio, which answered UNKNOWN
+    and logged a traceback per call. EnqueueMany parses after the auth check; the Work
+    session parses each WorkerUp it reads (WorkSession.read)."""
+    handlers = {
+        "EnqueueMany": grpc.unary_unary_rpc_method_handler(
+            service.EnqueueMany, request_deserializer=None,
+            response_serializer=spb.EnqueueManyResponse.SerializeToString),
+        "Work": grpc.stream_stream_rpc_method_handler(
+            service.Work, request_deserializer=None,
+            response_serializer=spb.WorkerDown.SerializeToString),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -33,7 +33,7 @@ from silo._proto import silo_pb2 as pb
 from silo._proto import silo_stream_pb2 as spb
 from silo.errors import SiloError
 from silo.observability import metrics
-from silo.rpc import batch, convert, stream
+from silo.rpc import batch, convert, guard, stream
 from silo.rpc.service import SiloService, _OwnedElsewhere
 from silo.shard import lease
 from silo.shard.ready import due_now, interrupt_all, wait_due
@@ -67,12 +67,28 @@ class WorkSession:
         # task id → (shard, tenant, job id) for tasks written to this stream, not ended
         self.leased: dict[str, tuple[str, str, str]] = {}
         self._cancel_sent: set[str] = set()
+        self.bad: SiloError | None = None  # an up-stream message that did not parse
 
     # ---- lifecycle -------------------------------------------------------------------
 
+    async def read(self, first: bool = False):  # -> spb.WorkerUp | grpc.aio.EOF
+        """The next WorkerUp, or EOF. The service takes raw bytes (stream.
+        add_stream_service); one that does not parse ends the stream INVALID_ARGUMENT:
+        at once if it is the first, else like a half-close (`self.bad`, see run)."""
+        raw = await self.context.read()
+        if raw is grpc.aio.EOF or not isinstance(raw, bytes):
+            return raw
+        try:
+            return guard.parse_request(spb.WorkerUp, "Work", raw)
+        except SiloError as e:
+            if first:  # nothing runs yet: end now
+                await self.context.abort(e.code, e.message)
+            self.bad = e
+            return grpc.aio.EOF
+
     async def run(self) -> None:
         ctx = self.context
-        first = await ctx.read()
+        first = await self.read(first=True)
         if first is grpc.aio.EOF:
             return
         sub = first.subscribe
@@ -91,7 +107,7 @@ class WorkSession:
         try:
             self._take(first)
             while True:
-                msg = await ctx.read()
+                msg = await self.read()
                 if msg is grpc.aio.EOF:
                     break
                 self._take(msg)
@@ -103,6 +119,10 @@ class WorkSession:
             end = asyncio.ensure_future(self._finish(writer, clean))
             if clean:
                 await end
+        if self.bad is not None:
+            # Only now: grpcio refuses to send a status while the writer's message is in
+            # flight (abort then raised, and the call hung until its deadline).
+            await ctx.abort(self.bad.code, self.bad.message)
 
     async def _finish(self, writer: asyncio.Task[None], clean: bool) -> None:
         self._halt()

@@ -151,12 +151,16 @@ def _schedule_retry(shard: Shard, job: ActiveJob, task: RunAttempt, info: JobInf
     job.kind = SCHEDULED
     job.task_id = None
     shard.active[(task.tenant, task.job_id)] = job
+    # The status first, while the job is surely in `active`: put_status replaces the
+    # index row the job remembers (the Running one, which holds the lease). A retry
+    # joins its queue and grants it (limits.walk), and a grant that resumes this job
+    # settles it out of `active`, after which put_status would leave that row behind.
+    shard.put_status(task.tenant, task.job_id, JobStatus(
+        SCHEDULED, now, next_ms, task.attempt + 1, last_attempt=task.attempt))
     limits.start_attempt(shard, job, tenant=task.tenant, job_id=task.job_id,
                          attempt=task.attempt + 1, relative=task.relative_attempt + 1,
                          task_group=task.task_group, priority=info.priority, start_ms=next_ms,
                          limits=info.limits, now=now, retry=True)
-    shard.put_status(task.tenant, task.job_id, JobStatus(
-        SCHEDULED, now, next_ms, task.attempt + 1, last_attempt=task.attempt))
     shard.settle(task.tenant, task.job_id, job)
     shard.count_status(task.tenant, RUNNING, SCHEDULED)
 
