@@ -54,6 +54,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     flush_interval_ms: int = 10
     commit_interval_ms: float = 0.0
     commit_min_gap_ms: float = 0.0
+    commit_busy_gap_ms: float = 5.0
     l0_sst_size_bytes: int = 8 * MiB
     flush_on_commit: bool = True
     local_fsync: bool = True
@@ -245,6 +246,13 @@ OPTIONS: tuple[Option, ...] = (
         _float(0, 1000),
         "under concurrency, start a group commit no sooner than this after the previous one "
         "started (0 = off; a lone write still commits at once)",
+        "MS",
+    ),
+    Option(
+        "commit_busy_gap_ms",
+        "storage.commit_busy_gap_ms",
+        _float(0, 1000),
+        "the same gap, only while the worker's CPU is saturated (0 = off)",
         "MS",
     ),
     Option(

@@ -85,6 +85,7 @@ def shard_config(config: Config) -> ShardConfig:
     return ShardConfig(
         lease_ms=config.lease_ms, flush_interval_ms=config.flush_interval_ms,
         commit_interval_ms=config.commit_interval_ms, commit_min_gap_ms=config.commit_min_gap_ms,
+        commit_busy_gap_ms=config.commit_busy_gap_ms,
         l0_sst_size_bytes=config.l0_sst_size_bytes, flush_on_commit=config.flush_on_commit,
         completed_job_expire_ms=config.completed_job_expire_s * 1000,
         terminal_job_expire_ms=config.terminal_job_expire_s * 1000,

@@ -142,7 +142,7 @@ class ConcurrencyQueue:
 
 class ShardConfig:
     __slots__ = ("lease_ms", "flush_interval_ms", "commit_interval_ms", "commit_min_gap_ms",
-                 "l0_sst_size_bytes",
+                 "commit_busy_gap_ms", "l0_sst_size_bytes",
                  "info_cache_bytes", "flush_on_commit", "write_timeout_ms",
                  "completed_job_expire_ms", "terminal_job_expire_ms", "slatedb",
                  "l0_flush_interval_s", "ready_buffer_size")
@@ -154,6 +154,7 @@ class ShardConfig:
         flush_interval_ms: int = 10,
         commit_interval_ms: float = 0.0,
         commit_min_gap_ms: float = 0.0,
+        commit_busy_gap_ms: float = 0.0,
         l0_sst_size_bytes: int = 16 << 20,
         info_cache_bytes: int = 16 << 20,
         flush_on_commit: bool = False,
@@ -168,6 +169,7 @@ class ShardConfig:
         self.flush_interval_ms = flush_interval_ms
         self.commit_interval_ms = commit_interval_ms
         self.commit_min_gap_ms = commit_min_gap_ms
+        self.commit_busy_gap_ms = commit_busy_gap_ms
         self.l0_sst_size_bytes = l0_sst_size_bytes
         self.info_cache_bytes = info_cache_bytes
         self.flush_on_commit = flush_on_commit
@@ -212,6 +214,7 @@ class Shard:
         self.committer.flush_on_commit = config.flush_on_commit
         self.committer.write_timeout_s = config.write_timeout_ms / 1000
         self.committer.min_gap_s = config.commit_min_gap_ms / 1000
+        self.committer.busy_gap_s = config.commit_busy_gap_ms / 1000
         self.committer.name = shard_id  # metric labels, from the open's first commit on
         self.active: dict[tuple[str, str], ActiveJob] = {}
         self.buffers: dict[str, ReadyBuffer] = {}
