@@ -73,23 +73,30 @@ static int64_t now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+/* The WAL object `id` opened relative to `wal/`: its fd, or -1 when it is missing (the
+ * end of a round) or failed to open (then *err is the errno; ENOENT is not an error). */
+static int open_wal(int dir_fd, uint64_t id, int *err)
+{
+    char name[40];
+    snprintf(name, sizeof name, "%020llu.sst", (unsigned long long)id);
+    int fd;
+    do
+        fd = openat(dir_fd, name, O_RDONLY | O_CLOEXEC);
+    while (fd < 0 && errno == EINTR);
+    if (fd < 0 && errno != ENOENT)
+        *err = errno;
+    return fd;
+}
+
 /* One round: returns the first id not synced; *err is 0 or the errno that stopped it. */
 static uint64_t round_run(int dir_fd, uint64_t start, int *err)
 {
-    char name[40];
     uint64_t n = start;
     *err = 0;
     for (;;) {
-        snprintf(name, sizeof name, "%020llu.sst", (unsigned long long)n);
-        int fd;
-        do
-            fd = openat(dir_fd, name, O_RDONLY | O_CLOEXEC);
-        while (fd < 0 && errno == EINTR);
-        if (fd < 0) {
-            if (errno != ENOENT)
-                *err = errno;
+        int fd = open_wal(dir_fd, n, err);
+        if (fd < 0)
             break;
-        }
         int rc;
         do
             rc = fsync(fd);
@@ -161,21 +168,13 @@ static int fsync_retrying(int fd)
  * offer back and does it after the files. Called with self->lock not held. */
 static uint64_t round_overlapped(RoundsObject *self, int dir_fd, uint64_t start, int *err)
 {
-    char name[40];
     int fds[BATCH];
     int count = 0;
     *err = 0;
     while (count < BATCH) {
-        snprintf(name, sizeof name, "%020llu.sst", (unsigned long long)(start + count));
-        int fd;
-        do
-            fd = openat(dir_fd, name, O_RDONLY | O_CLOEXEC);
-        while (fd < 0 && errno == EINTR);
-        if (fd < 0) {
-            if (errno != ENOENT)
-                *err = errno;
+        int fd = open_wal(dir_fd, start + count, err);
+        if (fd < 0)
             break;
-        }
         fds[count++] = fd;
     }
     if (*err != 0 || count == 0) {
