@@ -16,7 +16,7 @@ import pytest
 
 from silo.storage import db as sdb
 from silo.storage import local_sync
-from silo.storage.database import open_database
+from tests.unit.test_local_sync import _committer, _open
 
 _walsync = pytest.importorskip("silo.storage._walsync")
 
@@ -113,17 +113,6 @@ def test_a_forked_child_cannot_use_the_parents_rounds() -> None:
     _, status = os.waitpid(pid, 0)
     r.close()
     assert os.waitstatus_to_exitcode(status) == 0
-
-
-async def _open(root: str):
-    return await open_database(f"file://{root}", "shards/s", flush_interval_ms=10,
-                                   l0_sst_size_bytes=64 << 20, flush_on_commit=True)
-
-
-def _committer(db) -> sdb.GroupCommitter:
-    c = sdb.GroupCommitter(db, commit_interval_s=0)
-    c.flush_on_commit = True
-    return c
 
 
 def _newest_wal(root: str) -> int:
