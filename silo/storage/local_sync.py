@@ -32,7 +32,7 @@ What this module adds (`storage.local_fsync`, on by default; file:// stores only
   there syncs it too; the round covering that flush then does not list (`_ahead`).
 * **Where a round runs.** With the C module built (`_walsync`, `NATIVE`), the probe and
   fsyncs of a round are one job on one of its two pthreads, which never take the GIL; the
-  result comes back through an eventfd the loop watches (`_NativeRounds`), and the
+  result comes back through an eventfd the loop watches (silo.storage.wal_rounds), and the
   waiters are answered from that callback (no task, no executor future, no self-pipe).
   The round's `wal/` fsync runs on the other C thread while the files are fsynced, once
   every object it covers was opened (`OVERLAP`; the two then share one device flush).
@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
 import logging
 import os
 import threading
@@ -82,11 +81,7 @@ from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
 from silo.observability import metrics
-
-try:
-    from silo.storage import _walsync
-except ImportError:  # built as an optional extension (setup.py): the pool path then
-    _walsync = None  # type: ignore[assignment]
+from silo.storage import wal_rounds
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -307,7 +302,7 @@ class LocalSync:
 
     # ---- the same rounds on _walsync's C threads (no task, no executor future) ------
 
-    def _start_native(self, rounds: _NativeRounds, shard: str) -> None:
+    def _start_native(self, rounds: wal_rounds.NativeRounds, shard: str) -> None:
         group, self._waiting = self._waiting, []
         if self.on_room is not None:
             self.on_room()
@@ -321,7 +316,7 @@ class LocalSync:
         rounds.submit(self, self._wal_fd, self._next_wal)  # type: ignore[arg-type]
 
     def native_done(self, next_id: int, err: int, ns: int) -> None:
-        """A C round's result (on the loop, from _NativeRounds.drain)."""
+        """A C round's result (on the loop, from wal_rounds.NativeRounds.drain)."""
         assert self._native_round is not None
         _, flushes, shard = self._native_round
         self._spent(shard, ns / 1e9)
@@ -478,46 +473,19 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
     return pool  # type: ignore[return-value]
 
 
-class _NativeRounds:
-    """One event loop's _walsync.Rounds: its eventfd is watched by the loop, whose
-    drain hands each result to the LocalSync that submitted the round."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.native = _walsync.Rounds(overlap=OVERLAP)
-        self.pending: dict[int, LocalSync] = {}
-        loop.add_reader(self.native.fileno(), self.drain)
-
-    def submit(self, s: LocalSync, wal_fd: int, start: int) -> None:
-        token = next(_tokens)
-        self.pending[token] = s
-        self.native.submit(token, wal_fd, start)
-
-    def drain(self) -> None:
-        pop = self.pending.pop
-        for token, next_id, err, ns in self.native.drain():
-            s = pop(token, None)
-            if s is None:
-                continue
-            try:
-                s.native_done(next_id, err, ns)
-            except Exception:  # noqa: BLE001 - the other results must still be handed on
-                log.exception("fsync round result of %s", s.db_dir)
-
-
-_tokens = itertools.count(1)
-_natives: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _NativeRounds] = (
+_natives: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, wal_rounds.NativeRounds] = (
     weakref.WeakKeyDictionary())
 
 
-def _native_rounds() -> _NativeRounds | None:
+def _native_rounds() -> wal_rounds.NativeRounds | None:
     """The running loop's C rounds; None without the C module, with NATIVE off, or while
     a test records through the `fsync` seam (that path is Python's)."""
-    if _walsync is None or not NATIVE or fsync is not _OS_FSYNC:
+    if not wal_rounds.AVAILABLE or not NATIVE or fsync is not _OS_FSYNC:
         return None
     loop = asyncio.get_running_loop()
     r = _natives.get(loop)
     if r is None:
-        r = _natives[loop] = _NativeRounds(loop)
+        r = _natives[loop] = wal_rounds.NativeRounds(loop, overlap=OVERLAP)
     return r
 
 

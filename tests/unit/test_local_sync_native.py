@@ -144,7 +144,7 @@ def test_commits_are_answered_after_a_c_round_covered_their_objects(tmp_path,
 
 
 class FakeRounds:
-    """Stands in for _NativeRounds: holds each submitted round until finish()."""
+    """Stands in for wal_rounds.NativeRounds: holds each submitted round until finish()."""
 
     def __init__(self) -> None:
         self.jobs: list[tuple[local_sync.LocalSync, int, int]] = []
