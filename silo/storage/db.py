@@ -14,7 +14,9 @@ commit: past it the batch is written anyway (pipelined behind the one in flight)
 batch is one WriteBatch and one durability wait, shared by all its RPCs (group commit);
 each RPC answers only after its own write is durable. On the local store that includes
 an fsync round after the flush (silo.storage.local_sync): the round runs while the next
-batch is written and flushed.
+batch is written and flushed, one batch ahead and not more. Two optional gaps space
+commit starts (`min_gap_s` always, `busy_gap_s` only while the process's CPU is
+saturated, see `commit_gap`); neither applies after a lone operation.
 
 A batch is sealed (handed to the writer, pipelined behind the one in flight) once it
 holds `max_batch_keys` keys or `max_batch_bytes` bytes at the end of an operation: an
