@@ -61,6 +61,11 @@ async def give_back(shard: Shard, worker_id: str, task_id: str) -> None:
         info = job_info_decoder.decode(raw) if raw is not None else None
         if shard.leases.get(task_id) is not lease:
             raise errors.lease_not_found()  # reported (or reaped) while we read
+        job = shard.active.get((tenant, job_id))
+        if job is None or job.cancelled_at_ms is not None:  # cancelled while we read
+            await outcome.finish_attempt(shard, lease, outcome.Cancelled())
+            await shard.committer.commit()
+            return
     now = shard.now()
     shard.drop_lease(task_id)
     start = lease.started_at_ms

@@ -11,10 +11,18 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from silo.shard import enqueue, give_back, lease, outcome
+from silo.shard.cancel import cancel_job
 from silo.shard.reaper import reap_expired_leases
 from silo.shard.state import Shard, ShardConfig
 from silo.storage import keys
-from silo.storage.records import RUNNING, SCHEDULED, ConcurrencyLimit, RetryPolicy
+from silo.storage.records import (
+    CANCELLED,
+    RUNNING,
+    SCHEDULED,
+    ConcurrencyLimit,
+    RetryPolicy,
+    job_status_decoder,
+)
 
 T0 = 1_700_000_000_000
 CFG = ShardConfig(commit_interval_ms=0, flush_interval_ms=1, lease_ms=1000)
@@ -119,5 +127,36 @@ def test_a_given_back_named_lease_goes_through_its_limit_again(tmp_path):
             "k1"]
         assert again.lease.task.attempt == 1
         assert s.active[("-", first)].kind == RUNNING
+        await s.close()
+    run(tmp_path, body)
+
+
+def test_a_job_cancelled_while_give_back_reads_its_info_ends_cancelled(tmp_path):
+    """enqueue, LeaseTasks, evict the job's info from the cache, give back, and cancel
+    the job while give back reads that info from storage.
+
+    Give back checked for a cancel only before its read, so the cancel that came in
+    during it was lost: the job went back to Scheduled and ran again.
+    """
+    async def body(open_shard, clock):
+        s = await open_shard()
+        jid = await add(s)
+        [lt] = await lease.lease_tasks(s, "w", 1, "g")
+        s.info_cache.clear()
+        real_get = s.committer.get
+
+        async def get_then_cancel(key: bytes):
+            raw = await real_get(key)
+            await cancel_job(s, "-", jid)
+            return raw
+
+        s.committer.get = get_then_cancel
+        await give_back.give_back(s, "w", lt.lease.task.task_id)
+        s.committer.get = real_get
+        assert ("-", jid) not in s.active or s.active[("-", jid)].kind != SCHEDULED
+        assert await lease.lease_tasks(s, "w", 5, "g") == []
+        raw = await s.committer.get(keys.job_status("-", jid))
+        assert job_status_decoder.decode(raw).kind == CANCELLED
+        assert await index_rows(s, jid) == ["Cancelled"]
         await s.close()
     run(tmp_path, body)
