@@ -165,6 +165,7 @@ class GroupCommitter:
         self._closed = False
         self.batches_written = 0
         self.ops_written = 0
+        self.bytes_written = 0  # keys and values of those batches (Batch.nbytes)
         self.name = ""  # the shard id, for metrics and events
         # A write not durable within this bound fails its waiters (UNAVAILABLE) instead
         # of hanging them; the write itself carries on and lands if storage comes back.
@@ -485,6 +486,7 @@ class GroupCommitter:
             self._last_handle = handle
             self.batches_written += 1
             self.ops_written += b.ops
+            self.bytes_written += b.nbytes
             metrics.COMMIT_BATCH_OPS.observe((self.name,), b.ops)
             self._unconfirmed.append((handle, b))
             if self._durability_task is None:
