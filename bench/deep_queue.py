@@ -119,6 +119,22 @@ def settle(pid: int) -> float:
     return round(time.monotonic() - t0, 2)
 
 
+def settled_rss(pid: int, step_s: float = 2.5, steady: int = 4, max_s: float = 90.0
+                ) -> dict[str, Any]:
+    """The owner's RSS once it stops moving (`steady` readings in a row, step_s apart,
+    within 1 MB of each other): after a fill the compaction of its L0 SSTs holds memory
+    for ~10-25 s while using too little CPU for settle() to see it, so the reading at
+    idle is a transient (with plateaus of a few seconds, hence several readings)."""
+    t0 = time.monotonic()
+    seen = [rss_kb(pid)["rss_kb"] or 0]
+    while time.monotonic() - t0 < max_s:
+        time.sleep(step_s)
+        seen = (seen + [rss_kb(pid)["rss_kb"] or 0])[-(steady + 1):]
+        if len(seen) > steady and max(seen) - min(seen) <= 1024:
+            break
+    return {"rss_kb": seen[-1], "after_s": round(time.monotonic() - t0, 1)}
+
+
 def probe(target: str, samples: int, pid: int, call_timeout: float) -> dict[str, Any]:
     """`samples` LeaseTasks(max_tasks=1) calls one after the other on one connection;
     then ReportOutcome(success) for every leased task, all at once (not timed)."""
@@ -417,6 +433,8 @@ def run(a: argparse.Namespace, rep: dict[str, Any]) -> None:
         r["rss_deep"] = server_rss(pid)
         owner = grew_most(r["rss_ref"], r["rss_deep"])
         mark_owner(r["rss_deep"], owner)
+        if owner is not None:
+            r["rss_deep_settled"] = settled_rss(r["rss_deep"][owner + 1]["pid"])
         r["data_dir_bytes"] = dir_bytes(server.tmp / "data")
         p50a, p50b = p1["latency_ms"]["p50"], p2["latency_ms"]["p50"]
         p99a, p99b = p1["latency_ms"]["p99"], p2["latency_ms"]["p99"]

@@ -18,6 +18,9 @@ def targets(r: dict[str, Any], owner: int | None) -> dict[str, Any]:
         b = r["rss_deep"][owner + 1]["rss_kb"] or 0
         out["rss_growth_mb"] = round((b - a) / 1024, 1)
         out["rss_ok"] = out["rss_growth_mb"] <= 100
+        settled = (r.get("rss_deep_settled") or {}).get("rss_kb")
+        if settled is not None:
+            out["rss_settled_growth_mb"] = round((settled - a) / 1024, 1)
     rs = r.get("restart") or {}
     if rs.get("first_task_s") is not None:
         out["restart_to_first_task_s"] = rs["first_task_s"]
@@ -74,6 +77,10 @@ def print_report(rep: dict[str, Any]) -> None:
             rows.append((label, ", ".join(f"{x['role']} {mb(x['rss_kb'])}" for x in r[key])))
             rows.append(("  total / peak (VmHWM)", f"{mb(sum(x['rss_kb'] or 0 for x in r[key]))}"
                          f" / {', '.join(mb(x['hwm_kb']) for x in r[key])}"))
+    if r.get("rss_deep_settled"):
+        x = r["rss_deep_settled"]
+        rows.append(("  owner once settled", f"{mb(x['rss_kb'])} after {x['after_s']} s more"
+                     " (the fill's compaction done)"))
     if r.get("data_dir_bytes") is not None:
         rows.append(("data dir at depth", f"{r['data_dir_bytes'] / 2**20:,.0f} MB"))
     rs = r.get("restart")
@@ -94,7 +101,9 @@ def print_report(rep: dict[str, Any]) -> None:
         def ok(k: str) -> str:
             return "ok" if t.get(k) else "MISSED"
         for key, label, text in (
-                ("rss_ok", "TARGET owner RSS, depth - 1,000", f"{t.get('rss_growth_mb')} MB (<= 100"),
+                ("rss_ok", "TARGET owner RSS, depth - 1,000", f"{t.get('rss_growth_mb')} MB"
+                 + (f"; settled {t['rss_settled_growth_mb']} MB" if "rss_settled_growth_mb" in t
+                    else "") + " (<= 100"),
                 ("restart_ok", "TARGET restart -> first task",
                  f"{t.get('restart_to_first_task_s')} s (ready line at"
                  f" {(r.get('restart') or {}).get('ready_s')} s; <= 1"),
