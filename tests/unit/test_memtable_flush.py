@@ -1,10 +1,13 @@
-"""The L0 flush policy (silo.shard.memtable_flush.due) without I/O, and the idle flush on
-a real shard: a burst of writes reaches L0 one quiet look after it ends, not 30 s later."""
+"""The L0 flush policy (silo.shard.memtable_flush.due) without I/O, and both flushes on a
+real shard: every interval while written, never while idle, and a burst of writes one
+quiet look after it ends, not 30 s later."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from hypothesis import given
@@ -13,6 +16,7 @@ from hypothesis import strategies as st
 from silo.shard import enqueue
 from silo.shard.memtable_flush import IDLE_FLUSH_BYTES, Seen, due, maybe_flush_memtable
 from silo.shard.state import Shard, ShardConfig
+from tests.unit.test_storage_gc import churn, files
 
 MB = 1 << 20
 PAYLOAD = b"\xc6" + (65536).to_bytes(4, "big") + b"x" * 65536  # msgpack bin 32
@@ -53,7 +57,7 @@ def test_a_small_burst_waits_for_the_interval():
                 max_size=40))
 def test_a_flush_always_carries_something_new(steps):
     """Whatever the looks see, a flush happens only with batches written since the last
-    flush, and at most once per look."""
+    flush, and every look is remembered."""
     t, batches, nbytes = 0.0, 0, 0
     seen = Seen(0.0, 0, 0, 0)
     for dt, db, dn in steps:
@@ -67,13 +71,42 @@ def test_a_flush_always_carries_something_new(steps):
             assert seen.batches == before.batches and seen.looked == batches
 
 
+@contextlib.asynccontextmanager
+async def memtable_shard(tmp_path: Path, l0_flush_interval_s: float) -> AsyncIterator[Shard]:
+    """A shard on a local store under tmp_path/store, one commit per write."""
+    s = await Shard.open(str(uuid.uuid4()), "", "", (tmp_path / "store").as_uri(), ShardConfig(
+        commit_interval_ms=0, flush_interval_ms=1, flush_on_commit=True,
+        l0_flush_interval_s=l0_flush_interval_s))
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def l0_ssts(tmp_path: Path) -> set[str]:
+    return files(tmp_path / "store").get("compacted", set())
+
+
+def test_memtable_goes_to_l0_every_interval_while_written_and_not_when_idle(tmp_path):
+    async def main():
+        async with memtable_shard(tmp_path, 0.05) as s:
+            assert await maybe_flush_memtable(s) is False  # first look only records
+            await churn(s, 5)
+            assert not l0_ssts(tmp_path)  # 8 MiB memtable, far from full: no L0
+            await asyncio.sleep(0.06)
+            assert await maybe_flush_memtable(s) is True
+            assert len(l0_ssts(tmp_path)) == 1
+            await asyncio.sleep(0.06)
+            assert await maybe_flush_memtable(s) is False  # nothing written since
+            s.config.l0_flush_interval_s = 3600
+            await churn(s, 1)
+            assert await maybe_flush_memtable(s) is False  # interval not over yet
+    asyncio.run(main())
+
+
 def test_an_ended_burst_reaches_l0_at_the_next_quiet_look(tmp_path: Path):
     async def main():
-        url = (tmp_path / "store").as_uri()
-        s = await Shard.open(str(uuid.uuid4()), "", "", url, ShardConfig(
-            commit_interval_ms=0, flush_interval_ms=1, flush_on_commit=True,
-            l0_flush_interval_s=3600))
-        try:
+        async with memtable_shard(tmp_path, 3600) as s:
             assert await maybe_flush_memtable(s) is False  # the first look only records
             for i in range(24):  # ~1.5 MiB, far below the 8 MiB memtable
                 await enqueue.enqueue(s, tenant="-", job_id=f"j{i}", priority=50,
@@ -86,11 +119,4 @@ def test_an_ended_burst_reaches_l0_at_the_next_quiet_look(tmp_path: Path):
             assert await maybe_flush_memtable(s) is True  # quiet: the burst ended
             assert len(l0_ssts(tmp_path)) == 1
             assert await maybe_flush_memtable(s) is False  # nothing new
-        finally:
-            await s.close()
     asyncio.run(main())
-
-
-def l0_ssts(tmp_path: Path) -> list[Path]:
-    return [p for p in (tmp_path / "store").rglob("*")
-            if p.is_file() and p.parent.name == "compacted"]

@@ -17,7 +17,6 @@ from slatedb.uniffi import FlushOptions, FlushType, Settings
 
 from silo.config import Config
 from silo.shard import delete, enqueue, lease, outcome
-from silo.shard.memtable_flush import maybe_flush_memtable
 from silo.shard.state import Shard, ShardConfig
 from silo.storage.admin import storage_info
 from silo.storage.slatedb_settings import (
@@ -207,29 +206,6 @@ def test_nothing_is_deleted_with_the_gc_off(tmp_path):
         now = files(root)
         assert all(written[d] <= now.get(d, set()) for d in written)
     run(tmp_path, FAST._replace(gc_interval_s=0), body)
-
-
-def test_memtable_goes_to_l0_every_interval_while_written_and_not_when_idle(tmp_path):
-    async def main():
-        url = (tmp_path / "store").as_uri()
-        s = await Shard.open(str(uuid.uuid4()), "", "", url, ShardConfig(
-            commit_interval_ms=0, flush_interval_ms=1, flush_on_commit=True,
-            l0_flush_interval_s=0.05))
-        try:
-            assert await maybe_flush_memtable(s) is False  # first look only records
-            await churn(s, 5)
-            assert "compacted" not in files(tmp_path / "store")  # 16 MiB memtable: no L0
-            await asyncio.sleep(0.06)
-            assert await maybe_flush_memtable(s) is True
-            assert len(files(tmp_path / "store")["compacted"]) == 1
-            await asyncio.sleep(0.06)
-            assert await maybe_flush_memtable(s) is False  # nothing written since
-            s.config.l0_flush_interval_s = 3600
-            await churn(s, 1)
-            assert await maybe_flush_memtable(s) is False  # interval not over yet
-        finally:
-            await s.close()
-    asyncio.run(main())
 
 
 def test_compaction_drops_deleted_jobs_and_the_gc_reclaims_their_bytes(tmp_path):
